@@ -1,0 +1,58 @@
+"""acps: automatic channel pruning search for PyTorch.
+
+A drop-in replacement for the ``auto_channel_prune_search`` interface of Huawei's AMCT::
+
+    import acps_core as acps
+    acps.auto_channel_prune_search(model, "search.cfg", [data, labels], "prune.cfg",
+                                   sensitivity="TaylorLossSensitivity", search_alg="GreedySearch")
+
+Methods come from plugins registered under the ``acps`` entry-point group; ``acps plugins`` lists them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from acps_core.api import PruneTargetWarning, auto_channel_prune_search
+from acps_core.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
+from acps_core.errors import (
+    AcpsError,
+    ArgumentError,
+    ConfigError,
+    DataError,
+    GraphError,
+    OutputPathError,
+    PluginError,
+    SearchError,
+)
+from acps_core.graph import ChannelGraph, ChannelGroup, LayerGeometry, build_channel_graph
+from acps_core.hookspecs import hookimpl
+from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
+from acps_core.result import LayerReport, SearchResult
+
+__all__ = [
+    "AcpsError",
+    "ArgumentError",
+    "ChannelGraph",
+    "ChannelGroup",
+    "ConfigError",
+    "DataError",
+    "GainEstimatorBase",
+    "GraphError",
+    "GraphInfo",
+    "LayerGeometry",
+    "LayerReport",
+    "OutputPathError",
+    "PluginError",
+    "PruneSearchConfig",
+    "PruneTargetWarning",
+    "SearchChannelBase",
+    "SearchError",
+    "SearchRecord",
+    "SearchResult",
+    "SensitivityBase",
+    "__version__",
+    "auto_channel_prune_search",
+    "build_channel_graph",
+    "hookimpl",
+]

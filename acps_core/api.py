@@ -1,0 +1,355 @@
+"""The public call: ``auto_channel_prune_search``.
+
+Data flows one way: config file -> settings; model + data -> channel graph; graph -> sensitivity (plugin) and
+cost (gain plugin) -> search (plugin) -> decision -> channel-prune config and selection file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acps_core import __version__
+from acps_core.atomic import check_writable_output
+from acps_core.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
+from acps_core.config import (
+    SearchSettings,
+    load_override_config,
+    load_search_config,
+    resolve_layer,
+    validate_override_targets,
+    write_prune_config,
+)
+from acps_core.data import check_input_data, label_kind, model_device
+from acps_core.errors import ArgumentError, ConfigError, GraphError, PluginError, SearchError
+from acps_core.graph import ChannelGraph, build_channel_graph
+from acps_core.problem import (
+    CostModel,
+    Decision,
+    GraphInfo,
+    PruneSearchConfig,
+    SearchRecord,
+    allowed_kept_counts,
+    kept_from_ratio,
+    masks_to_decision,
+)
+from acps_core.proto import retrain_config_pb2
+from acps_core.registry import resolve_method
+from acps_core.result import LayerReport, SearchResult
+from acps_core.selection import build_selection, format_selection, selection_path
+from acps_core.state import preserved_model_state
+
+logger = logging.getLogger(__name__)
+
+#: The prune ratio the reference writes into the global ``prune_config`` (every layer it applies to is listed
+#: elsewhere, so it never takes effect).
+PLACEHOLDER_PRUNE_RATIO = 0.3
+
+
+class PruneTargetWarning(UserWarning):
+    """The compress ratio asked for cannot be reached within the constraints."""
+
+
+def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: Any, output_cfg: str | Path,
+                              sensitivity: str | SensitivityBase = "TaylorLossSensitivity",
+                              search_alg: str | SearchChannelBase = "GreedySearch", *,
+                              gain: str | GainEstimatorBase = "BitComplexity") -> SearchResult:
+    """Search how many channels each layer keeps and write the decision as a channel-prune config.
+
+    A drop-in replacement for AMCT's ``auto_channel_prune_search``: same arguments, same config files.
+
+    Args:
+        model: the trained ``torch.nn.Module``. It is left exactly as found (parameters, modes,
+            ``requires_grad``, ``.grad``, hooks).
+        config: path of the search config (protobuf text format of ``AutoChannelPruneConfig``).
+        input_data: ``[data, label]``: calibration inputs (a tensor, or a tuple of the forward's arguments) and
+            labels, batch first. Labels shaped like the output use the reference's L1 loss; integer class
+            indices use cross-entropy. The data is split into ``test_iteration`` passes along the batch.
+        output_cfg: path of the channel-prune config to write. The chosen channels go beside it, in
+            ``<output_cfg>.selection``.
+        sensitivity: a method name (``acps plugins`` lists them) or a ``SensitivityBase`` instance.
+        search_alg: a method name or a ``SearchChannelBase`` instance.
+        gain: the cost model, a method name or a ``GainEstimatorBase`` instance. ``"BitComplexity"`` (the
+            reference's cost) by default.
+
+    Returns:
+        A :class:`~acps_core.result.SearchResult` describing the decision.
+
+    Raises:
+        ConfigError: the search config or its override file is invalid (file:line:column).
+        DataError: ``input_data`` does not fit the model.
+        GraphError: the model cannot be traced, or has no prunable layer.
+        PluginError: a method name is unknown, or a plugin misbehaved.
+        OutputPathError: ``output_cfg`` cannot be written.
+        ArgumentError: an argument has the wrong type.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (torch.jit.ScriptModule,)):
+        raise ArgumentError("model is a TorchScript module; pass the original nn.Module (scripted and traced "
+                            "modules cannot be pruned)")
+    for parameter, value in (("config", config), ("output_cfg", output_cfg)):
+        if not isinstance(value, (str, Path)):
+            raise ArgumentError(f"{parameter} must be a file path (str or pathlib.Path), got {type(value).__name__}")
+    settings = load_search_config(config)
+    out_path = check_writable_output(output_cfg, "output_cfg")
+    check_writable_output(selection_path(out_path), "output_cfg (its .selection file)")
+    sensitivity_method = resolve_method("sensitivity", sensitivity, "sensitivity")
+    search_method = resolve_method("search", search_alg, "search_alg")
+    gain_method = resolve_method("gain", gain, "gain")
+    override = load_override_config(settings.override_prune_cfg) if settings.override_prune_cfg else None
+    device = model_device(model)
+    data, label = check_input_data(input_data, settings.test_iteration, device)
+
+    with preserved_model_state(model):
+        model.eval()
+        graph = build_channel_graph(model, data)
+        if isinstance(graph.output, torch.Tensor) and getattr(sensitivity_method, "loss_func", None) is None:
+            label_kind(graph.output, label[: graph.output.shape[0]])
+        fixed, statuses = _fixed_groups(graph, override, settings)
+        records = _search_records(graph, fixed, settings)
+        if not records:
+            _raise_empty_search_space(graph, override, settings)
+        cost_model = CostModel(graph, gain_method)  # type: ignore[arg-type]
+        budget = cost_model.full_cost / settings.compress_ratio
+        graph_info = GraphInfo(graph, cost_model, fixed, budget)
+        _score(sensitivity_method, model, graph, [data, label], settings, records)  # type: ignore[arg-type]
+        for record in records:
+            full = {**fixed}
+            record.gain = torch.full((record.channels,),
+                                     graph_info.saving(full, record.group_id, record.channels - 1))
+        prune_config = PruneSearchConfig(settings.compress_ratio, settings.ascend_optimized,
+                                         settings.max_prune_ratio)
+        method_name = _method_name(search_alg)
+        try:
+            masks = search_method.channel_prune_search(graph_info, records, prune_config)  # type: ignore[union-attr]
+        except (PluginError, SearchError):
+            raise
+        except Exception as exc:
+            raise PluginError(f"search method {method_name} raised {type(exc).__name__}: {exc}") from exc
+        decision = masks_to_decision(masks, records, method_name)
+
+    for group_id, count in fixed.items():
+        if count < graph.group(group_id).channels and group_id not in decision.keep:
+            decision.keep[group_id] = _fixed_channels(model, graph, group_id, count)
+    result = _result(graph, cost_model, decision, statuses, settings, out_path)
+    result.methods = {"sensitivity": _method_name(sensitivity), "search": method_name, "gain": _method_name(gain),
+                      "cost_unit": gain_method.unit}  # type: ignore[union-attr]
+    result.notes = list(getattr(sensitivity_method, "notes", []))
+    if not result.target_reached:
+        message = (f"compress_ratio {settings.compress_ratio:g} cannot be reached: the search got to "
+                   f"{result.achieved_ratio:.3f}x within max_prune_ratio {settings.max_prune_ratio:g}, "
+                   f"ascend_optimized {str(settings.ascend_optimized).lower()} and the layers that cannot be "
+                   "pruned; raise max_prune_ratio or lower compress_ratio")
+        result.notes.append(message)
+        warnings.warn(message, PruneTargetWarning, stacklevel=2)
+    _write(out_path, graph, decision, result, override, settings)
+    return result
+
+
+def _method_name(value: Any) -> str:
+    return value if isinstance(value, str) else type(value).__name__
+
+
+def _fixed_groups(graph: ChannelGraph, override: Any, settings: SearchSettings
+                  ) -> tuple[dict[int, int], dict[int, str]]:
+    """Kept counts of the groups the search must not change, and each group's status.
+
+    Unprunable groups keep everything. A group with a skipped producer (or skipped depthwise follower) keeps
+    everything; a group whose producers the user overrode keeps what the override says.
+    """
+    fixed: dict[int, int] = {}
+    statuses: dict[int, str] = {}
+    if override is not None:
+        layers = {name: (info.kind, _override_blocker(graph, name)) for name, info in graph.layers.items()}
+        validate_override_targets(override, str(settings.override_prune_cfg), layers)
+    for group in graph.groups:
+        if not group.prunable:
+            fixed[group.id], statuses[group.id] = group.channels, "unprunable"
+            continue
+        if override is None:
+            statuses[group.id] = "searched"
+            continue
+        members = group.producers + [u.layer for u in group.followers if u.layer in graph.layers]
+        decisions = {name: resolve_layer(override, name, graph.module_type(name)) for name in members}
+        if any(d.source == "skip" for d in decisions.values()):
+            fixed[group.id], statuses[group.id] = group.channels, "skip"
+            continue
+        overrides = {name: d for name, d in decisions.items() if d.source in ("override_layer", "override_type")}
+        if not overrides:
+            statuses[group.id] = "searched"
+            continue
+        settings_given = {(d.prune_ratio, d.ascend_optimized) for d in overrides.values()}
+        if len(settings_given) > 1:
+            raise ConfigError(f"layers {', '.join(overrides)} share their output channels (they are pruned as "
+                              "one group) but get different override settings; give them the same prune_ratio "
+                              "and ascend_optimized", path=str(settings.override_prune_cfg))
+        ratio, aligned = settings_given.pop()
+        fixed[group.id] = kept_from_ratio(group.channels, ratio or 0.0,
+                                          settings.ascend_optimized if aligned is None else aligned)
+        statuses[group.id] = "override"
+    return fixed, statuses
+
+
+def _override_blocker(graph: ChannelGraph, name: str) -> str | None:
+    """Why an override entry cannot set this layer's own prune ratio (None when it can)."""
+    layer = graph.layers[name]
+    if layer.reason is not None:
+        return layer.reason
+    if layer.out_group is None:
+        return "not a producer of prunable channels"
+    group = graph.group(layer.out_group)
+    if name not in group.producers:
+        return f"its output channels follow its input (group {group.name}); set the override on {group.name}"
+    return None
+
+
+def _search_records(graph: ChannelGraph, fixed: dict[int, int], settings: SearchSettings) -> list[SearchRecord]:
+    records = []
+    for group in graph.groups:
+        if group.id in fixed:
+            continue
+        allowed = allowed_kept_counts(group.channels, settings.ascend_optimized, settings.max_prune_ratio)
+        if len(allowed) < 2:
+            continue  # nothing to choose: too few channels for one alignment step
+        records.append(SearchRecord(
+            group_id=group.id, name=group.name, producers=list(group.producers),
+            followers=[u.layer for u in group.followers], consumers=[u.layer for u in group.consumers],
+            channels=group.channels, allowed_kept=allowed))
+    return records
+
+
+def _raise_empty_search_space(graph: ChannelGraph, override: Any, settings: SearchSettings) -> None:
+    prunable = graph.prunable_groups
+    if not prunable:
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(graph.explain().items())[:8])
+        raise GraphError("the model has no prunable channel group, so there is nothing to search: " + reasons)
+    if override is not None:
+        raise ConfigError("the search space is empty: every prunable layer is skipped or overridden by "
+                          f"override_prune_cfg {settings.override_prune_cfg}; leave some layers to the search",
+                          path=str(settings.source) if settings.source else None)
+    step = 16 if settings.ascend_optimized else 1
+    raise ConfigError(f"the search space is empty: with ascend_optimized {str(settings.ascend_optimized).lower()} "
+                      f"and max_prune_ratio {settings.max_prune_ratio:g} no prunable group can lose a step of "
+                      f"{step} channels (groups: "
+                      + ", ".join(f"{g.name} ({g.channels} channels)" for g in prunable[:8])
+                      + "); set ascend_optimized: false or raise max_prune_ratio",
+                      path=str(settings.source) if settings.source else None)
+
+
+def _score(method: SensitivityBase, model: nn.Module, graph: ChannelGraph, input_data: list[Any],
+           settings: SearchSettings, records: list[SearchRecord]) -> None:
+    """Run the sensitivity method and check what it attached to each record."""
+    name = type(method).__name__
+    try:
+        method.setup_initialization((model, graph), input_data, settings.test_iteration,
+                                    output_nodes=graph.output_layers)
+        returned = method.get_sensitivity(records)
+    except (PluginError, SearchError) as exc:
+        raise exc
+    except Exception as exc:
+        from acps_core.errors import AcpsError
+
+        if isinstance(exc, AcpsError):
+            raise
+        raise PluginError(f"sensitivity method {name} raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(returned, dict):
+        for record in records:
+            if record.name in returned:
+                record.sensitivity = returned[record.name]
+    for record in records:
+        scores = record.sensitivity
+        if scores is None:
+            raise PluginError(f"sensitivity method {name} set no score for group {record.name}; get_sensitivity "
+                              "must set record.sensitivity on every record")
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+        if scores.numel() != record.channels:
+            raise PluginError(f"sensitivity method {name} gave {scores.numel()} scores for group {record.name}, "
+                              f"which has {record.channels} channels")
+        if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+            raise PluginError(f"sensitivity method {name} gave NaN, infinite or negative scores for group "
+                              f"{record.name}; scores must be finite and >= 0")
+        record.sensitivity = scores
+
+
+def _fixed_channels(model: nn.Module, graph: ChannelGraph, group_id: int, count: int) -> list[int]:
+    """Channels an overridden group keeps: the largest filter L2 norms over its producers (the reference's rule)."""
+    group = graph.group(group_id)
+    norms = torch.zeros(group.channels, dtype=torch.float64)
+    for name in group.producers:
+        weight = model.get_submodule(name).weight.detach()
+        norms += weight.reshape(weight.shape[0], -1).double().pow(2).sum(dim=1).cpu()
+    return sorted(torch.topk(norms, count).indices.tolist())
+
+
+def _result(graph: ChannelGraph, cost_model: CostModel, decision: Decision, statuses: dict[int, str],
+            settings: SearchSettings, out_path: Path) -> SearchResult:
+    kept = decision.kept_counts()
+    layers = {}
+    for name, layer in graph.layers.items():
+        if layer.geometry is None:
+            module_kind = layer.kind
+            layers[name] = LayerReport(name, module_kind, 0, 0, None, "unprunable", layer.reason, 0.0, 0.0)
+            continue
+        total = layer.geometry.out_channels
+        _, cout = graph.channel_counts(layer, kept)
+        group = graph.group(layer.out_group) if layer.out_group is not None else None
+        status = statuses.get(layer.out_group, "unprunable") if layer.out_group is not None else "unprunable"
+        reason = layer.reason if status == "unprunable" else None
+        if status == "unprunable" and reason is None:
+            reason = "its output channels come from no prunable layer"
+        layers[name] = LayerReport(name, layer.kind, total, cout, group.name if group else None, status, reason,
+                                   cost_model.layer_cost(layer, {}), cost_model.layer_cost(layer, kept))
+    cost_after = cost_model.cost(kept)
+    budget = cost_model.full_cost / settings.compress_ratio
+    return SearchResult(
+        layers=layers, cost_before=cost_model.full_cost, cost_after=cost_after,
+        cost_unit=cost_model.estimator.unit, compress_ratio=settings.compress_ratio,
+        target_reached=cost_after <= budget * (1 + 1e-9),
+        kept_channels={graph.group(g).name: idx for g, idx in decision.keep.items()},
+        output_cfg=out_path, selection_file=selection_path(out_path))
+
+
+def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: SearchResult, override: Any,
+           settings: SearchSettings) -> None:
+    """Write the channel-prune config the reference would write, and the selection file beside it."""
+    cfg = retrain_config_pb2.AMCTRetrainConfig()
+    if override is not None:
+        cfg.CopyFrom(override)  # the user's skip and override entries are copied through
+    named = {entry.layer_name for entry in cfg.override_layer_configs}
+    skipped = set(cfg.skip_layers) | set(cfg.regular_prune_skip_layers)
+    kept = decision.kept_counts()
+    for name, layer in graph.layers.items():
+        report = result.layers[name]
+        if name in named or name in skipped or report.status in ("override", "skip"):
+            continue  # governed by the user's entries
+        group = graph.group(layer.out_group) if layer.out_group is not None else None
+        if group is not None and group.id in kept:
+            if name in group.producers:
+                entry = cfg.override_layer_configs.add(layer_name=name)
+                algo = entry.prune_config.filter_pruner.balanced_l2_norm_filter_prune
+                algo.prune_ratio = 1.0 - kept[group.id] / group.channels
+                algo.ascend_optimized = settings.ascend_optimized
+            # A depthwise conv that follows a pruned group loses the same channels; it needs no entry.
+            continue
+        # Listed explicitly so that the placeholder global ratio below never applies to it.
+        cfg.regular_prune_skip_layers.append(name)
+    global_algo = cfg.prune_config.filter_pruner.balanced_l2_norm_filter_prune
+    global_algo.prune_ratio = PLACEHOLDER_PRUNE_RATIO
+    global_algo.ascend_optimized = settings.ascend_optimized
+
+    selection = selection_path(out_path)
+    header = (f"# Written by acps {__version__} auto_channel_prune_search: target {settings.compress_ratio:g}x, "
+              f"achieved {result.achieved_ratio:.4f}x ({result.cost_unit}).\n"
+              f"# The channels the search chose are in {selection.name} beside this file.\n")
+    selection_text = format_selection(build_selection(graph, decision.keep), out_path.name)
+    write_prune_config(out_path, cfg, extra={selection: selection_text})  # TODO header
+    logger.info("wrote %s and %s", out_path, selection)
+    if not math.isfinite(result.achieved_ratio):
+        logger.warning("the pruned model's cost is 0 %s", result.cost_unit)

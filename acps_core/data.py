@@ -1,0 +1,146 @@
+"""Calibration data: checking it, moving it to the model's device, splitting it into passes, and the default loss.
+
+``input_data`` is the reference's ``[data, label]``: ``data`` is the model's input (a tensor, or a tuple of
+tensors passed as positional arguments), ``label`` a tensor. Dimension 0 of every tensor is the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acps_core.errors import DataError
+
+
+def forward(model: nn.Module, data: Any) -> Any:
+    """Run ``model`` on ``data``: a tensor, a tuple/list of positional arguments, or a dict of keyword arguments."""
+    if isinstance(data, (tuple, list)):
+        return model(*data)
+    if isinstance(data, dict):
+        return model(**data)
+    return model(data)
+
+
+def _tensors(data: Any) -> list[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, (tuple, list)):
+        return [t for d in data for t in _tensors(d)]
+    if isinstance(data, dict):
+        return [t for d in data.values() for t in _tensors(d)]
+    return []
+
+
+def _map_tensors(data: Any, fn: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, (tuple, list)):
+        return type(data)(_map_tensors(d, fn) for d in data)
+    if isinstance(data, dict):
+        return {k: _map_tensors(v, fn) for k, v in data.items()}
+    return data
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The one device every parameter and buffer of ``model`` is on (CPU for a model without any).
+
+    Raises:
+        DataError: when the model is spread over several devices, or lives on the meta device.
+    """
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if not devices:
+        return torch.device("cpu")
+    if len(devices) > 1:
+        raise DataError(f"the model's parameters are on several devices ({', '.join(sorted(map(str, devices)))}); "
+                        "move the whole model to one device before the search")
+    device = devices.pop()
+    if device.type == "meta":
+        raise DataError("the model is on the meta device (its weights are not loaded); load trained weights and "
+                        "move it to a real device before the search")
+    return device
+
+
+def check_input_data(input_data: Any, test_iteration: int, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """Validate the reference's ``[data, label]`` and return them on ``device``.
+
+    Raises:
+        DataError: naming what is wrong: not a two-item list, a non-tensor, empty tensors, batch sizes that differ,
+            fewer samples than ``test_iteration`` passes need, NaN/Inf values, or tensors on another
+            accelerator than the model's.
+    """
+    if not isinstance(input_data, (list, tuple)) or len(input_data) != 2:
+        got = f"a {type(input_data).__name__}" + (f" of length {len(input_data)}"
+                                                  if isinstance(input_data, (list, tuple)) else "")
+        raise DataError(f"input_data must be a list [data, label] of two items, got {got}; e.g. "
+                        "input_data=[images, labels]")
+    data, label = input_data
+    inputs = _tensors(data)
+    if not inputs:
+        raise DataError(f"input_data[0] (data) must be a tensor or a tuple of tensors, got {type(data).__name__}")
+    if not isinstance(label, torch.Tensor):
+        raise DataError(f"input_data[1] (label) must be a torch.Tensor, got {type(label).__name__}")
+    batch = inputs[0].shape[0] if inputs[0].dim() else 0
+    for what, tensor in [*(("data", t) for t in inputs), ("label", label)]:
+        if tensor.dim() == 0 or tensor.numel() == 0:
+            raise DataError(f"input_data {what} is empty or a scalar (shape {list(tensor.shape)}); dimension 0 "
+                            "must be the batch, with at least one sample")
+        if tensor.shape[0] != batch:
+            raise DataError(f"input_data {what} has {tensor.shape[0]} samples (shape {list(tensor.shape)}) but the "
+                            f"data has {batch}; data and label must have the same batch size (dimension 0)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"input_data {what} (shape {list(tensor.shape)}) contains NaN or Inf values")
+        if tensor.device != device and tensor.device.type != "cpu":
+            raise DataError(f"input_data {what} is on {tensor.device} but the model is on {device}; put the data "
+                            "on the model's device (or on the CPU)")
+    if batch < test_iteration:
+        raise DataError(f"test_iteration is {test_iteration} but input_data holds only {batch} samples; each "
+                        "calibration pass needs at least one sample: lower test_iteration or pass more data")
+    move = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
+    return _map_tensors(data, move), move(label)
+
+
+def split_calibration_data(input_data: Sequence[Any], parts: int) -> list[tuple[Any, torch.Tensor]]:
+    """Split ``[data, label]`` into ``parts`` consecutive chunks along dim 0, one per calibration pass."""
+    data, label = input_data
+    size = label.shape[0]
+    bounds = [round(i * size / parts) for i in range(parts + 1)]
+    batches = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        batches.append((_map_tensors(data, lambda t, a=start, b=stop: t[a:b]), label[start:stop]))
+    return batches
+
+
+def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
+    """Which default loss fits this label: ``"l1"`` (same shape as the output, the reference's rule) or
+    ``"cross_entropy"`` (integer class indices, one per output row).
+
+    Raises:
+        DataError: when the label fits neither, naming both shapes.
+    """
+    if not label.is_floating_point() and not label.is_complex():
+        if label.dtype != torch.bool and output.dim() >= 2 and label.shape == output.shape[:1] + output.shape[2:]:
+            classes = output.shape[1]
+            if bool((label >= 0).all()) and bool((label < classes).all()):
+                return "cross_entropy"
+            raise DataError(f"the labels look like class indices but some fall outside [0, {classes}) for an "
+                            f"output of shape {list(output.shape)}")
+    if label.shape == output.shape:
+        return "l1"
+    raise DataError(f"the label shape {list(label.shape)} does not fit the model output shape "
+                    f"{list(output.shape)}: pass labels shaped like the output (the reference's L1 loss), integer "
+                    "class indices of shape [batch], or a loss_func that accepts them")
+
+
+def default_loss(output: Any, label: torch.Tensor) -> torch.Tensor:
+    """The loss used when the user gives none: the reference's L1 between output and label, or cross-entropy
+    when the labels are integer class indices (an L1 loss against class indices is meaningless)."""
+    if not isinstance(output, torch.Tensor):
+        raise DataError(f"the model returns a {type(output).__name__}, not a tensor; pass a loss_func that takes "
+                        "this output and the label")
+    if label_kind(output, label) == "cross_entropy":
+        return F.cross_entropy(output, label.long())
+    return F.l1_loss(output, label.to(output.dtype))

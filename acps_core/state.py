@@ -1,0 +1,64 @@
+"""Leaving the user's model exactly as it was found.
+
+:func:`preserved_model_state` snapshots what a search may touch (train/eval modes, ``requires_grad`` flags,
+``.grad`` tensors and registered hooks) and puts all of it back on exit, whether the body succeeded or raised,
+and whatever a plugin did in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@dataclass
+class _Snapshot:
+    training: list[tuple[nn.Module, bool]]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    grads: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]  # param, grad object, its values
+    hooks: list[tuple[nn.Module, str, dict]]  # type: ignore[type-arg]
+
+
+def _take(model: nn.Module) -> _Snapshot:
+    modules = list(model.modules())
+    params = list(model.parameters())
+    return _Snapshot(
+        training=[(m, m.training) for m in modules],
+        requires_grad=[(p, p.requires_grad) for p in params],
+        grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params],
+        hooks=[(m, attr, dict(getattr(m, attr))) for m in modules for attr in _HOOK_DICTS if hasattr(m, attr)],
+    )
+
+
+def _restore(snapshot: _Snapshot) -> None:
+    for module, training in snapshot.training:
+        module.training = training
+    for param, flag in snapshot.requires_grad:
+        param.requires_grad_(flag)
+    with torch.no_grad():
+        for param, grad, values in snapshot.grads:
+            if grad is not None and values is not None:
+                grad.copy_(values)  # a plugin's backward() may have accumulated into the same tensor
+            param.grad = grad
+    for module, attr, hooks in snapshot.hooks:
+        current = getattr(module, attr)
+        current.clear()
+        current.update(hooks)
+
+
+@contextmanager
+def preserved_model_state(model: nn.Module) -> Iterator[None]:
+    """Restore ``model``'s modes, ``requires_grad`` flags, ``.grad`` tensors and hooks when the block exits."""
+    snapshot = _take(model)
+    try:
+        yield
+    finally:
+        _restore(snapshot)

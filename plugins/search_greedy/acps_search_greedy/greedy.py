@@ -1,0 +1,97 @@
+"""Greedy channel search by value density.
+
+The search is a knapsack: keep the channels whose summed sensitivity is largest while the model's cost stays
+within the budget. Greedily, it repeatedly takes the cut (one alignment step of one group, its least sensitive
+channels) that loses the least sensitivity per unit of cost saved, recomputing the exact cost saved by every
+candidate cut after each step (a cut's saving changes when a neighbouring group shrinks). When some cuts
+would reach the budget, it ends with the one of those that loses the least, so it lands on the target with at
+most one step of overshoot. Cuts that save nothing are never taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from acps_core.bases import SearchChannelBase
+from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
+
+logger = logging.getLogger(__name__)
+
+
+class GreedyTargetWarning(UserWarning):
+    """The greedy search ran out of cuts before reaching the budget."""
+
+
+@dataclass
+class _Cut:
+    group_id: int
+    new_count: int
+    lost: float      # sensitivity of the channels removed
+    saved: float     # exact cost saved
+
+    @property
+    def density(self) -> float:
+        return self.lost / self.saved
+
+
+class GreedySearch(SearchChannelBase):
+    """Remove the lowest sensitivity-per-cost cuts first until the cost budget is met (see module docs)."""
+
+    def channel_prune_search(self, graph_info: GraphInfo, search_records: list[SearchRecord],
+                             prune_config: PruneSearchConfig) -> dict[str, list[int]]:
+        """Greedy search; returns a keep mask per producer of every group that loses channels."""
+        records = {r.group_id: r for r in search_records}
+        # Least important first; ties broken by channel index so the result is deterministic.
+        order = {g: torch.argsort(torch.as_tensor(r.sensitivity, dtype=torch.float64), stable=True).tolist()
+                 for g, r in records.items()}
+        cumulative = {g: [0.0, *torch.cumsum(torch.as_tensor(r.sensitivity, dtype=torch.float64)[order[g]],
+                                            0).tolist()] for g, r in records.items()}
+        kept = {g: r.channels for g, r in records.items()}
+        cost = graph_info.cost(kept)
+        budget = graph_info.budget
+
+        def next_cut(group_id: int) -> _Cut | None:
+            record = records[group_id]
+            channels = record.channels
+            for new_count in record.allowed_kept:
+                if new_count >= kept[group_id]:
+                    continue
+                saved = graph_info.saving(kept, group_id, new_count)
+                if saved <= 0:
+                    continue  # a cut that saves nothing is never worth accuracy; look one step further
+                lost = cumulative[group_id][channels - new_count] - cumulative[group_id][channels - kept[group_id]]
+                return _Cut(group_id, new_count, lost, saved)
+            return None
+
+        cuts = {g: next_cut(g) for g in records}
+        while cost > budget:
+            available = [c for c in cuts.values() if c is not None]
+            if not available:
+                warnings.warn(f"GreedySearch: the budget {budget:.4g} cannot be reached; every group is at its "
+                              f"smallest allowed size (cost {cost:.4g})", GreedyTargetWarning, stacklevel=2)
+                break
+            finishing = [c for c in available if cost - c.saved <= budget]
+            if finishing:
+                cut = min(finishing, key=lambda c: (c.lost, -c.saved))
+            else:
+                cut = min(available, key=lambda c: (c.density, c.group_id))
+            kept[cut.group_id] = cut.new_count
+            cost = graph_info.cost(kept)
+            for group_id in graph_info.cost_model.neighbours(cut.group_id) | {cut.group_id}:
+                if group_id in records:
+                    cuts[group_id] = next_cut(group_id)
+        logger.debug("GreedySearch: cost %.6g of budget %.6g", cost, budget)
+
+        masks: dict[str, list[int]] = {}
+        for group_id, record in records.items():
+            if kept[group_id] == record.channels:
+                continue
+            removed = set(order[group_id][: record.channels - kept[group_id]])
+            mask = [0 if c in removed else 1 for c in range(record.channels)]
+            for producer in record.producers:
+                masks[producer] = list(mask)
+        return masks

@@ -1,0 +1,135 @@
+"""First-order Taylor sensitivity of each channel to the loss.
+
+Removing channel ``c`` zeroes every weight tied to it; to first order the loss changes by
+``-sum_i w_i * dL/dw_i`` over those weights, so the channel's score is ``|sum_i w_i * dL/dw_i|``, summed over
+every parameter of its channel group (producers, the norms and depthwise convs that follow, the consumers'
+input columns). Scores are accumulated over the ``test_iteration`` calibration passes. This is the criterion of
+Molchanov et al., "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017, with
+the group sum of Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
+
+A degenerate loss (users without labels often pass the model's own outputs, which makes the L1 loss exactly 0
+and every gradient vanish) is detected: the method then scores channels by the first-order change of the model
+output they cause, estimated with random projections of the output (a label-free, Fisher-style criterion), and
+says so in ``notes``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from acps_core.bases import SensitivityBase
+from acps_core.data import default_loss, forward
+from acps_core.errors import DataError
+from acps_core.graph import ParamSlice
+from acps_core.problem import SearchRecord
+
+logger = logging.getLogger(__name__)
+
+#: Random output projections per calibration pass for the label-free fallback.
+FALLBACK_PROJECTIONS = 8
+
+
+class TaylorLossSensitivity(SensitivityBase):
+    """Channel importance ``|sum(w * dL/dw)|`` over every parameter tied to the channel (see the module docs).
+
+    Args:
+        loss_func: ``loss_func(output, label) -> scalar``. By default the reference's L1 between output and
+            label, or cross-entropy when the labels are integer class indices.
+        seed: seed of the random projections used by the label-free fallback (results are reproducible).
+    """
+
+    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
+        super().__init__(loss_func)
+        self.seed = seed
+
+    def _loss(self, output: Any, label: torch.Tensor) -> torch.Tensor:
+        loss = (self.loss_func or default_loss)(output, label)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise DataError(f"the loss function returned {type(loss).__name__} "
+                            f"{list(getattr(loss, 'shape', []))}; it must return a scalar tensor")
+        return loss.reshape(())
+
+    def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
+        """Set ``record.sensitivity`` for every record (see the class docs)."""
+        assert self.model is not None and self.graph is not None, "setup_initialization was not called"
+        model, graph = self.model, self.graph
+        slices = {r.group_id: self._slices(r) for r in search_records}
+        params = list({id(p): p for group in slices.values() for _, p in group}.values())
+        for param in params:
+            param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
+
+        scores = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in search_records}
+        degenerate = True
+        for data, label in self.calibration_batches():
+            with torch.enable_grad():
+                output = forward(model, data)
+                loss = self._loss(output, label)
+                if not bool(torch.isfinite(loss)):
+                    raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and "
+                                    "labels for NaN/Inf or values the loss cannot take")
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grad_of = {id(p): g for p, g in zip(params, grads)}
+            if any(g is not None and bool(g.any()) for g in grads):
+                degenerate = False
+            for record in search_records:
+                contribution = self._contribution(slices[record.group_id], grad_of, record.channels)
+                scores[record.group_id] += contribution.abs()
+        if degenerate:
+            self.notes.append(
+                "the loss gave no gradient (labels equal to the model's own outputs make the L1 loss exactly 0); "
+                "channels were scored instead by the first-order change of the model output they cause, "
+                f"estimated with {FALLBACK_PROJECTIONS} random output projections per pass (label-free)")
+            logger.warning(self.notes[-1])
+            scores = self._output_change_scores(search_records, slices, params)
+        for record in search_records:
+            record.sensitivity = scores[record.group_id]
+
+    def _slices(self, record: SearchRecord) -> list[tuple[ParamSlice, torch.nn.Parameter]]:
+        """The group's parameter slices that exist (a layer without bias has no bias slice)."""
+        assert self.model is not None and self.graph is not None
+        found = []
+        for piece in self.graph.param_slices(self.graph.group(record.group_id)):
+            param = getattr(self.model.get_submodule(piece.module), piece.param, None)
+            if isinstance(param, torch.nn.Parameter):
+                found.append((piece, param))
+        return found
+
+    @staticmethod
+    def _contribution(group: list[tuple[ParamSlice, torch.nn.Parameter]], grad_of: dict[int, Any],
+                      channels: int) -> torch.Tensor:
+        """Per channel: ``sum(w * dL/dw)`` over the group's parameter slices (signed)."""
+        total = torch.zeros(channels, dtype=torch.float64)
+        for piece, param in group:
+            grad = grad_of.get(id(param))
+            if grad is None:
+                continue
+            total += piece.per_channel(param.detach() * grad, channels).double().cpu()
+        return total
+
+    def _output_change_scores(self, records: list[SearchRecord],
+                              slices: dict[int, list[tuple[ParamSlice, torch.nn.Parameter]]],
+                              params: list[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+        """Label-free scores: ``sqrt(E_r[(r . J w_c)^2])``, the expected first-order change of the output
+        along a random direction ``r`` when channel ``c`` is removed."""
+        assert self.model is not None
+        generator = torch.Generator().manual_seed(self.seed)
+        squares = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in records}
+        for data, _ in self.calibration_batches():
+            with torch.enable_grad():
+                output = forward(self.model, data)
+                if not isinstance(output, torch.Tensor):
+                    raise DataError("the label-free fallback needs a model that returns one tensor")
+                for k in range(FALLBACK_PROJECTIONS):
+                    direction = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
+                    projected = (output * direction).sum() / output.shape[0]
+                    grads = torch.autograd.grad(projected, params, allow_unused=True,
+                                                retain_graph=k < FALLBACK_PROJECTIONS - 1)
+                    grad_of = {id(p): g for p, g in zip(params, grads)}
+                    for record in records:
+                        squares[record.group_id] += self._contribution(
+                            slices[record.group_id], grad_of, record.channels).pow(2)
+        return {g: s.sqrt() for g, s in squares.items()}
