@@ -111,7 +111,8 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         model.eval()
         graph = build_channel_graph(model, data)
         if isinstance(graph.output, torch.Tensor) and getattr(sensitivity_method, "loss_func", None) is None:
-            label_kind(graph.output, label[: graph.output.shape[0]])
+            # The trace ran on two samples; compare against the output the whole batch would give.
+            label_kind(graph.output[:1].expand(label.shape[0], *graph.output.shape[1:]), label)
         fixed, statuses = _fixed_groups(graph, override, settings)
         records = _search_records(graph, fixed, settings)
         if not records:
@@ -349,7 +350,7 @@ def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: Sear
               f"achieved {result.achieved_ratio:.4f}x ({result.cost_unit}).\n"
               f"# The channels the search chose are in {selection.name} beside this file.\n")
     selection_text = format_selection(build_selection(graph, decision.keep), out_path.name)
-    write_prune_config(out_path, cfg, extra={selection: selection_text})  # TODO header
+    write_prune_config(out_path, cfg, extra={selection: selection_text}, header=header)
     logger.info("wrote %s and %s", out_path, selection)
     if not math.isfinite(result.achieved_ratio):
         logger.warning("the pruned model's cost is 0 %s", result.cost_unit)

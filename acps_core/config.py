@@ -756,9 +756,12 @@ def validate_override_targets(cfg: AMCTRetrainConfig, path: StrPath | None,
             name = entry.layer_name if field == "override_layer_configs" else entry
             if name not in layers:
                 close = difflib.get_close_matches(name, list(layers), n=3, cutoff=0.6)
-                hint = (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else
-                        "; layer names are model.named_modules() names, e.g. "
-                        f"{next(iter(layers))!r}" if layers else "; the model has no Conv/Linear layer")
+                if close:
+                    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+                elif layers:
+                    hint = f" (names are model.named_modules() names, e.g. {next(iter(layers))!r})"
+                else:
+                    hint = " (the model has no Conv/Linear layer)"
                 problems.append((line_of(field, index),
                                  f'{field} names layer "{name}", which is not a Conv/Linear layer of the '
                                  f"model{hint}"))
@@ -802,7 +805,7 @@ def format_prune_config(cfg: AMCTRetrainConfig) -> str:
 
 
 def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
-                       extra: Mapping[StrPath, str] | None = None) -> None:
+                       extra: Mapping[StrPath, str] | None = None, header: str = "") -> None:
     """Check a channel-prune config and write it, with any sidecar files, atomically.
 
     Every file is written to a temporary file first; the targets are replaced only once all of them are
@@ -812,6 +815,7 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
         path: the config file to write.
         cfg: the config; it must pass :func:`parse_prune_config`'s checks, so the file can be read back.
         extra: further files to write alongside (path -> text), e.g. a report.
+        header: comment lines (each starting with ``#``) put before the config; parsers ignore them.
 
     Raises:
         ConfigError: ``cfg`` fails the checks (a required field unset, a ratio out of range, ...).
@@ -822,7 +826,9 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
     except ConfigError as exc:
         raise ConfigError(
             f"refusing to write {os.fspath(path)}: the channel-prune config is invalid: {exc}") from exc
-    contents: dict[StrPath, str] = {path: format_prune_config(cfg)}
+    if any(line and not line.startswith("#") for line in header.splitlines()):
+        raise ValueError("header lines must be comments starting with '#'")
+    contents: dict[StrPath, str] = {path: header + format_prune_config(cfg)}
     for extra_path, text in (extra or {}).items():
         contents[extra_path] = text
     atomic_write_many(contents)

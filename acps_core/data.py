@@ -116,19 +116,20 @@ def split_calibration_data(input_data: Sequence[Any], parts: int) -> list[tuple[
 
 def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
     """Which default loss fits this label: ``"l1"`` (same shape as the output, the reference's rule) or
-    ``"cross_entropy"`` (integer class indices, one per output row).
+    ``"cross_entropy"`` (integer class indices, one per output row). Only the per-sample shapes are compared:
+    the batch sizes are checked with the data.
 
     Raises:
         DataError: when the label fits neither, naming both shapes.
     """
     if not label.is_floating_point() and not label.is_complex():
-        if label.dtype != torch.bool and output.dim() >= 2 and label.shape == output.shape[:1] + output.shape[2:]:
+        if label.dtype != torch.bool and output.dim() >= 2 and label.shape[1:] == output.shape[2:]:
             classes = output.shape[1]
             if bool((label >= 0).all()) and bool((label < classes).all()):
                 return "cross_entropy"
             raise DataError(f"the labels look like class indices but some fall outside [0, {classes}) for an "
                             f"output of shape {list(output.shape)}")
-    if label.shape == output.shape:
+    if label.shape[1:] == output.shape[1:]:
         return "l1"
     raise DataError(f"the label shape {list(label.shape)} does not fit the model output shape "
                     f"{list(output.shape)}: pass labels shaped like the output (the reference's L1 loss), integer "

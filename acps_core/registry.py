@@ -263,7 +263,7 @@ class AcpsPluginManager(pluggy.PluginManager):
                 logger.info("acps plugin %r (%s) disabled by %s",
                             entry_point.name, distribution, DISABLE_ENV_VAR)
                 self.failures.append(PluginFailure(entry_point.name, distribution, version,
-                                                   f"disabled by {DISABLE_ENV_VAR}", disabled=True))
+                                                   f"listed in {DISABLE_ENV_VAR}", disabled=True))
                 continue
             if self._load_one(entry_point, distribution, version):
                 loaded += 1
@@ -518,21 +518,24 @@ class Registry:
         if method is not None:
             return method
         installed = self.names(kind)
-        message = f"no {kind} method named {name!r} is installed"
+        sentences = [f"no {kind} method named {name!r} is installed"]
         close = difflib.get_close_matches(name, installed, n=1, cutoff=0.6)
-        close += [other for other in installed if other.lower() == name.lower() and other not in close]
+        # difflib misses abbreviations ("Taylor" for "TaylorLossSensitivity"); a substring match catches them.
+        close += [other for other in installed
+                  if name and name.lower() in other.lower() and other not in close]
         if close:
-            message += f"; did you mean {close[0]!r}?"
-        message += (f". Installed {kind} methods: {', '.join(installed)}" if installed
-                    else f". No {kind} methods are installed; install a plugin that provides one")
+            sentences.append(f"Did you mean {close[0]!r}?")
+        sentences.append(f"Installed {kind} methods: {', '.join(installed)}." if installed
+                         else f"No {kind} methods are installed; install a plugin that provides one.")
         failed = [failure for failure in self._failures if not failure.disabled]
         disabled = [failure for failure in self._failures if failure.disabled]
         if failed:
-            message += ". Plugins that failed to load (one may provide it): " + "; ".join(
-                f"{failure.origin}: {failure.reason}" for failure in failed)
+            sentences.append("Plugins that failed to load (one may provide it): " + "; ".join(
+                f"{failure.origin}: {failure.reason}" for failure in failed) + ".")
         if disabled:
-            message += f". Plugins disabled by {DISABLE_ENV_VAR}: " + ", ".join(f.origin for f in disabled)
-        raise PluginError(message + ".")
+            sentences.append(f"Plugins disabled by {DISABLE_ENV_VAR}: "
+                             + ", ".join(failure.origin for failure in disabled) + ".")
+        raise PluginError(sentences[0] + ". " + " ".join(sentences[1:]))
 
 
 def _unique_plugin_name(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> str:

@@ -182,7 +182,7 @@ def test_unknown_name_lists_installed_names_of_that_kind() -> None:
 def test_unknown_name_suggests_a_close_match() -> None:
     registry = build(StaticPlugin("p", sensitivity=(("ZeroSensitivity", ZeroSensitivity),)))
 
-    with pytest.raises(PluginError, match="did you mean 'ZeroSensitivity'"):
+    with pytest.raises(PluginError, match="Did you mean 'ZeroSensitivity'"):
         registry.get("sensitivity", "ZeroSensitivty")
 
 
@@ -480,11 +480,13 @@ def test_two_distributions_registering_one_name_raise_naming_both(installer: Plu
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("disable", ["acps_test_dup_two", "acps-test-dup-two", " other , ACPS_TEST_DUP_TWO "])
+@pytest.mark.parametrize("disable", ["dup_two_ep", "acps-test-dup-two", " other , ACPS_TEST_DUP_TWO "],
+                         ids=["entry point", "distribution", "in a list, other spelling"])
 def test_disabling_a_plugin_skips_it_and_records_why(installer: PluginInstaller,
                                                      monkeypatch: pytest.MonkeyPatch, disable: str) -> None:
     installer.install("acps-test-dup-one", "acps_test_dup_one", sensitivity_plugin("DupSens", "OneSens"))
-    installer.install("acps-test-dup-two", "acps_test_dup_two", sensitivity_plugin("DupSens", "TwoSens"))
+    installer.install("acps-test-dup-two", "acps_test_dup_two", sensitivity_plugin("DupSens", "TwoSens"),
+                      entry_points={"dup_two_ep": "acps_test_dup_two"})
     monkeypatch.setenv("ACPS_DISABLE_PLUGINS", disable)
 
     with warnings.catch_warnings(record=True) as recorded:

@@ -5,13 +5,14 @@ within the budget. Greedily, it repeatedly takes the cut (one alignment step of 
 channels) that loses the least sensitivity per unit of cost saved, recomputing the exact cost saved by every
 candidate cut after each step (a cut's saving changes when a neighbouring group shrinks). When some cuts
 would reach the budget, it ends with the one of those that loses the least, so it lands on the target with at
-most one step of overshoot. Cuts that save nothing are never taken.
+most one step of overshoot. A late, large cut can make an earlier small one unnecessary, so the search finally
+gives back, most sensitive first, every step that still fits the budget: no single step of the result can be
+undone without exceeding it. Cuts that save nothing are never taken.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,6 @@ from acps_core.bases import SearchChannelBase
 from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
 
 logger = logging.getLogger(__name__)
-
-
-class GreedyTargetWarning(UserWarning):
-    """The greedy search ran out of cuts before reaching the budget."""
 
 
 @dataclass
@@ -71,8 +68,9 @@ class GreedySearch(SearchChannelBase):
         while cost > budget:
             available = [c for c in cuts.values() if c is not None]
             if not available:
-                warnings.warn(f"GreedySearch: the budget {budget:.4g} cannot be reached; every group is at its "
-                              f"smallest allowed size (cost {cost:.4g})", GreedyTargetWarning, stacklevel=2)
+                # The core warns the user (for any search method) and notes it in the result.
+                logger.info("GreedySearch: budget %.6g not reachable; every group is at its smallest allowed "
+                            "size (cost %.6g)", budget, cost)
                 break
             finishing = [c for c in available if cost - c.saved <= budget]
             if finishing:
@@ -84,7 +82,9 @@ class GreedySearch(SearchChannelBase):
             for group_id in graph_info.cost_model.neighbours(cut.group_id) | {cut.group_id}:
                 if group_id in records:
                     cuts[group_id] = next_cut(group_id)
-        logger.debug("GreedySearch: cost %.6g of budget %.6g", cost, budget)
+        if cost <= budget:
+            self._give_back(graph_info, records, kept, cumulative)
+        logger.debug("GreedySearch: cost %.6g of budget %.6g", graph_info.cost(kept), budget)
 
         masks: dict[str, list[int]] = {}
         for group_id, record in records.items():
@@ -95,3 +95,25 @@ class GreedySearch(SearchChannelBase):
             for producer in record.producers:
                 masks[producer] = list(mask)
         return masks
+
+    @staticmethod
+    def _give_back(graph_info: GraphInfo, records: dict[int, SearchRecord], kept: dict[int, int],
+                   cumulative: dict[int, list[float]]) -> None:
+        """Grow groups back one allowed step at a time, most regained sensitivity first, within the budget."""
+        while True:
+            best: tuple[float, int, int] | None = None
+            for group_id, record in records.items():
+                larger = [k for k in record.allowed_kept if k > kept[group_id]]
+                if not larger:
+                    continue
+                new_count = min(larger)
+                grown = {**kept, group_id: new_count}
+                if graph_info.cost(grown) > graph_info.budget:
+                    continue
+                channels = record.channels
+                regained = cumulative[group_id][channels - kept[group_id]] - cumulative[group_id][channels - new_count]
+                if best is None or regained > best[0]:
+                    best = (regained, group_id, new_count)
+            if best is None:
+                return
+            kept[best[1]] = best[2]

@@ -1,0 +1,51 @@
+"""Small models the tests build (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvChain(nn.Module):
+    """conv/BN/ReLU stages, a max pool, and a flatten-to-linear head: the foundation's plain chain."""
+
+    def __init__(self, in_channels: int = 3, width: int = 32, size: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.fc1 = nn.Linear(2 * width * (size // 2) ** 2, 64)
+        self.fc2 = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        x = torch.flatten(x, 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so masking errors show in outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model
+
+
+def pooled_chain(width: int = 32, classes: int = 10) -> nn.Sequential:
+    """The chain written as nn.Sequential with a global pool and nn.Flatten before the head."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))

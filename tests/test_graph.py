@@ -1,0 +1,273 @@
+"""The channel graph finds the coupled channel groups of a traced model and says why a layer is left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from acps_core.errors import GraphError
+from acps_core.graph import ChannelUse, build_channel_graph
+from acps_core.masking import masked_channels
+from tests.models import ConvChain, pooled_chain, randomize_norms
+
+
+def group_of(graph, producer: str):
+    (group,) = [g for g in graph.groups if producer in g.producers]
+    return group
+
+
+def test_chain_groups_follow_conv_bn_and_feed_the_next_layer() -> None:
+    graph = build_channel_graph(ConvChain().eval(), torch.randn(4, 3, 8, 8))
+    assert [g.producers for g in graph.groups] == [["conv1"], ["conv2"], ["conv3"], ["fc1"], ["fc2"]]
+    conv1 = group_of(graph, "conv1")
+    assert conv1.channels == 32
+    assert conv1.followers == [ChannelUse("bn1", "BatchNorm2d")]
+    assert conv1.consumers == [ChannelUse("conv2", "Conv2d")]
+    assert conv1.prunable
+
+
+def test_flatten_maps_each_channel_to_its_spatial_block_of_linear_inputs() -> None:
+    graph = build_channel_graph(ConvChain(size=8).eval(), torch.randn(2, 3, 8, 8))
+    conv3 = group_of(graph, "conv3")
+    # conv3 outputs 64 x 4 x 4: channel c is fc1 inputs 16c .. 16c + 15
+    assert conv3.consumers == [ChannelUse("fc1", "Linear", offset=0, block=16)]
+
+
+def test_global_pool_then_flatten_maps_one_to_one() -> None:
+    graph = build_channel_graph(pooled_chain().eval(), torch.randn(2, 3, 12, 12))
+    assert group_of(graph, "3").consumers == [ChannelUse("8", "Linear", offset=0, block=1)]
+
+
+def test_output_layer_is_never_prunable_and_says_why() -> None:
+    graph = build_channel_graph(ConvChain().eval(), torch.randn(2, 3, 8, 8))
+    assert not graph.layers["fc2"].prunable
+    assert "model's output" in graph.layers["fc2"].reason
+    assert graph.output_layers == ["fc2"]
+
+
+def test_geometry_comes_from_the_real_activation_shapes() -> None:
+    graph = build_channel_graph(ConvChain(size=8).eval(), torch.randn(3, 3, 8, 8))
+    conv3 = graph.layers["conv3"].geometry
+    assert conv3.input_shape == (1, 64, 4, 4) and conv3.output_shape == (1, 64, 4, 4)
+    assert conv3.macs() == 4 * 4 * 64 * 64 * 9
+    assert conv3.macs(in_channels=32, out_channels=16) == 4 * 4 * 16 * 32 * 9
+    fc1 = graph.layers["fc1"].geometry
+    assert fc1.macs() == 64 * 4 * 4 * 64
+
+
+def test_channel_counts_shrink_consumers_by_the_block() -> None:
+    graph = build_channel_graph(ConvChain(size=8).eval(), torch.randn(2, 3, 8, 8))
+    conv3 = group_of(graph, "conv3")
+    assert graph.channel_counts(graph.layers["fc1"], {conv3.id: 48}) == (48 * 16, 64)
+    assert graph.channel_counts(graph.layers["conv3"], {conv3.id: 48}) == (64, 48)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv_a = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.bn_a(self.conv_a(x)))
+        return self.head(x).mean((2, 3))
+
+
+def test_residual_add_couples_both_producers_into_one_group() -> None:
+    graph = build_channel_graph(Residual().eval(), torch.randn(2, 3, 8, 8))
+    group = group_of(graph, "stem")
+    assert sorted(group.producers) == ["conv_a", "stem"]
+    assert {u.layer for u in group.consumers} == {"conv_a", "head"}
+    assert group.prunable
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 24, 1)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.bn = nn.BatchNorm2d(24)
+        self.project = nn.Conv2d(24, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.project(torch.relu(self.bn(self.dw(torch.relu(self.expand(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_depthwise_conv_follows_its_input_group() -> None:
+    graph = build_channel_graph(Depthwise().eval(), torch.randn(2, 3, 8, 8))
+    group = group_of(graph, "expand")
+    assert [u.layer for u in group.followers] == ["dw", "bn"]
+    assert [u.layer for u in group.consumers] == ["project"]
+    assert graph.layers["dw"].out_group == group.id
+    assert graph.layers["dw"].in_groups == [(group.id, 1)]
+    dw = graph.layers["dw"].geometry
+    assert dw.macs(in_channels=16, out_channels=16) == 8 * 8 * 16 * 9
+
+
+class Sliced(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = x[:, :4]  # an op acps cannot map channel by channel
+        return self.conv2(x).flatten(1)
+
+
+def test_unmappable_op_blocks_the_group_and_names_the_source_line() -> None:
+    graph = build_channel_graph(Sliced().eval(), torch.randn(2, 3, 8, 8))
+    reason = graph.layers["conv1"].reason
+    assert not graph.layers["conv1"].prunable
+    assert "getitem" in reason and "test_graph.py:" in reason
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.scale = nn.Parameter(torch.ones(8, 1, 1))
+        self.conv2 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x) * self.scale).flatten(1)
+
+
+def test_per_channel_constant_that_is_not_a_layer_blocks_the_group() -> None:
+    graph = build_channel_graph(Scaled().eval(), torch.randn(2, 3, 8, 8))
+    assert not graph.layers["conv1"].prunable
+    assert "no prunable layer produces" in graph.layers["conv1"].reason
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2.weight = self.conv1.weight
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.conv1(self.stem(x)))).mean((2, 3))
+
+
+def test_shared_weights_are_never_pruned() -> None:
+    graph = build_channel_graph(Shared().eval(), torch.randn(2, 3, 8, 8))
+    assert "shared with conv2" in graph.layers["conv1"].reason
+    assert "shared with conv1" in graph.layers["conv2"].reason
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+        self.unused = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.block(self.block(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_layer_called_twice_is_blocked_and_unused_layer_explained() -> None:
+    graph = build_channel_graph(CalledTwice().eval(), torch.randn(2, 3, 8, 8))
+    assert "more than once" in graph.layers["block"].reason
+    assert "not called" in graph.layers["unused"].reason
+    assert graph.layers["unused"].geometry is None
+
+
+class ChannelSplitView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).sum(1)
+        return self.conv2(x).flatten(1)
+
+
+def test_view_that_splits_the_channel_dim_blocks_the_group() -> None:
+    graph = build_channel_graph(ChannelSplitView().eval(), torch.randn(2, 3, 8, 8))
+    assert "splits or mixes the channel dimension" in graph.layers["conv1"].reason
+
+
+def test_model_that_raises_in_forward_is_a_graph_error() -> None:
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom in forward")
+
+    with pytest.raises(GraphError, match="boom in forward"):
+        build_channel_graph(Broken(), torch.randn(2, 3))
+
+
+def test_tracing_leaves_no_hook_and_works_in_train_mode_models() -> None:
+    model = ConvChain()
+    before = {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    build_channel_graph(model.eval(), torch.randn(2, 3, 8, 8))
+    after = {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    assert before == after
+    assert not nn.modules.module._global_forward_hooks
+
+
+def _physically_pruned(model: ConvChain, keep: dict[str, list[int]]) -> ConvChain:
+    """ConvChain with channels sliced by hand (independent of acps) for the equivalence check."""
+    small = copy.deepcopy(model)
+    k1, k2, k3, kf = (torch.tensor(keep[n]) for n in ("conv1", "conv2", "conv3", "fc1"))
+
+    def conv(layer, out_idx, in_idx):
+        layer.weight = nn.Parameter(layer.weight.detach()[out_idx][:, in_idx])
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[out_idx])
+
+    def bn(layer, idx):
+        layer.weight = nn.Parameter(layer.weight.detach()[idx])
+        layer.bias = nn.Parameter(layer.bias.detach()[idx])
+        layer.running_mean = layer.running_mean[idx]
+        layer.running_var = layer.running_var[idx]
+
+    conv(small.conv1, k1, torch.arange(3))
+    bn(small.bn1, k1)
+    conv(small.conv2, k2, k1)
+    bn(small.bn2, k2)
+    conv(small.conv3, k3, k2)
+    bn(small.bn3, k3)
+    fc1_inputs = (k3[:, None] * 16 + torch.arange(16)).flatten()
+    small.fc1.weight = nn.Parameter(small.fc1.weight.detach()[kf][:, fc1_inputs])
+    small.fc1.bias = nn.Parameter(small.fc1.bias.detach()[kf])
+    small.fc2.weight = nn.Parameter(small.fc2.weight.detach()[:, kf])
+    return small
+
+
+def test_masking_the_groups_equals_slicing_the_layers() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(ConvChain(size=8)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    graph = build_channel_graph(model, x)
+    generator = torch.Generator().manual_seed(1)
+    keep = {}
+    for name in ("conv1", "conv2", "conv3", "fc1"):
+        group = group_of(graph, name)
+        count = group.channels // 2
+        keep[name] = sorted(torch.randperm(group.channels, generator=generator)[:count].tolist())
+    ids = {name: group_of(graph, name).id for name in keep}
+    with masked_channels(model, graph, {ids[n]: k for n, k in keep.items()}), torch.no_grad():
+        masked = model(x)
+    with torch.no_grad():
+        sliced = _physically_pruned(model, keep)(x)
+        full = model(x)
+    torch.testing.assert_close(masked, sliced, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(masked, full, atol=1e-3)  # the masking did something
