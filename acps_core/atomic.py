@@ -34,9 +34,9 @@ def _target_path(path: StrPath, what: str) -> Path:
         OutputPathError: ``path`` is a directory or something other than a regular file, or its folder is
             missing or not a folder.
     """
-    given = Path(os.fspath(path))
-    if os.fspath(given) == "":
+    if os.fspath(path) == "":
         raise OutputPathError(f"{what} is an empty path; give the path of the file to write")
+    given = Path(os.fspath(path))
     # Replacing a symlink would turn it into a regular file; write through it instead, like an editor does.
     target = Path(os.path.realpath(given)) if given.is_symlink() else given.absolute()
     if target.is_dir():
@@ -200,10 +200,13 @@ def atomic_write_many(contents: Mapping[StrPath, str], encoding: str = "utf-8") 
         UnicodeEncodeError: a text cannot be encoded (nothing is written).
     """
     targets: dict[Path, bytes] = {}
+    seen: set[str] = set()
     for path, text in contents.items():
         target = _target_path(path, "output file")
-        if target in targets:
+        # realpath catches "dir/../a.cfg" and "a.cfg" naming one file, which would otherwise race.
+        if os.path.realpath(target) in seen:
             raise OutputPathError(f"two outputs name the same file {os.fspath(target)}; give distinct paths")
+        seen.add(os.path.realpath(target))
         # Encode everything first, so an unencodable text fails before any file is touched.
         targets[target] = text.encode(encoding)
 

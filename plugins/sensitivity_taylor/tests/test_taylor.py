@@ -1,0 +1,120 @@
+"""TaylorLossSensitivity: |sum(w * dL/dw)| over every parameter tied to a channel, accumulated over passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acps_core.graph import build_channel_graph
+from acps_core.problem import SearchRecord
+from acps_core.registry import get_registry
+from acps_sensitivity_taylor import TaylorLossSensitivity
+
+
+def tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def records_for(graph) -> list[SearchRecord]:
+    return [SearchRecord(g.id, g.name, g.producers, [u.layer for u in g.followers],
+                         [u.layer for u in g.consumers], g.channels, [g.channels]) for g in graph.prunable_groups]
+
+
+def score(model, data, label, test_iteration=1, **kwargs) -> dict[str, torch.Tensor]:
+    graph = build_channel_graph(model, data)
+    method = TaylorLossSensitivity(**kwargs)
+    method.setup_initialization((model, graph), [data, label], test_iteration)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    return {r.name: r.sensitivity for r in records}, method
+
+
+def hand_scores(model, data, label, loss_fn) -> torch.Tensor:
+    """The first group's score computed by hand: producer conv, its BN, and the consumer conv's columns."""
+    params = [model[0].weight, model[0].bias, model[1].weight, model[1].bias, model[3].weight]
+    loss = loss_fn(model(data), label)
+    grads = torch.autograd.grad(loss, params)
+    w0, b0, g1, b1, w3 = (p.detach() * g for p, g in zip(params, grads))
+    total = w0.sum(dim=(1, 2, 3)) + b0 + g1 + b1 + w3.sum(dim=(0, 2, 3))
+    return total.double().abs()
+
+
+def test_scores_match_the_first_order_taylor_term_over_the_whole_group() -> None:
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    scores, _ = score(model, data, label)
+    expected = hand_scores(model, data, label, F.cross_entropy)
+    torch.testing.assert_close(scores["0"], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_default_loss_for_output_shaped_labels_is_the_references_l1() -> None:
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randn(8, 5)
+    scores, _ = score(model, data, label)
+    torch.testing.assert_close(scores["0"], hand_scores(model, data, label, F.l1_loss), rtol=1e-4, atol=1e-7)
+
+
+def test_passes_accumulate_absolute_scores_of_each_part_of_the_batch() -> None:
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    scores, _ = score(model, data, label, test_iteration=2)
+    expected = (hand_scores(model, data[:4], label[:4], F.cross_entropy)
+                + hand_scores(model, data[4:], label[4:], F.cross_entropy))
+    torch.testing.assert_close(scores["0"], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_user_loss_replaces_the_default() -> None:
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randn(8, 5)
+
+    def squared(output, target):
+        return ((output - target) ** 2).mean()
+
+    scores, _ = score(model, data, label, loss_func=squared)
+    torch.testing.assert_close(scores["0"], hand_scores(model, data, label, squared), rtol=1e-4, atol=1e-7)
+
+
+def test_frozen_layers_are_scored_like_trainable_ones() -> None:
+    model = tiny_model()
+    data, label = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    trainable, _ = score(model, data, label)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    frozen, _ = score(model, data, label)
+    assert bool(trainable["0"].any())
+    torch.testing.assert_close(frozen["0"], trainable["0"])
+
+
+def test_zero_loss_falls_back_to_output_change_scores_and_notes_it() -> None:
+    model = tiny_model()
+    data = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        label = model(data)
+    scores, method = score(model, data, label)
+    assert method.notes and "label-free" in method.notes[0]
+    assert int((scores["0"] > 0).sum()) >= 4  # channels ReLU does not silence change the output
+    # A dead channel (zero filter, zero BN scale and shift) changes nothing and scores 0.
+    with torch.no_grad():
+        model[0].weight[2] = 0
+        model[0].bias[2] = 0
+        model[1].weight[2] = 0
+        model[1].bias[2] = 0
+        label = model(data)
+    scores, _ = score(model, data, label)
+    assert scores["0"][2] == pytest.approx(0.0, abs=1e-12)
+    assert scores["0"][2] < scores["0"].max()
+
+
+def test_registered_by_name_from_its_distribution() -> None:
+    info = get_registry(refresh=True).get("sensitivity", "TaylorLossSensitivity")
+    assert info.cls is TaylorLossSensitivity
+    assert info.distribution == "acps-sensitivity-taylor"
