@@ -10,7 +10,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -284,7 +284,7 @@ def _fixed_channels(model: nn.Module, graph: ChannelGraph, group_id: int, count:
     group = graph.group(group_id)
     norms = torch.zeros(group.channels, dtype=torch.float64)
     for name in group.producers:
-        weight = model.get_submodule(name).weight.detach()
+        weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
         norms += weight.reshape(weight.shape[0], -1).double().pow(2).sum(dim=1).cpu()
     return sorted(torch.topk(norms, count).indices.tolist())
 

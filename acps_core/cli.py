@@ -39,7 +39,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from acps_core.registry import format_plugins_table, get_registry
 
-    print(format_plugins_table(get_registry()))
+    print(format_plugins_table(get_registry()), end="")
     return EXIT_OK
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acps: error: {exc}", file=sys.stderr)
         print("hint: run with --debug for the full traceback", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one readable line, not a traceback
+    except Exception as exc:
         if args.debug:
             raise
         print(f"acps: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -828,6 +828,9 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
             f"refusing to write {os.fspath(path)}: the channel-prune config is invalid: {exc}") from exc
     if any(line and not line.startswith("#") for line in header.splitlines()):
         raise ValueError("header lines must be comments starting with '#'")
+    if header and not header.endswith("\n"):
+        # Without it the first config line would join the last comment line and be ignored.
+        header += "\n"
     contents: dict[StrPath, str] = {path: header + format_prune_config(cfg)}
     for extra_path, text in (extra or {}).items():
         contents[extra_path] = text

@@ -67,7 +67,8 @@ _PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim"
 
 
 def _op_name(func: Any) -> str:
-    """A torch function's plain name: ``__iadd__`` -> ``iadd``, ``add_`` -> ``add``, ``_max_pool2d`` -> ``max_pool2d``."""
+    """A torch function's plain name: ``__iadd__`` -> ``iadd``, ``add_`` -> ``add``, ``_max_pool2d`` ->
+    ``max_pool2d``."""
     name = getattr(func, "__name__", repr(func))
     name = name.strip("_")
     if name.endswith("_"):
@@ -125,11 +126,8 @@ class LayerGeometry:
         """Multiply-accumulates per sample at the given channel counts (the traced ones by default)."""
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
-        if self.depthwise:
-            # One group per channel: every output channel sees in_channels/groups inputs whatever the count.
-            inputs_per_output = self.in_channels // self.groups
-        else:
-            inputs_per_output = cin / self.groups
+        # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
+        inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups
         return float(self.output_positions * cout * inputs_per_output * math.prod(self.kernel_size))
 
 
@@ -732,7 +730,8 @@ def _permutation(op: _Op, ndim: int) -> list[int] | None:
     return None
 
 
-def _geometry(name: str, module: nn.Module, x: _TensorRef | None, out_shape: tuple[int, ...]) -> LayerGeometry:
+def _geometry(name: str, module: Any, x: _TensorRef | None, out_shape: tuple[int, ...]) -> LayerGeometry:
+    """The geometry of a Conv/Linear ``module`` called on ``x`` (typed Any: the attributes depend on the kind)."""
     in_shape = x.shape if x is not None else ()
     weight = module.weight
     act_dtype = x.dtype if x is not None else weight.dtype
@@ -740,7 +739,7 @@ def _geometry(name: str, module: nn.Module, x: _TensorRef | None, out_shape: tup
     def per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
         return (1, *shape[1:]) if shape else shape
 
-    if isinstance(module, LINEAR_TYPES):
+    if isinstance(module, nn.Linear):
         return LayerGeometry(name, type(module).__name__, module.in_features, module.out_features, 1, (1,), (1,),
                              per_sample(in_shape), per_sample(out_shape), act_dtype, weight.dtype)
     return LayerGeometry(name, type(module).__name__, module.in_channels, module.out_channels, module.groups,

@@ -672,6 +672,19 @@ def test_spec_example_round_trips_through_the_writer(tmp_path: Path) -> None:
     assert parse_prune_config(tmp_path / "prune.cfg") == config
 
 
+@pytest.mark.parametrize("header", ["# written by acps\n", "# written by acps\n# compress_ratio 1.5"])
+def test_header_comment_is_kept_apart_from_the_config(tmp_path: Path, header: str) -> None:
+    write_prune_config(tmp_path / "prune.cfg", searched_config(), header=header)
+    text = (tmp_path / "prune.cfg").read_text(encoding="utf-8")
+    assert text.startswith(header.rstrip("\n") + "\n")
+    assert parse_prune_config(tmp_path / "prune.cfg") == searched_config()
+
+
+def test_header_must_be_comments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="comments starting with '#'"):
+        write_prune_config(tmp_path / "prune.cfg", searched_config(), header="written by acps\n")
+
+
 def test_write_includes_sidecar_files(tmp_path: Path) -> None:
     write_prune_config(tmp_path / "prune.cfg", searched_config(), extra={tmp_path / "prune.cfg.json": "{}\n"})
     assert (tmp_path / "prune.cfg.json").read_text(encoding="utf-8") == "{}\n"

@@ -65,9 +65,10 @@ def test_lands_on_the_target_within_one_alignment_step(tmp_path, chain, data, ra
     assert result.cost_after <= result.cost_before / ratio
     # Undoing one step (16 channels when aligned, 1 otherwise) of any one pruned group must exceed the budget:
     # otherwise the search removed more than it had to.
+    from acps_gain_ascend import BitComplexity
+
     from acps_core.graph import build_channel_graph
     from acps_core.problem import CostModel
-    from acps_gain_ascend import BitComplexity
 
     graph = build_channel_graph(chain.eval(), data[0])
     cost_model = CostModel(graph, BitComplexity())
@@ -189,7 +190,7 @@ override_layer_configs {
   prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } }
 }
 """)
-    with pytest.raises(ConfigError, match="fc2.*output"):
+    with pytest.raises(ConfigError, match=r"fc2.*output"):
         search(tmp_path, chain, data, f"compress_ratio: 2\noverride_prune_cfg: '{override}'\n")
 
 
@@ -207,7 +208,7 @@ def test_search_space_empty_because_layers_are_too_small_to_align(tmp_path, data
 
 def test_model_without_prunable_layer_is_a_graph_error(tmp_path) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    with pytest.raises(GraphError, match="no prunable channel group.*model's output"):
+    with pytest.raises(GraphError, match=r"no prunable channel group.*model's output"):
         search(tmp_path, model, [torch.randn(4, 3, 2, 2), torch.randn(4, 3)], "compress_ratio: 2\n")
 
 
@@ -248,7 +249,7 @@ def test_fewer_samples_than_passes_is_a_data_error(tmp_path, chain) -> None:
 
 
 def test_wrong_argument_types_name_the_parameter(tmp_path, chain, data) -> None:
-    with pytest.raises(ArgumentError, match="model must be a torch.nn.Module"):
+    with pytest.raises(ArgumentError, match=r"model must be a torch\.nn\.Module"):
         search(tmp_path, "not a model", data, "compress_ratio: 2\n")
     with pytest.raises(TypeError, match="search_alg"):
         search(tmp_path, chain, data, "compress_ratio: 2\n", search_alg=42)
@@ -294,7 +295,7 @@ def test_reference_style_search_class_sees_reference_shaped_arguments(tmp_path, 
 
     class ReferenceStyle(acps.SearchChannelBase):
         def channel_prune_search(self, graph_info, search_records, prune_config):
-            compress_ratio, ascend_optimized, max_prune_ratio = prune_config
+            compress_ratio, _ascend_optimized, _max_prune_ratio = prune_config
             seen.update(ratio=compress_ratio, layer=dict(graph_info["conv2"]), n=len(search_records))
             record = search_records[0]
             return {p: [1] * 16 + [0] * (record.channels - 16) for p in record.producers}

@@ -56,7 +56,7 @@ class TaylorLossSensitivity(SensitivityBase):
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the class docs)."""
         assert self.model is not None and self.graph is not None, "setup_initialization was not called"
-        model, graph = self.model, self.graph
+        model = self.model
         slices = {r.group_id: self._slices(r) for r in search_records}
         params = list({id(p): p for group in slices.values() for _, p in group}.values())
         for param in params:

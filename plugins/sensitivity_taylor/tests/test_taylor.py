@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from acps_sensitivity_taylor import TaylorLossSensitivity
 from torch import nn
 
 from acps_core.graph import build_channel_graph
 from acps_core.problem import SearchRecord
 from acps_core.registry import get_registry
-from acps_sensitivity_taylor import TaylorLossSensitivity
 
 
 def tiny_model() -> nn.Sequential:
