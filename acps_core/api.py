@@ -110,7 +110,8 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     with preserved_model_state(model):
         model.eval()
         graph = build_channel_graph(model, data)
-        if isinstance(graph.output, torch.Tensor) and getattr(sensitivity_method, "loss_func", None) is None:
+        if (isinstance(graph.output, torch.Tensor) and sensitivity_method.uses_default_loss
+                and sensitivity_method.loss_func is None):
             # The trace ran on two samples; compare against the output the whole batch would give.
             label_kind(graph.output[:1].expand(label.shape[0], *graph.output.shape[1:]), label)
         fixed, statuses = _fixed_groups(graph, override, settings)

@@ -58,6 +58,10 @@ class SensitivityBase(ABC):
             (L1 between output and label; see the method's own docs for how it treats class labels).
     """
 
+    #: True for methods that fall back to :func:`acps_core.data.default_loss` when ``loss_func`` is None: the
+    #: core then checks that the labels fit the model output before any heavy work.
+    uses_default_loss: bool = False
+
     def __new__(cls, *args: Any, **kwargs: Any) -> SensitivityBase:
         _check_required_methods(cls, SensitivityBase)
         return super().__new__(cls)

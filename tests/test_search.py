@@ -307,3 +307,14 @@ def test_reference_style_search_class_sees_reference_shaped_arguments(tmp_path, 
     assert set(seen["layer"]) == {"cin", "cout", "ori_cout", "bitops"}
     assert seen["layer"]["ori_cout"] == 64
     assert result.layers["conv1"].kept == 16
+
+
+def test_methods_that_do_not_use_the_default_loss_accept_any_labels(tmp_path, chain, data) -> None:
+    class FilterNorm(acps.SensitivityBase):
+        def get_sensitivity(self, search_records):
+            for record in search_records:
+                weight = self.model.get_submodule(record.producers[0]).weight
+                record.sensitivity = weight.detach().abs().flatten(1).sum(dim=1)
+
+    result = search(tmp_path, chain, [data[0], torch.zeros(16, 3)], "compress_ratio: 1.5\n", sensitivity=FilterNorm())
+    assert result.target_reached

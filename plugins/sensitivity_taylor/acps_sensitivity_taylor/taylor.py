@@ -42,6 +42,8 @@ class TaylorLossSensitivity(SensitivityBase):
         seed: seed of the random projections used by the label-free fallback (results are reproducible).
     """
 
+    uses_default_loss = True
+
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
         super().__init__(loss_func)
         self.seed = seed
