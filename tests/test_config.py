@@ -31,6 +31,7 @@ from acps_core.config import (
     write_prune_config,
 )
 from acps_core.errors import ConfigError, OutputPathError
+from tests.spec_samples import SPEC_PRUNE_CONFIG
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -298,23 +299,6 @@ def test_settings_are_frozen() -> None:
 # Channel-prune config
 # ------------------------------------------------------------------------------------------------------------
 
-SPEC_PRUNE_CONFIG = """\
-override_layer_configs {
-  layer_name: "layer2.0.conv1"
-  prune_config {
-    filter_pruner {
-      balanced_l2_norm_filter_prune {
-        prune_ratio: 0.5
-        ascend_optimized: true
-      }
-    }
-  }
-}
-prune_config {
-  filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: true } }
-}
-regular_prune_skip_layers: "layer1.0.conv1"
-"""
 
 
 def test_spec_prune_config_parses(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2, text_format
 
 from acps_core.proto import basic_info_pb2, retrain_config_pb2, scale_offset_record_pb2
+from tests.spec_samples import SPEC_PRUNE_CONFIG, SPEC_RECORD, SPEC_SEARCH_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO_ROOT / "proto"
@@ -193,39 +194,6 @@ def test_record_fields_match_spec_section_6() -> None:
         "UNDEFINED": 0, "FLOAT": 1, "INT": 2, "STRING": 3, "FLOATS": 4, "INTS": 5, "STRINGS": 6}
 
 
-SPEC_SEARCH_CONFIG = """\
-compress_ratio: 1.5
-ascend_optimized: true
-max_prune_ratio: 0.8
-test_iteration: 1
-override_prune_cfg: 'your/path/to/override_channel_prune.cfg'
-"""
-
-SPEC_PRUNE_CONFIG = """\
-override_layer_configs {
-  layer_name: "layer2.0.conv1"
-  prune_config {
-    filter_pruner {
-      balanced_l2_norm_filter_prune {
-        prune_ratio: 0.5
-        ascend_optimized: true
-      }
-    }
-  }
-}
-prune_config {
-  filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: true } }
-}
-regular_prune_skip_layers: "layer1.0.conv1"
-"""
-
-SPEC_RECORD = """\
-prune_record {
-  producer { name: "layer1.0" attr { name: "type" type: STRING s: "Conv" } attr { name: "begin" type: INT i: 0 } attr { name: "end" type: INT i: 64 } }
-  consumer { name: "layer1.1" attr { name: "type" type: STRING s: "BatchNormalization" } attr { name: "begin" type: INT i: 0 } attr { name: "end" type: INT i: 64 } }
-  consumer { name: "layer2.0" attr { name: "type" type: STRING s: "Conv" } attr { name: "begin" type: INT i: 0 } attr { name: "end" type: INT i: 64 } }
-}
-"""  # noqa: E501 - SPEC's sample, one line per node as written there
 
 
 def test_spec_sample_search_config_parses() -> None:
