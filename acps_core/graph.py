@@ -59,7 +59,7 @@ _POOLS = frozenset({
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d", "max_pool1d_with_indices",
     "max_pool2d_with_indices", "max_pool3d_with_indices", "interpolate", "upsample", "upsample_nearest",
-    "upsample_bilinear", "pad",
+    "upsample_bilinear",
 })
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "prod", "std", "var", "logsumexp", "norm"})
 _RESHAPES = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "view_as", "reshape_as"})
@@ -450,10 +450,15 @@ class _GroupBuilder:
 
     def run(self) -> None:
         for op in self.recorder.ops:
-            if op.module is not None:
-                self.module_op(op)
-            else:
-                self.function_op(op)
+            try:
+                if op.module is not None:
+                    self.module_op(op)
+                else:
+                    self.function_op(op)
+            except Exception as exc:  # an op acps fails to analyse must block its groups, never crash
+                refs = list(_tensors_in((op.args, op.kwargs)))
+                self.block_tags([t for r in refs for t in self.tags_of(r)],
+                                f"acps could not analyse '{op.name}' at {op.location} ({type(exc).__name__}: {exc})")
 
     def module_op(self, op: _Op) -> None:
         module = op.module
@@ -549,6 +554,8 @@ class _GroupBuilder:
                 self.block_tags(all_tags, f"{where} changes the shape of the tensor")
         elif name in _BINARY_ELEMENTWISE:
             self.binary(op, refs, where)
+        elif name == "pad":
+            self.pad(op, tagged, where)
         elif name in _POOLS:
             x = refs[0]
             tags = self.tags_of(x)
@@ -602,6 +609,26 @@ class _GroupBuilder:
                                   self.find(tag.space) for r in result):
                     result.append(tag)
         self.tags[out] = result
+
+    def pad(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
+        """F.pad: channels pass through unless the padding reaches their dimension."""
+        x = tagged[0]
+        tags = self.tags_of(x)
+        out = op.outputs[0] if op.outputs else None
+        padding = op.kwargs.get("pad", op.args[1] if len(op.args) > 1 else None)
+        ndim = len(x.shape)
+        # The padding list covers the last len(padding) // 2 dims, last dim first.
+        padded_dims = set(range(ndim - len(padding) // 2, ndim)) if isinstance(padding, (list, tuple)) else None
+        if out is None or padded_dims is None or len(tagged) != 1 or x is not _first_tensor(op.args):
+            self.block_tags(tags, f"{where} cannot be mapped channel by channel")
+            return
+        keep = []
+        for tag in tags:
+            if tag.dim in padded_dims:
+                self.block(tag.space, f"{where} pads the channel dimension")
+            else:
+                keep.append(tag)
+        self.tags[out] = keep
 
     def reduction(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         x = tagged[0]
