@@ -28,6 +28,7 @@ from acps_core.errors import (
 from acps_core.graph import ChannelGraph, ChannelGroup, LayerGeometry, build_channel_graph
 from acps_core.hookspecs import hookimpl
 from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
+from acps_core.prune import create_prune_retrain_model, restore_prune_retrain_model, save_prune_retrain_model
 from acps_core.result import LayerReport, SearchResult
 
 __all__ = [
@@ -54,5 +55,8 @@ __all__ = [
     "__version__",
     "auto_channel_prune_search",
     "build_channel_graph",
+    "create_prune_retrain_model",
     "hookimpl",
+    "restore_prune_retrain_model",
+    "save_prune_retrain_model",
 ]

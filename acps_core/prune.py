@@ -1,0 +1,437 @@
+"""The prune step: apply a channel-prune config to a model, physically, and replay it from a record file.
+
+These are the reference's downstream calls (SPEC section 6)::
+
+    pruned = create_prune_retrain_model(model, input_data, "prune.cfg", "prune.record")
+    ...fine-tune pruned...
+    restored = restore_prune_retrain_model(fresh_model, input_data, "prune.record", "prune.cfg", "tuned.pth")
+    save_prune_retrain_model(restored, "model.onnx", input_data)
+
+Channels are removed per channel group of the :class:`~acps_core.graph.ChannelGraph`, so every parameter tied
+to a channel goes with it: producers' filters and biases, the norms and depthwise convs that follow, the
+consumers' input columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from google.protobuf import text_format
+from torch import nn
+
+from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
+from acps_core.config import parse_prune_config, resolve_layer
+from acps_core.data import forward, model_device
+from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
+from acps_core.graph import CONV_TYPES, LINEAR_TYPES, NORM_TYPES, ChannelGraph, ChannelGroup, build_channel_graph
+from acps_core.problem import kept_from_ratio
+from acps_core.proto import scale_offset_record_pb2 as record_pb2
+from acps_core.selection import build_selection, format_selection, selection_path
+from acps_core.state import preserved_model_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_prune_retrain_model", "prune_channels", "restore_prune_retrain_model",
+           "save_prune_retrain_model"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slicing modules
+# ----------------------------------------------------------------------------------------------------------------
+
+def _take(param: torch.Tensor | None, dim: int, index: torch.Tensor) -> nn.Parameter | None:
+    if param is None:
+        return None
+    data = param.detach().index_select(dim, index.to(param.device)).clone()
+    return nn.Parameter(data, requires_grad=param.requires_grad)
+
+
+def _take_buffer(buffer: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if buffer is None else buffer.index_select(0, index.to(buffer.device)).clone()
+
+
+def _slice_output(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep output channels ``keep`` of a Conv/Linear producer (and of a depthwise conv, its inputs too)."""
+    layer = cast(Any, module)
+    layer.weight = _take(layer.weight, 0, keep)
+    layer.bias = _take(layer.bias, 0, keep)
+    if isinstance(module, LINEAR_TYPES):
+        layer.out_features = len(keep)
+        return
+    if layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels:
+        layer.in_channels = layer.groups = len(keep)
+    layer.out_channels = len(keep)
+
+
+def _slice_input(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep input positions ``keep`` of a Conv/Linear consumer."""
+    layer = cast(Any, module)
+    layer.weight = _take(layer.weight, 1, keep)
+    if isinstance(module, LINEAR_TYPES):
+        layer.in_features = len(keep)
+    else:
+        layer.in_channels = len(keep)
+
+
+def _slice_norm(module: nn.Module, keep: torch.Tensor) -> None:
+    layer = cast(Any, module)
+    if layer.affine:
+        layer.weight = _take(layer.weight, 0, keep)
+        layer.bias = _take(layer.bias, 0, keep)
+    if layer.track_running_stats and layer.running_mean is not None:
+        layer.running_mean = _take_buffer(layer.running_mean, keep)
+        layer.running_var = _take_buffer(layer.running_var, keep)
+    layer.num_features = len(keep)
+
+
+def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> None:
+    """Remove channels from ``model`` in place: group ``g`` keeps only the channel indices ``keep[g]``.
+
+    ``graph`` must have been built from ``model`` (or an identical one). A layer touched by several groups (the
+    consumer of a concat) is sliced once, with every group's removals combined.
+
+    Raises:
+        GraphError: a group id that is not prunable, or indices out of range.
+    """
+    outputs: dict[str, set[int]] = {}   # producer / follower -> output channels to drop
+    inputs: dict[str, set[int]] = {}    # consumer -> input positions to drop
+    for group_id, kept_list in keep.items():
+        group = graph.group(group_id)
+        if not group.prunable:
+            raise GraphError(f"channel group {group.name} cannot be pruned: {'; '.join(group.reasons)}")
+        kept = set(kept_list)
+        if not kept or any(c < 0 or c >= group.channels for c in kept):
+            raise GraphError(f"channel group {group.name} has {group.channels} channels; keep indices must be a "
+                             f"non-empty subset of 0..{group.channels - 1}")
+        removed = [c for c in range(group.channels) if c not in kept]
+        for name in group.producers:
+            outputs.setdefault(name, set()).update(removed)
+        for use in group.followers:
+            outputs.setdefault(use.layer, set()).update(use.offset + c for c in removed)
+        for use in group.consumers:
+            positions = (use.offset + c * use.block + j for c in removed for j in range(use.block))
+            inputs.setdefault(use.layer, set()).update(positions)
+    for name, drop in outputs.items():
+        module = model.get_submodule(name)
+        total = _size(module, "out")
+        index = torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long)
+        if isinstance(module, NORM_TYPES):
+            _slice_norm(module, index)
+        else:
+            _slice_output(module, index)
+    for name, drop in inputs.items():
+        module = model.get_submodule(name)
+        total = _size(module, "in")
+        _slice_input(module, torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long))
+
+
+def _size(module: nn.Module, axis: str) -> int:
+    layer = cast(Any, module)
+    if isinstance(module, NORM_TYPES):
+        return int(layer.num_features)
+    if isinstance(module, LINEAR_TYPES):
+        return int(layer.out_features if axis == "out" else layer.in_features)
+    if isinstance(module, CONV_TYPES):
+        return int(layer.out_channels if axis == "out" else layer.in_channels)
+    raise GraphError(f"acps cannot slice a {type(module).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deciding what to keep from a channel-prune config
+# ----------------------------------------------------------------------------------------------------------------
+
+def _group_kept_count(graph: ChannelGraph, group: ChannelGroup, cfg: Any, config_path: str) -> int | None:
+    """How many channels the config keeps in ``group`` (None: not pruned), from its producers' entries."""
+    members = group.producers + [u.layer for u in group.followers if u.layer in graph.layers]
+    decisions = {name: resolve_layer(cfg, name, graph.module_type(name)) for name in members}
+    if any(d.source == "skip" for d in decisions.values()):
+        return None
+    settings = {name: (d.prune_ratio, d.ascend_optimized) for name, d in decisions.items()
+                if d.source != "none" and d.prune_ratio is not None and name in group.producers}
+    if not settings:
+        return None
+    if len(set(settings.values())) > 1:
+        given = ", ".join(f"{n}: prune_ratio {r:g}" for n, (r, _) in settings.items())
+        raise ConfigError(f"layers {', '.join(settings)} share their output channels (one channel group) but the "
+                          f"config gives them different settings ({given}); give them the same prune_ratio and "
+                          "ascend_optimized", path=config_path)
+    ratio, aligned = next(iter(settings.values()))
+    kept = kept_from_ratio(group.channels, float(ratio), True if aligned is None else bool(aligned))
+    return kept if kept < group.channels else None
+
+
+def _read_selection(path: Path) -> dict[str, list[int]]:
+    """Producer name -> removed channel indices, from a selection or record file (empty if there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        record = text_format.Parse(path.read_text(encoding="utf-8"), record_pb2.ScaleOffsetRecord())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not a valid prune record (ScaleOffsetRecord text format): {exc}", path=str(path)) from exc
+    removed: dict[str, list[int]] = {}
+    for prune in record.prune_record:
+        for node in prune.producer:
+            for attr in node.attr:
+                if attr.name == "prune_index":
+                    removed[node.name] = list(attr.ints)
+    return removed
+
+
+def _l2_keep(model: nn.Module, group: ChannelGroup, count: int) -> list[int]:
+    """The ``count`` channels with the largest filter L2 norm summed over the group's producers."""
+    norms = torch.zeros(group.channels, dtype=torch.float64)
+    for name in group.producers:
+        weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
+        norms += weight.reshape(weight.shape[0], -1).double().pow(2).sum(dim=1).cpu()
+    return sorted(torch.topk(norms, count).indices.tolist())
+
+
+def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Path) -> dict[int, list[int]]:
+    selection = _read_selection(selection_path(config_path))
+    keep: dict[int, list[int]] = {}
+    for group in graph.groups:
+        if not group.prunable:
+            continue
+        count = _group_kept_count(graph, group, cfg, str(config_path))
+        if count is None:
+            continue
+        chosen = [selection[p] for p in group.producers if p in selection]
+        if chosen and all(c == chosen[0] for c in chosen) and group.channels - len(chosen[0]) == count:
+            removed = set(chosen[0])
+            keep[group.id] = [c for c in range(group.channels) if c not in removed]
+        else:
+            if chosen:
+                logger.info("the selection file does not match the config for %s (edited?); choosing channels "
+                            "by filter L2 norm", group.name)
+            keep[group.id] = _l2_keep(model, group, count)
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public calls
+# ----------------------------------------------------------------------------------------------------------------
+
+def _model_input(input_data: Any, device: torch.device) -> Any:
+    """The model's forward arguments: a tensor or a tuple of tensors, moved to the model's device."""
+    if isinstance(input_data, torch.Tensor):
+        return input_data.to(device)
+    if isinstance(input_data, (tuple, list)) and input_data and all(isinstance(t, torch.Tensor) for t in input_data):
+        return tuple(t.to(device) for t in input_data)
+    raise DataError(f"input_data must be the model's input: a tensor or a tuple of tensors, got "
+                    f"{type(input_data).__name__}")
+
+
+def _checked_output(model: nn.Module, data: Any, what: str) -> Any:
+    try:
+        with torch.no_grad():
+            return forward(model, data)
+    except Exception as exc:
+        raise GraphError(f"the {what} model raised on input_data: {type(exc).__name__}: {exc}") from exc
+
+
+def _shapes(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (tuple, list)):
+        return tuple(_shapes(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _shapes(v) for k, v in output.items()}
+    return None
+
+
+def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, ChannelGraph, dict[int, list[int]]]:
+    """Deep-copy ``model``, trace it, decide what to keep with ``keep_of(copy, graph)``, prune and check."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    pruned = copy.deepcopy(model)
+    with preserved_model_state(pruned):
+        pruned.eval()
+        graph = build_channel_graph(pruned, data)
+        before = _shapes(_checked_output(pruned, data, "original"))
+        keep = keep_of(pruned, graph)
+        prune_channels(pruned, graph, keep)
+        after = _shapes(_checked_output(pruned, data, "pruned"))
+    if before != after:
+        raise GraphError(f"the pruned model's output shape {after} differs from the original {before}; this is a "
+                         "bug in acps's channel graph, please report it with the model")
+    return pruned, graph, keep
+
+
+def create_prune_retrain_model(model: nn.Module, input_data: Any, config_defination: StrPath,
+                               record_file: StrPath) -> nn.Module:
+    """Prune a copy of ``model`` as a channel-prune config says, and write what was removed to ``record_file``.
+
+    For each channel group whose producers the config prunes (``override_layer_configs`` > ``override_layer_types``
+    > global ``prune_config``; skipped layers never), the kept count is ``kept_from_ratio`` of the producers'
+    ``prune_ratio``. The channels removed are the ones the search chose when the config's selection file
+    (``<config>.selection``, written by :func:`~acps_core.auto_channel_prune_search`) matches the count, else those
+    with the smallest filter L2 norm (the reference's rule).
+
+    Args:
+        model: the trained model; it is not modified (a pruned deep copy is returned).
+        input_data: the model's input (a tensor or tuple of tensors) to trace and check the pruned model with.
+        config_defination: path of the channel-prune config (the reference's spelling of the parameter).
+        record_file: where to write the prune record (``ScaleOffsetRecord`` text format), atomically.
+
+    Returns:
+        The pruned model, in the same train/eval mode as ``model``; its output shape is unchanged.
+
+    Raises:
+        ConfigError: the config cannot be read, or gives coupled layers different settings.
+        GraphError: the model cannot be traced, or the pruned model does not run.
+        DataError: ``input_data`` is not a tensor or tuple of tensors.
+        OutputPathError: ``record_file`` cannot be written.
+    """
+    config_path = Path(config_defination)
+    cfg = parse_prune_config(config_path)
+    record_path = check_writable_output(record_file, "record_file")
+    data = _model_input(input_data, model_device(model))
+    pruned, graph, keep = _pruned_copy(model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path))
+    header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
+              "indices removed from each layer.\n")
+    text = format_selection(build_selection(graph, keep), config_path.name).split("\n", 2)[2]
+    atomic_write_text(record_path, header + text)
+    logger.info("pruned %d channel groups; wrote %s", len(keep), record_path)
+    return pruned
+
+
+def read_record(record_file: StrPath) -> dict[str, list[int]]:
+    """Producer name -> removed output channel indices, from a prune record file.
+
+    Raises:
+        ConfigError: the file is missing or not a valid record.
+    """
+    path = Path(record_file)
+    if not path.is_file():
+        raise ConfigError("the record file does not exist; pass the record_file that create_prune_retrain_model "
+                          "wrote", path=str(path))
+    return _read_selection(path)
+
+
+def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: StrPath,
+                                config_defination: StrPath, pth_file: StrPath,
+                                state_dict_name: str | None = None) -> nn.Module:
+    """Replay a prune record onto a freshly built, unpruned model and load a fine-tuned checkpoint into it.
+
+    Args:
+        model: a newly built model of the same architecture as the one pruned; not modified (a copy is pruned).
+        input_data: the model's input, to trace it.
+        record_file: the record ``create_prune_retrain_model`` wrote.
+        config_defination: the channel-prune config used then (checked for existence; the record decides).
+        pth_file: a checkpoint of the pruned, fine-tuned model: a state dict, or a dict holding one under
+            ``state_dict_name``. Loaded with ``weights_only=True``: no code in the file is run.
+        state_dict_name: the key of the state dict inside the checkpoint, if it is nested.
+
+    Returns:
+        The pruned model with the checkpoint's weights.
+
+    Raises:
+        ConfigError: a missing or invalid record or config, or a record that does not fit the model.
+        DataError: a checkpoint that cannot be read or does not fit the pruned model.
+    """
+    parse_prune_config(config_defination)
+    removed = read_record(record_file)
+    data = _model_input(input_data, model_device(model))
+
+    def keep_of(copy_: nn.Module, graph: ChannelGraph) -> dict[int, list[int]]:
+        keep: dict[int, list[int]] = {}
+        producers = {p: g for g in graph.groups for p in g.producers}
+        unknown = [name for name in removed if name not in producers]
+        if unknown:
+            raise ConfigError(f"the record names {', '.join(unknown[:5])}, which the model has no channel group "
+                              "for; restore needs a model of the architecture that was pruned", path=str(record_file))
+        for name, indices in removed.items():
+            group = producers[name]
+            kept = [c for c in range(group.channels) if c not in set(indices)]
+            if group.id in keep and keep[group.id] != kept:
+                raise ConfigError(f"the record removes different channels from {name} than from the other "
+                                  f"producers of its group {group.name}", path=str(record_file))
+            keep[group.id] = kept
+        return keep
+
+    pruned, _, _ = _pruned_copy(model, data, keep_of)
+    _load_checkpoint(pruned, pth_file, state_dict_name)
+    return pruned
+
+
+def _load_checkpoint(model: nn.Module, pth_file: StrPath, state_dict_name: str | None) -> None:
+    path = Path(pth_file)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {type(exc).__name__}: "
+                        f"{exc}; save it with torch.save(model.state_dict(), path)") from exc
+    state = checkpoint
+    if state_dict_name is not None:
+        if not isinstance(checkpoint, Mapping) or state_dict_name not in checkpoint:
+            keys = list(checkpoint)[:8] if isinstance(checkpoint, Mapping) else []
+            raise DataError(f"checkpoint {path} has no entry {state_dict_name!r} (it has {keys})")
+        state = checkpoint[state_dict_name]
+    if not isinstance(state, Mapping):
+        raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; pass "
+                        "state_dict_name if the state dict is nested")
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs pruned model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise DataError(f"checkpoint {path} does not fit the pruned model ({'; '.join(mismatched[:4])}); was it "
+                        "saved from a model pruned with this record file?")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"checkpoint {path} does not fit the pruned model: {exc}") from exc
+
+
+def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: Any,
+                             input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                             dynamic_axes: Mapping[str, Any] | None = None) -> Path:
+    """Export the (pruned) model to ONNX at ``save_path`` (``.onnx`` appended when missing), atomically.
+
+    Needs the ``onnx`` extra (``pip install 'acps-core[onnx]'``).
+
+    Returns:
+        The path of the ONNX file written.
+
+    Raises:
+        AcpsError: when the ONNX exporter is not installed, or the export fails.
+        OutputPathError: ``save_path`` cannot be written.
+    """
+    from acps_core.errors import AcpsError
+
+    path = Path(save_path)
+    if path.suffix != ".onnx":
+        path = path.with_name(path.name + ".onnx")
+    path = check_writable_output(path, "save_path")
+    try:
+        import onnx  # noqa: F401 - the exporter needs it; fail early with the fix
+    except ImportError as exc:
+        raise AcpsError("exporting to ONNX needs the onnx package: pip install 'acps-core[onnx]'") from exc
+    data = _model_input(input_data, model_device(model))
+    args = data if isinstance(data, tuple) else (data,)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # The TorchScript exporter (deprecated, still shipped) handles any model that runs; the torch.export one
+        # needs onnxscript and an exportable forward, so the reliable path is chosen and its warning silenced.
+        with preserved_model_state(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model.eval()
+            torch.onnx.export(model, args, str(temp), input_names=list(input_names) if input_names else None,
+                              output_names=list(output_names) if output_names else None,
+                              dynamic_axes=dict(dynamic_axes) if dynamic_axes else None, dynamo=False)
+        os.replace(temp, path)
+    except Exception as exc:
+        raise AcpsError(f"ONNX export to {path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return path
+
