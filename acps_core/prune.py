@@ -381,7 +381,8 @@ def _load_checkpoint(model: nn.Module, pth_file: StrPath, state_dict_name: str |
                         "state_dict_name if the state dict is nested")
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs pruned model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+                  for k, v in state.items()
+                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         raise DataError(f"checkpoint {path} does not fit the pruned model ({'; '.join(mismatched[:4])}); was it "
                         "saved from a model pruned with this record file?")

@@ -14,13 +14,13 @@ import acps_core as acps
 from acps_core.errors import ConfigError, DataError
 from acps_core.graph import build_channel_graph
 from acps_core.masking import masked_channels
+from acps_core.proto import scale_offset_record_pb2
 from acps_core.prune import (
     create_prune_retrain_model,
     read_record,
     restore_prune_retrain_model,
     save_prune_retrain_model,
 )
-from acps_core.proto import scale_offset_record_pb2
 from acps_core.selection import selection_path
 from tests.model_snapshot import ModelSnapshot
 from tests.models import ConvChain, randomize_norms
