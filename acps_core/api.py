@@ -27,7 +27,7 @@ from acps_core.config import (
     write_prune_config,
 )
 from acps_core.data import check_input_data, label_kind, model_device
-from acps_core.errors import ArgumentError, ConfigError, GraphError, PluginError, SearchError
+from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.problem import (
     CostModel,
@@ -110,11 +110,16 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     with preserved_model_state(model):
         model.eval()
         graph = build_channel_graph(model, data)
+        if isinstance(graph.output, torch.Tensor) and (
+                graph.output.dim() == 0 or graph.output.shape[0] != min(2, label.shape[0])):
+            raise DataError(f"the model's output (shape {list(graph.output.shape)} on "
+                            f"{min(2, label.shape[0])} samples) has no batch dimension first; acps needs a "
+                            "model whose output is batch-first, like its input")
         if (isinstance(graph.output, torch.Tensor) and sensitivity_method.uses_default_loss
                 and sensitivity_method.loss_func is None):
             # The trace ran on two samples; compare against the output the whole batch would give.
             label_kind(graph.output[:1].expand(label.shape[0], *graph.output.shape[1:]), label)
-        fixed, statuses = _fixed_groups(graph, override, settings)
+        fixed, statuses, overrides = _fixed_groups(graph, override, settings)
         records = _search_records(graph, fixed, settings)
         if not records:
             _raise_empty_search_space(graph, override, settings)
@@ -145,13 +150,20 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
                       "cost_unit": gain_method.unit}  # type: ignore[union-attr]
     result.notes = list(getattr(sensitivity_method, "notes", []))
     if not result.target_reached:
-        message = (f"compress_ratio {settings.compress_ratio:g} cannot be reached: the search got to "
-                   f"{result.achieved_ratio:.3f}x within max_prune_ratio {settings.max_prune_ratio:g}, "
-                   f"ascend_optimized {str(settings.ascend_optimized).lower()} and the layers that cannot be "
-                   "pruned; raise max_prune_ratio or lower compress_ratio")
+        smallest = graph_info.cost({r.group_id: r.allowed_kept[-1] for r in records})
+        best_ratio = cost_model.full_cost / smallest if smallest > 0 else float("inf")
+        if smallest <= budget * (1 + 1e-9):
+            message = (f"compress_ratio {settings.compress_ratio:g} was not reached: search method {method_name} "
+                       f"stopped at {result.achieved_ratio:.3f}x although the constraints allow up to "
+                       f"{best_ratio:.3f}x")
+        else:
+            message = (f"compress_ratio {settings.compress_ratio:g} cannot be reached: at most {best_ratio:.3f}x "
+                       f"is possible within max_prune_ratio {settings.max_prune_ratio:g}, ascend_optimized "
+                       f"{str(settings.ascend_optimized).lower()} and the layers that cannot be pruned (the search "
+                       f"got to {result.achieved_ratio:.3f}x); raise max_prune_ratio or lower compress_ratio")
         result.notes.append(message)
         warnings.warn(message, PruneTargetWarning, stacklevel=2)
-    _write(out_path, graph, decision, result, override, settings)
+    _write(out_path, graph, decision, result, override, overrides, settings)
     return result
 
 
@@ -160,14 +172,16 @@ def _method_name(value: Any) -> str:
 
 
 def _fixed_groups(graph: ChannelGraph, override: Any, settings: SearchSettings
-                  ) -> tuple[dict[int, int], dict[int, str]]:
-    """Kept counts of the groups the search must not change, and each group's status.
+                  ) -> tuple[dict[int, int], dict[int, str], dict[int, tuple[float, bool]]]:
+    """Kept counts of the groups the search must not change, each group's status, and the user's
+    ``(prune_ratio, ascend_optimized)`` for the groups an override fixes.
 
     Unprunable groups keep everything. A group with a skipped producer (or skipped depthwise follower) keeps
     everything; a group whose producers the user overrode keeps what the override says.
     """
     fixed: dict[int, int] = {}
     statuses: dict[int, str] = {}
+    user_settings: dict[int, tuple[float, bool]] = {}
     if override is not None:
         layers = {name: (info.kind, _override_blocker(graph, name)) for name, info in graph.layers.items()}
         validate_override_targets(override, str(settings.override_prune_cfg), layers)
@@ -187,16 +201,17 @@ def _fixed_groups(graph: ChannelGraph, override: Any, settings: SearchSettings
         if not overrides:
             statuses[group.id] = "searched"
             continue
-        settings_given = {(d.prune_ratio, d.ascend_optimized) for d in overrides.values()}
-        if len(settings_given) > 1:
+        given = {name: (d.prune_ratio or 0.0, settings.ascend_optimized if d.ascend_optimized is None
+                        else d.ascend_optimized) for name, d in overrides.items()}
+        counts = {name: kept_from_ratio(group.channels, *setting) for name, setting in given.items()}
+        if len(set(counts.values())) > 1:
             raise ConfigError(f"layers {', '.join(overrides)} share their output channels (they are pruned as "
-                              "one group) but get different override settings; give them the same prune_ratio "
-                              "and ascend_optimized", path=str(settings.override_prune_cfg))
-        ratio, aligned = settings_given.pop()
-        fixed[group.id] = kept_from_ratio(group.channels, ratio or 0.0,
-                                          settings.ascend_optimized if aligned is None else aligned)
+                              f"one group) but their overrides keep different counts ({counts}); give them the "
+                              "same prune_ratio and ascend_optimized", path=str(settings.override_prune_cfg))
+        fixed[group.id] = next(iter(counts.values()))
+        user_settings[group.id] = next(iter(given.values()))
         statuses[group.id] = "override"
-    return fixed, statuses
+    return fixed, statuses, user_settings
 
 
 def _override_blocker(graph: ChannelGraph, name: str) -> str | None:
@@ -319,29 +334,30 @@ def _result(graph: ChannelGraph, cost_model: CostModel, decision: Decision, stat
 
 
 def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: SearchResult, override: Any,
-           settings: SearchSettings) -> None:
+           overrides: dict[int, tuple[float, bool]], settings: SearchSettings) -> None:
     """Write the channel-prune config the reference would write, and the selection file beside it."""
     cfg = retrain_config_pb2.AMCTRetrainConfig()
     if override is not None:
         cfg.CopyFrom(override)  # the user's skip and override entries are copied through
     named = {entry.layer_name for entry in cfg.override_layer_configs}
     skipped = set(cfg.skip_layers) | set(cfg.regular_prune_skip_layers)
-    kept = decision.kept_counts()
+    # Every Conv/Linear layer the user did not name gets an entry of its own, so the placeholder global ratio
+    # below applies to none, and the co-producers of a group the user overrode get the user's exact setting.
     for name, layer in graph.layers.items():
-        report = result.layers[name]
-        if name in named or name in skipped or report.status in ("override", "skip"):
-            continue  # governed by the user's entries
-        group = graph.group(layer.out_group) if layer.out_group is not None else None
-        if group is not None and group.id in kept:
-            if name in group.producers:
-                entry = cfg.override_layer_configs.add(layer_name=name)
-                algo = entry.prune_config.filter_pruner.balanced_l2_norm_filter_prune
-                algo.prune_ratio = 1.0 - kept[group.id] / group.channels
-                algo.ascend_optimized = settings.ascend_optimized
-            # A depthwise conv that follows a pruned group loses the same channels; it needs no entry.
+        if name in named or name in skipped:
             continue
-        # Listed explicitly so that the placeholder global ratio below never applies to it.
-        cfg.regular_prune_skip_layers.append(name)
+        report = result.layers[name]
+        user_setting = overrides.get(layer.out_group) if layer.out_group is not None else None
+        if report.status == "override" and user_setting is not None and report.kept < report.total:
+            ratio, aligned = user_setting
+        elif report.status != "skip" and report.kept < report.total:
+            ratio, aligned = 1.0 - report.kept / report.total, settings.ascend_optimized
+        else:
+            cfg.regular_prune_skip_layers.append(name)
+            continue
+        algo = cfg.override_layer_configs.add(layer_name=name).prune_config.filter_pruner
+        algo.balanced_l2_norm_filter_prune.prune_ratio = ratio
+        algo.balanced_l2_norm_filter_prune.ascend_optimized = aligned
     global_algo = cfg.prune_config.filter_pruner.balanced_l2_norm_filter_prune
     global_algo.prune_ratio = PLACEHOLDER_PRUNE_RATIO
     global_algo.ascend_optimized = settings.ascend_optimized

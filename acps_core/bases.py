@@ -87,6 +87,7 @@ class SensitivityBase(ABC):
             output_nodes: names of the model's output layers (never pruned).
         """
         self.model, self.graph = graph_tuple
+        self.notes = []  # an instance reused for a second search starts without the first one's remarks
         self.input_data = input_data
         self.test_iteration = test_iteration
         self.output_nodes = output_nodes

@@ -36,7 +36,15 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 PRUNABLE_TYPES = CONV_TYPES + LINEAR_TYPES
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_LEAF_TYPES = PRUNABLE_TYPES + NORM_TYPES
+#: Modules with one parameter entry per channel of their input, which they follow one to one.
+FOLLOWER_TYPES: tuple[type[nn.Module], ...] = (*NORM_TYPES, nn.PReLU)
+_LEAF_TYPES = PRUNABLE_TYPES + FOLLOWER_TYPES
+
+#: Functions that only report a tensor's shape.
+_SIZE_QUERIES = frozenset({"size", "get", "shape", "dim", "numel"})
+_SIZE_QUERY = "<size query>"
+#: Functions whose further tensor arguments only give a dtype or device.
+_DTYPE_ONLY = frozenset({"to", "type_as"})
 
 # Functions whose output has the input's channels at the same place, one to one.
 _UNARY_ELEMENTWISE = frozenset({
@@ -51,7 +59,8 @@ _UNARY_ELEMENTWISE = frozenset({
 _BINARY_ELEMENTWISE = frozenset({
     "add", "sub", "mul", "div", "true_divide", "iadd", "isub", "imul", "idiv", "itruediv", "radd", "rsub",
     "rmul", "rdiv", "rtruediv", "maximum", "minimum", "max", "min", "where", "floor_divide", "fmod",
-    "remainder", "addcmul", "addcdiv", "lerp",
+    "remainder", "addcmul", "addcdiv", "lerp", "floordiv", "rfloordiv", "ifloordiv", "mod", "rmod", "imod",
+    "rpow", "ipow",
 })
 # Pools keep the channel dimension (dim 1) and only shrink the spatial ones.
 _POOLS = frozenset({
@@ -239,13 +248,15 @@ class ChannelGraph:
         """
         geometry = layer.geometry
         assert geometry is not None
-        cout = geometry.out_channels
-        if layer.out_group is not None:
-            cout = kept.get(layer.out_group, cout)
         cin = geometry.in_channels
         for group_id, block in layer.in_groups:
             removed = self.groups[group_id].channels - kept.get(group_id, self.groups[group_id].channels)
             cin -= removed * block
+        if geometry.depthwise:
+            return cin, cin  # its outputs are its inputs, filtered (several groups after a concat)
+        cout = geometry.out_channels
+        if layer.out_group is not None:
+            cout = kept.get(layer.out_group, cout)
         return cin, cout
 
     def explain(self) -> dict[str, str]:
@@ -315,7 +326,7 @@ class _Recorder(TorchFunctionMode):
         self._keepalive: list[torch.Tensor] = []  # keeps ids unique while tracing
         self._inside_leaf = 0
         self._paused = False
-        self._pending: list[tuple[nn.Module, tuple[Any, ...], str]] = []
+        self._pending: list[tuple[nn.Module, tuple[Any, ...], dict[str, Any], str]] = []
 
     def add_value(self, tensor: torch.Tensor) -> int:
         value = len(self.shapes)
@@ -335,8 +346,13 @@ class _Recorder(TorchFunctionMode):
         out_tensors = [t for t in _tensors_in(out) if isinstance(t, torch.Tensor)]
         in_refs = _replace_tensors(args, self.ref), _replace_tensors(kwargs, self.ref)
         touches_trace = any(r.value is not None for r in _tensors_in(in_refs))
-        if not out_tensors and not (touches_trace and name.endswith("setitem")):
-            return  # shape queries and other non-tensor results cannot move channels
+        if not out_tensors:
+            if touches_trace and name in _SIZE_QUERIES:
+                # Remembered so that a reshape to a size computed from x.shape is not mistaken for a constant.
+                self.ops.append(_Op(_SIZE_QUERY, None, in_refs[0], in_refs[1], [], location))
+            elif touches_trace and name.endswith("setitem"):
+                self.ops.append(_Op(name, module, in_refs[0], in_refs[1], [], location))
+            return  # other non-tensor results cannot move channels
         outputs = [self.add_value(t) for t in out_tensors]
         self.ops.append(_Op(name, module, in_refs[0], in_refs[1], outputs, location))
 
@@ -352,26 +368,25 @@ class _Recorder(TorchFunctionMode):
                 self._paused = False
         return out
 
-    def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        name = self.leaf_names.get(module)
-        if name is None or self._paused:
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._paused:
             return
         if not self._inside_leaf:
             self._paused = True
-            self._pending.append((module, args, _user_location()))
+            self._pending.append((module, args, kwargs, _user_location()))
             self._paused = False
         self._inside_leaf += 1
 
-    def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        name = self.leaf_names.get(module)
-        if name is None or self._paused:
+    def post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._paused:
             return
         self._inside_leaf -= 1
         if not self._inside_leaf:
             self._paused = True
             try:
-                pending_module, pending_args, location = self._pending.pop()
-                self._record(name, pending_module, pending_args, {}, output, location)
+                pending_module, pending_args, pending_kwargs, location = self._pending.pop()
+                self._record(self.leaf_names[module], pending_module, pending_args, pending_kwargs, output,
+                             location)
             finally:
                 self._paused = False
 
@@ -411,6 +426,8 @@ class _GroupBuilder:
         self.parent: list[int] = []
         self.tags: dict[int, list[_Tag]] = {}
         self.layers: dict[str, dict[str, Any]] = {}  # per Conv/Linear: geometry, out_space, in_spaces, reason
+        self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
+        self.queried: set[int] = set()  # spaces whose size the model read (x.shape, x.size())
 
     # -- union-find over spaces ---------------------------------------------------------------------------------
     def find(self, space: int) -> int:
@@ -463,37 +480,41 @@ class _GroupBuilder:
     def module_op(self, op: _Op) -> None:
         module = op.module
         assert module is not None
-        name = op.name
-        inputs = [r for r in _tensors_in(op.args)]
-        x = inputs[0] if inputs else None
+        name, kind = op.name, type(module).__name__
+        x = _first_tensor((op.args, op.kwargs))
         in_tags = self.tags_of(x)
         out_value = op.outputs[0] if op.outputs else None
-        if isinstance(module, NORM_TYPES):
-            self.follow(op, name, type(module).__name__, in_tags, channel_dim=1)
+        touched = self.touched.get(name)
+        if touched is not None:
+            # A module called twice ties the channels of both calls together; acps does not map that.
+            reason = f"called more than once in one forward pass (again at {op.location})"
+            for space in touched + [t.space for t in in_tags]:
+                self.block(space, f"{name} is {reason}")
+            if name in self.layers:
+                self.layers[name]["reason"] = self.layers[name]["reason"] or reason
+        touched = self.touched.setdefault(name, [])
+        touched.extend(t.space for t in in_tags)
+        if isinstance(module, FOLLOWER_TYPES):
+            if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+                if out_value is not None:
+                    self.tags[out_value] = in_tags  # one shared slope: element-wise
+                return
+            self.follow(op, name, kind, in_tags, channel_dim=1)
             return
-        kind = type(module).__name__
         is_linear = isinstance(module, LINEAR_TYPES)
         out_shape = self.recorder.shapes[out_value] if out_value is not None else ()
         channel_dim = len(out_shape) - 1 if is_linear else 1
         geometry = _geometry(name, module, x, out_shape)
-        entry = self.layers.get(name)
-        if entry is not None:
-            reason = f"called more than once in one forward pass (again at {op.location}): its uses are coupled"
-            entry["reason"] = entry["reason"] or reason
-            for space in entry["spaces"]:
-                self.block(space, f"{name} is {reason}")
-            self.block_tags(in_tags, f"{name} is {reason}")
-        else:
-            entry = self.layers[name] = {"geometry": geometry, "spaces": [], "in": [], "out": None,
-                                         "reason": None, "location": op.location}
+        entry = self.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
+                                              "reason": None, "location": op.location})
         groups = getattr(module, "groups", 1)
         in_dim = (len(x.shape) - 1) if (is_linear and x is not None) else 1
         if groups > 1 and groups == geometry.in_channels == geometry.out_channels:
-            # Depthwise: output channel c is input channel c filtered; it follows the input's group.
+            # Depthwise: output channel c is input channel c filtered; it follows the input's group(s).
             self.follow(op, name, kind, in_tags, channel_dim=1)
             for tag in in_tags:
                 entry["in"].append((tag.space, 1))
-                entry["out"] = tag.space
+                entry["out"] = entry["out"] if entry["out"] is not None else tag.space
             if not in_tags:
                 entry["reason"] = entry["reason"] or (
                     "depthwise convolution whose input channels come from no prunable layer")
@@ -512,6 +533,7 @@ class _GroupBuilder:
         if out_value is None:
             return
         space = self.new_space(name, geometry.out_channels)
+        touched.append(space)
         entry["spaces"].append(space)
         entry["out"] = space
         if entry["reason"]:
@@ -547,12 +569,19 @@ class _GroupBuilder:
         all_tags = [t for r in tagged for t in self.tags_of(r)]
         where = f"torch function '{name}' at {op.location}"
         out = op.outputs[0] if op.outputs else None
-        if name in _UNARY_ELEMENTWISE or (name in _BINARY_ELEMENTWISE and len(refs) == 1):
-            if len(tagged) == 1 and out is not None and self.recorder.shapes[out] == tagged[0].shape:
-                self.tags[out] = self.tags_of(tagged[0])
+        if name == _SIZE_QUERY:
+            self.size_query(op, refs[0])
+            return
+        if name in _DTYPE_ONLY:
+            refs = refs[:1]  # x.to(y) / x.type_as(y): y only gives a dtype and device
+        if name in _UNARY_ELEMENTWISE | _BINARY_ELEMENTWISE and len(refs) == 1:
+            if tagged[0] is refs[0] and out is not None and self.recorder.shapes[out] == refs[0].shape:
+                self.tags[out] = self.tags_of(refs[0])
             else:
                 self.block_tags(all_tags, f"{where} changes the shape of the tensor")
-        elif name in _BINARY_ELEMENTWISE:
+        elif name in _UNARY_ELEMENTWISE | _BINARY_ELEMENTWISE:
+            # Element-wise with several tensor operands (x + y, clamp(x, min=t), x ** t): channels of one
+            # operand meet the same positions of the others.
             self.binary(op, refs, where)
         elif name == "pad":
             self.pad(op, tagged, where)
@@ -609,6 +638,13 @@ class _GroupBuilder:
                                   self.find(tag.space) for r in result):
                     result.append(tag)
         self.tags[out] = result
+
+    def size_query(self, op: _Op, x: _TensorRef) -> None:
+        """x.shape / x.size(d): remember spaces whose channel count the model read."""
+        dim = op.kwargs.get("dim", op.args[1] if len(op.args) > 1 else None)
+        for tag in self.tags_of(x):
+            if dim is None or (isinstance(dim, int) and dim % len(x.shape) == tag.dim):
+                self.queried.add(self.find(tag.space))
 
     def pad(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         """F.pad: channels pass through unless the padding reaches their dimension."""
@@ -667,6 +703,13 @@ class _GroupBuilder:
                                       "or mixes the channel dimension")
                 continue
             new_dim, block = mapped
+            sizes = _requested_sizes(op)
+            if (sizes is not None and new_dim < len(sizes) and sizes[new_dim] != -1
+                    and self.find(tag.space) not in self.queried):
+                self.block(tag.space, f"{where} reshapes to the constant size {sizes[new_dim]} along these "
+                                      "channels, which would not follow a pruned channel count; write -1 there "
+                                      "(or use x.flatten(1)) to make the channels prunable")
+                continue
             new_tags.append(_Tag(tag.space, new_dim, tag.offset * block, tag.block * block))
         self.tags[out] = new_tags
 
@@ -707,6 +750,19 @@ def _first_tensor(args: Any) -> _TensorRef | None:
     for ref in _tensors_in(args):
         return ref  # type: ignore[no-any-return]
     return None
+
+
+def _requested_sizes(op: _Op) -> list[Any] | None:
+    """The sizes a view/reshape call asked for (``x.view(b, -1)`` -> ``[b, -1]``); None for other reshapes."""
+    if op.name not in ("view", "reshape"):
+        return None
+    shape = op.kwargs.get("shape", op.kwargs.get("size"))
+    if shape is None:
+        rest = list(op.args[1:])
+        shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    if not all(isinstance(s, int) for s in shape):
+        return None  # x.view(torch.float16) or symbolic sizes: nothing to check
+    return list(shape)
 
 
 def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int) -> tuple[int, int] | None:
@@ -822,8 +878,11 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     sample = trace_sample(data)
     for tensor in _tensors_in(sample):
         recorder.add_value(tensor)
-    pre = nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook)
-    post = nn.modules.module.register_module_forward_hook(recorder.post_hook)
+    # Hooks with kwargs on the leaf modules only: a layer called as conv(input=x) is recorded too.
+    handles = []
+    for module in leaf_names:
+        handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
     try:
         with torch.no_grad(), recorder:
             output = forward(model, sample)
@@ -831,8 +890,8 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         raise GraphError(f"the model raised while tracing it on the calibration data: "
                          f"{type(exc).__name__}: {exc}") from exc
     finally:
-        pre.remove()
-        post.remove()
+        for handle in handles:
+            handle.remove()
 
     builder = _GroupBuilder(recorder, module_names, _shared_weights(model, module_names))
     builder.run()

@@ -94,7 +94,11 @@ class CostModel:
         self.graph = graph
         self.estimator = estimator
         self.layers: list[LayerInfo] = [layer for layer in graph.layers.values() if layer.geometry is not None]
-        estimator.prepare([layer.geometry for layer in self.layers])  # type: ignore[misc]
+        try:
+            estimator.prepare([layer.geometry for layer in self.layers])  # type: ignore[misc]
+        except Exception as exc:
+            raise PluginError(f"gain estimator {type(estimator).__name__} raised {type(exc).__name__} in "
+                              f"prepare(): {exc}") from exc
         self._cache: dict[tuple[str, int, int], float] = {}
         self._layers_of_group: dict[int, list[LayerInfo]] = {}
         for layer in self.layers:
@@ -110,7 +114,11 @@ class CostModel:
         key = (layer.name, cin, cout)
         cost = self._cache.get(key)
         if cost is None:
-            cost = float(self.estimator.layer_cost(layer.geometry, cin, cout))  # type: ignore[arg-type]
+            try:
+                cost = float(self.estimator.layer_cost(layer.geometry, cin, cout))  # type: ignore[arg-type]
+            except Exception as exc:
+                raise PluginError(f"gain estimator {type(self.estimator).__name__} raised {type(exc).__name__} "
+                                  f"for layer {layer.name} at {cin} input / {cout} output channels: {exc}") from exc
             if not math.isfinite(cost) or cost < 0:
                 raise PluginError(f"gain estimator {type(self.estimator).__name__} returned {cost} for layer "
                                   f"{layer.name} at {cin} input / {cout} output channels; a cost must be finite "

@@ -30,11 +30,19 @@ from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
 from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.data import forward, model_device
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
-from acps_core.graph import CONV_TYPES, LINEAR_TYPES, NORM_TYPES, ChannelGraph, ChannelGroup, build_channel_graph
+from acps_core.graph import (
+    CONV_TYPES,
+    FOLLOWER_TYPES,
+    LINEAR_TYPES,
+    NORM_TYPES,
+    ChannelGraph,
+    ChannelGroup,
+    build_channel_graph,
+)
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
 from acps_core.selection import build_selection, format_selection, selection_path
-from acps_core.state import preserved_model_state
+from acps_core.state import preserved_model_state, preserved_modes
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +88,13 @@ def _slice_input(module: nn.Module, keep: torch.Tensor) -> None:
         layer.in_channels = len(keep)
 
 
-def _slice_norm(module: nn.Module, keep: torch.Tensor) -> None:
+def _slice_follower(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep channels ``keep`` of a norm or per-channel PReLU (parameters, statistics and sizes)."""
     layer = cast(Any, module)
+    if isinstance(module, nn.PReLU):
+        layer.weight = _take(layer.weight, 0, keep)
+        layer.num_parameters = len(keep)
+        return
     if layer.affine:
         layer.weight = _take(layer.weight, 0, keep)
         layer.bias = _take(layer.bias, 0, keep)
@@ -122,8 +135,8 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
         module = model.get_submodule(name)
         total = _size(module, "out")
         index = torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long)
-        if isinstance(module, NORM_TYPES):
-            _slice_norm(module, index)
+        if isinstance(module, FOLLOWER_TYPES):
+            _slice_follower(module, index)
         else:
             _slice_output(module, index)
     for name, drop in inputs.items():
@@ -134,6 +147,8 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
 
 def _size(module: nn.Module, axis: str) -> int:
     layer = cast(Any, module)
+    if isinstance(module, nn.PReLU):
+        return int(layer.num_parameters)
     if isinstance(module, NORM_TYPES):
         return int(layer.num_features)
     if isinstance(module, LINEAR_TYPES):
@@ -153,17 +168,18 @@ def _group_kept_count(graph: ChannelGraph, group: ChannelGroup, cfg: Any, config
     decisions = {name: resolve_layer(cfg, name, graph.module_type(name)) for name in members}
     if any(d.source == "skip" for d in decisions.values()):
         return None
-    settings = {name: (d.prune_ratio, d.ascend_optimized) for name, d in decisions.items()
-                if d.source != "none" and d.prune_ratio is not None and name in group.producers}
-    if not settings:
+    # An entry without ascend_optimized takes the schema's default, true.
+    counts = {name: kept_from_ratio(group.channels, float(d.prune_ratio), d.ascend_optimized is not False)
+              for name, d in decisions.items()
+              if d.source != "none" and d.prune_ratio is not None and name in group.producers}
+    if not counts:
         return None
-    if len(set(settings.values())) > 1:
-        given = ", ".join(f"{n}: prune_ratio {r:g}" for n, (r, _) in settings.items())
-        raise ConfigError(f"layers {', '.join(settings)} share their output channels (one channel group) but the "
-                          f"config gives them different settings ({given}); give them the same prune_ratio and "
+    if len(set(counts.values())) > 1:
+        given = ", ".join(f"{name} keeps {count}" for name, count in counts.items())
+        raise ConfigError(f"layers {', '.join(counts)} share their output channels (one channel group) but the "
+                          f"config keeps different counts of them ({given}); give them the same prune_ratio and "
                           "ascend_optimized", path=config_path)
-    ratio, aligned = next(iter(settings.values()))
-    kept = kept_from_ratio(group.channels, float(ratio), True if aligned is None else bool(aligned))
+    kept = next(iter(counts.values()))
     return kept if kept < group.channels else None
 
 
@@ -251,7 +267,7 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, 
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pruned = copy.deepcopy(model)
-    with preserved_model_state(pruned):
+    with preserved_modes(pruned):
         pruned.eval()
         graph = build_channel_graph(pruned, data)
         before = _shapes(_checked_output(pruned, data, "original"))

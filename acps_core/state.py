@@ -1,8 +1,9 @@
 """Leaving the user's model exactly as it was found.
 
-:func:`preserved_model_state` snapshots what a search may touch (train/eval modes, ``requires_grad`` flags,
-``.grad`` tensors and registered hooks) and puts all of it back on exit, whether the body succeeded or raised,
-and whatever a plugin did in between.
+:func:`preserved_model_state` snapshots what a search may touch (parameter and buffer values and objects,
+train/eval modes, ``requires_grad`` flags, ``.grad`` tensors and registered hooks) and puts all of it back on
+exit, whether the body succeeded or raised, and whatever a plugin did in between (a forward pass in train mode
+updates BatchNorm statistics; a buggy plugin may write to a weight).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class _Snapshot:
     requires_grad: list[tuple[nn.Parameter, bool]]
     grads: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]  # param, grad object, its values
     hooks: list[tuple[nn.Module, str, dict]]  # type: ignore[type-arg]
+    members: list[tuple[nn.Module, str, dict]]  # type: ignore[type-arg]  # _parameters / _buffers dicts
+    values: list[tuple[torch.Tensor, torch.Tensor]]  # every parameter and buffer, and a CPU copy of it
 
 
 def _take(model: nn.Module) -> _Snapshot:
@@ -35,10 +38,25 @@ def _take(model: nn.Module) -> _Snapshot:
         requires_grad=[(p, p.requires_grad) for p in params],
         grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params],
         hooks=[(m, attr, dict(getattr(m, attr))) for m in modules for attr in _HOOK_DICTS if hasattr(m, attr)],
+        members=[(m, attr, dict(getattr(m, attr))) for m in modules for attr in ("_parameters", "_buffers")],
+        # Copies live on the CPU so that a model on an accelerator does not need twice its memory there.
+        values=[(t, t.detach().to("cpu", copy=True)) for t in {id(t): t for t in _tensors(model)}.values()],
     )
 
 
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *(b for b in model.buffers() if b is not None)]
+
+
 def _restore(snapshot: _Snapshot) -> None:
+    for module, attr, members in snapshot.members:
+        current = getattr(module, attr)
+        current.clear()
+        current.update(members)
+    with torch.no_grad():
+        for tensor, saved in snapshot.values:
+            if not torch.equal(tensor.detach().cpu(), saved):
+                tensor.detach().copy_(saved)
     for module, training in snapshot.training:
         module.training = training
     for param, flag in snapshot.requires_grad:
@@ -62,3 +80,14 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         _restore(snapshot)
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore only ``model``'s train/eval modes when the block exits (for code that changes it on purpose)."""
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, flag in training:
+            module.training = flag

@@ -178,10 +178,12 @@ def test_coupled_producers_with_different_ratios_are_a_config_error(tmp_path, x)
 
     config = tmp_path / "prune.cfg"
     config.write_text("""
-override_layer_configs { layer_name: "a" prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } } }
-override_layer_configs { layer_name: "b" prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.25 } } } }
-""")  # noqa: E501
-    with pytest.raises(ConfigError, match="share their output channels"):
+override_layer_configs { layer_name: "a" prune_config { filter_pruner { balanced_l2_norm_filter_prune {
+  prune_ratio: 0.5 ascend_optimized: false } } } }
+override_layer_configs { layer_name: "b" prune_config { filter_pruner { balanced_l2_norm_filter_prune {
+  prune_ratio: 0.25 ascend_optimized: false } } } }
+""")
+    with pytest.raises(ConfigError, match="a keeps 8, b keeps 12"):
         create_prune_retrain_model(Residual(), x, config, tmp_path / "prune.record")
 
 

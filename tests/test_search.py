@@ -65,10 +65,9 @@ def test_lands_on_the_target_within_one_alignment_step(tmp_path, chain, data, ra
     assert result.cost_after <= result.cost_before / ratio
     # Undoing one step (16 channels when aligned, 1 otherwise) of any one pruned group must exceed the budget:
     # otherwise the search removed more than it had to.
-    from acps_gain_ascend import BitComplexity
-
     from acps_core.graph import build_channel_graph
     from acps_core.problem import CostModel
+    from acps_gain_ascend import BitComplexity
 
     graph = build_channel_graph(chain.eval(), data[0])
     cost_model = CostModel(graph, BitComplexity())
@@ -99,7 +98,11 @@ def test_model_is_left_exactly_as_found_when_the_call_fails(tmp_path, chain, dat
 
     class Failing(acps.SensitivityBase):
         def get_sensitivity(self, search_records):
-            self.model(self.input_data[0]).sum().backward()  # touches .grad before failing
+            self.model.train()
+            self.model(self.input_data[0]).sum().backward()  # BatchNorm statistics and .grad change
+            with torch.no_grad():
+                self.model.conv1.weight.mul_(0)
+            self.model.conv2.bias = nn.Parameter(torch.zeros(64))
             raise RuntimeError("plugin bug")
 
     with pytest.raises(PluginError, match="plugin bug"):
@@ -140,6 +143,16 @@ def test_search_prefers_removing_channels_the_loss_does_not_use(tmp_path, data) 
 
 
 def test_test_iteration_above_one_runs_and_splits_the_batch(tmp_path, chain, data) -> None:
+    seen = []
+
+    class Recording(acps.SensitivityBase):
+        def get_sensitivity(self, search_records):
+            seen.extend((data.shape[0], label.shape[0]) for data, label in self.calibration_batches())
+            for record in search_records:
+                record.sensitivity = torch.ones(record.channels)
+
+    search(tmp_path, chain, data, "compress_ratio: 2\ntest_iteration: 3\n", sensitivity=Recording())
+    assert seen == [(5, 5), (6, 6), (5, 5)]  # 16 samples in 3 consecutive passes
     result = search(tmp_path, chain, data, "compress_ratio: 2\ntest_iteration: 4\n")
     assert result.target_reached
 
@@ -152,8 +165,16 @@ def test_labels_equal_to_outputs_fall_back_to_a_label_free_score_and_say_so(tmp_
     assert result.target_reached
 
 
-def test_reference_example_labels_of_output_shape_use_l1(tmp_path, chain, data) -> None:
+def test_random_labels_as_in_the_reference_example_are_noticed(tmp_path, chain, data) -> None:
     result = search(tmp_path, chain, [data[0], torch.randn(16, 10)], "compress_ratio: 1.5\n")
+    assert result.target_reached
+    assert any("look unrelated" in note and "label-free" in note for note in result.notes)
+
+
+def test_output_shaped_labels_that_follow_the_outputs_use_the_l1_loss(tmp_path, chain, data) -> None:
+    with torch.no_grad():
+        targets = chain.eval()(data[0]) + 0.3 * torch.randn(16, 10, generator=torch.Generator().manual_seed(2))
+    result = search(tmp_path, chain, [data[0], targets], "compress_ratio: 1.5\n")
     assert result.target_reached and not result.notes
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from acps_gain_ascend import BitComplexity
 from torch import nn
 
 from acps_core.graph import build_channel_graph
 from acps_core.registry import get_registry
+from acps_gain_ascend import BitComplexity
 
 
 class Mixed(nn.Module):

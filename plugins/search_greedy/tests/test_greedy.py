@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
-from acps_gain_ascend import BitComplexity
-from acps_search_greedy import GreedySearch
 from torch import nn
 
 from acps_core.bases import GainEstimatorBase
 from acps_core.graph import LayerGeometry, build_channel_graph
 from acps_core.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
 from acps_core.registry import get_registry
+from acps_gain_ascend import BitComplexity
+from acps_search_greedy import GreedySearch
 
 
 def chain() -> nn.Sequential:

@@ -7,15 +7,18 @@ input columns). Scores are accumulated over the ``test_iteration`` calibration p
 Molchanov et al., "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017, with
 the group sum of Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
 
-A degenerate loss (users without labels often pass the model's own outputs, which makes the L1 loss exactly 0
-and every gradient vanish) is detected: the method then scores channels by the first-order change of the model
-output they cause, estimated with random projections of the output (a label-free, Fisher-style criterion), and
-says so in ``notes``.
+A degenerate loss is detected: users without labels often pass the model's own outputs, which makes the L1 loss
+exactly 0 and every gradient vanish, or random labels (the reference's example, ``torch.randn(output.size())``),
+which make the gradient point in a random direction; output-shaped labels whose correlation with the outputs is
+below 0.1 count as random. The method then scores channels by the first-order change of the model output they
+cause, estimated with random projections of the output (a label-free, Fisher-style criterion), and says so in
+``notes``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Random output projections per calibration pass for the label-free fallback.
 FALLBACK_PROJECTIONS = 8
+#: Below this absolute correlation between outputs and output-shaped labels, the labels are taken as noise.
+UNRELATED_LABEL_CORRELATION = 0.1
 
 
 class TaylorLossSensitivity(SensitivityBase):
@@ -65,10 +70,14 @@ class TaylorLossSensitivity(SensitivityBase):
             param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
 
         scores = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in search_records}
-        degenerate = True
+        any_gradient = False
+        unrelated: str | None = None
         for data, label in self.calibration_batches():
             with torch.enable_grad():
                 output = forward(model, data)
+                unrelated = unrelated or self._unrelated_labels(output, label)
+                if unrelated:
+                    break
                 loss = self._loss(output, label)
                 if not bool(torch.isfinite(loss)):
                     raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and "
@@ -76,19 +85,36 @@ class TaylorLossSensitivity(SensitivityBase):
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             grad_of = {id(p): g for p, g in zip(params, grads)}
             if any(g is not None and bool(g.any()) for g in grads):
-                degenerate = False
+                any_gradient = True
             for record in search_records:
                 contribution = self._contribution(slices[record.group_id], grad_of, record.channels)
                 scores[record.group_id] += contribution.abs()
-        if degenerate:
+        if unrelated or not any_gradient:
+            why = unrelated or ("the loss gave no gradient (labels equal to the model's own outputs make the L1 "
+                                "loss exactly 0)")
             self.notes.append(
-                "the loss gave no gradient (labels equal to the model's own outputs make the L1 loss exactly 0); "
-                "channels were scored instead by the first-order change of the model output they cause, "
+                f"{why}; channels were scored instead by the first-order change of the model output they cause, "
                 f"estimated with {FALLBACK_PROJECTIONS} random output projections per pass (label-free)")
             logger.warning(self.notes[-1])
             scores = self._output_change_scores(search_records, slices, params)
         for record in search_records:
             record.sensitivity = scores[record.group_id]
+
+    def _unrelated_labels(self, output: Any, label: torch.Tensor) -> str | None:
+        """Why the labels cannot rank channels, when the default L1 loss would compare the output with labels
+        that do not depend on it at all (the reference's example uses ``torch.randn(output.size())``)."""
+        if (self.loss_func is not None or not isinstance(output, torch.Tensor) or not label.is_floating_point()
+                or label.shape != output.shape or output.numel() < 8):
+            return None
+        pair = torch.stack([output.detach().flatten().double(), label.detach().flatten().double()])
+        correlation = float(torch.corrcoef(pair)[0, 1])
+        if math.isnan(correlation):
+            return None  # constant output or labels: the zero-gradient check decides
+        if abs(correlation) < UNRELATED_LABEL_CORRELATION:
+            return (f"the labels look unrelated to the model's outputs (correlation {correlation:+.3f}, e.g. "
+                    "random labels as in the reference's example), so an L1 loss against them ranks channels on "
+                    "noise")
+        return None
 
     def _slices(self, record: SearchRecord) -> list[tuple[ParamSlice, torch.nn.Parameter]]:
         """The group's parameter slices that exist (a layer without bias has no bias slice)."""

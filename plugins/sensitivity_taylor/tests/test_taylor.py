@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from acps_sensitivity_taylor import TaylorLossSensitivity
 from torch import nn
 
 from acps_core.graph import build_channel_graph
 from acps_core.problem import SearchRecord
 from acps_core.registry import get_registry
+from acps_sensitivity_taylor import TaylorLossSensitivity
 
 
 def tiny_model() -> nn.Sequential:
@@ -56,11 +56,30 @@ def test_scores_match_the_first_order_taylor_term_over_the_whole_group() -> None
     torch.testing.assert_close(scores["0"], expected, rtol=1e-4, atol=1e-7)
 
 
+def related_labels(model: nn.Module, data: torch.Tensor) -> torch.Tensor:
+    """Regression targets that follow the model's outputs (plus noise), as real labels do."""
+    with torch.no_grad():
+        return model(data) + 0.1 * torch.randn(data.shape[0], 5, generator=torch.Generator().manual_seed(3))
+
+
 def test_default_loss_for_output_shaped_labels_is_the_references_l1() -> None:
     model = tiny_model()
-    data, label = torch.randn(8, 3, 8, 8), torch.randn(8, 5)
-    scores, _ = score(model, data, label)
+    data = torch.randn(8, 3, 8, 8)
+    label = related_labels(model, data)
+    scores, method = score(model, data, label)
+    assert not method.notes
     torch.testing.assert_close(scores["0"], hand_scores(model, data, label, F.l1_loss), rtol=1e-4, atol=1e-7)
+
+
+def test_random_output_shaped_labels_fall_back_to_label_free_scores() -> None:
+    model = tiny_model()
+    data = torch.randn(8, 3, 8, 8)
+    scores, method = score(model, data, torch.randn(8, 5, generator=torch.Generator().manual_seed(4)))
+    assert method.notes and "look unrelated" in method.notes[0]
+    with torch.no_grad():
+        label = model(data)
+    label_free, _ = score(model, data, label)  # the zero-loss fallback scores the same way
+    torch.testing.assert_close(scores["0"], label_free["0"])
 
 
 def test_passes_accumulate_absolute_scores_of_each_part_of_the_batch() -> None:
@@ -74,7 +93,7 @@ def test_passes_accumulate_absolute_scores_of_each_part_of_the_batch() -> None:
 
 def test_a_user_loss_replaces_the_default() -> None:
     model = tiny_model()
-    data, label = torch.randn(8, 3, 8, 8), torch.randn(8, 5)
+    data, label = torch.randn(8, 3, 8, 8), torch.randn(8, 5)  # random labels are the user's call with their loss
 
     def squared(output, target):
         return ((output - target) ** 2).mean()
