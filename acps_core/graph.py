@@ -1,13 +1,17 @@
 """The channel graph: which channels of a model must be pruned together, traced on real data.
 
 The model runs once on (up to two samples of) the calibration data under a ``TorchFunctionMode``, which sees
-every torch function the forward pass calls, whatever Python control flow produced it. Conv and Linear layers
-(and the norms that follow them) are recorded as whole modules; everything else is recorded function by
-function. The output channels of each producer layer form a *channel space*; the recorded operations carry
-each space forward through the model (element-wise ops, norms, pools, flatten, concat, depthwise convs) until
-it reaches the layers that consume it. Operations that tie two spaces together (a residual add) merge them
-into one :class:`ChannelGroup`, decided as one unit. Any use of a space this module cannot map exactly makes
-its group unprunable, with the reason and the source line recorded, never a wrong prune.
+every torch function the forward pass calls, whatever Python control flow produced it. Conv, ConvTranspose and
+Linear layers (and the norms and activations with per-channel parameters that follow them) are recorded as
+whole modules; everything else is recorded function by function. The output channels of each producer layer
+form a *channel space*; the recorded operations carry each space forward through the model (element-wise ops,
+norms, pools, flatten, concat, chunk, transposes, head splits and attention matmuls, depthwise convs) until it
+reaches the layers that consume it. Operations that tie two spaces together (a residual add, a squeeze-and-
+excitation gate, the query-key product of attention) merge them into one :class:`ChannelGroup`, decided as one
+unit. Some uses constrain how a group may shrink: a GroupNorm or an attention head split makes channels go in
+whole units (a norm group, a head), a grouped convolution or a ``chunk`` makes every block keep the same count.
+Any use of a space this module cannot map exactly makes its group unprunable, with the reason and the source
+line recorded, never a wrong prune.
 
 The idea of a dependency graph over the traced operations, with coupled channels pruned as groups, comes from
 Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023 (Torch-Pruning).
@@ -18,8 +22,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,11 +37,14 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _ACPS_DIR = os.path.dirname(__file__)
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
-PRUNABLE_TYPES = CONV_TYPES + LINEAR_TYPES
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: Modules with one parameter entry per channel of their input, which they follow one to one.
-FOLLOWER_TYPES: tuple[type[nn.Module], ...] = (*NORM_TYPES, nn.PReLU)
+PRUNABLE_TYPES = CONV_TYPES + TRANSPOSED_CONV_TYPES + LINEAR_TYPES
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
+                                           nn.InstanceNorm2d, nn.InstanceNorm3d)
+#: Modules with parameters per channel of their input, which they follow one to one (a GroupNorm in whole
+#: groups; a LayerNorm over the channels, whose statistics then cover the kept channels only).
+FOLLOWER_TYPES: tuple[type[nn.Module], ...] = (*NORM_TYPES, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
 _LEAF_TYPES = PRUNABLE_TYPES + FOLLOWER_TYPES
 
 #: Functions that only report a tensor's shape.
@@ -53,7 +60,7 @@ _UNARY_ELEMENTWISE = frozenset({
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "clamp", "clip",
     "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "pow", "reciprocal", "sin", "cos", "erf",
     "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type_as", "requires_grad",
-    "identity", "positive", "nan_to_num",
+    "identity", "positive", "nan_to_num", "masked_fill",
 })
 # Binary element-wise functions: operands of the same channels are coupled.
 _BINARY_ELEMENTWISE = frozenset({
@@ -71,18 +78,18 @@ _POOLS = frozenset({
     "upsample_bilinear",
 })
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "prod", "std", "var", "logsumexp", "norm"})
+# Functions that work along one dim (given as `dim`) and leave the others alone.
+_ALONG_DIM = frozenset({"softmax", "log_softmax", "cumsum", "cumprod", "normalize"})
 _RESHAPES = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "view_as", "reshape_as"})
 _PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "t"})
+_MATMULS = frozenset({"matmul", "bmm", "rmatmul"})
 
 
 def _op_name(func: Any) -> str:
     """A torch function's plain name: ``__iadd__`` -> ``iadd``, ``add_`` -> ``add``, ``_max_pool2d`` ->
     ``max_pool2d``."""
     name = getattr(func, "__name__", repr(func))
-    name = name.strip("_")
-    if name.endswith("_"):
-        name = name.rstrip("_")
-    return name
+    return name.strip("_")
 
 
 def _user_location() -> str:
@@ -102,7 +109,7 @@ def _user_location() -> str:
 
 @dataclass
 class LayerGeometry:
-    """The real geometry of one Conv/Linear layer, as traced on the calibration data.
+    """The real geometry of one Conv/ConvTranspose/Linear layer, as traced on the calibration data.
 
     Shapes are per sample (batch dimension 1). ``kind`` is the module's class name (``Conv2d``, ``Linear``).
     """
@@ -122,13 +129,20 @@ class LayerGeometry:
     @property
     def depthwise(self) -> bool:
         """A conv with one group per input channel: its channel count follows its input."""
-        return self.groups > 1 and self.groups == self.in_channels
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind.startswith("ConvTranspose")
 
     @property
     def output_positions(self) -> int:
-        """How many times per sample the layer's filters are applied (output pixels, or tokens for Linear)."""
-        if self.kind in {t.__name__ for t in LINEAR_TYPES}:
+        """How many times per sample the layer's filters are applied (output pixels, tokens for a Linear,
+        input pixels for a transposed conv, which scatters each input pixel through its kernel)."""
+        if self.kind == "Linear":
             return math.prod(self.output_shape[1:-1])
+        if self.transposed:
+            return math.prod(self.input_shape[2:])
         return math.prod(self.output_shape[2:])
 
     def macs(self, in_channels: int | None = None, out_channels: int | None = None) -> float:
@@ -142,19 +156,38 @@ class LayerGeometry:
 
 @dataclass(frozen=True)
 class ChannelUse:
-    """A layer touched by a channel group: channel ``c`` of the group is positions
-    ``offset + c * block ... offset + (c + 1) * block - 1`` of the layer's channel dimension."""
+    """A layer touched by a channel group: channel ``c`` of the group (for ``start <= c < stop``) is positions
+    ``offset + (c - start) * block`` to ``offset + (c - start + 1) * block - 1`` of the layer's channel
+    dimension. ``stop`` None means the group's last channel."""
 
     layer: str
     kind: str
     offset: int = 0
     block: int = 1
+    start: int = 0
+    stop: int | None = None
+
+    def span(self, channels: int) -> range:
+        """The group channels this use covers."""
+        return range(self.start, channels if self.stop is None else self.stop)
+
+    def positions(self, removed: Iterable[int], channels: int) -> list[int]:
+        """Positions of this layer's channel dimension that the group channels ``removed`` occupy."""
+        span = self.span(channels)
+        return [self.offset + (c - span.start) * self.block + j for c in removed if c in span
+                for j in range(self.block)]
 
 
 @dataclass
 class ChannelGroup:
     """Channels that must be pruned together: the output channels of its producers, with every parameter tied
-    to them (norms and depthwise convs that follow, the input channels of the layers that consume them)."""
+    to them (norms and depthwise convs that follow, the input channels of the layers that consume them).
+
+    Attributes:
+        unit: channels go in whole units of this many (a GroupNorm group, an attention head); 1 = singly.
+        blocks: the channels form this many equal consecutive blocks, each of which must keep the same count
+            (the groups of a grouped convolution, the parts of a ``chunk``); 1 = no such constraint.
+    """
 
     id: int
     channels: int
@@ -162,6 +195,8 @@ class ChannelGroup:
     followers: list[ChannelUse] = field(default_factory=list)
     consumers: list[ChannelUse] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    unit: int = 1
+    blocks: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -172,42 +207,95 @@ class ChannelGroup:
         """The group's name: its first producer layer."""
         return self.producers[0]
 
+    @property
+    def atom(self) -> int:
+        """The fewest channels one step of pruning can remove: one unit from every block."""
+        return self.unit * self.blocks
+
+    def atoms(self, scores: torch.Tensor) -> list[list[int]]:
+        """The group's channels as removable atoms (one unit from each block), least important first by the
+        summed ``scores``; ties keep channel order."""
+        per_block = self.channels // self.blocks
+        units_per_block = per_block // self.unit
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+        ranked = []
+        for b in range(self.blocks):
+            base = b * per_block
+            unit_scores = scores[base:base + per_block].reshape(units_per_block, self.unit).sum(dim=1)
+            ranked.append([base + int(u) * self.unit
+                           for u in torch.argsort(unit_scores, stable=True).tolist()])
+        return [[first + j for first in (ranked[b][r] for b in range(self.blocks)) for j in range(self.unit)]
+                for r in range(units_per_block)]
+
+    def check_keep(self, keep: Sequence[int]) -> str | None:
+        """Why a set of kept channels breaks the group's structure (None when it is fine)."""
+        kept = set(keep)
+        per_block = self.channels // self.blocks
+        counts = {sum(1 for c in range(b * per_block, (b + 1) * per_block) if c in kept) for b in range(self.blocks)}
+        if len(counts) > 1:
+            return f"its {self.blocks} blocks of {per_block} channels must keep equal counts"
+        for first in range(0, self.channels, self.unit):
+            inside = sum(1 for c in range(first, first + self.unit) if c in kept)
+            if inside not in (0, self.unit):
+                return f"its channels go in whole units of {self.unit}"
+        return None
+
 
 @dataclass
 class LayerInfo:
-    """One Conv/Linear layer of the model and how the graph sees it."""
+    """One Conv/ConvTranspose/Linear layer of the model and how the graph sees it.
+
+    ``in_uses`` lists, for every group feeding the layer's input channels, the group id and where its channels
+    sit there.
+    """
 
     name: str
     kind: str
     geometry: LayerGeometry | None
     out_group: int | None = None
-    in_groups: list[tuple[int, int]] = field(default_factory=list)  # (group id, block)
+    in_uses: list[tuple[int, ChannelUse]] = field(default_factory=list)
     reason: str | None = None
 
     @property
     def prunable(self) -> bool:
         return self.reason is None and self.out_group is not None
 
+    @property
+    def in_groups(self) -> list[int]:
+        """Ids of the groups feeding the layer's input channels."""
+        return [group_id for group_id, _ in self.in_uses]
+
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """Where a channel group sits inside one parameter (or buffer): along ``dim``, channel ``c`` is entries
-    ``offset + c * block`` to ``offset + (c + 1) * block - 1``."""
+    """Where a channel group sits inside one parameter: along ``dim`` of the parameter, which holds the layer's
+    channel positions (for a grouped conv's input, ``groups`` blocks side by side, each read by its own
+    filters), the group's channels are placed as ``use`` says."""
 
     module: str
     param: str
     dim: int
-    offset: int
-    block: int
+    use: ChannelUse
+    groups: int = 1
 
     def per_channel(self, tensor: torch.Tensor, channels: int) -> torch.Tensor:
-        """Sum ``tensor`` (shaped like the parameter) over everything but the group's channels: shape ``[channels]``."""
-        moved = tensor.movedim(self.dim, 0).narrow(0, self.offset, channels * self.block)
-        return moved.reshape(channels, -1).sum(dim=1)
+        """Sum ``tensor`` (shaped like the parameter) over everything but the group's channels: shape
+        ``[channels]`` (zero for channels this use does not cover)."""
+        if self.groups > 1:
+            # (out, in/groups, ...) -> (groups, out/groups, in/groups, ...) -> per input position g*in/g + j
+            per_group = tensor.reshape(self.groups, tensor.shape[0] // self.groups, tensor.shape[1], -1)
+            position_sums = per_group.sum(dim=(1, 3)).reshape(-1)
+        else:
+            position_sums = tensor.movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)
+        span = self.use.span(channels)
+        covered = position_sums.narrow(0, self.use.offset, len(span) * self.use.block)
+        out = torch.zeros(channels, dtype=tensor.dtype, device=tensor.device)
+        out[span.start:span.stop] = covered.reshape(len(span), self.use.block).sum(dim=1)
+        return out
 
 
 class ChannelGraph:
-    """Every Conv/Linear layer of a model and the channel groups found by tracing it.
+    """Every Conv/ConvTranspose/Linear layer of a model and the channel groups found by tracing it.
 
     Build it with :func:`build_channel_graph`.
     """
@@ -234,24 +322,33 @@ class ChannelGraph:
 
     def param_slices(self, group: ChannelGroup) -> list[ParamSlice]:
         """Every parameter entry tied to the group's channels (weights and biases; not norm statistics)."""
-        slices = [ParamSlice(name, p, 0, 0, 1) for name in group.producers for p in ("weight", "bias")]
+        slices = []
+        for name in group.producers:
+            out_dim = 1 if self.module_type(name).startswith("ConvTranspose") else 0
+            whole = ChannelUse(name, self.module_type(name))
+            slices += [ParamSlice(name, "weight", out_dim, whole), ParamSlice(name, "bias", 0, whole)]
         for use in group.followers:
-            slices += [ParamSlice(use.layer, p, 0, use.offset, 1) for p in ("weight", "bias")]
+            slices += [ParamSlice(use.layer, p, 0, use) for p in ("weight", "bias")]
         for use in group.consumers:
-            slices.append(ParamSlice(use.layer, "weight", 1, use.offset, use.block))
+            layer = self.layers.get(use.layer)
+            groups = layer.geometry.groups if layer is not None and layer.geometry is not None else 1
+            in_dim = 0 if use.kind.startswith("ConvTranspose") else 1
+            slices.append(ParamSlice(use.layer, "weight", in_dim, use, groups if in_dim == 1 else 1))
         return slices
 
     def channel_counts(self, layer: LayerInfo, kept: Mapping[int, int]) -> tuple[int, int]:
         """A layer's (input, output) channel counts when group ``g`` keeps ``kept[g]`` channels.
 
-        Groups missing from ``kept`` keep all their channels.
+        Groups missing from ``kept`` keep all their channels. A use covering part of a group loses its share
+        (groups split by ``chunk`` keep equal counts per part).
         """
         geometry = layer.geometry
         assert geometry is not None
         cin = geometry.in_channels
-        for group_id, block in layer.in_groups:
-            removed = self.groups[group_id].channels - kept.get(group_id, self.groups[group_id].channels)
-            cin -= removed * block
+        for group_id, use in layer.in_uses:
+            channels = self.groups[group_id].channels
+            removed = channels - kept.get(group_id, channels)
+            cin -= removed * len(use.span(channels)) // channels * use.block
         if geometry.depthwise:
             return cin, cin  # its outputs are its inputs, filtered (several groups after a concat)
         cout = geometry.out_channels
@@ -260,7 +357,7 @@ class ChannelGraph:
         return cin, cout
 
     def explain(self) -> dict[str, str]:
-        """For every Conv/Linear layer: ``"prunable (group G)"`` or why it is left alone."""
+        """For every Conv/ConvTranspose/Linear layer: ``"prunable (group G)"`` or why it is left alone."""
         out = {}
         for name, layer in self.layers.items():
             if layer.prunable:
@@ -397,12 +494,30 @@ class _Recorder(TorchFunctionMode):
 
 @dataclass(frozen=True)
 class _Tag:
-    """Channels of space ``space`` sit along ``dim`` of a value, starting at ``offset``, ``block`` wide each."""
+    """Channels ``start .. stop - 1`` of space ``space`` sit along ``dim`` of a value.
+
+    Channel ``c`` occupies positions ``offset + (c - start) * block`` onwards, ``block`` of them (a flatten
+    spreads a channel over its pixels); or, when ``unit > 1`` (the channel dim was split, e.g. into heads),
+    position ``offset + (c - start) // unit`` holds a whole unit of channels, whose remainder runs along a
+    dimension of size ``unit`` that the tag does not follow.
+    """
 
     space: int
     dim: int
     offset: int
     block: int
+    start: int
+    stop: int
+    unit: int = 1
+
+    @property
+    def length(self) -> int:
+        """Positions it takes along ``dim``."""
+        return (self.stop - self.start) * self.block // self.unit
+
+    def same_place(self, other: _Tag) -> bool:
+        return (self.dim, self.offset, self.block, self.unit, self.start, self.stop) == (
+            other.dim, other.offset, other.block, other.unit, other.start, other.stop)
 
 
 @dataclass
@@ -412,20 +527,20 @@ class _Space:
     followers: list[ChannelUse] = field(default_factory=list)
     consumers: list[ChannelUse] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    unit: int = 1
+    blocks: int = 1
 
 
 class _GroupBuilder:
     """Walks the recorded ops in order, carrying each producer's channels forward."""
 
-    def __init__(self, recorder: _Recorder, module_names: Mapping[nn.Module, str],
-                 shared_weights: Mapping[str, str]) -> None:
+    def __init__(self, recorder: _Recorder, shared_weights: Mapping[str, str]) -> None:
         self.recorder = recorder
-        self.module_names = module_names
         self.shared_weights = shared_weights
         self.spaces: list[_Space] = []
         self.parent: list[int] = []
         self.tags: dict[int, list[_Tag]] = {}
-        self.layers: dict[str, dict[str, Any]] = {}  # per Conv/Linear: geometry, out_space, in_spaces, reason
+        self.layers: dict[str, dict[str, Any]] = {}  # per Conv/Linear: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         self.queried: set[int] = set()  # spaces whose size the model read (x.shape, x.size())
 
@@ -444,26 +559,50 @@ class _GroupBuilder:
             self.block(ra, why + f" joins {self.spaces[rb].channels} channels with {self.spaces[ra].channels}")
             self.block(rb, why + f" joins {self.spaces[ra].channels} channels with {self.spaces[rb].channels}")
         self.parent[rb] = ra
+        kept, gone = self.spaces[ra], self.spaces[rb]
+        kept.reasons += [r for r in gone.reasons if r not in kept.reasons]
+        kept.unit = math.lcm(kept.unit, gone.unit)
+        kept.blocks = math.lcm(kept.blocks, gone.blocks)
+        if rb in self.queried:
+            self.queried.add(ra)
 
     def block(self, space: int, reason: str) -> None:
         reasons = self.spaces[self.find(space)].reasons
         if reason not in reasons:
             reasons.append(reason)
 
-    def block_tags(self, tags: Sequence[_Tag], reason: str) -> None:
+    def block_tags(self, tags: Iterable[_Tag], reason: str) -> None:
         for tag in tags:
             self.block(tag.space, reason)
+
+    def require(self, space: int, unit: int = 1, blocks: int = 1) -> None:
+        """The space's channels must go in whole units of ``unit`` / keep equal counts in ``blocks`` blocks."""
+        root = self.spaces[self.find(space)]
+        root.unit = math.lcm(root.unit, unit)
+        root.blocks = math.lcm(root.blocks, blocks)
 
     def new_space(self, producer: str, channels: int) -> int:
         self.spaces.append(_Space(producer, channels))
         self.parent.append(len(self.parent))
         return len(self.spaces) - 1
 
+    def use(self, name: str, kind: str, tag: _Tag) -> ChannelUse:
+        """How layer ``name`` sees the channels ``tag`` describes."""
+        whole = tag.start == 0 and tag.stop == self.spaces[tag.space].channels
+        return ChannelUse(name, kind, tag.offset, tag.block, tag.start, None if whole else tag.stop)
+
+    def whole(self, space: int, dim: int) -> _Tag:
+        return _Tag(space, dim, 0, 1, 0, self.spaces[space].channels)
+
     # -- walking ops ---------------------------------------------------------------------------------------------
     def tags_of(self, ref: Any) -> list[_Tag]:
         if isinstance(ref, _TensorRef) and ref.value is not None:
             return self.tags.get(ref.value, [])
         return []
+
+    def set_tags(self, op: _Op, tags: list[_Tag], index: int = 0) -> None:
+        if len(op.outputs) > index:
+            self.tags[op.outputs[index]] = tags
 
     def run(self) -> None:
         for op in self.recorder.ops:
@@ -477,13 +616,13 @@ class _GroupBuilder:
                 self.block_tags([t for r in refs for t in self.tags_of(r)],
                                 f"acps could not analyse '{op.name}' at {op.location} ({type(exc).__name__}: {exc})")
 
+    # -- modules -------------------------------------------------------------------------------------------------
     def module_op(self, op: _Op) -> None:
         module = op.module
         assert module is not None
         name, kind = op.name, type(module).__name__
         x = _first_tensor((op.args, op.kwargs))
         in_tags = self.tags_of(x)
-        out_value = op.outputs[0] if op.outputs else None
         touched = self.touched.get(name)
         if touched is not None:
             # A module called twice ties the channels of both calls together; acps does not map that.
@@ -495,27 +634,73 @@ class _GroupBuilder:
         touched = self.touched.setdefault(name, [])
         touched.extend(t.space for t in in_tags)
         if isinstance(module, FOLLOWER_TYPES):
-            if isinstance(module, nn.PReLU) and module.num_parameters == 1:
-                if out_value is not None:
-                    self.tags[out_value] = in_tags  # one shared slope: element-wise
-                return
-            self.follow(op, name, kind, in_tags, channel_dim=1)
+            self.follower_module(op, module, in_tags, x)
+        else:
+            self.layer_module(op, module, kind, in_tags, x, touched)
+
+    def follower_module(self, op: _Op, module: nn.Module, in_tags: list[_Tag], x: _TensorRef | None) -> None:
+        name, kind = op.name, type(module).__name__
+        ndim = len(x.shape) if x is not None else 0
+        if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+            self.set_tags(op, in_tags)  # one shared slope: element-wise
             return
+        if isinstance(module, nn.LayerNorm):
+            normalized = range(ndim - len(module.normalized_shape), ndim)
+            passing = [t for t in in_tags if t.dim not in normalized]
+            inside = [t for t in in_tags if t.dim in normalized]
+            if inside and len(module.normalized_shape) > 1:
+                self.block_tags(inside, f"{name} (LayerNorm) at {op.location} normalises over several dims "
+                                        "including these channels")
+                inside = []
+            self.set_tags(op, passing + self.follow(op, name, kind, inside, ndim - 1))
+            return
+        unit = 1
+        if isinstance(module, nn.GroupNorm):
+            unit = module.num_channels // module.num_groups
+        followed = self.follow(op, name, kind, in_tags, 1, unit)
+        self.set_tags(op, followed + [t for t in in_tags if t.dim != 1])
+
+    def follow(self, op: _Op, name: str, kind: str, in_tags: list[_Tag], channel_dim: int,
+               unit: int = 1) -> list[_Tag]:
+        """A layer whose parameters follow its input channels one to one (norms, depthwise convs); with
+        ``unit > 1`` (GroupNorm) the channels must go in whole norm groups. Returns the tags it passes on."""
+        good = []
+        for tag in in_tags:
+            if tag.dim != channel_dim:
+                continue
+            if tag.block != 1 or tag.unit != 1:
+                self.block(tag.space, f"{name} ({kind}) at {op.location} works along dim {channel_dim}, which "
+                                      "does not hold these channels one to one")
+                continue
+            if unit > 1 and (tag.offset % unit or tag.length % unit or tag.start % unit):
+                self.block(tag.space, f"{name} ({kind}) at {op.location} has norm groups of {unit} channels that "
+                                      "do not line up with these channels")
+                continue
+            if unit > 1:
+                self.require(tag.space, unit=unit)
+            self.spaces[tag.space].followers.append(self.use(name, kind, tag))
+            good.append(tag)
+        return good
+
+    def layer_module(self, op: _Op, module: nn.Module, kind: str, in_tags: list[_Tag], x: _TensorRef | None,
+                     touched: list[int]) -> None:
+        name = op.name
+        out_value = op.outputs[0] if op.outputs else None
         is_linear = isinstance(module, LINEAR_TYPES)
         out_shape = self.recorder.shapes[out_value] if out_value is not None else ()
         channel_dim = len(out_shape) - 1 if is_linear else 1
         geometry = _geometry(name, module, x, out_shape)
         entry = self.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                               "reason": None, "location": op.location})
-        groups = getattr(module, "groups", 1)
+        groups = geometry.groups
         in_dim = (len(x.shape) - 1) if (is_linear and x is not None) else 1
-        if groups > 1 and groups == geometry.in_channels == geometry.out_channels:
+        if geometry.depthwise and not geometry.transposed:
             # Depthwise: output channel c is input channel c filtered; it follows the input's group(s).
-            self.follow(op, name, kind, in_tags, channel_dim=1)
-            for tag in in_tags:
-                entry["in"].append((tag.space, 1))
+            for tag in self.follow(op, name, kind, in_tags, 1):
+                entry["in"].append((tag.space, self.use(name, kind, tag)))
                 entry["out"] = entry["out"] if entry["out"] is not None else tag.space
-            if not in_tags:
+            self.set_tags(op, [t for t in in_tags if t.dim == 1 and t.block == 1 and t.unit == 1])
+            if not entry["in"]:
                 entry["reason"] = entry["reason"] or (
                     "depthwise convolution whose input channels come from no prunable layer")
             return
@@ -523,13 +708,18 @@ class _GroupBuilder:
             if tag.dim != in_dim:
                 self.block(tag.space, f"{name} ({kind}) at {op.location} reads these channels along dim "
                                       f"{tag.dim}, not its channel dim {in_dim}")
-                continue
-            if groups > 1:
-                self.block(tag.space, f"consumed by grouped convolution {name} (groups={groups}) at "
-                                      f"{op.location}, whose group structure acps does not yet prune")
-                continue
-            self.spaces[tag.space].consumers.append(ChannelUse(name, kind, tag.offset, tag.block))
-            entry["in"].append((tag.space, tag.block))
+            elif tag.unit != 1:
+                self.block(tag.space, f"{name} ({kind}) at {op.location} reads these channels split in units")
+            elif groups > 1 and (geometry.transposed or tag.offset or tag.length != geometry.in_channels):
+                self.block(tag.space, f"grouped convolution {name} (groups={groups}) at {op.location} reads "
+                                      "these channels together with others; acps keeps its groups only when "
+                                      "one group of channels feeds it whole")
+            else:
+                if groups > 1:
+                    self.require(tag.space, blocks=groups)  # every conv group keeps the same input count
+                use = self.use(name, kind, tag)
+                self.spaces[tag.space].consumers.append(use)
+                entry["in"].append((tag.space, use))
         if out_value is None:
             return
         space = self.new_space(name, geometry.out_channels)
@@ -539,27 +729,17 @@ class _GroupBuilder:
         if entry["reason"]:
             self.block(space, f"{name} is {entry['reason']}")
         if groups > 1:
-            self.block(space, f"{name} is a grouped convolution (groups={groups}); acps does not yet prune "
-                              "its output channels")
+            if geometry.transposed:
+                self.block(space, f"{name} is a grouped transposed convolution, which acps does not prune")
+            else:
+                self.require(space, blocks=groups)  # every conv group keeps the same output count
         shared = self.shared_weights.get(name)
         if shared:
             self.block(space, f"{name}'s weight is shared with {shared}")
             entry["reason"] = entry["reason"] or f"weight shared with {shared}"
-        self.tags[out_value] = [_Tag(space, channel_dim, 0, 1)]
+        self.tags[out_value] = [self.whole(space, channel_dim)]
 
-    def follow(self, op: _Op, name: str, kind: str, in_tags: list[_Tag], channel_dim: int) -> None:
-        """A layer whose parameters follow its input channels one to one (norms, depthwise convs)."""
-        good = []
-        for tag in in_tags:
-            if tag.dim != channel_dim or tag.block != 1:
-                self.block(tag.space, f"{name} ({kind}) at {op.location} normalises along dim {channel_dim}, "
-                                      f"which does not hold these channels one to one")
-                continue
-            self.spaces[tag.space].followers.append(ChannelUse(name, kind, tag.offset, 1))
-            good.append(tag)
-        if op.outputs:
-            self.tags[op.outputs[0]] = good
-
+    # -- functions -----------------------------------------------------------------------------------------------
     def function_op(self, op: _Op) -> None:
         refs = [r for r in _tensors_in((op.args, op.kwargs))]
         tagged = [r for r in refs if self.tags_of(r)]
@@ -574,32 +754,43 @@ class _GroupBuilder:
             return
         if name in _DTYPE_ONLY:
             refs = refs[:1]  # x.to(y) / x.type_as(y): y only gives a dtype and device
-        if name in _UNARY_ELEMENTWISE | _BINARY_ELEMENTWISE and len(refs) == 1:
-            if tagged[0] is refs[0] and out is not None and self.recorder.shapes[out] == refs[0].shape:
+            tagged = [r for r in refs if self.tags_of(r)]
+            if not tagged:
+                return
+        elementwise = name in _UNARY_ELEMENTWISE or name in _BINARY_ELEMENTWISE
+        if elementwise and len(refs) == 1:
+            if out is not None and self.recorder.shapes[out] == refs[0].shape:
                 self.tags[out] = self.tags_of(refs[0])
             else:
                 self.block_tags(all_tags, f"{where} changes the shape of the tensor")
-        elif name in _UNARY_ELEMENTWISE | _BINARY_ELEMENTWISE:
-            # Element-wise with several tensor operands (x + y, clamp(x, min=t), x ** t): channels of one
+        elif elementwise:
+            # Several tensor operands (x + y, clamp(x, min=t), x ** t, where(m, x, y)): the channels of one
             # operand meet the same positions of the others.
             self.binary(op, refs, where)
         elif name == "pad":
             self.pad(op, tagged, where)
         elif name in _POOLS:
-            x = refs[0]
-            tags = self.tags_of(x)
-            if all(t.dim == 1 for t in tags) and x is tagged[0] and len(tagged) == 1 and out is not None:
-                self.tags[out] = tags
-            else:
-                self.block_tags(all_tags, f"{where} pools along the channel dimension")
+            self.pool(op, refs, tagged, where)
         elif name in _REDUCTIONS:
             self.reduction(op, tagged, where)
+        elif name in _ALONG_DIM:
+            self.along_dim(op, tagged, where)
         elif name in _RESHAPES:
             self.reshape(op, tagged, where)
         elif name in _PERMUTES:
             self.permute(op, tagged, where)
-        elif name == "cat" or name == "concat" or name == "concatenate":
+        elif name in ("expand", "expand_as", "broadcast_to"):
+            self.expand(op, tagged, where)
+        elif name in ("cat", "concat", "concatenate"):
             self.concat(op, where)
+        elif name in ("chunk", "split", "tensor_split", "unbind", "split_with_sizes"):
+            self.chunk(op, tagged, where)
+        elif name == "getitem":
+            self.getitem(op, tagged, where)
+        elif name in _MATMULS:
+            self.matmul(op, refs, where)
+        elif name == "scaled_dot_product_attention":
+            self.attention(op, refs, where)
         else:
             self.block_tags(all_tags, f"{where} cannot be mapped channel by channel")
 
@@ -608,34 +799,29 @@ class _GroupBuilder:
         if out is None:
             self.block_tags([t for r in refs for t in self.tags_of(r)], f"{where} modifies a tensor in place")
             return
-        out_shape = self.recorder.shapes[out]
-        ndim = len(out_shape)
+        ndim = len(self.recorder.shapes[out])
         # The channel dims each operand brings, aligned to the output (broadcasting aligns from the right).
-        aligned: list[tuple[_TensorRef, list[_Tag]]] = []
-        for ref in refs:
-            shift = ndim - len(ref.shape)
-            aligned.append((ref, [_Tag(t.space, t.dim + shift, t.offset, t.block) for t in self.tags_of(ref)]))
+        aligned = [(ref, [replace(t, dim=t.dim + ndim - len(ref.shape)) for t in self.tags_of(ref)])
+                   for ref in refs]
         result: list[_Tag] = []
-        for ref, tags in aligned:
+        for index, (_, tags) in enumerate(aligned):
             for tag in tags:
                 ok = True
-                for other, other_tags in aligned:
-                    if other is ref:
+                for other_index, (other, other_tags) in enumerate(aligned):
+                    if other_index == index:
                         continue
                     other_dim = tag.dim - (ndim - len(other.shape))
                     if other_dim < 0 or other.shape[other_dim] == 1:
                         continue  # broadcast along the channels: a per-sample or scalar factor
-                    match = [t for t in other_tags
-                             if t.dim == tag.dim and t.offset == tag.offset and t.block == tag.block]
+                    match = [t for t in other_tags if t.same_place(tag)]
                     if not match:
                         ok = False
                         self.block(tag.space, f"{where} combines these channels with a tensor of shape "
                                               f"{list(other.shape)} that no prunable layer produces")
                         continue
                     for t in match:
-                        self.union(tag.space, t.space, f"{where}")
-                if ok and not any(r.dim == tag.dim and r.offset == tag.offset and self.find(r.space) ==
-                                  self.find(tag.space) for r in result):
+                        self.union(tag.space, t.space, where)
+                if ok and not any(r.same_place(tag) and self.find(r.space) == self.find(tag.space) for r in result):
                     result.append(tag)
         self.tags[out] = result
 
@@ -650,42 +836,51 @@ class _GroupBuilder:
         """F.pad: channels pass through unless the padding reaches their dimension."""
         x = tagged[0]
         tags = self.tags_of(x)
-        out = op.outputs[0] if op.outputs else None
         padding = op.kwargs.get("pad", op.args[1] if len(op.args) > 1 else None)
         ndim = len(x.shape)
         # The padding list covers the last len(padding) // 2 dims, last dim first.
-        padded_dims = set(range(ndim - len(padding) // 2, ndim)) if isinstance(padding, (list, tuple)) else None
-        if out is None or padded_dims is None or len(tagged) != 1 or x is not _first_tensor(op.args):
+        padded = set(range(ndim - len(padding) // 2, ndim)) if isinstance(padding, (list, tuple)) else None
+        if not op.outputs or padded is None or len(tagged) != 1 or x is not _first_tensor(op.args):
             self.block_tags(tags, f"{where} cannot be mapped channel by channel")
             return
-        keep = []
-        for tag in tags:
-            if tag.dim in padded_dims:
-                self.block(tag.space, f"{where} pads the channel dimension")
-            else:
-                keep.append(tag)
-        self.tags[out] = keep
+        self.block_tags([t for t in tags if t.dim in padded], f"{where} pads the channel dimension")
+        self.set_tags(op, [t for t in tags if t.dim not in padded])
+
+    def pool(self, op: _Op, refs: list[_TensorRef], tagged: list[_TensorRef], where: str) -> None:
+        """Pools and resizes keep dims 0 and 1 (batch, channels) and work on the others."""
+        x = refs[0]
+        tags = self.tags_of(x)
+        if len(tagged) != 1 or x is not tagged[0] or any(t.dim > 1 for t in tags) or not op.outputs:
+            self.block_tags([t for r in tagged for t in self.tags_of(r)], f"{where} pools along the channels")
+            return
+        for index in range(len(op.outputs)):  # max_pool with indices returns two tensors shaped alike
+            self.set_tags(op, tags, index)
 
     def reduction(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         x = tagged[0]
         tags = self.tags_of(x)
-        out = op.outputs[0] if op.outputs else None
         dims = op.kwargs.get("dim", op.args[1] if len(op.args) > 1 else None)
         keepdim = op.kwargs.get("keepdim", op.args[2] if len(op.args) > 2 and isinstance(op.args[2], bool) else False)
-        if dims is None or out is None or len(tagged) != 1:
+        if dims is None or not op.outputs or len(tagged) != 1 or x is not _first_tensor(op.args):
             self.block_tags(tags, f"{where} reduces over every dimension")
             return
-        dims = [dims] if isinstance(dims, int) else list(dims)
         ndim = len(x.shape)
-        dims = [d % ndim for d in dims]
-        new_tags = []
-        for tag in tags:
-            if tag.dim in dims:
-                self.block(tag.space, f"{where} reduces over the channel dimension")
-                continue
-            shift = 0 if keepdim else sum(1 for d in dims if d < tag.dim)
-            new_tags.append(_Tag(tag.space, tag.dim - shift, tag.offset, tag.block))
-        self.tags[out] = new_tags
+        dims = [d % ndim for d in ([dims] if isinstance(dims, int) else list(dims))]
+        self.block_tags([t for t in tags if t.dim in dims], f"{where} reduces over the channel dimension")
+        self.set_tags(op, [replace(t, dim=t.dim - (0 if keepdim else sum(1 for d in dims if d < t.dim)))
+                           for t in tags if t.dim not in dims])
+
+    def along_dim(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
+        """softmax(x, dim) and kin: fine unless they work along the channels."""
+        x = tagged[0]
+        tags = self.tags_of(x)
+        dim = op.kwargs.get("dim", op.args[1] if len(op.args) > 1 else None)
+        if not isinstance(dim, int) or len(tagged) != 1 or x is not _first_tensor(op.args):
+            self.block_tags(tags, f"{where} cannot be mapped channel by channel")
+            return
+        dim %= len(x.shape)
+        self.block_tags([t for t in tags if t.dim == dim], f"{where} works along the channel dimension")
+        self.set_tags(op, [t for t in tags if t.dim != dim])
 
     def reshape(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         x = tagged[0]
@@ -695,55 +890,191 @@ class _GroupBuilder:
             self.block_tags(tags, f"{where} cannot be mapped channel by channel")
             return
         in_shape, out_shape = x.shape, self.recorder.shapes[out]
+        sizes = _requested_sizes(op)
         new_tags = []
         for tag in tags:
-            mapped = _map_reshape(in_shape, out_shape, tag.dim)
+            mapped = _map_reshape(in_shape, out_shape, tag)
             if mapped is None:
                 self.block(tag.space, f"{where} reshapes {list(in_shape)} to {list(out_shape)}, which splits "
-                                      "or mixes the channel dimension")
+                                      "or mixes these channels")
                 continue
-            new_dim, block = mapped
-            sizes = _requested_sizes(op)
-            if (sizes is not None and new_dim < len(sizes) and sizes[new_dim] != -1
+            if (sizes is not None and mapped.dim < len(sizes) and sizes[mapped.dim] != -1
                     and self.find(tag.space) not in self.queried):
-                self.block(tag.space, f"{where} reshapes to the constant size {sizes[new_dim]} along these "
+                self.block(tag.space, f"{where} reshapes to the constant size {sizes[mapped.dim]} along these "
                                       "channels, which would not follow a pruned channel count; write -1 there "
                                       "(or use x.flatten(1)) to make the channels prunable")
                 continue
-            new_tags.append(_Tag(tag.space, new_dim, tag.offset * block, tag.block * block))
+            if mapped.unit > 1:
+                self.require(tag.space, unit=mapped.unit)
+            new_tags.append(mapped)
         self.tags[out] = new_tags
 
     def permute(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         x = tagged[0]
         tags = self.tags_of(x)
-        out = op.outputs[0] if op.outputs else None
-        ndim = len(x.shape)
-        order = _permutation(op, ndim)
-        if out is None or order is None or len(tagged) != 1:
+        order = _permutation(op, len(x.shape))
+        if not op.outputs or order is None or len(tagged) != 1:
             self.block_tags(tags, f"{where} cannot be mapped channel by channel")
             return
-        self.tags[out] = [_Tag(t.space, order.index(t.dim), t.offset, t.block) for t in tags]
+        self.set_tags(op, [replace(t, dim=order.index(t.dim)) for t in tags])
+
+    def expand(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
+        x = tagged[0]
+        tags = self.tags_of(x)
+        out = op.outputs[0] if op.outputs else None
+        if out is None or x is not _first_tensor(op.args):
+            self.block_tags(tags, f"{where} cannot be mapped channel by channel")
+            return
+        shift = len(self.recorder.shapes[out]) - len(x.shape)
+        self.tags[out] = [replace(t, dim=t.dim + shift) for t in tags]
 
     def concat(self, op: _Op, where: str) -> None:
         tensors = op.args[0] if op.args else op.kwargs.get("tensors", ())
         dim = op.kwargs.get("dim", op.args[1] if len(op.args) > 1 else 0)
-        out = op.outputs[0] if op.outputs else None
         parts = [t for t in tensors if isinstance(t, _TensorRef)]
         all_tags = [t for p in parts for t in self.tags_of(p)]
-        if out is None or not parts:
+        if not op.outputs or not parts or not isinstance(dim, int):
             self.block_tags(all_tags, f"{where} cannot be mapped channel by channel")
             return
-        dim = dim % len(parts[0].shape)
+        dim %= len(parts[0].shape)
         new_tags: list[_Tag] = []
         position = 0
         for part in parts:
-            for tag in self.tags_of(part):
-                if tag.dim == dim:
-                    new_tags.append(_Tag(tag.space, dim, position + tag.offset, tag.block))
-                else:
-                    self.block(tag.space, f"{where} concatenates along dim {dim}, not along these channels")
+            new_tags += [replace(t, offset=position + t.offset) for t in self.tags_of(part) if t.dim == dim]
             position += part.shape[dim]
-        self.tags[out] = new_tags
+        # Along another dim, every part must hold the same channels at the same places (they are coupled).
+        others = [t for t in all_tags if t.dim != dim]
+        for tag in others:
+            for part in parts:
+                match = [t for t in self.tags_of(part) if t.same_place(tag)]
+                if not match:
+                    self.block(tag.space, f"{where} joins these channels with a tensor that does not hold them")
+                for t in match:
+                    self.union(tag.space, t.space, where)
+        seen: list[_Tag] = []
+        for tag in others:
+            if not any(s.same_place(tag) for s in seen):
+                seen.append(tag)
+        self.set_tags(op, new_tags + seen)
+
+    def chunk(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
+        """chunk/split: along another dim the channels pass to every part; along the channels, only an even
+        ``chunk`` of one whole group is mapped (its parts then keep equal counts)."""
+        x = tagged[0]
+        tags = self.tags_of(x)
+        dim = op.kwargs.get("dim", op.args[2] if len(op.args) > 2 else (0 if op.name != "unbind" else None))
+        if op.name == "unbind":
+            dim = op.kwargs.get("dim", op.args[1] if len(op.args) > 1 else 0)
+        if len(tagged) != 1 or x is not _first_tensor(op.args) or not isinstance(dim, int):
+            self.block_tags(tags, f"{where} cannot be mapped channel by channel")
+            return
+        dim %= len(x.shape)
+        across = [t for t in tags if t.dim == dim]
+        passing = [t for t in tags if t.dim != dim]
+        parts = len(op.outputs)
+        if across:
+            tag = across[0]
+            size = x.shape[dim]
+            even = op.name == "chunk" and size % parts == 0 and all(
+                self.recorder.shapes[v][dim] == size // parts for v in op.outputs)
+            if (len(across) != 1 or not even or tag.offset or tag.block != 1 or tag.unit != 1
+                    or tag.length != size or tag.start or tag.stop != self.spaces[tag.space].channels):
+                self.block_tags(across, f"{where} splits these channels in a way acps does not map (only an even "
+                                        "chunk of one whole group of channels is)")
+                across = []
+            else:
+                self.require(tag.space, blocks=parts)
+        for index, value in enumerate(op.outputs):
+            shift = -1 if op.name == "unbind" else 0
+            out_tags = [replace(t, dim=t.dim + (shift if t.dim > dim else 0)) for t in passing]
+            if across:
+                part = across[0].stop // parts
+                out_tags.append(replace(across[0], start=index * part, stop=(index + 1) * part))
+            self.tags[value] = out_tags
+
+    def getitem(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
+        """x[...] with slices, ints, None and Ellipsis: channels pass when their dim is taken whole."""
+        x = tagged[0]
+        tags = self.tags_of(x)
+        index = op.args[1] if len(op.args) > 1 else None
+        mapping = _index_dims(index, len(x.shape), x.shape)
+        if mapping is None or x is not op.args[0] or len(tagged) != 1 or not op.outputs:
+            self.block_tags(tags, f"{where} indexes the tensor in a way acps does not map")
+            return
+        kept = [t for t in tags if mapping.get(t.dim) is not None]
+        self.block_tags([t for t in tags if mapping.get(t.dim) is None], f"{where} selects some of these channels")
+        self.set_tags(op, [replace(t, dim=mapping[t.dim]) for t in kept])  # type: ignore[arg-type]
+
+    def matmul(self, op: _Op, refs: list[_TensorRef], where: str) -> None:
+        """a @ b: batch dims broadcast (channels there meet their counterparts), rows of ``a`` and columns of
+        ``b`` pass to the output; a channel dim that is summed over cannot be mapped."""
+        out = op.outputs[0] if op.outputs else None
+        if out is None or len(refs) != 2 or len(refs[0].shape) < 2 or len(refs[1].shape) < 2:
+            self.block_tags([t for r in refs for t in self.tags_of(r)], f"{where} cannot be mapped")
+            return
+        a, b = refs
+        ndim = len(self.recorder.shapes[out])
+        result: list[_Tag] = []
+        batch_tags: list[tuple[int, _Tag]] = []
+        for which, ref in enumerate((a, b)):
+            rank = len(ref.shape)
+            for tag in self.tags_of(ref):
+                out_dim = tag.dim + ndim - rank
+                contracted = rank - 1 if which == 0 else rank - 2
+                if tag.dim == contracted:
+                    self.block(tag.space, f"{where} sums over these channels")
+                elif tag.dim >= rank - 2:
+                    result.append(replace(tag, dim=ndim - 2 if which == 0 else ndim - 1))
+                else:
+                    batch_tags.append((which, replace(tag, dim=out_dim)))
+        for which, tag in batch_tags:
+            other = refs[1 - which]
+            other_dim = tag.dim - (ndim - len(other.shape))
+            if other_dim < 0 or other.shape[other_dim] == 1:
+                result.append(tag)
+                continue
+            match = [t for w, t in batch_tags if w != which and t.same_place(tag)]
+            if not match:
+                self.block(tag.space, f"{where} pairs these channels with a tensor that does not hold them")
+                continue
+            for t in match:
+                self.union(tag.space, t.space, where)
+            if not any(r.same_place(tag) for r in result):
+                result.append(tag)
+        self.tags[out] = result
+
+    def attention(self, op: _Op, refs: list[_TensorRef], where: str) -> None:
+        """scaled_dot_product_attention(q, k, v): heads and batch dims pair q, k and v; v's last dim passes to
+        the output; q's and k's last dim is summed over."""
+        out = op.outputs[0] if op.outputs else None
+        q, k, v = [*refs, None, None, None][:3]
+        if out is None or q is None or k is None or v is None:
+            self.block_tags([t for r in refs for t in self.tags_of(r)], f"{where} cannot be mapped")
+            return
+        result: list[_Tag] = []
+        rank = len(q.shape)
+        for ref in (q, k, v):
+            for tag in self.tags_of(ref):
+                if tag.dim == rank - 1 and ref is v:
+                    result.append(tag)
+                elif tag.dim >= rank - 2:
+                    self.block(tag.space, f"{where} mixes these channels across tokens or sums over them")
+                else:
+                    for other in (q, k, v):
+                        if other is ref or other.shape[tag.dim] == 1:
+                            continue
+                        match = [t for t in self.tags_of(other) if t.same_place(tag)]
+                        if not match:
+                            self.block(tag.space, f"{where} pairs these channels with a tensor that does not "
+                                                  "hold them")
+                        for t in match:
+                            self.union(tag.space, t.space, where)
+                    if not any(r.same_place(tag) for r in result):
+                        result.append(tag)
+        for ref in refs[3:]:  # an attention mask broadcast over heads is fine; one that is not, is not
+            for tag in self.tags_of(ref):
+                self.block(tag.space, f"{where} uses these channels as an attention mask")
+        self.tags[out] = result
 
 
 def _first_tensor(args: Any) -> _TensorRef | None:
@@ -765,31 +1096,34 @@ def _requested_sizes(op: _Op) -> list[Any] | None:
     return list(shape)
 
 
-def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int) -> tuple[int, int] | None:
-    """Where channel dim ``dim`` lands after a reshape, and how many positions each channel then spans.
+def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], tag: _Tag) -> _Tag | None:
+    """Where a tag lands after a reshape; None when the reshape mixes its channels with something else.
 
-    Works when the dims before the channel dim keep their total size and the channel dim either stays whole or
-    merges with the dims right after it (flatten). Returns None for anything else (a split channel dim).
+    The dims before the tag's dim must keep their total size. Then the tag's dim either stays whole or merges
+    with the dims right after it (flatten: each channel spreads over more positions), or splits into a dim of
+    units followed by dims that hold each unit's remainder (heads: ``(B, T, C) -> (B, T, H, C // H)``).
     """
+    dim = tag.dim
     prefix = math.prod(in_shape[:dim])
-    channels = in_shape[dim]
-    candidates = []
+    size = in_shape[dim]
+    after = [math.prod(in_shape[dim + 1:end]) for end in range(dim + 1, len(in_shape) + 1)]
+    candidates: list[_Tag] = []
     for new_dim in range(len(out_shape)):
         if math.prod(out_shape[:new_dim]) != prefix:
             continue
-        size = out_shape[new_dim]
-        if size % channels:
-            continue
-        block = size // channels
-        merged = 1
-        for end in range(dim + 1, len(in_shape) + 1):
-            if merged == block:
-                candidates.append((new_dim, block))
-                break
-            if end < len(in_shape):
-                merged *= in_shape[end]
-            if merged > block:
-                break
+        new_size = out_shape[new_dim]
+        if new_size % size == 0 and new_size // size in after:
+            merged = new_size // size  # the product of the dims merged into the tag's dim
+            if tag.unit == 1:
+                candidates.append(replace(tag, dim=new_dim, offset=tag.offset * merged, block=tag.block * merged))
+            elif merged % tag.unit == 0 and tag.start % tag.unit == 0:
+                candidates.append(replace(tag, dim=new_dim, offset=tag.offset * merged, block=merged // tag.unit,
+                                          unit=1))
+        elif size % new_size == 0 and tag.unit == 1 and tag.block == 1:
+            unit = size // new_size
+            rest = [math.prod(out_shape[new_dim + 1:end]) for end in range(new_dim + 1, len(out_shape) + 1)]
+            if unit in rest and tag.offset % unit == 0 and tag.start % unit == 0 and tag.length % unit == 0:
+                candidates.append(replace(tag, dim=new_dim, offset=tag.offset // unit, unit=unit))
     # Prefer the last match: leading size-1 dims (batch of one) are ambiguous, the channel dim is not.
     return candidates[-1] if candidates else None
 
@@ -808,13 +1142,49 @@ def _permutation(op: _Op, ndim: int) -> list[int] | None:
         a, b = ints[0] % ndim, ints[1] % ndim
         order[a], order[b] = order[b], order[a]
         return order
+    if name == "movedim" and len(ints) == 2:
+        order = list(range(ndim))
+        source = order.pop(ints[0] % ndim)
+        order.insert(ints[1] % ndim, source)
+        return order
     if name == "t" and ndim == 2:
         return [1, 0]
     return None
 
 
+def _index_dims(index: Any, ndim: int, shape: tuple[int, ...]) -> dict[int, int | None] | None:
+    """For ``x[index]``: each input dim -> its output dim when taken whole, None when indexed or sliced;
+    None overall for advanced (tensor or list) indexing."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (list, _TensorRef, torch.Tensor)) for i in items):
+        return None
+    if any(i is Ellipsis for i in items):
+        at = items.index(Ellipsis)
+        used = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items[at:at + 1] = [slice(None)] * (ndim - used)
+    mapping: dict[int, int | None] = {}
+    dim = out = 0
+    for item in items:
+        if item is None:
+            out += 1
+        elif isinstance(item, slice):
+            whole = dim < ndim and item.indices(shape[dim]) == (0, shape[dim], 1)
+            mapping[dim] = out if whole else None
+            dim += 1
+            out += 1
+        elif isinstance(item, int):
+            mapping[dim] = None
+            dim += 1
+        else:
+            return None
+    for rest in range(dim, ndim):
+        mapping[rest] = out
+        out += 1
+    return mapping
+
+
 def _geometry(name: str, module: Any, x: _TensorRef | None, out_shape: tuple[int, ...]) -> LayerGeometry:
-    """The geometry of a Conv/Linear ``module`` called on ``x`` (typed Any: the attributes depend on the kind)."""
+    """The geometry of a layer ``module`` called on ``x`` (typed Any: the attributes depend on the kind)."""
     in_shape = x.shape if x is not None else ()
     weight = module.weight
     act_dtype = x.dtype if x is not None else weight.dtype
@@ -893,7 +1263,7 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         for handle in handles:
             handle.remove()
 
-    builder = _GroupBuilder(recorder, module_names, _shared_weights(model, module_names))
+    builder = _GroupBuilder(recorder, _shared_weights(model, module_names))
     builder.run()
     output_layers: list[str] = []
     for tensor in _tensors_in(output):
@@ -916,9 +1286,15 @@ def _assemble(model: nn.Module, builder: _GroupBuilder, output_layers: list[str]
     for space_id, space in enumerate(builder.spaces):
         root = builder.find(space_id)
         if root not in group_of_root:
+            top = builder.spaces[root]
+            reasons = list(top.reasons)
+            per_block, remainder = divmod(top.channels, top.blocks)
+            if remainder or per_block % top.unit:
+                reasons.append(f"its {top.channels} channels cannot form {top.blocks} equal blocks of whole units "
+                               f"of {top.unit} (from grouped convs, chunks, norm groups or heads)")
             group_of_root[root] = len(groups)
-            groups.append(ChannelGroup(len(groups), builder.spaces[root].channels, [],
-                                       reasons=list(builder.spaces[root].reasons)))
+            groups.append(ChannelGroup(len(groups), top.channels, [], reasons=reasons, unit=top.unit,
+                                       blocks=top.blocks))
         group = groups[group_of_root[root]]
         group.producers.append(space.producer)
         for use in space.followers:
@@ -938,9 +1314,9 @@ def _assemble(model: nn.Module, builder: _GroupBuilder, output_layers: list[str]
                                      reason="not called in the forward pass on the calibration data")
             continue
         out_group = group_of_root[builder.find(entry["out"])] if entry["out"] is not None else None
-        in_groups = [(group_of_root[builder.find(s)], block) for s, block in entry["in"]]
+        in_uses = [(group_of_root[builder.find(space)], use) for space, use in entry["in"]]
         reason = entry["reason"]
         if reason is None and out_group is not None and not groups[out_group].prunable:
             reason = "; ".join(groups[out_group].reasons)
-        layers[name] = LayerInfo(name, type(module).__name__, entry["geometry"], out_group, in_groups, reason)
+        layers[name] = LayerInfo(name, type(module).__name__, entry["geometry"], out_group, in_uses, reason)
     return ChannelGraph(layers, groups, output_layers, module_types)

@@ -102,7 +102,7 @@ class CostModel:
         self._cache: dict[tuple[str, int, int], float] = {}
         self._layers_of_group: dict[int, list[LayerInfo]] = {}
         for layer in self.layers:
-            touched = {g for g, _ in layer.in_groups}
+            touched = set(layer.in_groups)
             if layer.out_group is not None:
                 touched.add(layer.out_group)
             for group_id in touched:
@@ -150,7 +150,7 @@ class CostModel:
         """Groups whose savings change when ``group_id`` changes (they share a layer with it)."""
         out: set[int] = set()
         for layer in self.layers_of_group(group_id):
-            out.update(g for g, _ in layer.in_groups)
+            out.update(layer.in_groups)
             if layer.out_group is not None:
                 out.add(layer.out_group)
         return out

@@ -1,0 +1,386 @@
+"""How long graph building and the prune step take, in forward passes of the same model (issue 3, section 5).
+
+Two full-size models are built here with random weights (no downloads, no torchvision):
+
+- ``resnet152``: bottleneck blocks [3, 8, 36, 3], widths 64-2048, BatchNorm, residual adds, 7x7/2 stem conv and
+  max pool, global average pool, fc 1000; input 1x3x224x224.
+- ``vitb``: ViT-B/16: 16x16 patch conv, cls token, 12 blocks of width 768 with 12 heads (hand-written attention:
+  Linear q/k/v, reshape into heads, softmax, output projection) and MLP 3072, LayerNorm, fc 1000; input
+  1x3x224x224.
+
+For each model it times, on CPU, the median of ``--repeats`` runs after one warm-up run:
+
+- a plain forward pass under ``torch.no_grad()``: the unit. One is timed right before every run of every step
+  below, and a step's "x forwards" is the median of its per-run ratios, which holds still when other processes
+  load the machine for a while (the absolute ms do not);
+- ``build_channel_graph(model, x)``;
+- ``prune_channels(copy, graph, keep)`` on a fresh deep copy (the copy is made outside the timed region), where
+  ``keep`` drops a random 30-50 % of the channels of every prunable group;
+- the whole public call ``create_prune_retrain_model(model, x, cfg, record)`` with a config that prunes every
+  layer by 0.3 (deep copy, tracing, checks and the record file included).
+
+Targets (issue 3): graph building under 3 forward passes, the prune step under 5.
+
+Usage::
+
+    python bench/graph_prune_speed.py [--repeats 5] [--models resnet152,vitb] [--threads 2] [--profile]
+
+``--profile`` also runs ``build_channel_graph`` once per model under cProfile and prints the costliest calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acps_core.graph import ChannelGraph, build_channel_graph
+from acps_core.prune import create_prune_retrain_model, prune_channels
+
+GRAPH_TARGET = 3.0  # forward passes
+PRUNE_TARGET = 5.0  # forward passes
+#: A channel-prune config that asks every Conv/Linear layer to lose 30 % of its channels.
+PRUNE_ALL_CONFIG = (
+    "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }\n"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ResNet-152
+# ----------------------------------------------------------------------------------------------------------------
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, each with BatchNorm; the input is added back."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    """A bottleneck ResNet (He et al., CVPR 2016); ``blocks=(3, 8, 36, 3)`` is ResNet-152."""
+
+    def __init__(self, blocks: tuple[int, ...] = (3, 8, 36, 3), num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages = []
+        in_channels = 64
+        for stage, count in enumerate(blocks):
+            width = 64 * 2 ** stage
+            layers = []
+            for index in range(count):
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(Bottleneck(in_channels, width, stride))
+                in_channels = width * Bottleneck.expansion
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ViT-B/16
+# ----------------------------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written out: q/k/v projections, split into heads, softmax, output projection."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        # -1 for the head width, so that pruning whole heads' channels keeps the reshape valid.
+        q = self.q(x).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
+        k = self.k(x).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
+        v = self.v(x).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
+        attention = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        out = (attention @ v).transpose(1, 2).reshape(batch, tokens, -1)
+        return self.proj(out)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al., ICLR 2021); the defaults are ViT-B/16 at 224x224."""
+
+    def __init__(self, image_size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
+                 mlp_dim: int = 3072, num_classes: int = 1000) -> None:
+        super().__init__()
+        tokens = (image_size // patch) ** 2 + 1
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"resnet152": ResNet, "vitb": VisionTransformer}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    """One step's median wall time, and the median of its time divided by a forward pass timed right before it."""
+
+    seconds: float
+    forwards: float
+
+
+@dataclass
+class Measurement:
+    """The timed steps of one model, and the size of its channel graph."""
+
+    model: str
+    parameters: int
+    forward_s: float
+    graph: Timing
+    prune: Timing
+    create: Timing
+    prunable_groups: int
+    groups: int
+
+    def steps(self) -> list[tuple[str, Timing, float]]:
+        """(what, timing, target in forward passes) of every step checked against a target."""
+        return [("graph building", self.graph, GRAPH_TARGET),
+                ("prune step (prune_channels)", self.prune, PRUNE_TARGET),
+                ("prune step, whole call (create_prune_retrain_model)", self.create, PRUNE_TARGET)]
+
+
+class Stopwatch:
+    """Times steps against the model's forward pass.
+
+    Each timed run of a step comes right after a timed forward pass, and the step's ratio is the median of the
+    per-run ratios: other processes slowing the machine down for a while slow both down alike, so the ratio stays
+    put even when the absolute times do not. The first run of every step is a warm-up and is not kept.
+    """
+
+    def __init__(self, forward: Callable[[], object], repeats: int) -> None:
+        self.forward = forward
+        self.repeats = repeats
+        self.forward_times: list[float] = []
+
+    @staticmethod
+    def _seconds(step: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
+    def time(self, step: Callable[[], object], setup: Callable[[], object] | None = None) -> Timing:
+        """Time ``step`` (``setup`` runs untimed before each run) ``repeats`` times after one warm-up."""
+        step_times, ratios = [], []
+        for run in range(self.repeats + 1):
+            if setup is not None:
+                setup()
+            forward_s = self._seconds(self.forward)
+            step_s = self._seconds(step)
+            if run > 0:
+                self.forward_times.append(forward_s)
+                step_times.append(step_s)
+                ratios.append(step_s / forward_s)
+        return Timing(statistics.median(step_times), statistics.median(ratios))
+
+
+def random_keep(graph: ChannelGraph, seed: int = 0) -> dict[int, list[int]]:
+    """For every prunable group, a sorted random subset keeping 50-70 % of its channels (at least one)."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = {}
+    for group in graph.prunable_groups:
+        fraction = 0.3 + 0.2 * torch.rand((), generator=generator).item()
+        removed = min(group.channels - 1, round(group.channels * fraction))
+        order = torch.randperm(group.channels, generator=generator)
+        keep[group.id] = sorted(order[removed:].tolist())
+    return keep
+
+
+def measure(name: str, repeats: int, workdir: Path) -> Measurement:
+    """Build model ``name`` with random weights and time graph building and the prune step against its forward."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(1, 3, 224, 224)
+    parameters = sum(p.numel() for p in model.parameters())
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    stopwatch = Stopwatch(forward, repeats)
+    graph_timing = stopwatch.time(lambda: build_channel_graph(model, x))
+
+    graph = build_channel_graph(model, x)
+    keep = random_keep(graph)
+    target = [model]  # the copy the next timed prune_channels call slices
+
+    def fresh_copy() -> None:
+        target[0] = copy.deepcopy(model)
+
+    prune_timing = stopwatch.time(lambda: prune_channels(target[0], graph, keep), setup=fresh_copy)
+    with torch.no_grad():  # the pruned copy must still run with the original output shape
+        if target[0](x).shape != model(x).shape:
+            raise RuntimeError(f"{name}: the pruned copy's output shape differs from the model's")
+    del target[0]
+
+    config = workdir / f"{name}_prune.cfg"
+    config.write_text(PRUNE_ALL_CONFIG, encoding="utf-8")
+    record = workdir / f"{name}_prune.record"
+    create_timing = stopwatch.time(lambda: create_prune_retrain_model(model, x, config, record))
+    return Measurement(name, parameters, statistics.median(stopwatch.forward_times), graph_timing, prune_timing,
+                       create_timing, len(graph.prunable_groups), len(graph.groups))
+
+
+def profile_graph(name: str, top: int) -> str:
+    """cProfile of one ``build_channel_graph`` call on model ``name``: the ``top`` calls by cumulative time."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(1, 3, 224, 224)
+    build_channel_graph(model, x)  # warm-up
+    profiler = cProfile.Profile()
+    profiler.enable()
+    build_channel_graph(model, x)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+def table(rows: list[Measurement]) -> str:
+    """A markdown table of the measurements: median ms, and (in brackets) median multiple of a forward pass."""
+    header = ("| model | parameters | forward ms | graph build ms (x fwd) | prune_channels ms (x fwd) "
+              "| create_prune_retrain_model ms (x fwd) | prunable / total groups |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        cells = [f"{t.seconds * 1e3:.0f} ({t.forwards:.2f}x)" for _, t, _ in m.steps()]
+        lines.append(f"| {m.model} | {m.parameters / 1e6:.1f} M | {m.forward_s * 1e3:.0f} | {' | '.join(cells)} "
+                     f"| {m.prunable_groups} / {m.groups} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Measurement]) -> list[tuple[str, bool]]:
+    """(line, passed) per model and target."""
+    checks = []
+    for m in rows:
+        for what, timing, target in m.steps():
+            passed = timing.forwards < target
+            checks.append((f"{'PASS' if passed else 'FAIL'}  {m.model}: {what} {timing.forwards:.2f} forward passes "
+                           f"(target < {target:g})", passed))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per step, after one warm-up (default 5)")
+    parser.add_argument("--models", default="resnet152,vitb",
+                        help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile build_channel_graph once per model with cProfile")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names or args.repeats < 1:
+        parser.error(f"--models takes names from {', '.join(MODELS)} (got {args.models!r}); --repeats must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; median of {args.repeats} runs after one warm-up, input 1x3x224x224",
+          flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="acps_bench_") as workdir:
+        for name in names:
+            start = time.perf_counter()
+            rows.append(measure(name, args.repeats, Path(workdir)))
+            print(f"  {name}: measured in {time.perf_counter() - start:.0f} s (load average "
+                  f"{os.getloadavg()[0]:.2f})", flush=True)
+    print()
+    print(table(rows))
+    print()
+    checks = verdicts(rows)
+    for line, _ in checks:
+        print(line)
+    if args.profile:
+        for name in names:
+            print(f"\n=== cProfile of build_channel_graph({name}) ===")
+            print(profile_graph(name, top=30))
+    return 0 if all(passed for _, passed in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
