@@ -10,7 +10,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +40,9 @@ from acps_core.problem import (
     masks_to_decision,
 )
 from acps_core.proto import retrain_config_pb2
+from acps_core.prune import largest_norm_channels
 from acps_core.registry import resolve_method
+from acps_core.report import render_reports, report_paths
 from acps_core.result import LayerReport, SearchResult
 from acps_core.selection import build_selection, format_selection, selection_path
 from acps_core.state import preserved_model_state
@@ -72,7 +74,8 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
             labels, batch first. Labels shaped like the output use the reference's L1 loss; integer class
             indices use cross-entropy. The data is split into ``test_iteration`` passes along the batch.
         output_cfg: path of the channel-prune config to write. The chosen channels go beside it, in
-            ``<output_cfg>.selection``.
+            ``<output_cfg>.selection``, and a report of every layer's decision (or why it was left alone) in
+            ``<output_cfg>.report.md`` and ``<output_cfg>.report.json``.
         sensitivity: a method name (``acps plugins`` lists them) or a ``SensitivityBase`` instance.
         search_alg: a method name or a ``SearchChannelBase`` instance.
         gain: the cost model, a method name or a ``GainEstimatorBase`` instance. ``"BitComplexity"`` (the
@@ -100,6 +103,8 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     settings = load_search_config(config)
     out_path = check_writable_output(output_cfg, "output_cfg")
     check_writable_output(selection_path(out_path), "output_cfg (its .selection file)")
+    for report in report_paths(out_path):
+        check_writable_output(report, "output_cfg (its report)")
     sensitivity_method = resolve_method("sensitivity", sensitivity, "sensitivity")
     search_method = resolve_method("search", search_alg, "search_alg")
     gain_method = resolve_method("gain", gain, "gain")
@@ -144,7 +149,7 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
 
     for group_id, count in fixed.items():
         if count < graph.group(group_id).channels and group_id not in decision.keep:
-            decision.keep[group_id] = _fixed_channels(model, graph, group_id, count)
+            decision.keep[group_id] = largest_norm_channels(model, graph.group(group_id), count)
     result = _result(graph, cost_model, decision, statuses, settings, out_path)
     result.methods = {"sensitivity": _method_name(sensitivity), "search": method_name, "gain": _method_name(gain),
                       "cost_unit": gain_method.unit}  # type: ignore[union-attr]
@@ -203,7 +208,7 @@ def _fixed_groups(graph: ChannelGraph, override: Any, settings: SearchSettings
             continue
         given = {name: (d.prune_ratio or 0.0, settings.ascend_optimized if d.ascend_optimized is None
                         else d.ascend_optimized) for name, d in overrides.items()}
-        counts = {name: kept_from_ratio(group.channels, *setting) for name, setting in given.items()}
+        counts = {name: kept_from_ratio(group.channels, *setting, group.atom) for name, setting in given.items()}
         if len(set(counts.values())) > 1:
             raise ConfigError(f"layers {', '.join(overrides)} share their output channels (they are pruned as "
                               f"one group) but their overrides keep different counts ({counts}); give them the "
@@ -232,13 +237,14 @@ def _search_records(graph: ChannelGraph, fixed: dict[int, int], settings: Search
     for group in graph.groups:
         if group.id in fixed:
             continue
-        allowed = allowed_kept_counts(group.channels, settings.ascend_optimized, settings.max_prune_ratio)
+        allowed = allowed_kept_counts(group.channels, settings.ascend_optimized, settings.max_prune_ratio,
+                                      group.atom)
         if len(allowed) < 2:
-            continue  # nothing to choose: too few channels for one alignment step
+            continue  # nothing to choose: too few channels for one step
         records.append(SearchRecord(
             group_id=group.id, name=group.name, producers=list(group.producers),
             followers=[u.layer for u in group.followers], consumers=[u.layer for u in group.consumers],
-            channels=group.channels, allowed_kept=allowed))
+            channels=group.channels, allowed_kept=allowed, unit=group.unit, blocks=group.blocks))
     return records
 
 
@@ -293,16 +299,6 @@ def _score(method: SensitivityBase, model: nn.Module, graph: ChannelGraph, input
             raise PluginError(f"sensitivity method {name} gave NaN, infinite or negative scores for group "
                               f"{record.name}; scores must be finite and >= 0")
         record.sensitivity = scores
-
-
-def _fixed_channels(model: nn.Module, graph: ChannelGraph, group_id: int, count: int) -> list[int]:
-    """Channels an overridden group keeps: the largest filter L2 norms over its producers (the reference's rule)."""
-    group = graph.group(group_id)
-    norms = torch.zeros(group.channels, dtype=torch.float64)
-    for name in group.producers:
-        weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
-        norms += weight.reshape(weight.shape[0], -1).double().pow(2).sum(dim=1).cpu()
-    return sorted(torch.topk(norms, count).indices.tolist())
 
 
 def _result(graph: ChannelGraph, cost_model: CostModel, decision: Decision, statuses: dict[int, str],
@@ -367,7 +363,9 @@ def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: Sear
               f"achieved {result.achieved_ratio:.4f}x ({result.cost_unit}).\n"
               f"# The channels the search chose are in {selection.name} beside this file.\n")
     selection_text = format_selection(build_selection(graph, decision.keep), out_path.name)
-    write_prune_config(out_path, cfg, extra={selection: selection_text}, header=header)
+    used = {**settings.model_dump(), "methods": dict(result.methods)}
+    reports = render_reports(result, used, graph=graph)
+    write_prune_config(out_path, cfg, extra={selection: selection_text, **reports}, header=header)
     logger.info("wrote %s and %s", out_path, selection)
     if not math.isfinite(result.achieved_ratio):
         logger.warning("the pruned model's cost is 0 %s", result.cost_unit)

@@ -33,7 +33,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"\nTest accuracy with the removed channels masked out (pruned, before fine-tuning): "
           f"{outcome.accuracy_masked:.1%}")
-    print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg} and {result.selection_file}.")
+    print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg}, {result.selection_file} and the reports "
+          f"{result.output_cfg}.report.md / .report.json.")
     return EXIT_OK
 
 

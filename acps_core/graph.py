@@ -213,32 +213,44 @@ class ChannelGroup:
         return self.unit * self.blocks
 
     def atoms(self, scores: torch.Tensor) -> list[list[int]]:
-        """The group's channels as removable atoms (one unit from each block), least important first by the
-        summed ``scores``; ties keep channel order."""
-        per_block = self.channels // self.blocks
-        units_per_block = per_block // self.unit
-        scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
-        ranked = []
-        for b in range(self.blocks):
-            base = b * per_block
-            unit_scores = scores[base:base + per_block].reshape(units_per_block, self.unit).sum(dim=1)
-            ranked.append([base + int(u) * self.unit
-                           for u in torch.argsort(unit_scores, stable=True).tolist()])
-        return [[first + j for first in (ranked[b][r] for b in range(self.blocks)) for j in range(self.unit)]
-                for r in range(units_per_block)]
+        """The group's channels as removable atoms, least important first (see :func:`channel_atoms`)."""
+        return channel_atoms(self.channels, self.unit, self.blocks, scores)
 
     def check_keep(self, keep: Sequence[int]) -> str | None:
-        """Why a set of kept channels breaks the group's structure (None when it is fine)."""
-        kept = set(keep)
-        per_block = self.channels // self.blocks
-        counts = {sum(1 for c in range(b * per_block, (b + 1) * per_block) if c in kept) for b in range(self.blocks)}
-        if len(counts) > 1:
-            return f"its {self.blocks} blocks of {per_block} channels must keep equal counts"
-        for first in range(0, self.channels, self.unit):
-            inside = sum(1 for c in range(first, first + self.unit) if c in kept)
-            if inside not in (0, self.unit):
-                return f"its channels go in whole units of {self.unit}"
-        return None
+        """Why a set of kept channels breaks the group's structure (see :func:`structure_violation`)."""
+        return structure_violation(self.channels, self.unit, self.blocks, keep)
+
+
+def channel_atoms(channels: int, unit: int, blocks: int, scores: Any) -> list[list[int]]:
+    """Channels grouped into the atoms pruning removes, least important first by their summed ``scores``.
+
+    An atom is one whole unit from every block: the channels form ``blocks`` equal consecutive blocks, each made
+    of units of ``unit`` consecutive channels; the r-th atom holds the r-th least important unit of each block.
+    Ties keep channel order.
+    """
+    per_block = channels // blocks
+    units_per_block = per_block // unit
+    values = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    ranked = []
+    for b in range(blocks):
+        base = b * per_block
+        unit_scores = values[base:base + per_block].reshape(units_per_block, unit).sum(dim=1)
+        ranked.append([base + int(u) * unit for u in torch.argsort(unit_scores, stable=True).tolist()])
+    return [sorted(ranked[b][r] + j for b in range(blocks) for j in range(unit)) for r in range(units_per_block)]
+
+
+def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[int]) -> str | None:
+    """Why keeping the channels ``keep`` breaks a group's units or blocks (None when it does not)."""
+    kept = set(keep)
+    per_block = channels // blocks
+    counts = {sum(1 for c in range(b * per_block, (b + 1) * per_block) if c in kept) for b in range(blocks)}
+    if len(counts) > 1:
+        return f"its {blocks} blocks of {per_block} channels must keep equal counts"
+    for first in range(0, channels, unit):
+        inside = sum(1 for c in range(first, first + unit) if c in kept)
+        if inside not in (0, unit):
+            return f"its channels go in whole units of {unit}"
+    return None
 
 
 @dataclass

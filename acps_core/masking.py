@@ -2,42 +2,46 @@
 
 Zeroing the input channels a consumer layer would lose makes its output exactly what the physically pruned
 layer computes, so ``masked_channels`` gives the pruned model's outputs (before fine-tuning) on the unpruned
-model. Hooks are removed on exit; no parameter is touched.
+model. A LayerNorm over the channels is the one follower whose kept outputs depend on the removed channels (its
+mean and variance); inside the block it normalises over the kept channels only, as the pruned LayerNorm will.
+Hooks are removed on exit; no parameter is touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from acps_core.graph import LINEAR_TYPES, ChannelGraph
 
 
-def _removed_positions(graph: ChannelGraph, keep: Mapping[int, list[int]]) -> dict[str, list[int]]:
-    """Consumer layer -> positions of its input channel dimension that the decision removes."""
-    positions: dict[str, list[int]] = {}
+def _removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], followers: bool
+                       ) -> dict[str, set[int]]:
+    """Layer -> positions of its channel dimension that the decision removes (consumers' inputs, or with
+    ``followers`` the followers' channels)."""
+    positions: dict[str, set[int]] = {}
     for group_id, kept in keep.items():
         group = graph.group(group_id)
         kept_set = set(kept)
         removed = [c for c in range(group.channels) if c not in kept_set]
-        for use in group.consumers:
-            positions.setdefault(use.layer, []).extend(
-                use.offset + c * use.block + j for c in removed for j in range(use.block))
+        for use in group.followers if followers else group.consumers:
+            positions.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
     return positions
 
 
 @contextmanager
-def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, list[int]]) -> Iterator[None]:
+def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
     """Within the block, ``model`` behaves as if group ``g`` kept only the channels ``keep[g]``."""
     handles = []
-    for name, positions in _removed_positions(graph, keep).items():
+    for name, positions in _removed_positions(graph, keep, followers=False).items():
         module = model.get_submodule(name)
         dim = -1 if isinstance(module, LINEAR_TYPES) else 1
-        index = torch.tensor(sorted(set(positions)), dtype=torch.long)
+        index = torch.tensor(sorted(positions), dtype=torch.long)
 
         def zero_inputs(_module: nn.Module, args: tuple[Any, ...], index: torch.Tensor = index,
                         dim: int = dim) -> tuple[Any, ...]:
@@ -46,6 +50,24 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, li
             return (x, *args[1:])
 
         handles.append(module.register_forward_pre_hook(zero_inputs))
+    for name, positions in _removed_positions(graph, keep, followers=True).items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.LayerNorm):
+            continue
+        total = module.normalized_shape[0]
+        kept_index = torch.tensor([p for p in range(total) if p not in positions], dtype=torch.long)
+
+        def kept_statistics(layer: nn.Module, args: tuple[Any, ...], output: torch.Tensor,
+                            kept_index: torch.Tensor = kept_index) -> torch.Tensor:
+            norm: Any = layer
+            index = kept_index.to(output.device)
+            weight = None if norm.weight is None else norm.weight[index]
+            bias = None if norm.bias is None else norm.bias[index]
+            out = torch.zeros_like(output)
+            out[..., index] = F.layer_norm(args[0][..., index], (len(index),), weight, bias, norm.eps)
+            return out
+
+        handles.append(module.register_forward_hook(kept_statistics))
     try:
         yield
     finally:

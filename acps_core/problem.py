@@ -16,7 +16,7 @@ import torch
 
 from acps_core.bases import GainEstimatorBase
 from acps_core.errors import PluginError
-from acps_core.graph import ChannelGraph, LayerInfo
+from acps_core.graph import ChannelGraph, LayerInfo, channel_atoms, structure_violation
 
 #: Channel counts are kept at multiples of this when ``ascend_optimized`` (the Cube unit's 16x16 fractal).
 ASCEND_ALIGNMENT = 16
@@ -35,13 +35,19 @@ def alignment(ascend_optimized: bool) -> int:
     return ASCEND_ALIGNMENT if ascend_optimized else 1
 
 
-def allowed_kept_counts(channels: int, ascend_optimized: bool, max_prune_ratio: float) -> list[int]:
+def kept_step(ascend_optimized: bool, atom: int = 1) -> int:
+    """Kept counts of a pruned group are multiples of this: its atom (whole units in every block, see
+    :class:`~acps_core.graph.ChannelGroup`) and, with ``ascend_optimized``, 16."""
+    return math.lcm(alignment(ascend_optimized), atom)
+
+
+def allowed_kept_counts(channels: int, ascend_optimized: bool, max_prune_ratio: float, atom: int = 1) -> list[int]:
     """Every kept count the search may give a group of ``channels``, largest (all kept) first.
 
-    A group keeps at least one alignment step and at least ``(1 - max_prune_ratio)`` of its channels; with
-    ``ascend_optimized`` a pruned group keeps a multiple of 16 channels (the reference's rule).
+    A group keeps at least one step and at least ``(1 - max_prune_ratio)`` of its channels; a pruned group keeps
+    a multiple of :func:`kept_step` (with ``ascend_optimized``, of 16: the reference's rule).
     """
-    step = alignment(ascend_optimized)
+    step = kept_step(ascend_optimized, atom)
     # The small epsilon keeps 64 * (1 - 0.75) = 16.000000000000004 from rounding up to 17.
     floor = max(step, math.ceil(channels * (1.0 - max_prune_ratio) - 1e-9))
     counts = [channels]
@@ -50,13 +56,12 @@ def allowed_kept_counts(channels: int, ascend_optimized: bool, max_prune_ratio: 
     return counts
 
 
-def kept_from_ratio(channels: int, prune_ratio: float, ascend_optimized: bool) -> int:
-    """How many of ``channels`` a ``prune_ratio`` (pruned / total) keeps: at least one, and with
-    ``ascend_optimized`` rounded up to a multiple of 16 (never above ``channels``)."""
+def kept_from_ratio(channels: int, prune_ratio: float, ascend_optimized: bool, atom: int = 1) -> int:
+    """How many of ``channels`` a ``prune_ratio`` (pruned / total) keeps: at least one, rounded up to a
+    multiple of :func:`kept_step` (never above ``channels``)."""
     kept = max(1, round(channels * (1.0 - prune_ratio)))
-    if ascend_optimized:
-        kept = min(channels, math.ceil(kept / ASCEND_ALIGNMENT) * ASCEND_ALIGNMENT)
-    return kept
+    step = kept_step(ascend_optimized, atom)
+    return min(channels, math.ceil(kept / step) * step)
 
 
 @dataclass
@@ -73,6 +78,8 @@ class SearchRecord:
         allowed_kept: kept counts the search may choose, largest first (``channels`` itself first).
         sensitivity: per-channel importance (higher matters more), set by the sensitivity method.
         gain: per-channel cost saved by removing one channel from the unpruned model.
+        unit: channels go in whole units of this many (a GroupNorm group, an attention head).
+        blocks: the channels form this many equal blocks that must keep equal counts (a grouped conv's groups).
     """
 
     group_id: int
@@ -84,6 +91,13 @@ class SearchRecord:
     allowed_kept: list[int]
     sensitivity: torch.Tensor | None = None
     gain: torch.Tensor | None = None
+    unit: int = 1
+    blocks: int = 1
+
+    def atoms(self) -> list[list[int]]:
+        """The channels in the steps a search removes them, least sensitive first: one whole unit from every
+        block at a time (single channels for an unconstrained group)."""
+        return channel_atoms(self.channels, self.unit, self.blocks, self.sensitivity)
 
 
 class CostModel:
@@ -233,6 +247,10 @@ def masks_to_decision(masks: Any, records: Sequence[SearchRecord], method: str) 
         if any(k != keeps[0] for k in keeps):
             raise SearchError(f"search method {method} gave different masks to {', '.join(given)}, whose channels "
                               f"are coupled (group {record.name}); they must get the same mask")
+        broken = structure_violation(record.channels, record.unit, record.blocks, keeps[0])
+        if broken:
+            raise SearchError(f"search method {method} keeps channels of layer {record.name} that break its "
+                              f"structure: {broken}")
         if len(keeps[0]) not in record.allowed_kept:
             raise SearchError(f"search method {method} keeps {len(keeps[0])} of {record.channels} channels of "
                               f"layer {record.name}; allowed counts are {record.allowed_kept[:12]}"

@@ -35,6 +35,7 @@ from acps_core.graph import (
     FOLLOWER_TYPES,
     LINEAR_TYPES,
     NORM_TYPES,
+    TRANSPOSED_CONV_TYPES,
     ChannelGraph,
     ChannelGroup,
     build_channel_graph,
@@ -66,26 +67,44 @@ def _take_buffer(buffer: torch.Tensor | None, index: torch.Tensor) -> torch.Tens
 
 
 def _slice_output(module: nn.Module, keep: torch.Tensor) -> None:
-    """Keep output channels ``keep`` of a Conv/Linear producer (and of a depthwise conv, its inputs too)."""
+    """Keep output channels ``keep`` of a Conv/ConvTranspose/Linear producer (and of a depthwise conv, which
+    follows its input, its inputs too)."""
     layer = cast(Any, module)
-    layer.weight = _take(layer.weight, 0, keep)
-    layer.bias = _take(layer.bias, 0, keep)
     if isinstance(module, LINEAR_TYPES):
+        layer.weight = _take(layer.weight, 0, keep)
+        layer.bias = _take(layer.bias, 0, keep)
         layer.out_features = len(keep)
         return
-    if layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels:
+    transposed = isinstance(module, TRANSPOSED_CONV_TYPES)
+    layer.weight = _take(layer.weight, 1 if transposed else 0, keep)
+    layer.bias = _take(layer.bias, 0, keep)
+    if not transposed and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels:
         layer.in_channels = layer.groups = len(keep)
     layer.out_channels = len(keep)
 
 
 def _slice_input(module: nn.Module, keep: torch.Tensor) -> None:
-    """Keep input positions ``keep`` of a Conv/Linear consumer."""
+    """Keep input positions ``keep`` of a Conv/ConvTranspose/Linear consumer. A grouped conv keeps, in every
+    group, the kept positions of that group (the graph made every group keep the same count)."""
     layer = cast(Any, module)
-    layer.weight = _take(layer.weight, 1, keep)
     if isinstance(module, LINEAR_TYPES):
+        layer.weight = _take(layer.weight, 1, keep)
         layer.in_features = len(keep)
+        return
+    if isinstance(module, TRANSPOSED_CONV_TYPES):
+        layer.weight = _take(layer.weight, 0, keep)
+    elif layer.groups > 1:
+        per_group = layer.in_channels // layer.groups
+        rows = layer.weight.shape[0] // layer.groups
+        parts = []
+        for g in range(layer.groups):
+            columns = torch.tensor([int(p) - g * per_group for p in keep if g * per_group <= p < (g + 1) * per_group],
+                                   dtype=torch.long, device=layer.weight.device)
+            parts.append(layer.weight.detach()[g * rows:(g + 1) * rows].index_select(1, columns))
+        layer.weight = nn.Parameter(torch.cat(parts).clone(), requires_grad=layer.weight.requires_grad)
     else:
-        layer.in_channels = len(keep)
+        layer.weight = _take(layer.weight, 1, keep)
+    layer.in_channels = len(keep)
 
 
 def _slice_follower(module: nn.Module, keep: torch.Tensor) -> None:
@@ -94,6 +113,18 @@ def _slice_follower(module: nn.Module, keep: torch.Tensor) -> None:
     if isinstance(module, nn.PReLU):
         layer.weight = _take(layer.weight, 0, keep)
         layer.num_parameters = len(keep)
+        return
+    if isinstance(module, nn.LayerNorm):
+        layer.weight = _take(layer.weight, 0, keep)
+        layer.bias = _take(layer.bias, 0, keep)
+        layer.normalized_shape = (len(keep),)
+        return
+    if isinstance(module, nn.GroupNorm):
+        per_group = layer.num_channels // layer.num_groups
+        layer.weight = _take(layer.weight, 0, keep)
+        layer.bias = _take(layer.bias, 0, keep)
+        layer.num_channels = len(keep)
+        layer.num_groups = len(keep) // per_group  # whole norm groups go (the graph made sure)
         return
     if layer.affine:
         layer.weight = _take(layer.weight, 0, keep)
@@ -108,10 +139,12 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
     """Remove channels from ``model`` in place: group ``g`` keeps only the channel indices ``keep[g]``.
 
     ``graph`` must have been built from ``model`` (or an identical one). A layer touched by several groups (the
-    consumer of a concat) is sliced once, with every group's removals combined.
+    consumer of a concat) is sliced once, with every group's removals combined; a layer's outputs are sliced
+    before its inputs.
 
     Raises:
-        GraphError: a group id that is not prunable, or indices out of range.
+        GraphError: a group that is not prunable, indices out of range, or a keep set that breaks the group's
+            units or blocks.
     """
     outputs: dict[str, set[int]] = {}   # producer / follower -> output channels to drop
     inputs: dict[str, set[int]] = {}    # consumer -> input positions to drop
@@ -123,37 +156,41 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
         if not kept or any(c < 0 or c >= group.channels for c in kept):
             raise GraphError(f"channel group {group.name} has {group.channels} channels; keep indices must be a "
                              f"non-empty subset of 0..{group.channels - 1}")
+        broken = group.check_keep(sorted(kept))
+        if broken:
+            raise GraphError(f"cannot keep those channels of group {group.name}: {broken}")
         removed = [c for c in range(group.channels) if c not in kept]
         for name in group.producers:
             outputs.setdefault(name, set()).update(removed)
         for use in group.followers:
-            outputs.setdefault(use.layer, set()).update(use.offset + c for c in removed)
+            outputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
         for use in group.consumers:
-            positions = (use.offset + c * use.block + j for c in removed for j in range(use.block))
-            inputs.setdefault(use.layer, set()).update(positions)
+            inputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
     for name, drop in outputs.items():
         module = model.get_submodule(name)
-        total = _size(module, "out")
-        index = torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long)
+        index = torch.tensor([i for i in range(_size(module, "out")) if i not in drop], dtype=torch.long)
         if isinstance(module, FOLLOWER_TYPES):
             _slice_follower(module, index)
         else:
             _slice_output(module, index)
     for name, drop in inputs.items():
         module = model.get_submodule(name)
-        total = _size(module, "in")
-        _slice_input(module, torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long))
+        _slice_input(module, torch.tensor([i for i in range(_size(module, "in")) if i not in drop], dtype=torch.long))
 
 
 def _size(module: nn.Module, axis: str) -> int:
     layer = cast(Any, module)
     if isinstance(module, nn.PReLU):
         return int(layer.num_parameters)
+    if isinstance(module, nn.LayerNorm):
+        return int(layer.normalized_shape[0])
+    if isinstance(module, nn.GroupNorm):
+        return int(layer.num_channels)
     if isinstance(module, NORM_TYPES):
         return int(layer.num_features)
     if isinstance(module, LINEAR_TYPES):
         return int(layer.out_features if axis == "out" else layer.in_features)
-    if isinstance(module, CONV_TYPES):
+    if isinstance(module, CONV_TYPES + TRANSPOSED_CONV_TYPES):
         return int(layer.out_channels if axis == "out" else layer.in_channels)
     raise GraphError(f"acps cannot slice a {type(module).__name__}")
 
@@ -169,7 +206,8 @@ def _group_kept_count(graph: ChannelGraph, group: ChannelGroup, cfg: Any, config
     if any(d.source == "skip" for d in decisions.values()):
         return None
     # An entry without ascend_optimized takes the schema's default, true.
-    counts = {name: kept_from_ratio(group.channels, float(d.prune_ratio), d.ascend_optimized is not False)
+    counts = {name: kept_from_ratio(group.channels, float(d.prune_ratio), d.ascend_optimized is not False,
+                                    group.atom)
               for name, d in decisions.items()
               if d.source != "none" and d.prune_ratio is not None and name in group.producers}
     if not counts:
@@ -200,13 +238,17 @@ def _read_selection(path: Path) -> dict[str, list[int]]:
     return removed
 
 
-def _l2_keep(model: nn.Module, group: ChannelGroup, count: int) -> list[int]:
-    """The ``count`` channels with the largest filter L2 norm summed over the group's producers."""
+def largest_norm_channels(model: nn.Module, group: ChannelGroup, count: int) -> list[int]:
+    """The ``count`` channels of ``group`` with the largest filter L2 norms summed over its producers (the
+    reference's rule), taken in whole atoms when the group has units or blocks. Sorted."""
     norms = torch.zeros(group.channels, dtype=torch.float64)
     for name in group.producers:
         weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
+        if isinstance(model.get_submodule(name), TRANSPOSED_CONV_TYPES):
+            weight = weight.transpose(0, 1)  # (in, out, k...): output channels are dim 1
         norms += weight.reshape(weight.shape[0], -1).double().pow(2).sum(dim=1).cpu()
-    return sorted(torch.topk(norms, count).indices.tolist())
+    removed = [c for atom in group.atoms(norms)[: (group.channels - count) // group.atom] for c in atom]
+    return sorted(set(range(group.channels)) - set(removed))
 
 
 def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Path) -> dict[int, list[int]]:
@@ -226,7 +268,7 @@ def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: P
             if chosen:
                 logger.info("the selection file does not match the config for %s (edited?); choosing channels "
                             "by filter L2 norm", group.name)
-            keep[group.id] = _l2_keep(model, group, count)
+            keep[group.id] = largest_norm_channels(model, group, count)
     return keep
 
 

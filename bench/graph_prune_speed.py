@@ -11,8 +11,8 @@ Two full-size models are built here with random weights (no downloads, no torchv
 For each model it times, on CPU, the median of ``--repeats`` runs after one warm-up run:
 
 - a plain forward pass under ``torch.no_grad()``: the unit. One is timed right before every run of every step
-  below, and a step's "x forwards" is the median of its per-run ratios, which holds still when other processes
-  load the machine for a while (the absolute ms do not);
+  below and one right after, and a step's "x fwd" is the median of its per-run ratios, which holds still when
+  other processes load the machine for a while (the absolute ms do not);
 - ``build_channel_graph(model, x)``;
 - ``prune_channels(copy, graph, keep)`` on a fresh deep copy (the copy is made outside the timed region), where
   ``keep`` drops a random 30-50 % of the channels of every prunable group;
@@ -220,9 +220,10 @@ class Measurement:
 class Stopwatch:
     """Times steps against the model's forward pass.
 
-    Each timed run of a step comes right after a timed forward pass, and the step's ratio is the median of the
-    per-run ratios: other processes slowing the machine down for a while slow both down alike, so the ratio stays
-    put even when the absolute times do not. The first run of every step is a warm-up and is not kept.
+    Each timed run of a step sits between two timed forward passes, and the step's ratio is the median of the
+    per-run ratios (step time over the mean of its two forwards): other processes slowing the machine down for a
+    while slow both down alike, so the ratio stays put even when the absolute times do not. The first run of every
+    step is a warm-up and is not kept.
     """
 
     def __init__(self, forward: Callable[[], object], repeats: int) -> None:
@@ -242,12 +243,13 @@ class Stopwatch:
         for run in range(self.repeats + 1):
             if setup is not None:
                 setup()
-            forward_s = self._seconds(self.forward)
+            before = self._seconds(self.forward)
             step_s = self._seconds(step)
+            after = self._seconds(self.forward)
             if run > 0:
-                self.forward_times.append(forward_s)
+                self.forward_times += [before, after]
                 step_times.append(step_s)
-                ratios.append(step_s / forward_s)
+                ratios.append(step_s / ((before + after) / 2))
         return Timing(statistics.median(step_times), statistics.median(ratios))
 
 

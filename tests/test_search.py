@@ -339,3 +339,15 @@ def test_methods_that_do_not_use_the_default_loss_accept_any_labels(tmp_path, ch
 
     result = search(tmp_path, chain, [data[0], torch.zeros(16, 3)], "compress_ratio: 1.5\n", sensitivity=FilterNorm())
     assert result.target_reached
+
+
+def test_reports_beside_the_config_explain_every_layer(tmp_path, chain, data) -> None:
+    import json
+
+    result = search(tmp_path, chain, data, "compress_ratio: 2\n")
+    report = json.loads((tmp_path / "prune.cfg.report.json").read_text())
+    by_name = {layer["name"]: layer for layer in report["layers"]}
+    assert set(by_name) == set(result.layers)
+    assert "model's output" in by_name["fc2"]["reason"]
+    markdown = (tmp_path / "prune.cfg.report.md").read_text()
+    assert all(name in markdown for name in result.layers)

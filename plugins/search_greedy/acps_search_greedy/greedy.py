@@ -42,9 +42,10 @@ class GreedySearch(SearchChannelBase):
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:
         """Greedy search; returns a keep mask per producer of every group that loses channels."""
         records = {r.group_id: r for r in search_records}
-        # Least important first; ties broken by channel index so the result is deterministic.
-        order = {g: torch.argsort(torch.as_tensor(r.sensitivity, dtype=torch.float64), stable=True).tolist()
-                 for g, r in records.items()}
+        # Least important first, in whole atoms (units of every block) for groups that have them; ties are
+        # broken by channel index so the result is deterministic. Kept counts are multiples of the atom, so
+        # removing the first C - k channels of this order always removes whole atoms.
+        order = {g: [c for atom in r.atoms() for c in atom] for g, r in records.items()}
         cumulative = {g: [0.0, *torch.cumsum(torch.as_tensor(r.sensitivity, dtype=torch.float64)[order[g]],
                                             0).tolist()] for g, r in records.items()}
         kept = {g: r.channels for g, r in records.items()}
