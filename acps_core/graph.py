@@ -803,6 +803,10 @@ class _GroupBuilder:
             self.matmul(op, refs, where)
         elif name == "scaled_dot_product_attention":
             self.attention(op, refs, where)
+        elif name == "multi_head_attention_forward":
+            self.block_tags(all_tags, f"nn.MultiheadAttention at {op.location} uses these channels as its "
+                                      "embed_dim, which acps does not prune yet (write attention with Linear "
+                                      "projections and scaled_dot_product_attention to prune its heads)")
         else:
             self.block_tags(all_tags, f"{where} cannot be mapped channel by channel")
 

@@ -49,3 +49,21 @@ def pooled_chain(width: int = 32, classes: int = 10) -> nn.Sequential:
         nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, width, 3), nn.BatchNorm2d(width), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
+def assert_pruned_matches_search(model: nn.Module, pruned: nn.Module, x: torch.Tensor, result: object) -> None:
+    """The physically pruned model has the kept counts the search reported and computes what the unpruned
+    model computes with the removed channels masked."""
+    from acps_core.graph import build_channel_graph
+    from acps_core.masking import masked_channels
+
+    for name, layer in result.layers.items():  # type: ignore[attr-defined]
+        if layer.total:
+            assert pruned.get_submodule(name).weight.shape[0] == layer.kept, name
+    graph = build_channel_graph(model, x)
+    ids = {g.name: g.id for g in graph.groups}
+    keep = {ids[n]: k for n, k in result.kept_channels.items()}  # type: ignore[attr-defined]
+    with masked_channels(model, graph, keep), torch.no_grad():
+        expected = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)

@@ -19,10 +19,9 @@ from torch import nn
 import acps_core as acps
 from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.graph import build_channel_graph
-from acps_core.masking import masked_channels
 from acps_core.problem import CostModel
 from acps_gain_ascend import BitComplexity
-from tests.models import ConvChain, pooled_chain, randomize_norms
+from tests.models import ConvChain, assert_pruned_matches_search, pooled_chain, randomize_norms
 
 
 class Residual(nn.Module):
@@ -123,15 +122,7 @@ def run_search(tmp_path: Path, model: nn.Module, x: torch.Tensor, config: str,
 
 def check_pruned(tmp_path: Path, model: nn.Module, x: torch.Tensor, result: acps.SearchResult) -> nn.Module:
     pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
-    for name, layer in result.layers.items():
-        if layer.total:
-            assert pruned.get_submodule(name).weight.shape[0] == layer.kept, name
-    graph = build_channel_graph(model, x)
-    ids = {g.name: g.id for g in graph.groups}
-    with masked_channels(model, graph, {ids[n]: k for n, k in result.kept_channels.items()}), torch.no_grad():
-        expected = model(x)
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
+    assert_pruned_matches_search(model, pruned, x, result)
     pruned_cost = CostModel(build_channel_graph(pruned, x), BitComplexity()).full_cost
     assert pruned_cost == pytest.approx(result.cost_after, rel=1e-9)
     return pruned

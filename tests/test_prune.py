@@ -12,8 +12,6 @@ from torch import nn
 
 import acps_core as acps
 from acps_core.errors import ConfigError, DataError
-from acps_core.graph import build_channel_graph
-from acps_core.masking import masked_channels
 from acps_core.proto import scale_offset_record_pb2
 from acps_core.prune import (
     create_prune_retrain_model,
@@ -23,7 +21,7 @@ from acps_core.prune import (
 )
 from acps_core.selection import selection_path
 from tests.model_snapshot import ModelSnapshot
-from tests.models import ConvChain, randomize_norms
+from tests.models import ConvChain, assert_pruned_matches_search, randomize_norms
 
 
 @pytest.fixture
@@ -48,14 +46,7 @@ def searched(tmp_path: Path, model: nn.Module, x: torch.Tensor, ratio: float = 2
 def test_pruned_model_computes_what_the_masked_model_computes(tmp_path, model, x) -> None:
     config, result = searched(tmp_path, model, x)
     pruned = create_prune_retrain_model(model, x, config, tmp_path / "prune.record")
-    for name, layer in result.layers.items():
-        assert pruned.get_submodule(name).weight.shape[0] == layer.kept
-    graph = build_channel_graph(model, x)
-    ids = {g.name: g.id for g in graph.groups}
-    with masked_channels(model, graph, {ids[n]: k for n, k in result.kept_channels.items()}), torch.no_grad():
-        expected = model(x)
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
+    assert_pruned_matches_search(model, pruned, x, result)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
