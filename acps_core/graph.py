@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from acps_core.data import forward
 from acps_core.errors import GraphError
@@ -431,8 +432,9 @@ class _Recorder(TorchFunctionMode):
         self.leaf_names = leaf_names
         self.ops: list[_Op] = []
         self.shapes: list[tuple[int, ...]] = []
-        self._value_of: dict[int, int] = {}
-        self._keepalive: list[torch.Tensor] = []  # keeps ids unique while tracing
+        # Weak keys: activations are freed as in a plain forward pass, and a reused id() cannot alias a dead
+        # tensor (holding every activation alive doubled the trace's time and memory).
+        self._value_of: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._inside_leaf = 0
         self._paused = False
         self._pending: list[tuple[nn.Module, tuple[Any, ...], dict[str, Any], str]] = []
@@ -440,15 +442,14 @@ class _Recorder(TorchFunctionMode):
     def add_value(self, tensor: torch.Tensor) -> int:
         value = len(self.shapes)
         self.shapes.append(tuple(tensor.shape))
-        self._value_of[id(tensor)] = value
-        self._keepalive.append(tensor)
+        self._value_of[tensor] = value
         return value
 
     def ref(self, tensor: torch.Tensor) -> _TensorRef:
-        return _TensorRef(self._value_of.get(id(tensor)), tuple(tensor.shape), tensor.dtype)
+        return _TensorRef(self._value_of.get(tensor), tuple(tensor.shape), tensor.dtype)
 
     def value_of(self, tensor: torch.Tensor) -> int | None:
-        return self._value_of.get(id(tensor))
+        return self._value_of.get(tensor)
 
     def _record(self, name: str, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                 out: Any, location: str) -> None:

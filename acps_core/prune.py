@@ -39,6 +39,7 @@ from acps_core.graph import (
     ChannelGraph,
     ChannelGroup,
     build_channel_graph,
+    trace_sample,
 )
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
@@ -58,12 +59,12 @@ __all__ = ["create_prune_retrain_model", "prune_channels", "restore_prune_retrai
 def _take(param: torch.Tensor | None, dim: int, index: torch.Tensor) -> nn.Parameter | None:
     if param is None:
         return None
-    data = param.detach().index_select(dim, index.to(param.device)).clone()
+    data = param.detach().index_select(dim, index.to(param.device))  # a new tensor already
     return nn.Parameter(data, requires_grad=param.requires_grad)
 
 
 def _take_buffer(buffer: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    return None if buffer is None else buffer.index_select(0, index.to(buffer.device)).clone()
+    return None if buffer is None else buffer.index_select(0, index.to(buffer.device))
 
 
 def _slice_output(module: nn.Module, keep: torch.Tensor) -> None:
@@ -246,7 +247,7 @@ def largest_norm_channels(model: nn.Module, group: ChannelGroup, count: int) -> 
         weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
         if isinstance(model.get_submodule(name), TRANSPOSED_CONV_TYPES):
             weight = weight.transpose(0, 1)  # (in, out, k...): output channels are dim 1
-        norms += weight.reshape(weight.shape[0], -1).double().pow(2).sum(dim=1).cpu()
+        norms += torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1).float(), dim=1).double().cpu() ** 2
     removed = [c for atom in group.atoms(norms)[: (group.channels - count) // group.atom] for c in atom]
     return sorted(set(range(group.channels)) - set(removed))
 
@@ -312,10 +313,10 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, 
     with preserved_modes(pruned):
         pruned.eval()
         graph = build_channel_graph(pruned, data)
-        before = _shapes(_checked_output(pruned, data, "original"))
+        before = _shapes(graph.output)  # the trace's output, on the first samples of the data
         keep = keep_of(pruned, graph)
         prune_channels(pruned, graph, keep)
-        after = _shapes(_checked_output(pruned, data, "pruned"))
+        after = _shapes(_checked_output(pruned, trace_sample(data), "pruned"))
     if before != after:
         raise GraphError(f"the pruned model's output shape {after} differs from the original {before}; this is a "
                          "bug in acps's channel graph, please report it with the model")

@@ -129,8 +129,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
-        self.scale = (dim // heads) ** -0.5
+        self.head_dim = dim // heads
+        self.scale = self.head_dim ** -0.5
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -138,10 +138,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        # -1 for the head width, so that pruning whole heads' channels keeps the reshape valid.
-        q = self.q(x).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
-        k = self.k(x).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
-        v = self.v(x).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
+        # -1 for the number of heads: heads are pruned whole, so their count changes and their width does not.
+        q = self.q(x).reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         attention = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
         out = (attention @ v).transpose(1, 2).reshape(batch, tokens, -1)
         return self.proj(out)
@@ -274,14 +274,18 @@ class Stopwatch:
 
 
 def random_keep(graph: ChannelGraph, seed: int = 0) -> dict[int, list[int]]:
-    """For every prunable group, a sorted random subset keeping 50-70 % of its channels (at least one)."""
+    """For every prunable group, sorted kept channels after removing a random 30-50 % of them.
+
+    Channels are removed in the group's atoms (whole attention heads, one unit from every block of a grouped
+    conv), as the prune step requires; at least one atom is kept.
+    """
     generator = torch.Generator().manual_seed(seed)
     keep = {}
     for group in graph.prunable_groups:
         fraction = 0.3 + 0.2 * torch.rand((), generator=generator).item()
-        removed = min(group.channels - 1, round(group.channels * fraction))
-        order = torch.randperm(group.channels, generator=generator)
-        keep[group.id] = sorted(order[removed:].tolist())
+        atoms = group.atoms(torch.rand(group.channels, generator=generator))  # random scores: a random order
+        removed = min(len(atoms) - 1, round(len(atoms) * fraction))
+        keep[group.id] = sorted(c for atom in atoms[removed:] for c in atom)
     return keep
 
 
@@ -321,7 +325,7 @@ def measure(name: str, repeats: int, workdir: Path) -> Measurement:
 
 
 def profile_graph(name: str, top: int) -> str:
-    """cProfile of one ``build_channel_graph`` call on model ``name``: the ``top`` calls by cumulative time."""
+    """cProfile of one ``build_channel_graph`` call on ``name``: the ``top`` calls by cumulative, then own time."""
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, 224, 224)
