@@ -367,7 +367,8 @@ def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: Sear
     used = {**settings.model_dump(), "methods": dict(result.methods)}
     reports = render_reports(result, used, graph=graph)
     extra: dict[str | os.PathLike[str], str] = {selection: selection_text}
-    extra.update(reports)
+    for path, text in reports.items():
+        extra[path] = text
     write_prune_config(out_path, cfg, extra=extra, header=header)
     logger.info("wrote %s and %s", out_path, selection)
     if not math.isfinite(result.achieved_ratio):
