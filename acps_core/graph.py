@@ -159,7 +159,9 @@ class LayerGeometry:
 class ChannelUse:
     """A layer touched by a channel group: channel ``c`` of the group (for ``start <= c < stop``) is positions
     ``offset + (c - start) * block`` to ``offset + (c - start + 1) * block - 1`` of the layer's channel
-    dimension. ``stop`` None means the group's last channel."""
+    dimension. ``stop`` None means the group's last channel. A bare model parameter used with the channels (a
+    layer scale, a position embedding, a class token) is a follower of kind ``"Parameter"``, named by its
+    qualified name, with its channels along ``dim``."""
 
     layer: str
     kind: str
@@ -167,6 +169,7 @@ class ChannelUse:
     block: int = 1
     start: int = 0
     stop: int | None = None
+    dim: int = 0  # for a bare parameter (kind "Parameter"): the dim of the parameter holding the channels
 
     def span(self, channels: int) -> range:
         """The group channels this use covers."""
@@ -341,7 +344,11 @@ class ChannelGraph:
             whole = ChannelUse(name, self.module_type(name))
             slices += [ParamSlice(name, "weight", out_dim, whole), ParamSlice(name, "bias", 0, whole)]
         for use in group.followers:
-            slices += [ParamSlice(use.layer, p, 0, use) for p in ("weight", "bias")]
+            if use.kind == "Parameter":
+                owner, _, attr = use.layer.rpartition(".")
+                slices.append(ParamSlice(owner, attr, use.dim, use))
+            else:
+                slices += [ParamSlice(use.layer, p, 0, use) for p in ("weight", "bias")]
         for use in group.consumers:
             layer = self.layers.get(use.layer)
             groups = layer.geometry.groups if layer is not None and layer.geometry is not None else 1
@@ -391,6 +398,7 @@ class _TensorRef:
     value: int | None
     shape: tuple[int, ...]
     dtype: torch.dtype
+    param: str | None = None  # the qualified name, when the tensor is one of the model's parameters
 
 
 @dataclass
@@ -427,9 +435,10 @@ def _tensors_in(obj: Any) -> Iterator[Any]:
 class _Recorder(TorchFunctionMode):
     """Records the torch functions and leaf-module calls of one forward pass."""
 
-    def __init__(self, leaf_names: Mapping[nn.Module, str]) -> None:
+    def __init__(self, leaf_names: Mapping[nn.Module, str], param_names: Mapping[int, str]) -> None:
         super().__init__()
         self.leaf_names = leaf_names
+        self.param_names = param_names
         self.ops: list[_Op] = []
         self.shapes: list[tuple[int, ...]] = []
         # Weak keys: activations are freed as in a plain forward pass, and a reused id() cannot alias a dead
@@ -446,7 +455,8 @@ class _Recorder(TorchFunctionMode):
         return value
 
     def ref(self, tensor: torch.Tensor) -> _TensorRef:
-        return _TensorRef(self._value_of.get(tensor), tuple(tensor.shape), tensor.dtype)
+        return _TensorRef(self._value_of.get(tensor), tuple(tensor.shape), tensor.dtype,
+                          self.param_names.get(id(tensor)))
 
     def value_of(self, tensor: torch.Tensor) -> int | None:
         return self._value_of.get(tensor)
@@ -556,6 +566,8 @@ class _GroupBuilder:
         self.layers: dict[str, dict[str, Any]] = {}  # per Conv/Linear: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         self.queried: set[int] = set()  # spaces whose size the model read (x.shape, x.size())
+        # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
+        self.param_origin: dict[int, tuple[str, int]] = {}
 
     # -- union-find over spaces ---------------------------------------------------------------------------------
     def find(self, space: int) -> int:
@@ -753,10 +765,34 @@ class _GroupBuilder:
         self.tags[out_value] = [self.whole(space, channel_dim)]
 
     # -- functions -----------------------------------------------------------------------------------------------
+    def origin(self, ref: _TensorRef) -> tuple[str, int] | None:
+        """The model parameter a tensor is (or was expanded or cast from), and how many leading dims it gained."""
+        if ref.param is not None:
+            return ref.param, 0
+        return self.param_origin.get(ref.value) if ref.value is not None else None
+
+    def param_use(self, tag: _Tag, ref: _TensorRef, ref_dim: int, where: str) -> bool:
+        """Record a bare parameter that holds these channels along ``ref_dim`` of ``ref``; False if ``ref`` is
+        not one, or holds them in a way acps cannot slice."""
+        origin = self.origin(ref)
+        if origin is None or tag.block != 1 or tag.unit != 1 or ref.shape[ref_dim] < tag.offset + tag.length:
+            return False
+        name, added = origin
+        if ref_dim - added < 0:
+            return False
+        use = ChannelUse(name, "Parameter", tag.offset, 1, tag.start,
+                         None if tag.start == 0 and tag.stop == self.spaces[tag.space].channels else tag.stop,
+                         dim=ref_dim - added)
+        followers = self.spaces[tag.space].followers
+        if use not in followers:
+            followers.append(use)
+        return True
+
     def function_op(self, op: _Op) -> None:
         refs = [r for r in _tensors_in((op.args, op.kwargs))]
         tagged = [r for r in refs if self.tags_of(r)]
         if not tagged:
+            self.track_parameter(op, refs)
             return
         name = op.name
         all_tags = [t for r in tagged for t in self.tags_of(r)]
@@ -811,6 +847,16 @@ class _GroupBuilder:
         else:
             self.block_tags(all_tags, f"{where} cannot be mapped channel by channel")
 
+    def track_parameter(self, op: _Op, refs: list[_TensorRef]) -> None:
+        """Follow a parameter through an expand or cast, so that a class token expanded to the batch and then
+        concatenated with the tokens is still known to be the parameter."""
+        if not refs or not op.outputs or op.name not in _UNARY_ELEMENTWISE | {"expand", "expand_as", "broadcast_to"}:
+            return
+        origin = self.origin(refs[0])
+        if origin is not None:
+            added = len(self.recorder.shapes[op.outputs[0]]) - len(refs[0].shape)
+            self.param_origin[op.outputs[0]] = (origin[0], origin[1] + added)
+
     def binary(self, op: _Op, refs: list[_TensorRef], where: str) -> None:
         out = op.outputs[0] if op.outputs else None
         if out is None:
@@ -831,6 +877,8 @@ class _GroupBuilder:
                     if other_dim < 0 or other.shape[other_dim] == 1:
                         continue  # broadcast along the channels: a per-sample or scalar factor
                     match = [t for t in other_tags if t.same_place(tag)]
+                    if not match and self.param_use(tag, other, other_dim, where):
+                        continue  # x * layer_scale, x + pos_embed: the parameter is sliced with the channels
                     if not match:
                         ok = False
                         self.block(tag.space, f"{where} combines these channels with a tensor of shape "
@@ -964,7 +1012,7 @@ class _GroupBuilder:
         for tag in others:
             for part in parts:
                 match = [t for t in self.tags_of(part) if t.same_place(tag)]
-                if not match:
+                if not match and not self.param_use(tag, part, tag.dim, where):
                     self.block(tag.space, f"{where} joins these channels with a tensor that does not hold them")
                 for t in match:
                     self.union(tag.space, t.space, where)
@@ -1261,7 +1309,8 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         module_types[name] = type(module).__name__
     leaf_names = {m: n for m, n in module_names.items() if isinstance(m, _LEAF_TYPES)}
 
-    recorder = _Recorder(leaf_names)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    recorder = _Recorder(leaf_names, param_names)
     sample = trace_sample(data)
     for tensor in _tensors_in(sample):
         recorder.add_value(tensor)

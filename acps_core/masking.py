@@ -30,7 +30,8 @@ def _removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], f
         kept_set = set(kept)
         removed = [c for c in range(group.channels) if c not in kept_set]
         for use in group.followers if followers else group.consumers:
-            positions.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
+            if use.kind != "Parameter":  # a bare parameter is never read as a layer's input
+                positions.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
     return positions
 
 

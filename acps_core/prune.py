@@ -149,6 +149,7 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
     """
     outputs: dict[str, set[int]] = {}   # producer / follower -> output channels to drop
     inputs: dict[str, set[int]] = {}    # consumer -> input positions to drop
+    parameters: dict[tuple[str, int], set[int]] = {}  # (bare parameter, dim) -> positions to drop
     for group_id, kept_list in keep.items():
         group = graph.group(group_id)
         if not group.prunable:
@@ -164,7 +165,10 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
         for name in group.producers:
             outputs.setdefault(name, set()).update(removed)
         for use in group.followers:
-            outputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
+            if use.kind == "Parameter":
+                parameters.setdefault((use.layer, use.dim), set()).update(use.positions(removed, group.channels))
+            else:
+                outputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
         for use in group.consumers:
             inputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
     for name, drop in outputs.items():
@@ -177,6 +181,12 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
     for name, drop in inputs.items():
         module = model.get_submodule(name)
         _slice_input(module, torch.tensor([i for i in range(_size(module, "in")) if i not in drop], dtype=torch.long))
+    for (name, dim), drop in parameters.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        param = getattr(owner, attr)
+        index = torch.tensor([i for i in range(param.shape[dim]) if i not in drop], dtype=torch.long)
+        setattr(owner, attr, _take(param, dim, index))
 
 
 def _size(module: nn.Module, axis: str) -> int:

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from acps_core.errors import GraphError
 from acps_core.graph import ChannelUse, build_channel_graph
 from acps_core.masking import masked_channels
+from acps_core.prune import prune_channels
 from tests.models import ConvChain, pooled_chain, randomize_norms
 
 
@@ -142,8 +144,35 @@ class Scaled(nn.Module):
         return self.conv2(self.conv1(x) * self.scale).flatten(1)
 
 
-def test_per_channel_constant_that_is_not_a_layer_blocks_the_group() -> None:
-    graph = build_channel_graph(Scaled().eval(), torch.randn(2, 3, 8, 8))
+def test_a_bare_per_channel_parameter_is_sliced_with_the_channels() -> None:
+    model = Scaled().eval()
+    with torch.no_grad():
+        model.scale.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_channel_graph(model, x)
+    group = graph.group(graph.layers["conv1"].out_group)
+    assert group.prunable
+    assert ChannelUse("scale", "Parameter", dim=0) in group.followers
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, {group.id: [0, 2, 5]})
+    assert pruned.scale.shape == (3, 1, 1)
+    with masked_channels(model, graph, {group.id: [0, 2, 5]}), torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x))
+
+
+class Unrelated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        noise = torch.linspace(0, 1, 8).view(1, 8, 1, 1)  # a per-channel tensor that is not the model's
+        return self.conv2(self.conv1(x) * noise).flatten(1)
+
+
+def test_per_channel_constant_that_is_not_a_parameter_blocks_the_group() -> None:
+    graph = build_channel_graph(Unrelated().eval(), torch.randn(2, 3, 8, 8))
     assert not graph.layers["conv1"].prunable
     assert "no prunable layer produces" in graph.layers["conv1"].reason
 
@@ -271,3 +300,64 @@ def test_masking_the_groups_equals_slicing_the_layers() -> None:
         full = model(x)
     torch.testing.assert_close(masked, sliced, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(masked, full, atol=1e-3)  # the masking did something
+
+
+class HeadAttention(nn.Module):
+    def __init__(self, width: int, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        weights = (q @ k.transpose(-2, -1) / self.head_dim ** 0.5).softmax(-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, width: int = 32, head_dim: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, 17, width))
+        self.ln1, self.ln2, self.ln = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = HeadAttention(width, head_dim)
+        self.fc1, self.fc2 = nn.Linear(width, 64), nn.Linear(64, width)
+        self.gamma = nn.Parameter(torch.rand(width))
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        x = x + self.attn(self.ln1(x))
+        x = x + self.gamma * self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(self.ln(x)[:, 0])
+
+
+def test_transformer_stream_heads_and_mlp_are_prunable_and_exact() -> None:
+    torch.manual_seed(0)
+    model = TinyViT().double().eval()
+    for norm in (model.ln1, model.ln2, model.ln):
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    graph = build_channel_graph(model, x)
+    stream = group_of(graph, "patch")
+    assert sorted(stream.producers) == ["attn.out", "fc2", "patch"]
+    assert {u.layer for u in stream.followers} == {"cls", "pos", "ln1", "ln2", "ln", "gamma"}
+    heads = group_of(graph, "attn.q")
+    assert sorted(heads.producers) == ["attn.k", "attn.q", "attn.v"] and heads.unit == 8
+    assert [u.layer for u in heads.consumers] == ["attn.out"]
+    assert all(g.prunable for g in graph.groups if g.name != "head")
+    generator = torch.Generator().manual_seed(1)
+    keep = {}
+    for group in graph.prunable_groups:
+        atoms = group.atoms(torch.rand(group.channels, generator=generator))
+        keep[group.id] = sorted(c for atom in atoms[len(atoms) // 2:] for c in atom)
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, keep)
+    assert pruned.attn.q.out_features == 16 and pruned.ln1.normalized_shape == (16,)
+    with masked_channels(model, graph, keep), torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x))
