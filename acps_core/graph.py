@@ -568,6 +568,10 @@ class _GroupBuilder:
         self.queried: set[int] = set()  # spaces whose size the model read (x.shape, x.size())
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
         self.param_origin: dict[int, tuple[str, int]] = {}
+        # Bare parameters: where each op used one, and the uses acps could map (the others block its groups).
+        self.param_ops: dict[str, list[_Op]] = {}
+        self.param_mapped: dict[str, set[int]] = {}
+        self.param_space: dict[str, tuple[int, ChannelUse]] = {}
 
     # -- union-find over spaces ---------------------------------------------------------------------------------
     def find(self, space: int) -> int:
@@ -640,6 +644,13 @@ class _GroupBuilder:
                 refs = list(_tensors_in((op.args, op.kwargs)))
                 self.block_tags([t for r in refs for t in self.tags_of(r)],
                                 f"acps could not analyse '{op.name}' at {op.location} ({type(exc).__name__}: {exc})")
+        # A sliced parameter must not be used anywhere acps did not map (g.sum() would change with its slice).
+        for name, (space, _) in self.param_space.items():
+            for op in self.param_ops.get(name, []):
+                if id(op) not in self.param_mapped.get(name, set()):
+                    self.block(space, f"parameter {name} is sliced with these channels but also used by "
+                                      f"'{op.name}' at {op.location}, which would change")
+                    break
 
     # -- modules -------------------------------------------------------------------------------------------------
     def module_op(self, op: _Op) -> None:
@@ -658,6 +669,10 @@ class _GroupBuilder:
                 self.layers[name]["reason"] = self.layers[name]["reason"] or reason
         touched = self.touched.setdefault(name, [])
         touched.extend(t.space for t in in_tags)
+        shared = self.shared_weights.get(name)
+        if shared:
+            # Slicing its inputs (or, for a norm, its parameters) would unshare the weights.
+            self.block_tags(in_tags, f"{name}'s parameters are shared with {shared}")
         if isinstance(module, FOLLOWER_TYPES):
             self.follower_module(op, module, in_tags, x)
         else:
@@ -771,7 +786,7 @@ class _GroupBuilder:
             return ref.param, 0
         return self.param_origin.get(ref.value) if ref.value is not None else None
 
-    def param_use(self, tag: _Tag, ref: _TensorRef, ref_dim: int, where: str) -> bool:
+    def param_use(self, op: _Op, tag: _Tag, ref: _TensorRef, ref_dim: int, where: str) -> bool:
         """Record a bare parameter that holds these channels along ``ref_dim`` of ``ref``; False if ``ref`` is
         not one, or holds them in a way acps cannot slice."""
         origin = self.origin(ref)
@@ -783,6 +798,15 @@ class _GroupBuilder:
         use = ChannelUse(name, "Parameter", tag.offset, 1, tag.start,
                          None if tag.start == 0 and tag.stop == self.spaces[tag.space].channels else tag.stop,
                          dim=ref_dim - added)
+        earlier = self.param_space.get(name)
+        if earlier is not None and self.find(earlier[0]) != self.find(tag.space):
+            if earlier[1] != use:
+                self.block(tag.space, f"parameter {name} ({where}) is also used with other channels")
+                self.block(earlier[0], f"parameter {name} ({where}) is also used with other channels")
+                return True
+            self.union(earlier[0], tag.space, f"parameter {name} used by both ({where})")
+        self.param_space.setdefault(name, (tag.space, use))
+        self.param_mapped.setdefault(name, set()).add(id(op))
         followers = self.spaces[tag.space].followers
         if use not in followers:
             followers.append(use)
@@ -790,6 +814,11 @@ class _GroupBuilder:
 
     def function_op(self, op: _Op) -> None:
         refs = [r for r in _tensors_in((op.args, op.kwargs))]
+        for ref in refs:
+            origin = self.origin(ref)
+            if origin is not None:
+                self.param_ops.setdefault(origin[0], []).append(op)
+        self.check_sizes(op, refs)
         tagged = [r for r in refs if self.tags_of(r)]
         if not tagged:
             self.track_parameter(op, refs)
@@ -856,6 +885,20 @@ class _GroupBuilder:
         if origin is not None:
             added = len(self.recorder.shapes[op.outputs[0]]) - len(refs[0].shape)
             self.param_origin[op.outputs[0]] = (origin[0], origin[1] + added)
+            self.param_mapped.setdefault(origin[0], set()).add(id(op))
+
+    def check_sizes(self, op: _Op, refs: list[_TensorRef]) -> None:
+        """A view/reshape asking for a size equal to a channel count the model read (``B, N, C = x.shape``) of a
+        group the reshaped tensor does not hold: after pruning that group the size would change while the
+        tensor does not, so the group is left alone."""
+        sizes = _requested_sizes(op)
+        if not sizes or not self.queried or not refs:
+            return
+        held = {self.find(t.space) for t in self.tags_of(refs[0])}
+        for root in {self.find(s) for s in self.queried}:
+            if root not in held and self.spaces[root].channels in sizes:
+                self.block(root, f"its channel count, read from a tensor's shape, sizes the reshape "
+                                 f"'{op.name}' at {op.location} of a tensor that does not hold these channels")
 
     def binary(self, op: _Op, refs: list[_TensorRef], where: str) -> None:
         out = op.outputs[0] if op.outputs else None
@@ -877,7 +920,7 @@ class _GroupBuilder:
                     if other_dim < 0 or other.shape[other_dim] == 1:
                         continue  # broadcast along the channels: a per-sample or scalar factor
                     match = [t for t in other_tags if t.same_place(tag)]
-                    if not match and self.param_use(tag, other, other_dim, where):
+                    if not match and self.param_use(op, tag, other, other_dim, where):
                         continue  # x * layer_scale, x + pos_embed: the parameter is sliced with the channels
                     if not match:
                         ok = False
@@ -1012,7 +1055,7 @@ class _GroupBuilder:
         for tag in others:
             for part in parts:
                 match = [t for t in self.tags_of(part) if t.same_place(tag)]
-                if not match and not self.param_use(tag, part, tag.dim, where):
+                if not match and not self.param_use(op, tag, part, tag.dim, where):
                     self.block(tag.space, f"{where} joins these channels with a tensor that does not hold them")
                 for t in match:
                     self.union(tag.space, t.space, where)
@@ -1265,8 +1308,23 @@ def _geometry(name: str, module: Any, x: _TensorRef | None, out_shape: tuple[int
                          per_sample(out_shape), act_dtype, weight.dtype)
 
 
+_LEAF_FORWARDS = {cls.forward for cls in _LEAF_TYPES}
+_LEAF_PARAMETERS = {"weight", "bias"}
+_LEAF_BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def _plain_leaf(module: nn.Module) -> bool:
+    """A Conv/Linear/norm module acps can treat as a whole: one of torch's own classes or a subclass that keeps
+    their forward and adds no parameters or buffers (a subclass with its own forward, e.g. a weight-standardised
+    conv, a channels-first LayerNorm or a LoRA Linear, is traced function by function instead)."""
+    if not isinstance(module, _LEAF_TYPES) or type(module).forward not in _LEAF_FORWARDS:
+        return False
+    return (set(module._parameters) <= _LEAF_PARAMETERS and set(module._buffers) <= _LEAF_BUFFERS
+            and not any(True for _ in module.children()))
+
+
 def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> dict[str, str]:
-    """Conv/Linear layers whose weight tensor also belongs to another module: name -> the other module(s)."""
+    """Layers and norms whose parameters also belong to another module: name -> the other module(s)."""
     owners: dict[int, list[str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
@@ -1275,8 +1333,8 @@ def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> dict[st
                 owners[id(param)].append(module_name)
     shared = {}
     for module, name in names.items():
-        if isinstance(module, PRUNABLE_TYPES):
-            others = [o for o in owners.get(id(module.weight), []) if o != name]
+        if isinstance(module, _LEAF_TYPES):
+            others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
             if others:
                 shared[name] = ", ".join(others)
     return shared
@@ -1307,7 +1365,7 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     for name, module in model.named_modules():
         module_names.setdefault(module, name)
         module_types[name] = type(module).__name__
-    leaf_names = {m: n for m, n in module_names.items() if isinstance(m, _LEAF_TYPES)}
+    leaf_names = {m: n for m, n in module_names.items() if _plain_leaf(m)}
 
     param_names = {id(p): n for n, p in model.named_parameters()}
     recorder = _Recorder(leaf_names, param_names)
@@ -1376,8 +1434,10 @@ def _assemble(model: nn.Module, builder: _GroupBuilder, output_layers: list[str]
             continue
         entry = builder.layers.get(name)
         if entry is None:
-            layers[name] = LayerInfo(name, type(module).__name__, None,
-                                     reason="not called in the forward pass on the calibration data")
+            reason = ("not called in the forward pass on the calibration data" if _plain_leaf(module) else
+                      f"a {type(module).__name__} with its own forward or extra parameters, which acps does not "
+                      "prune (its inputs are left alone too)")
+            layers[name] = LayerInfo(name, type(module).__name__, None, reason=reason)
             continue
         out_group = group_of_root[builder.find(entry["out"])] if entry["out"] is not None else None
         in_uses = [(group_of_root[builder.find(space)], use) for space, use in entry["in"]]

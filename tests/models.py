@@ -59,7 +59,8 @@ def assert_pruned_matches_search(model: nn.Module, pruned: nn.Module, x: torch.T
 
     for name, layer in result.layers.items():  # type: ignore[attr-defined]
         if layer.total:
-            assert pruned.get_submodule(name).weight.shape[0] == layer.kept, name
+            module = pruned.get_submodule(name)
+            assert getattr(module, "out_features", getattr(module, "out_channels", None)) == layer.kept, name
     graph = build_channel_graph(model, x)
     ids = {g.name: g.id for g in graph.groups}
     keep = {ids[n]: k for n, k in result.kept_channels.items()}  # type: ignore[attr-defined]
