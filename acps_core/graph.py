@@ -31,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from acps_core.attention import plain_multihead_attention
 from acps_core.data import forward
 from acps_core.errors import GraphError
 
@@ -147,9 +148,16 @@ class LayerGeometry:
         return math.prod(self.output_shape[2:])
 
     def macs(self, in_channels: int | None = None, out_channels: int | None = None) -> float:
-        """Multiply-accumulates per sample at the given channel counts (the traced ones by default)."""
+        """Multiply-accumulates per sample at the given channel counts (the traced ones by default).
+
+        For ``MultiheadAttention`` the output channels are the width of its heads: q/k/v projections, the two
+        attention products and the out projection (self-attention, as many keys as queries).
+        """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
+        if self.kind == "MultiheadAttention":
+            tokens = self.input_shape[1]
+            return float(tokens * (3 * cin * cout + 2 * tokens * cout + cout * cin))
         # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
         inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups
         return float(self.output_positions * cout * inputs_per_output * math.prod(self.kernel_size))
@@ -340,8 +348,14 @@ class ChannelGraph:
         """Every parameter entry tied to the group's channels (weights and biases; not norm statistics)."""
         slices = []
         for name in group.producers:
-            out_dim = 1 if self.module_type(name).startswith("ConvTranspose") else 0
-            whole = ChannelUse(name, self.module_type(name))
+            kind = self.module_type(name)
+            if kind.endswith("MultiheadAttention"):  # q, k and v rows of the packed projection
+                for part in range(3):
+                    rows = ChannelUse(name, kind, offset=part * group.channels)
+                    slices += [ParamSlice(name, "in_proj_weight", 0, rows), ParamSlice(name, "in_proj_bias", 0, rows)]
+                continue
+            out_dim = 1 if kind.startswith("ConvTranspose") else 0
+            whole = ChannelUse(name, kind)
             slices += [ParamSlice(name, "weight", out_dim, whole), ParamSlice(name, "bias", 0, whole)]
         for use in group.followers:
             if use.kind == "Parameter":
@@ -673,10 +687,44 @@ class _GroupBuilder:
         if shared:
             # Slicing its inputs (or, for a norm, its parameters) would unshare the weights.
             self.block_tags(in_tags, f"{name}'s parameters are shared with {shared}")
-        if isinstance(module, FOLLOWER_TYPES):
+        if isinstance(module, nn.MultiheadAttention):
+            self.attention_module(op, module, touched)
+        elif isinstance(module, FOLLOWER_TYPES):
             self.follower_module(op, module, in_tags, x)
         else:
             self.layer_module(op, module, kind, in_tags, x, touched)
+
+    def attention_module(self, op: _Op, module: nn.MultiheadAttention, touched: list[int]) -> None:
+        """nn.MultiheadAttention: its input and output keep embed_dim channels (the residual stream around it
+        is left alone), while its heads form a group of their own: the q/k/v projection rows of each head and
+        the out projection's matching inputs, pruned in whole heads."""
+        name = op.name
+        where = f"nn.MultiheadAttention {name} at {op.location}"
+        refs = list(_tensors_in((op.args, op.kwargs)))
+        self.block_tags([t for r in refs for t in self.tags_of(r)],
+                        f"{where} reads these channels as its embed_dim, whose width it keeps (its heads are "
+                        "pruned instead)")
+        query = refs[0] if refs else None
+        if query is None or not op.outputs:
+            return
+        tokens = query.shape[1] if (module.batch_first and len(query.shape) == 3) else query.shape[0]
+        width = module.num_heads * module.head_dim
+        geometry = LayerGeometry(name, "MultiheadAttention", module.embed_dim, width, 1, (1,), (1,),
+                                 (1, tokens, module.embed_dim), (1, tokens, module.embed_dim), query.dtype,
+                                 module.in_proj_weight.dtype)
+        entry = self.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
+                                              "reason": None, "location": op.location})
+        space = self.new_space(name, width)
+        touched.append(space)
+        entry["spaces"].append(space)
+        entry["out"] = space
+        self.require(space, unit=module.head_dim)
+        self.spaces[space].consumers.append(ChannelUse(f"{name}.out_proj", "Linear"))
+        if entry["reason"]:
+            self.block(space, f"{name} is {entry['reason']}")
+        shared = self.shared_weights.get(name)
+        if shared:
+            self.block(space, f"{name}'s weight is shared with {shared}")
 
     def follower_module(self, op: _Op, module: nn.Module, in_tags: list[_Tag], x: _TensorRef | None) -> None:
         name, kind = op.name, type(module).__name__
@@ -1316,7 +1364,10 @@ _LEAF_BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
 def _plain_leaf(module: nn.Module) -> bool:
     """A Conv/Linear/norm module acps can treat as a whole: one of torch's own classes or a subclass that keeps
     their forward and adds no parameters or buffers (a subclass with its own forward, e.g. a weight-standardised
-    conv, a channels-first LayerNorm or a LoRA Linear, is traced function by function instead)."""
+    conv, a channels-first LayerNorm or a LoRA Linear, is traced function by function instead); or an
+    ``nn.MultiheadAttention`` with packed projections."""
+    if plain_multihead_attention(module):
+        return True
     if not isinstance(module, _LEAF_TYPES) or type(module).forward not in _LEAF_FORWARDS:
         return False
     return (set(module._parameters) <= _LEAF_PARAMETERS and set(module._buffers) <= _LEAF_BUFFERS
@@ -1429,10 +1480,17 @@ def _assemble(model: nn.Module, builder: _GroupBuilder, output_layers: list[str]
                 group.consumers.append(use)
 
     layers: dict[str, LayerInfo] = {}
+    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES) or name in layers:
+        if not (isinstance(module, PRUNABLE_TYPES) or isinstance(module, nn.MultiheadAttention)) or name in layers:
             continue
         entry = builder.layers.get(name)
+        owner = name.rpartition(".")[0]
+        if entry is None and owner in attention and name.endswith("out_proj"):
+            layers[name] = LayerInfo(name, type(module).__name__, None,
+                                     reason=f"the out projection of nn.MultiheadAttention {owner}: it keeps its "
+                                            "embed_dim outputs and loses the inputs of pruned heads")
+            continue
         if entry is None:
             reason = ("not called in the forward pass on the calibration data" if _plain_leaf(module) else
                       f"a {type(module).__name__} with its own forward or extra parameters, which acps does not "

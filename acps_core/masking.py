@@ -4,14 +4,16 @@ Zeroing the input channels a consumer layer would lose makes its output exactly 
 layer computes, so ``masked_channels`` gives the pruned model's outputs (before fine-tuning) on the unpruned
 model. A LayerNorm over the channels is the one follower whose kept outputs depend on the removed channels (its
 mean and variance); inside the block it normalises over the kept channels only, as the pruned LayerNorm will.
-Hooks are removed on exit; no parameter is touched.
+Hooks are removed on exit. The one parameter touched is the out projection of an ``nn.MultiheadAttention``, whose
+removed-head columns are zeroed inside the block (it is not called as a module, so no hook sees its input) and
+restored on exit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,18 @@ def _removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], f
 def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
     """Within the block, ``model`` behaves as if group ``g`` kept only the channels ``keep[g]``."""
     handles = []
+    zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its values) to put back on exit
     for name, positions in _removed_positions(graph, keep, followers=False).items():
         module = model.get_submodule(name)
+        owner = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+            # Its out projection is applied as a function, not called as a module, so no hook sees its input:
+            # the columns of the removed heads are zeroed for the duration instead, and put back on exit.
+            weight = cast(torch.Tensor, module.weight)
+            zeroed.append((weight, weight.detach().clone()))
+            with torch.no_grad():
+                weight[:, sorted(positions)] = 0
+            continue
         dim = -1 if isinstance(module, LINEAR_TYPES) else 1
         index = torch.tensor(sorted(positions), dtype=torch.long)
 
@@ -74,3 +86,6 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
     finally:
         for handle in handles:
             handle.remove()
+        with torch.no_grad():
+            for weight, values in zeroed:
+                weight.copy_(values)

@@ -27,6 +27,7 @@ from google.protobuf import text_format
 from torch import nn
 
 from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
+from acps_core.attention import shrink_heads
 from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.data import forward, model_device
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
@@ -71,6 +72,9 @@ def _slice_output(module: nn.Module, keep: torch.Tensor) -> None:
     """Keep output channels ``keep`` of a Conv/ConvTranspose/Linear producer (and of a depthwise conv, which
     follows its input, its inputs too)."""
     layer = cast(Any, module)
+    if isinstance(module, nn.MultiheadAttention):
+        shrink_heads(module, keep)
+        return
     if isinstance(module, LINEAR_TYPES):
         layer.weight = _take(layer.weight, 0, keep)
         layer.bias = _take(layer.bias, 0, keep)
@@ -191,6 +195,8 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
 
 def _size(module: nn.Module, axis: str) -> int:
     layer = cast(Any, module)
+    if isinstance(module, nn.MultiheadAttention):
+        return int(layer.num_heads * layer.head_dim)
     if isinstance(module, nn.PReLU):
         return int(layer.num_parameters)
     if isinstance(module, nn.LayerNorm):
@@ -254,8 +260,13 @@ def largest_norm_channels(model: nn.Module, group: ChannelGroup, count: int) -> 
     reference's rule), taken in whole atoms when the group has units or blocks. Sorted."""
     norms = torch.zeros(group.channels, dtype=torch.float64)
     for name in group.producers:
-        weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
-        if isinstance(model.get_submodule(name), TRANSPOSED_CONV_TYPES):
+        module = model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):
+            # The q, k and v rows of each head channel, taken together.
+            weight = module.in_proj_weight.detach().reshape(3, group.channels, -1).transpose(0, 1)
+        else:
+            weight = cast(torch.Tensor, module.weight).detach()
+        if isinstance(module, TRANSPOSED_CONV_TYPES):
             weight = weight.transpose(0, 1)  # (in, out, k...): output channels are dim 1
         norms += torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1).float(), dim=1).double().cpu() ** 2
     removed = [c for atom in group.atoms(norms)[: (group.channels - count) // group.atom] for c in atom]

@@ -1020,12 +1020,14 @@ def _cases() -> list[ZooCase]:
         ),
         ZooCase(
             "multihead_attention", MHANet, (5, 6),
-            groups=[{"embed"}, {"fc1"}, {"fc2"}, {"head"}],
+            # nn.MultiheadAttention keeps embed_dim (the stream around it is left alone); its 2 heads of 8 are a
+            # group of their own: the packed q/k/v rows and the out projection's inputs.
+            groups=[{"embed"}, {"mha"}, {"fc1"}, {"fc2"}, {"head"}],
             blocked={"embed": ("MultiheadAttention",), "fc2": ("no prunable layer produces",),
-                     "mha.out_proj": ("not called",), "head": OUTPUT},
-            # Nothing inside nn.MultiheadAttention is a follower or consumer of any group.
+                     "mha.out_proj": ("out projection",), "head": OUTPUT},
+            unit={"mha": 8},
             followers={"embed": set(), "fc1": set(), "fc2": set()},
-            consumers={"embed": set(), "fc1": {("fc2", 0, 1)}},
+            consumers={"embed": set(), "mha": {("mha.out_proj", 0, 1)}, "fc1": {("fc2", 0, 1)}},
         ),
         ZooCase(
             "shared_weights", SharedWeights, (3, 8, 8),

@@ -1,0 +1,96 @@
+"""``nn.MultiheadAttention`` with fewer heads than its embed_dim implies.
+
+``nn.MultiheadAttention`` ties the width of its query/key/value projections to ``embed_dim``, the width of its
+input and output, so it cannot lose heads. When the prune step removes heads, it turns the module into a
+:class:`HeadPrunedMultiheadAttention`: the same parameters under the same names (``in_proj_weight``,
+``in_proj_bias``, ``out_proj``), so checkpoints load and ``isinstance(m, nn.MultiheadAttention)`` still holds,
+with the projections ``num_heads * head_dim`` wide while input and output stay ``embed_dim`` wide.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def plain_multihead_attention(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` acps can prune heads of: packed q/k/v projections, no bias_k/bias_v, no
+    zero-attention column."""
+    return (isinstance(module, nn.MultiheadAttention)
+            and type(module).forward in (nn.MultiheadAttention.forward, HeadPrunedMultiheadAttention.forward)
+            and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn)
+
+
+class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
+    """Multi-head attention whose ``num_heads * head_dim`` may be smaller than ``embed_dim``.
+
+    Computes what ``nn.MultiheadAttention`` computes (same arguments and masks), with the heads it kept. The
+    attention weights it returns are averaged over the kept heads.
+    """
+
+    head_dim: int
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        target, batch, _ = query.shape
+        source = key.shape[0]
+        width = self.num_heads * self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.split(width)
+        b_q, b_k, b_v = self.in_proj_bias.split(width) if self.in_proj_bias is not None else (None, None, None)
+
+        def heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int) -> torch.Tensor:
+            # (length, batch, E) -> (batch, heads, length, head_dim)
+            return F.linear(x, weight, bias).reshape(length, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+        q, k, v = heads(query, w_q, b_q, target), heads(key, w_k, b_k, source), heads(value, w_v, b_v, source)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(batch, self.num_heads, target, source)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        elif is_causal:
+            causal = torch.ones(target, source, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        if key_padding_mask is not None:
+            padding = key_padding_mask.reshape(batch, 1, 1, source)
+            scores = scores.masked_fill(padding, float("-inf")) if padding.dtype == torch.bool else scores + padding
+        weights = scores.softmax(dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        out = (weights @ v).permute(2, 0, 1, 3).reshape(target, batch, width)
+        out = self.out_proj(out)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(1)
+        returned: Any = None
+        if need_weights:
+            returned = weights.mean(dim=1) if average_attn_weights else weights
+            if not batched:
+                returned = returned.squeeze(0)
+        return out, returned
+
+
+def shrink_heads(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
+    """Keep the projection rows ``keep`` (whole heads, positions within the q/k/v width) of an attention module
+    and turn it into a :class:`HeadPrunedMultiheadAttention`; the out projection's inputs are sliced separately."""
+    width = module.num_heads * module.head_dim
+    rows = torch.cat([keep + part * width for part in range(3)]).to(module.in_proj_weight.device)
+    module.in_proj_weight = nn.Parameter(module.in_proj_weight.detach().index_select(0, rows),
+                                         requires_grad=module.in_proj_weight.requires_grad)
+    if module.in_proj_bias is not None:
+        module.in_proj_bias = nn.Parameter(module.in_proj_bias.detach().index_select(0, rows),
+                                           requires_grad=module.in_proj_bias.requires_grad)
+    module.num_heads = len(keep) // module.head_dim
+    module.__class__ = HeadPrunedMultiheadAttention
