@@ -47,6 +47,7 @@ from acps_core.report import render_reports, report_paths
 from acps_core.result import LayerReport, SearchResult
 from acps_core.selection import build_selection, format_selection, selection_path
 from acps_core.state import preserved_model_state
+from acps_core.verify import verify_groups
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     with preserved_model_state(model):
         model.eval()
         graph = build_channel_graph(model, data)
+        verify_groups(model, graph, data)
         if isinstance(graph.output, torch.Tensor) and (
                 graph.output.dim() == 0 or graph.output.shape[0] != min(2, label.shape[0])):
             raise DataError(f"the model's output (shape {list(graph.output.shape)} on "

@@ -20,8 +20,9 @@ from torch import nn
 def plain_multihead_attention(module: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` acps can prune heads of: packed q/k/v projections, no bias_k/bias_v, no
     zero-attention column."""
-    return (isinstance(module, nn.MultiheadAttention)
-            and type(module).forward in (nn.MultiheadAttention.forward, HeadPrunedMultiheadAttention.forward)
+    if isinstance(module, HeadPrunedMultiheadAttention):
+        return True  # pruned once already: packed projections, whatever the flag says now
+    return (isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
             and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn)
 
 
@@ -94,3 +95,6 @@ def shrink_heads(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
                                            requires_grad=module.in_proj_bias.requires_grad)
     module.num_heads = len(keep) // module.head_dim
     module.__class__ = HeadPrunedMultiheadAttention
+    # nn.TransformerEncoderLayer takes a fused kernel when this flag is set, which assumes 3 * embed_dim
+    # projection rows; cleared, it calls this module's forward. The forward above does not read it.
+    module._qkv_same_embed_dim = False

@@ -56,13 +56,17 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
         dim = -1 if isinstance(module, LINEAR_TYPES) else 1
         index = torch.tensor(sorted(positions), dtype=torch.long)
 
-        def zero_inputs(_module: nn.Module, args: tuple[Any, ...], index: torch.Tensor = index,
-                        dim: int = dim) -> tuple[Any, ...]:
-            x = args[0].clone()
+        def zero_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        index: torch.Tensor = index, dim: int = dim) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            # The input comes positionally, or as input=... (layer(input=x) is traced the same way).
+            x = args[0] if args else kwargs["input"]
+            x = x.clone()
             x.index_fill_(dim % x.dim(), index.to(x.device), 0)
-            return (x, *args[1:])
+            if args:
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, "input": x}
 
-        handles.append(module.register_forward_pre_hook(zero_inputs))
+        handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
     for name, positions in _removed_positions(graph, keep, followers=True).items():
         module = model.get_submodule(name)
         if not isinstance(module, nn.LayerNorm):
@@ -70,17 +74,18 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
         total = module.normalized_shape[0]
         kept_index = torch.tensor([p for p in range(total) if p not in positions], dtype=torch.long)
 
-        def kept_statistics(layer: nn.Module, args: tuple[Any, ...], output: torch.Tensor,
+        def kept_statistics(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor,
                             kept_index: torch.Tensor = kept_index) -> torch.Tensor:
             norm: Any = layer
+            x = args[0] if args else kwargs["input"]
             index = kept_index.to(output.device)
             weight = None if norm.weight is None else norm.weight[index]
             bias = None if norm.bias is None else norm.bias[index]
             out = torch.zeros_like(output)
-            out[..., index] = F.layer_norm(args[0][..., index], (len(index),), weight, bias, norm.eps)
+            out[..., index] = F.layer_norm(x[..., index], (len(index),), weight, bias, norm.eps)
             return out
 
-        handles.append(module.register_forward_hook(kept_statistics))
+        handles.append(module.register_forward_hook(kept_statistics, with_kwargs=True))
     try:
         yield
     finally:
@@ -89,3 +94,31 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
         with torch.no_grad():
             for weight, values in zeroed:
                 weight.copy_(values)
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _output_tensors(o)]
+    if isinstance(output, dict):
+        return [t for o in output.values() for t in _output_tensors(o)]
+    return []
+
+
+def output_difference(got: Any, expected: Any) -> str | None:
+    """Why a pruned model's output differs from the masked model's beyond rounding (None when they agree)."""
+    got_tensors, expected_tensors = _output_tensors(got), _output_tensors(expected)
+    if len(got_tensors) != len(expected_tensors):
+        return "the pruned model returns a different number of tensors"
+    for a, b in zip(got_tensors, expected_tensors):
+        if a.shape != b.shape:
+            return f"an output changed shape from {list(b.shape)} to {list(a.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return "an integer output changed"
+            continue
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        if not torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-4 * max(scale, 1e-6)):
+            return f"an output changed by up to {float((a.double() - b.double()).abs().max()):.3g}"
+    return None

@@ -42,6 +42,7 @@ from acps_core.graph import (
     build_channel_graph,
     trace_sample,
 )
+from acps_core.masking import masked_channels, output_difference
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
 from acps_core.selection import build_selection, format_selection, selection_path
@@ -299,13 +300,16 @@ def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: P
 # ----------------------------------------------------------------------------------------------------------------
 
 def _model_input(input_data: Any, device: torch.device) -> Any:
-    """The model's forward arguments: a tensor or a tuple of tensors, moved to the model's device."""
+    """The model's forward arguments: a tensor, a tuple of tensors (positional) or a dict of tensors (keyword),
+    moved to the model's device."""
     if isinstance(input_data, torch.Tensor):
         return input_data.to(device)
     if isinstance(input_data, (tuple, list)) and input_data and all(isinstance(t, torch.Tensor) for t in input_data):
         return tuple(t.to(device) for t in input_data)
-    raise DataError(f"input_data must be the model's input: a tensor or a tuple of tensors, got "
-                    f"{type(input_data).__name__}")
+    if isinstance(input_data, dict) and input_data and all(isinstance(t, torch.Tensor) for t in input_data.values()):
+        return {k: t.to(device) for k, t in input_data.items()}
+    raise DataError(f"input_data must be the model's input: a tensor, a tuple of tensors or a dict of tensors, "
+                    f"got {type(input_data).__name__}")
 
 
 def _checked_output(model: nn.Module, data: Any, what: str) -> Any:
@@ -316,31 +320,26 @@ def _checked_output(model: nn.Module, data: Any, what: str) -> Any:
         raise GraphError(f"the {what} model raised on input_data: {type(exc).__name__}: {exc}") from exc
 
 
-def _shapes(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return tuple(output.shape)
-    if isinstance(output, (tuple, list)):
-        return tuple(_shapes(o) for o in output)
-    if isinstance(output, dict):
-        return {k: _shapes(v) for k, v in output.items()}
-    return None
-
-
 def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, ChannelGraph, dict[int, list[int]]]:
     """Deep-copy ``model``, trace it, decide what to keep with ``keep_of(copy, graph)``, prune and check."""
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pruned = copy.deepcopy(model)
+    sample = trace_sample(data)
     with preserved_modes(pruned):
         pruned.eval()
         graph = build_channel_graph(pruned, data)
-        before = _shapes(graph.output)  # the trace's output, on the first samples of the data
         keep = keep_of(pruned, graph)
+        # What the pruned model must compute: the unpruned copy with the removed channels masked.
+        with masked_channels(pruned, graph, keep), torch.no_grad():
+            expected = forward(pruned, sample)
         prune_channels(pruned, graph, keep)
-        after = _shapes(_checked_output(pruned, trace_sample(data), "pruned"))
-    if before != after:
-        raise GraphError(f"the pruned model's output shape {after} differs from the original {before}; this is a "
-                         "bug in acps's channel graph, please report it with the model")
+        why = output_difference(_checked_output(pruned, sample, "pruned"), expected)
+    if why:
+        raise GraphError(f"pruning as the config says changes what the model computes ({why}): something in its "
+                         "forward pass uses a channel count in a way acps cannot trace. auto_channel_prune_search "
+                         "checks every group and leaves such groups alone; skip the layers of the groups named "
+                         "in its report")
     return pruned, graph, keep
 
 
