@@ -240,9 +240,11 @@ def channel_atoms(channels: int, unit: int, blocks: int, scores: Any) -> list[li
     of units of ``unit`` consecutive channels; the r-th atom holds the r-th least important unit of each block.
     Ties keep channel order.
     """
+    values = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    if unit == 1 and blocks == 1:
+        return [[c] for c in torch.argsort(values, stable=True).tolist()]
     per_block = channels // blocks
     units_per_block = per_block // unit
-    values = torch.as_tensor(scores, dtype=torch.float64).flatten()
     ranked = []
     for b in range(blocks):
         base = b * per_block

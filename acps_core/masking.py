@@ -54,14 +54,16 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
                 weight[:, sorted(positions)] = 0
             continue
         dim = -1 if isinstance(module, LINEAR_TYPES) else 1
-        index = torch.tensor(sorted(positions), dtype=torch.long)
+        size = getattr(module, "in_features", getattr(module, "in_channels", 0))
+        mask = torch.ones(size).index_fill_(0, torch.tensor(sorted(positions), dtype=torch.long), 0)
 
         def zero_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                        index: torch.Tensor = index, dim: int = dim) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                        mask: torch.Tensor = mask, dim: int = dim) -> tuple[tuple[Any, ...], dict[str, Any]]:
             # The input comes positionally, or as input=... (layer(input=x) is traced the same way).
             x = args[0] if args else kwargs["input"]
-            x = x.clone()
-            x.index_fill_(dim % x.dim(), index.to(x.device), 0)
+            axis = dim % x.dim()
+            shape = [-1 if d == axis else 1 for d in range(x.dim())]
+            x = x * mask.to(x.device, x.dtype).reshape(shape)  # one pass, no clone
             if args:
                 return (x, *args[1:]), kwargs
             return args, {**kwargs, "input": x}
@@ -121,4 +123,13 @@ def output_difference(got: Any, expected: Any) -> str | None:
         scale = float(b.detach().abs().max()) if b.numel() else 0.0
         if not torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-4 * max(scale, 1e-6)):
             return f"an output changed by up to {float((a.double() - b.double()).abs().max()):.3g}"
+    return None
+
+
+def output_shape_difference(got: Any, expected: Any) -> str | None:
+    """Why two model outputs differ in number or shapes of tensors (None when they agree)."""
+    got_tensors, expected_tensors = _output_tensors(got), _output_tensors(expected)
+    if [t.shape for t in got_tensors] != [t.shape for t in expected_tensors]:
+        return (f"the outputs changed shape from {[list(t.shape) for t in expected_tensors]} to "
+                f"{[list(t.shape) for t in got_tensors]}")
     return None

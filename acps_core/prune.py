@@ -42,7 +42,7 @@ from acps_core.graph import (
     build_channel_graph,
     trace_sample,
 )
-from acps_core.masking import masked_channels, output_difference
+from acps_core.masking import masked_channels, output_difference, output_shape_difference
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
 from acps_core.selection import build_selection, format_selection, selection_path
@@ -274,9 +274,12 @@ def largest_norm_channels(model: nn.Module, group: ChannelGroup, count: int) -> 
     return sorted(set(range(group.channels)) - set(removed))
 
 
-def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Path) -> dict[int, list[int]]:
+def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Path
+                 ) -> tuple[dict[int, list[int]], bool]:
+    """What each group keeps, and whether every choice came from the search's selection file."""
     selection = _read_selection(selection_path(config_path))
     keep: dict[int, list[int]] = {}
+    searched = True
     for group in graph.groups:
         if not group.prunable:
             continue
@@ -292,7 +295,8 @@ def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: P
                 logger.info("the selection file does not match the config for %s (edited?); choosing channels "
                             "by filter L2 norm", group.name)
             keep[group.id] = largest_norm_channels(model, group, count)
-    return keep
+            searched = False
+    return keep, searched
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,21 +324,52 @@ def _checked_output(model: nn.Module, data: Any, what: str) -> Any:
         raise GraphError(f"the {what} model raised on input_data: {type(exc).__name__}: {exc}") from exc
 
 
+def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A deep copy of the module structure whose parameters and buffers are still the original's: pruning
+    replaces most of them with sliced copies anyway, so copying them all first would be wasted work."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _own_tensors(pruned: nn.Module, original: nn.Module) -> None:
+    """Give ``pruned`` its own copy of every parameter and buffer it still shares with ``original`` (keeping
+    parameters tied to each other tied)."""
+    shared = {id(t) for t in (*original.parameters(), *original.buffers())}
+    copies: dict[int, torch.Tensor] = {}
+    for module in pruned.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in shared:
+                if id(param) not in copies:
+                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                module._parameters[name] = copies[id(param)]  # type: ignore[assignment]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and id(buffer) in shared:
+                copies.setdefault(id(buffer), buffer.clone())
+                module._buffers[name] = copies[id(buffer)]
+
+
 def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, ChannelGraph, dict[int, list[int]]]:
-    """Deep-copy ``model``, trace it, decide what to keep with ``keep_of(copy, graph)``, prune and check."""
+    """Deep-copy ``model``, trace it, decide what to keep with ``keep_of(copy, graph) -> (keep, checked)``, prune
+    and check. ``checked`` says the groups were already checked by execution (the search does, for every group it
+    may prune): then only the pruned model's output shapes are compared, not its values, which saves a forward."""
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    pruned = copy.deepcopy(model)
+    pruned = _copy_sharing_tensors(model)
     sample = trace_sample(data)
     with preserved_modes(pruned):
         pruned.eval()
         graph = build_channel_graph(pruned, data)
-        keep = keep_of(pruned, graph)
-        # What the pruned model must compute: the unpruned copy with the removed channels masked.
-        with masked_channels(pruned, graph, keep), torch.no_grad():
-            expected = forward(pruned, sample)
+        keep, checked = keep_of(pruned, graph)
+        if checked:
+            expected = graph.output  # on the same samples; only its shapes are compared
+        else:
+            # What the pruned model must compute: the unpruned copy with the removed channels masked.
+            with masked_channels(pruned, graph, keep), torch.no_grad():
+                expected = forward(pruned, sample)
         prune_channels(pruned, graph, keep)
-        why = output_difference(_checked_output(pruned, sample, "pruned"), expected)
+        got = _checked_output(pruned, sample, "pruned")
+        why = output_shape_difference(got, expected) if checked else output_difference(got, expected)
+    _own_tensors(pruned, model)
     if why:
         raise GraphError(f"pruning as the config says changes what the model computes ({why}): something in its "
                          "forward pass uses a channel count in a way acps cannot trace. auto_channel_prune_search "
@@ -419,7 +454,7 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
     removed = read_record(record_file)
     data = _model_input(input_data, model_device(model))
 
-    def keep_of(copy_: nn.Module, graph: ChannelGraph) -> dict[int, list[int]]:
+    def keep_of(copy_: nn.Module, graph: ChannelGraph) -> tuple[dict[int, list[int]], bool]:
         keep: dict[int, list[int]] = {}
         producers = {p: g for g in graph.groups for p in g.producers}
         unknown = [name for name in removed if name not in producers]
@@ -433,7 +468,7 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
                 raise ConfigError(f"the record removes different channels from {name} than from the other "
                                   f"producers of its group {group.name}", path=str(record_file))
             keep[group.id] = kept
-        return keep
+        return keep, True  # the record was written by create_prune_retrain_model, which checked it
 
     pruned, _, _ = _pruned_copy(model, data, keep_of)
     _load_checkpoint(pruned, pth_file, state_dict_name)
