@@ -27,7 +27,7 @@ from acps_core.config import (
     validate_override_targets,
     write_prune_config,
 )
-from acps_core.data import check_input_data, label_kind, model_device
+from acps_core.data import check_calibration, is_reference_form, label_kind, model_device
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.problem import (
@@ -73,8 +73,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
             ``requires_grad``, ``.grad``, hooks).
         config: path of the search config (protobuf text format of ``AutoChannelPruneConfig``).
         input_data: ``[data, label]``: calibration inputs (a tensor, or a tuple of the forward's arguments) and
-            labels, batch first. Labels shaped like the output use the reference's L1 loss; integer class
-            indices use cross-entropy. The data is split into ``test_iteration`` passes along the batch.
+            labels, batch first, split into ``test_iteration`` passes along the batch; or any iterable of
+            ``(data, label)`` batches (a DataLoader), of which the first ``test_iteration`` are the passes.
+            Labels shaped like the output use the reference's L1 loss; integer class indices use cross-entropy.
         output_cfg: path of the channel-prune config to write. The chosen channels go beside it, in
             ``<output_cfg>.selection``, and a report of every layer's decision (or why it was left alone) in
             ``<output_cfg>.report.md`` and ``<output_cfg>.report.json``.
@@ -112,7 +113,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     gain_method = resolve_method("gain", gain, "gain")
     override = load_override_config(settings.override_prune_cfg) if settings.override_prune_cfg else None
     device = model_device(model)
-    data, label = check_input_data(input_data, settings.test_iteration, device)
+    calibration = check_calibration(input_data, settings.test_iteration, device)
+    # The first batch's inputs trace the graph and its labels are checked against the output.
+    data, label = calibration if is_reference_form(calibration) else calibration[0]
 
     with preserved_model_state(model):
         model.eval()
@@ -134,7 +137,7 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         cost_model = CostModel(graph, gain_method)  # type: ignore[arg-type]
         budget = cost_model.full_cost / settings.compress_ratio
         graph_info = GraphInfo(graph, cost_model, fixed, budget)
-        _score(sensitivity_method, model, graph, [data, label], settings, records)  # type: ignore[arg-type]
+        _score(sensitivity_method, model, graph, calibration, settings, records)  # type: ignore[arg-type]
         for record in records:
             full = {**fixed}
             record.gain = torch.full((record.channels,),

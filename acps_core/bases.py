@@ -82,7 +82,8 @@ class SensitivityBase(ABC):
 
         Args:
             graph_tuple: ``(model, graph)``: the user's model and its :class:`~acps_core.graph.ChannelGraph`.
-            input_data: ``[data, label]`` on the model's device, as the user passed them.
+            input_data: ``[data, label]`` on the model's device, as the user passed them; or, when the user
+                passed an iterable of batches (a DataLoader), the list of the ``test_iteration`` batches used.
             test_iteration: number of calibration passes; :meth:`calibration_batches` splits the data into them.
             output_nodes: names of the model's output layers (never pruned).
         """
@@ -93,8 +94,8 @@ class SensitivityBase(ABC):
         self.output_nodes = output_nodes
 
     def calibration_batches(self) -> list[tuple[Any, torch.Tensor]]:
-        """The ``(data, label)`` pairs of the calibration passes: the data split into ``test_iteration`` parts
-        along the batch dimension (dim 0)."""
+        """The ``(data, label)`` pairs of the calibration passes: ``[data, label]`` split into ``test_iteration``
+        parts along the batch dimension (dim 0), or the batches of an iterable input (a DataLoader)."""
         from acps_core.data import split_calibration_data
 
         return split_calibration_data(self.input_data, self.test_iteration)

@@ -64,6 +64,42 @@ def model_device(model: nn.Module) -> torch.device:
     return device
 
 
+def is_reference_form(input_data: Any) -> bool:
+    """``[data, label]`` with a label tensor (the reference's form), as opposed to an iterable of such batches."""
+    return isinstance(input_data, (list, tuple)) and len(input_data) == 2 and isinstance(input_data[1], torch.Tensor)
+
+
+def check_calibration(input_data: Any, test_iteration: int, device: torch.device) -> list[Any]:
+    """Validate the calibration data and return it on ``device``, in one of two forms.
+
+    ``[data, label]`` (the reference's form) comes back as ``[data, label]``; its batch is split into
+    ``test_iteration`` passes. Any other iterable (a DataLoader, a list of batches) must yield ``(data, label)``
+    batches; the first ``test_iteration`` of them come back as a list of ``(data, label)`` tuples, one per pass.
+
+    Raises:
+        DataError: naming what is wrong (see :func:`check_input_data`), or an iterable with fewer batches than
+            ``test_iteration``.
+    """
+    if isinstance(input_data, (list, tuple)):
+        iterable = bool(input_data) and is_reference_form(input_data[0]) and not is_reference_form(input_data)
+    else:
+        iterable = hasattr(input_data, "__iter__") and not isinstance(input_data, (torch.Tensor, dict))
+    if not iterable:
+        return list(check_input_data(input_data, test_iteration, device))
+    batches = []
+    for index, batch in enumerate(input_data):
+        if index == test_iteration:
+            break
+        if not is_reference_form(batch):
+            raise DataError(f"calibration batch {index} is a {type(batch).__name__}; an iterable input_data (a "
+                            "DataLoader) must yield (data, label) pairs with a label tensor")
+        batches.append(check_input_data(batch, 1, device))
+    if len(batches) < test_iteration:
+        raise DataError(f"test_iteration is {test_iteration} but input_data yields only {len(batches)} batches; "
+                        "each calibration pass takes one batch: lower test_iteration or pass more data")
+    return batches
+
+
 def check_input_data(input_data: Any, test_iteration: int, device: torch.device) -> tuple[Any, torch.Tensor]:
     """Validate the reference's ``[data, label]`` and return them on ``device``.
 
@@ -104,7 +140,10 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device)
 
 
 def split_calibration_data(input_data: Sequence[Any], parts: int) -> list[tuple[Any, torch.Tensor]]:
-    """Split ``[data, label]`` into ``parts`` consecutive chunks along dim 0, one per calibration pass."""
+    """The calibration passes: ``[data, label]`` split into ``parts`` consecutive chunks along dim 0, or a list of
+    ``(data, label)`` batches (from an iterable input) as it is."""
+    if not is_reference_form(input_data):
+        return [tuple(batch) for batch in input_data]  # type: ignore[misc]
     data, label = input_data
     size = label.shape[0]
     bounds = [round(i * size / parts) for i in range(parts + 1)]

@@ -351,3 +351,29 @@ def test_reports_beside_the_config_explain_every_layer(tmp_path, chain, data) ->
     assert "model's output" in by_name["fc2"]["reason"]
     markdown = (tmp_path / "prune.cfg.report.md").read_text()
     assert all(name in markdown for name in result.layers)
+
+
+def test_a_dataloader_gives_one_batch_per_pass(tmp_path, chain) -> None:
+    seen = []
+
+    class Recording(acps.SensitivityBase):
+        def get_sensitivity(self, search_records):
+            seen.extend(data.shape[0] for data, _ in self.calibration_batches())
+            for record in search_records:
+                record.sensitivity = torch.ones(record.channels)
+
+    generator = torch.Generator().manual_seed(0)
+    dataset = torch.utils.data.TensorDataset(torch.randn(20, 3, 8, 8, generator=generator),
+                                             torch.randint(0, 10, (20,), generator=generator))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=6)
+    search(tmp_path, chain, loader, "compress_ratio: 2\ntest_iteration: 3\n", sensitivity=Recording())
+    assert seen == [6, 6, 6]
+    result = search(tmp_path, chain, loader, "compress_ratio: 2\ntest_iteration: 4\n")
+    assert result.target_reached
+
+
+def test_a_dataloader_with_too_few_batches_is_a_data_error(tmp_path, chain) -> None:
+    dataset = torch.utils.data.TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    with pytest.raises(DataError, match="yields only 2 batches"):
+        search(tmp_path, chain, loader, "compress_ratio: 2\ntest_iteration: 3\n")
