@@ -45,13 +45,21 @@ class TaylorLossSensitivity(SensitivityBase):
         loss_func: ``loss_func(output, label) -> scalar``. By default the reference's L1 between output and
             label, or cross-entropy when the labels are integer class indices.
         seed: seed of the random projections used by the label-free fallback (results are reproducible).
+        normalize: divide each group's scores by their mean (off by default, as in the reference).
     """
 
     uses_default_loss = True
 
-    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
+    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 normalize: bool = False) -> None:
         super().__init__(loss_func)
         self.seed = seed
+        self.normalize = normalize
+
+    @staticmethod
+    def _accumulate(contribution: torch.Tensor) -> torch.Tensor:
+        """A pass's contribution to a channel's score: the absolute first-order change of the loss."""
+        return contribution.abs()
 
     def _loss(self, output: Any, label: torch.Tensor) -> torch.Tensor:
         loss = (self.loss_func or default_loss)(output, label)
@@ -88,7 +96,7 @@ class TaylorLossSensitivity(SensitivityBase):
                 any_gradient = True
             for record in search_records:
                 contribution = self._contribution(slices[record.group_id], grad_of, record.channels)
-                scores[record.group_id] += contribution.abs()
+                scores[record.group_id] += self._accumulate(contribution)
         if unrelated or not any_gradient:
             why = unrelated or ("the loss gave no gradient (labels equal to the model's own outputs make the L1 "
                                 "loss exactly 0)")
@@ -98,7 +106,12 @@ class TaylorLossSensitivity(SensitivityBase):
             logger.warning(self.notes[-1])
             scores = self._output_change_scores(search_records, slices, params)
         for record in search_records:
-            record.sensitivity = scores[record.group_id]
+            score = scores[record.group_id]
+            if self.normalize and float(score.mean()) > 0:
+                # Groups of very different size and depth give scores of very different scale; dividing by the
+                # group's mean makes them comparable, so the search spreads the cuts by relative importance.
+                score = score / score.mean()
+            record.sensitivity = score
 
     def _unrelated_labels(self, output: Any, label: torch.Tensor) -> str | None:
         """Why the labels cannot rank channels, when the default L1 loss would compare the output with labels
@@ -161,3 +174,24 @@ class TaylorLossSensitivity(SensitivityBase):
                         squares[record.group_id] += self._contribution(
                             slices[record.group_id], grad_of, record.channels).pow(2)
         return {g: s.sqrt() for g, s in squares.items()}
+
+
+class FisherSensitivity(TaylorLossSensitivity):
+    """Channel importance ``sum over passes of (sum(w * dL/dw))**2``: the squared first-order change of the loss,
+    accumulated over the calibration passes, a diagonal Fisher-information estimate of the loss increase when
+    the channel goes (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019; Liu et
+    al., "Group Fisher Pruning for Practical Network Compression", ICML 2021). Squaring per pass, rather than
+    taking the absolute value, weighs a channel by how consistently large its effect is across batches.
+    """
+
+    @staticmethod
+    def _accumulate(contribution: torch.Tensor) -> torch.Tensor:
+        return contribution.pow(2)
+
+
+class NormalizedTaylorSensitivity(TaylorLossSensitivity):
+    """:class:`TaylorLossSensitivity` with each group's scores divided by their mean, so groups of different size
+    and depth compare on relative importance."""
+
+    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
+        super().__init__(loss_func, seed, normalize=True)

@@ -137,3 +137,56 @@ def test_registered_by_name_from_its_distribution() -> None:
     info = get_registry(refresh=True).get("sensitivity", "TaylorLossSensitivity")
     assert info.cls is TaylorLossSensitivity
     assert info.distribution == "acps-sensitivity-taylor"
+
+
+def test_fisher_squares_each_pass_instead_of_taking_its_absolute_value() -> None:
+    from acps_sensitivity_taylor import FisherSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    graph = build_channel_graph(model, data)
+    method = FisherSensitivity()
+    method.setup_initialization((model, graph), [data, label], 2)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    first = hand_scores(model, data[:4], label[:4], F.cross_entropy)
+    second = hand_scores(model, data[4:], label[4:], F.cross_entropy)
+    torch.testing.assert_close(records[0].sensitivity, first ** 2 + second ** 2, rtol=1e-4, atol=1e-10)
+
+
+def test_normalized_taylor_divides_each_group_by_its_mean() -> None:
+    from acps_sensitivity_taylor import NormalizedTaylorSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    plain, _ = score(model, data, label)
+    graph = build_channel_graph(model, data)
+    method = NormalizedTaylorSensitivity()
+    method.setup_initialization((model, graph), [data, label], 1)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    normalized = {r.name: r.sensitivity for r in records}
+    torch.testing.assert_close(normalized["0"], plain["0"] / plain["0"].mean())
+    assert float(normalized["0"].mean()) == pytest.approx(1.0)
+
+
+def test_balanced_l2_norm_is_the_producers_filter_norm_over_the_group_mean() -> None:
+    from acps_sensitivity_taylor import BalancedL2NormSensitivity
+
+    model = tiny_model()
+    data = torch.randn(4, 3, 8, 8)
+    graph = build_channel_graph(model, data)
+    method = BalancedL2NormSensitivity()
+    method.setup_initialization((model, graph), [data, torch.randint(0, 5, (4,))], 1)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    weight, bias = model[0].weight.detach().double(), model[0].bias.detach().double()
+    norms = (weight.flatten(1).pow(2).sum(1) + bias.pow(2)).sqrt()
+    torch.testing.assert_close(records[0].sensitivity, norms / norms.mean())
+
+
+def test_every_method_of_the_distribution_is_registered_by_name() -> None:
+    names = {m.name for m in get_registry(refresh=True).methods("sensitivity")
+             if m.distribution == "acps-sensitivity-taylor"}
+    assert names == {"TaylorLossSensitivity", "NormalizedTaylorSensitivity", "FisherSensitivity",
+                     "BalancedL2NormSensitivity"}
