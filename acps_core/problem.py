@@ -93,11 +93,32 @@ class SearchRecord:
     gain: torch.Tensor | None = None
     unit: int = 1
     blocks: int = 1
+    _order: list[int] | None = field(default=None, repr=False, compare=False)
+    _cumulative: list[float] | None = field(default=None, repr=False, compare=False)
 
     def atoms(self) -> list[list[int]]:
         """The channels in the steps a search removes them, least sensitive first: one whole unit from every
         block at a time (single channels for an unconstrained group)."""
         return channel_atoms(self.channels, self.unit, self.blocks, self.sensitivity)
+
+    def removal_order(self) -> list[int]:
+        """Every channel, least sensitive first, in whole atoms: keeping ``k`` (an allowed count) removes the
+        first ``channels - k``."""
+        if self._order is None:
+            self._order = [c for atom in self.atoms() for c in atom]
+        return self._order
+
+    def lost(self, kept: int) -> float:
+        """The sensitivity removed when the group keeps ``kept`` channels (its least sensitive ones go)."""
+        if self._cumulative is None:
+            scores = torch.as_tensor(self.sensitivity, dtype=torch.float64)[self.removal_order()]
+            self._cumulative = [0.0, *torch.cumsum(scores, 0).tolist()]
+        return self._cumulative[self.channels - kept]
+
+    def keep_mask(self, kept: int) -> list[int]:
+        """The keep mask (1 = keep) over the channels when the group keeps ``kept`` of them."""
+        removed = set(self.removal_order()[: self.channels - kept])
+        return [0 if c in removed else 1 for c in range(self.channels)]
 
 
 class CostModel:
@@ -259,3 +280,37 @@ def masks_to_decision(masks: Any, records: Sequence[SearchRecord], method: str) 
         if len(keeps[0]) < record.channels:
             decision.keep[record.group_id] = keeps[0]
     return decision
+
+
+def masks_for(records: Sequence[SearchRecord], kept: Mapping[int, int]) -> dict[str, list[int]]:
+    """``{producer: keep mask}`` for every record that keeps fewer than all its channels (``kept`` by group id),
+    dropping the least sensitive channels: what a search method returns."""
+    masks: dict[str, list[int]] = {}
+    for record in records:
+        count = kept.get(record.group_id, record.channels)
+        if count < record.channels:
+            mask = record.keep_mask(count)
+            for producer in record.producers:
+                masks[producer] = list(mask)
+    return masks
+
+
+def give_back(graph_info: GraphInfo, records: Sequence[SearchRecord], kept: dict[int, int]) -> None:
+    """Grow groups back one allowed step at a time, most regained sensitivity first, while the exact cost stays
+    within the budget: afterwards no single step of the result can be undone without exceeding it."""
+    by_id = {r.group_id: r for r in records}
+    while True:
+        best: tuple[float, int, int] | None = None
+        for group_id, record in by_id.items():
+            larger = [k for k in record.allowed_kept if k > kept[group_id]]
+            if not larger:
+                continue
+            new_count = min(larger)
+            if graph_info.cost({**kept, group_id: new_count}) > graph_info.budget:
+                continue
+            regained = record.lost(kept[group_id]) - record.lost(new_count)
+            if best is None or regained > best[0]:
+                best = (regained, group_id, new_count)
+        if best is None:
+            return
+        kept[best[1]] = best[2]

@@ -15,10 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from acps_core.bases import SearchChannelBase
-from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
+from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord, give_back, masks_for
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +40,19 @@ class GreedySearch(SearchChannelBase):
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:
         """Greedy search; returns a keep mask per producer of every group that loses channels."""
         records = {r.group_id: r for r in search_records}
-        # Least important first, in whole atoms (units of every block) for groups that have them; ties are
-        # broken by channel index so the result is deterministic. Kept counts are multiples of the atom, so
-        # removing the first C - k channels of this order always removes whole atoms.
-        order = {g: [c for atom in r.atoms() for c in atom] for g, r in records.items()}
-        cumulative = {g: [0.0, *torch.cumsum(torch.as_tensor(r.sensitivity, dtype=torch.float64)[order[g]],
-                                            0).tolist()] for g, r in records.items()}
         kept = {g: r.channels for g, r in records.items()}
         cost = graph_info.cost(kept)
         budget = graph_info.budget
 
         def next_cut(group_id: int) -> _Cut | None:
             record = records[group_id]
-            channels = record.channels
             for new_count in record.allowed_kept:
                 if new_count >= kept[group_id]:
                     continue
                 saved = graph_info.saving(kept, group_id, new_count)
                 if saved <= 0:
                     continue  # a cut that saves nothing is never worth accuracy; look one step further
-                lost = cumulative[group_id][channels - new_count] - cumulative[group_id][channels - kept[group_id]]
-                return _Cut(group_id, new_count, lost, saved)
+                return _Cut(group_id, new_count, record.lost(new_count) - record.lost(kept[group_id]), saved)
             return None
 
         cuts = {g: next_cut(g) for g in records}
@@ -84,37 +74,7 @@ class GreedySearch(SearchChannelBase):
                 if group_id in records:
                     cuts[group_id] = next_cut(group_id)
         if cost <= budget:
-            self._give_back(graph_info, records, kept, cumulative)
+            give_back(graph_info, search_records, kept)
         logger.debug("GreedySearch: cost %.6g of budget %.6g", graph_info.cost(kept), budget)
 
-        masks: dict[str, list[int]] = {}
-        for group_id, record in records.items():
-            if kept[group_id] == record.channels:
-                continue
-            removed = set(order[group_id][: record.channels - kept[group_id]])
-            mask = [0 if c in removed else 1 for c in range(record.channels)]
-            for producer in record.producers:
-                masks[producer] = list(mask)
-        return masks
-
-    @staticmethod
-    def _give_back(graph_info: GraphInfo, records: dict[int, SearchRecord], kept: dict[int, int],
-                   cumulative: dict[int, list[float]]) -> None:
-        """Grow groups back one allowed step at a time, most regained sensitivity first, within the budget."""
-        while True:
-            best: tuple[float, int, int] | None = None
-            for group_id, record in records.items():
-                larger = [k for k in record.allowed_kept if k > kept[group_id]]
-                if not larger:
-                    continue
-                new_count = min(larger)
-                grown = {**kept, group_id: new_count}
-                if graph_info.cost(grown) > graph_info.budget:
-                    continue
-                channels = record.channels
-                regained = cumulative[group_id][channels - kept[group_id]] - cumulative[group_id][channels - new_count]
-                if best is None or regained > best[0]:
-                    best = (regained, group_id, new_count)
-            if best is None:
-                return
-            kept[best[1]] = best[2]
+        return masks_for(search_records, kept)

@@ -1,0 +1,348 @@
+"""Search quality: acps against uniform pruning and Torch-Pruning, at equal cost, on real data (issue 4, section 1).
+
+For every model and every MACs reduction ratio R (default 1.5, 2 and 3) each method prunes the same trained model
+to at most 1/R of its Conv/Linear multiply-accumulates; the table reports the achieved MACs and parameters, the
+test accuracy right after pruning, after a short fine-tune (the same budget, schedule and seed for every method),
+and the seconds the method took to decide and prune (fine-tune excluded).
+
+Methods:
+
+- ``uniform L1``: the same prune ratio in every prunable channel group of acps's graph
+  (``acps_core.graph.build_channel_graph``, so residual couplings are respected), the channels with the smallest
+  filter L1 norm (summed over the group's producers) removed, pruned with ``acps_core.prune.prune_channels``; the
+  ratio is found by bisection so the MACs target is met.
+- ``TP group-Taylor`` / ``TP magnitude``: Torch-Pruning (``pip install torch-pruning``, bench-only), its
+  ``MetaPruner`` with ``GroupTaylorImportance`` (gradients of the cross-entropy on the calibration batch) and its
+  ``MagnitudePruner`` with ``GroupMagnitudeImportance`` (its default L2), both with ``global_pruning=True``; the
+  global ``pruning_ratio`` is found by bisection so the MACs target is met. The classifier is left alone, as acps
+  leaves the output layer alone.
+- ``acps reference``: ``auto_channel_prune_search(model, cfg, [x, y], out_cfg, sensitivity="TaylorLossSensitivity",
+  search_alg="GreedySearch")`` with ``compress_ratio: R`` and ``ascend_optimized: false`` (the models are far
+  narrower than the 16-channel Ascend alignment), then ``create_prune_retrain_model``.
+- ``acps best``: the same call with the methods named by ``--acps-best SENSITIVITY:SEARCH`` (``acps plugins``
+  lists the names). When they are the reference's, its row repeats the reference's numbers.
+
+Cost: acps's ``compress_ratio`` counts bit-operations of Conv/Linear layers (MACs x 32 x 32 in fp32), so every
+method's cost is measured the same way here: Conv/Linear MACs per sample, counted with forward hooks.
+
+Calibration (acps and Torch-Pruning's Taylor importance): the first 256 images of the training split and their
+labels, one pass. "search s" is the time to reach the target, bisection included for the methods that need one;
+"1 pass s" the time of one decision at the final ratio (for acps the two are the same call).
+
+Usage::
+
+    python bench/quality.py [--models resnet20,mobilenetv2] [--ratios 1.5,2,3] [--finetune-epochs 3]
+                            [--acps-best TaylorLossSensitivity:GreedySearch] [--quick] [--output table.md]
+
+The base models are trained on the first run (about a minute each on 2 CPU cores) and cached under
+``bench/.cache/``. ``--quick`` is a smoke run: briefly trained models (cached separately), one fine-tune epoch,
+fewer bisection steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_models import DATASETS, MODELS, Dataset, accuracy, train, trained_model
+
+import acps_core
+from acps_core.graph import ChannelGraph, build_channel_graph
+from acps_core.prune import prune_channels
+
+REFERENCE = ("TaylorLossSensitivity", "GreedySearch")
+CALIBRATION_SAMPLES = 256
+FINETUNE_LR = 0.01
+FINETUNE_SEED = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cost
+# ----------------------------------------------------------------------------------------------------------------
+
+def conv_linear_macs(model: nn.Module, sample: torch.Tensor) -> int:
+    """Multiply-accumulates per sample of every Conv/Linear layer, counted on one forward pass of ``sample``."""
+    total = 0
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        per_sample_outputs = output[0].numel()
+        if isinstance(module, nn.Linear):
+            total += per_sample_outputs * module.in_features
+        else:
+            conv = module  # type: ignore[assignment]
+            total += per_sample_outputs * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(sample[:1])
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods: each returns the pruned model and its one-pass time; the bisection wrapper adds the search time
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    model: nn.Module
+    calib_x: torch.Tensor
+    calib_y: torch.Tensor
+    macs: int
+    bisection_steps: int
+    workdir: Path
+
+
+def bisect_ratio(ctx: Context, target_ratio: float, prune_at: Callable[[float], nn.Module],
+                 high: float) -> tuple[nn.Module, float, float]:
+    """The pruned model at the smallest method ratio in [0, ``high``] whose MACs reduction reaches
+    ``target_ratio``, found by bisection; returns (model, total seconds, seconds of the final pass)."""
+    start = time.perf_counter()
+    target = ctx.macs / target_ratio
+    lo, hi = 0.0, high
+    best: tuple[nn.Module, float] | None = None
+    for _ in range(ctx.bisection_steps):
+        mid = (lo + hi) / 2
+        pass_start = time.perf_counter()
+        try:
+            candidate = prune_at(mid)
+            reached = conv_linear_macs(candidate, ctx.calib_x) <= target
+        except Exception as exc:
+            logging.debug("ratio %.4f failed: %s", mid, exc)
+            hi = mid
+            continue
+        pass_seconds = time.perf_counter() - pass_start
+        if reached:
+            best, hi = (candidate, pass_seconds), mid
+        else:
+            lo = mid
+    if best is None:  # never reached: take the highest ratio the method can realise
+        pass_start = time.perf_counter()
+        best = (prune_at(hi), time.perf_counter() - pass_start)
+    return best[0], time.perf_counter() - start, best[1]
+
+
+def filter_l1(model: nn.Module, graph: ChannelGraph, group_id: int) -> torch.Tensor:
+    group = graph.group(group_id)
+    scores = torch.zeros(group.channels, dtype=torch.float64)
+    for name in group.producers:
+        weight = model.get_submodule(name).weight.detach()
+        scores += weight.abs().reshape(weight.shape[0], -1).sum(dim=1).double()
+    return scores
+
+
+def uniform_l1(ctx: Context, ratio: float) -> tuple[nn.Module, float, float]:
+    """The same fraction of channels removed from every prunable group, smallest filter L1 norm first."""
+    start = time.perf_counter()
+    graph = build_channel_graph(ctx.model, ctx.calib_x[:2])
+    ranked = {g.id: g.atoms(filter_l1(ctx.model, graph, g.id)) for g in graph.prunable_groups}
+    setup = time.perf_counter() - start
+
+    def prune_at(fraction: float) -> nn.Module:
+        keep = {}
+        for group_id, atoms in ranked.items():
+            drop = min(int(fraction * len(atoms)), len(atoms) - 1)
+            removed = {c for atom in atoms[:drop] for c in atom}
+            keep[group_id] = [c for c in range(graph.group(group_id).channels) if c not in removed]
+        pruned = copy.deepcopy(ctx.model)
+        prune_channels(pruned, graph, keep)
+        return pruned
+
+    model, seconds, one_pass = bisect_ratio(ctx, ratio, prune_at, 1.0)
+    return model, seconds + setup, one_pass + setup
+
+
+def torch_pruning(ctx: Context, ratio: float, importance_name: str) -> tuple[nn.Module, float, float]:
+    """Torch-Pruning, global pruning, the global pruning ratio found by bisection."""
+    import torch_pruning as tp
+
+    def prune_at(fraction: float) -> nn.Module:
+        model = copy.deepcopy(ctx.model).eval()
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        if importance_name == "taylor":
+            importance = tp.importance.GroupTaylorImportance()
+            pruner_type = tp.pruner.MetaPruner
+        else:
+            importance = tp.importance.GroupMagnitudeImportance()
+            pruner_type = tp.pruner.MagnitudePruner
+        pruner = pruner_type(model, ctx.calib_x[:2], importance=importance, global_pruning=True,
+                             pruning_ratio=fraction, ignored_layers=[classifier])
+        if importance_name == "taylor":
+            model.zero_grad()
+            F.cross_entropy(model(ctx.calib_x), ctx.calib_y).backward()
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        return model
+
+    return bisect_ratio(ctx, ratio, prune_at, 0.95)
+
+
+def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str) -> tuple[nn.Module, float, float]:
+    """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model``."""
+    tag = f"{sensitivity}_{search}_{ratio:g}"
+    config = ctx.workdir / f"search_{tag}.cfg"
+    config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\n")
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acps_core.auto_channel_prune_search(ctx.model, config, [ctx.calib_x, ctx.calib_y],
+                                            ctx.workdir / f"prune_{tag}.cfg", sensitivity=sensitivity,
+                                            search_alg=search)
+    pruned = acps_core.create_prune_retrain_model(ctx.model, ctx.calib_x[:2], ctx.workdir / f"prune_{tag}.cfg",
+                                                  ctx.workdir / f"prune_{tag}.record")
+    seconds = time.perf_counter() - start
+    return pruned, seconds, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    model: str
+    ratio: float
+    method: str
+    macs: int
+    params: int
+    acc_pruned: float
+    acc_tuned: float
+    search_s: float
+    pass_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_best(text: str) -> tuple[str, str]:
+    sensitivity, sep, search = text.partition(":")
+    if not sep or not sensitivity or not search:
+        raise argparse.ArgumentTypeError(f"--acps-best must be SENSITIVITY:SEARCH (names from `acps plugins`), "
+                                         f"got {text!r}")
+    return sensitivity, search
+
+
+def run(args: argparse.Namespace) -> str:
+    torch.set_num_threads(args.threads)
+    data: Dataset = DATASETS[args.data](0)
+    best = args.acps_best
+    methods: list[tuple[str, Callable[[Context, float], tuple[nn.Module, float, float]]]] = [
+        ("uniform L1", uniform_l1),
+        ("TP group-Taylor", lambda c, r: torch_pruning(c, r, "taylor")),
+        ("TP magnitude", lambda c, r: torch_pruning(c, r, "magnitude")),
+        ("acps reference", lambda c, r: acps_search(c, r, *REFERENCE)),
+    ]
+    best_label = f"acps best ({best[0]}:{best[1]})"
+    if best != REFERENCE:
+        methods.append((best_label, lambda c, r: acps_search(c, r, *best)))
+    rows: list[Row] = []
+    originals: list[str] = []
+    for model_name in args.models:
+        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log)
+        base.eval()
+        base_acc = accuracy(base, data.test_x, data.test_y)
+        calib_x, calib_y = data.train_x[:CALIBRATION_SAMPLES], data.train_y[:CALIBRATION_SAMPLES]
+        macs = conv_linear_macs(base, calib_x)
+        originals.append(f"{model_name}: {base_acc:.2f} % test accuracy, {macs / 1e6:.2f} M MACs, "
+                         f"{parameter_count(base) / 1e3:.1f} k parameters")
+        log(originals[-1])
+        with tempfile.TemporaryDirectory() as workdir:
+            ctx = Context(base, calib_x, calib_y, macs, 8 if args.quick else 14, Path(workdir))
+            for _, method in methods:  # warm-up (imports, first traces), so the timings below compare methods
+                method(ctx, args.ratios[0])
+            for ratio in args.ratios:
+                for label, method in methods:
+                    before = copy.deepcopy(base.state_dict())
+                    pruned, seconds, one_pass = method(ctx, ratio)
+                    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), \
+                        f"{label} modified the base model"
+                    acc_pruned = accuracy(pruned, data.test_x, data.test_y)
+                    train(pruned, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, FINETUNE_SEED)
+                    row = Row(model_name, ratio, label, conv_linear_macs(pruned, calib_x), parameter_count(pruned),
+                              acc_pruned, accuracy(pruned, data.test_x, data.test_y), seconds, one_pass)
+                    rows.append(row)
+                    log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} -> "
+                        f"{row.acc_tuned:.2f}, search {row.search_s:.2f} s")
+                    if label == "acps reference" and best == REFERENCE:
+                        rows.append(Row(**{**row.__dict__, "method": best_label + " = reference", "notes": []}))
+    return render(rows, originals, data, args)
+
+
+def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.Namespace) -> str:
+    lines = [f"Data: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test images); fine-tune: "
+             f"{args.finetune_epochs} epochs SGD lr {FINETUNE_LR} cosine, seed {FINETUNE_SEED}, for every method.",
+             "", "Original models:", ""]
+    lines += [f"- {text}" for text in originals]
+    lines += ["", "| model | ratio | method | MACs (M) | reduction | params (k) | acc before FT % | "
+              "acc after FT % | search s | 1 pass s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    base_macs = {}
+    for text in originals:
+        name, _, rest = text.partition(":")
+        base_macs[name] = float(rest.split("accuracy, ")[1].split(" M MACs")[0]) * 1e6
+    for r in rows:
+        lines.append(f"| {r.model} | {r.ratio:g}x | {r.method} | {r.macs / 1e6:.3f} | "
+                     f"{base_macs[r.model] / r.macs:.2f}x | {r.params / 1e3:.1f} | {r.acc_pruned:.2f} | "
+                     f"{r.acc_tuned:.2f} | {r.search_s:.2f} | {r.pass_s:.2f} |")
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet20,mobilenetv2",
+                        type=lambda s: [m for m in s.split(",") if m], help=f"from {sorted(MODELS)}")
+    parser.add_argument("--ratios", default="1.5,2,3", type=lambda s: [float(r) for r in s.split(",") if r])
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (1 with --quick)")
+    parser.add_argument("--acps-best", type=parse_best, default=REFERENCE,
+                        help="SENSITIVITY:SEARCH of acps's best configuration (default: the reference's)")
+    parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny training and fine-tune budgets")
+    parser.add_argument("--output", type=Path, help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+    if args.finetune_epochs is None:
+        args.finetune_epochs = 1 if args.quick else 3
+    logging.getLogger("acps_core").setLevel(logging.ERROR)
+    start = time.perf_counter()
+    table = run(args)
+    print(table)
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    if args.output:
+        args.output.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

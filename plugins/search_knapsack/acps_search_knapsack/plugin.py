@@ -1,0 +1,13 @@
+"""Registers the plugin's methods with acps (named by the ``acps`` entry point)."""
+
+from __future__ import annotations
+
+from acps_core import hookimpl
+from acps_core.hookspecs import Register
+
+
+@hookimpl
+def acps_register_search_algorithms(register: Register) -> None:
+    from acps_search_knapsack.knapsack import KnapsackSearch
+
+    register("KnapsackSearch", KnapsackSearch)
