@@ -25,13 +25,14 @@ def forward(model: nn.Module, data: Any) -> Any:
     return model(data)
 
 
-def _tensors(data: Any) -> list[torch.Tensor]:
+def tensors_in(data: Any) -> list[torch.Tensor]:
+    """Every tensor in ``data``: a tensor, or tuples, lists and dicts of them (nested)."""
     if isinstance(data, torch.Tensor):
         return [data]
     if isinstance(data, (tuple, list)):
-        return [t for d in data for t in _tensors(d)]
+        return [t for d in data for t in tensors_in(d)]
     if isinstance(data, dict):
-        return [t for d in data.values() for t in _tensors(d)]
+        return [t for d in data.values() for t in tensors_in(d)]
     return []
 
 
@@ -114,7 +115,7 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device)
         raise DataError(f"input_data must be a list [data, label] of two items, got {got}; e.g. "
                         "input_data=[images, labels]")
     data, label = input_data
-    inputs = _tensors(data)
+    inputs = tensors_in(data)
     if not inputs:
         raise DataError(f"input_data[0] (data) must be a tensor or a tuple of tensors, got {type(data).__name__}")
     if not isinstance(label, torch.Tensor):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core.data import tensors_in
 from acps_core.graph import LINEAR_TYPES, ChannelGraph
 
 
@@ -98,19 +99,9 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
                 weight.copy_(values)
 
 
-def _output_tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _output_tensors(o)]
-    if isinstance(output, dict):
-        return [t for o in output.values() for t in _output_tensors(o)]
-    return []
-
-
 def output_difference(got: Any, expected: Any) -> str | None:
     """Why a pruned model's output differs from the masked model's beyond rounding (None when they agree)."""
-    got_tensors, expected_tensors = _output_tensors(got), _output_tensors(expected)
+    got_tensors, expected_tensors = tensors_in(got), tensors_in(expected)
     if len(got_tensors) != len(expected_tensors):
         return "the pruned model returns a different number of tensors"
     for a, b in zip(got_tensors, expected_tensors):
@@ -128,7 +119,7 @@ def output_difference(got: Any, expected: Any) -> str | None:
 
 def output_shape_difference(got: Any, expected: Any) -> str | None:
     """Why two model outputs differ in number or shapes of tensors (None when they agree)."""
-    got_tensors, expected_tensors = _output_tensors(got), _output_tensors(expected)
+    got_tensors, expected_tensors = tensors_in(got), tensors_in(expected)
     if [t.shape for t in got_tensors] != [t.shape for t in expected_tensors]:
         return (f"the outputs changed shape from {[list(t.shape) for t in expected_tensors]} to "
                 f"{[list(t.shape) for t in got_tensors]}")

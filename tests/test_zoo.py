@@ -21,7 +21,7 @@ import acps_core as acps
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.masking import masked_channels
 from acps_core.prune import prune_channels
-from tests.zoo import CASES, CLASSES, ZooCase, random_keep
+from tests.zoo import CASES, CLASSES, ZooCase, pruned_and_masked, random_keep
 
 BATCH = 6
 
@@ -151,13 +151,7 @@ def test_pruned_model_computes_what_the_masked_model_computes(name, seed) -> Non
     assert keep, "every zoo model has something to prune"
     with torch.no_grad():
         original = model(x)
-    pruned = copy.deepcopy(model)
-    prune_channels(pruned, graph, keep)
-    with torch.no_grad():
-        out = pruned(x)
-    with masked_channels(model, graph, keep), torch.no_grad():
-        expected = model(x)
-    assert out.shape == original.shape
+    out, expected, _ = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # The masking hooks are gone again.
     with torch.no_grad():

@@ -11,7 +11,6 @@ on the last dim). Derandomized: CI sees the same examples every run.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,9 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from acps_core.graph import build_channel_graph
-from acps_core.masking import masked_channels
-from acps_core.prune import prune_channels
-from tests.zoo import BasicBlock, ConvBNAct, MBConv, SqueezeExcite, random_keep, randomize
+from tests.zoo import BasicBlock, ConvBNAct, MBConv, SqueezeExcite, pruned_and_masked, random_keep, randomize
 
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu}
@@ -249,15 +246,7 @@ def one_thread() -> Iterator[None]:
 def check_pruned_matches_masked(model: nn.Module, x: torch.Tensor, seed: int) -> None:
     graph = build_channel_graph(model, x)
     keep = random_keep(graph, seed)
-    with torch.no_grad():
-        original = model(x)
-    pruned = copy.deepcopy(model)
-    prune_channels(pruned, graph, keep)
-    with torch.no_grad():
-        out = pruned(x)
-    with masked_channels(model, graph, keep), torch.no_grad():
-        expected = model(x)
-    assert out.shape == original.shape
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if keep:
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())

@@ -20,14 +20,18 @@ is reused by ``tests/test_zoo_properties.py`` to build random networks.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from acps_core.graph import ChannelGraph
+from acps_core.masking import masked_channels
+from acps_core.prune import prune_channels
 from tests.models import randomize_norms
 
 CLASSES = 5
@@ -1056,3 +1060,19 @@ def _cases() -> list[ZooCase]:
 
 
 CASES: dict[str, ZooCase] = {case.name: case for case in _cases()}
+
+
+def pruned_and_masked(model: nn.Module, x: torch.Tensor, graph: Any, keep: dict[int, list[int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """The pruned copy's output, the masked model's output (what it must equal) and the pruned copy; checks that
+    the output shape is kept."""
+    with torch.no_grad():
+        original = model(x)
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, keep)
+    with torch.no_grad():
+        out = pruned(x)
+    with masked_channels(model, graph, keep), torch.no_grad():
+        expected = model(x)
+    assert out.shape == original.shape
+    return out, expected, pruned
