@@ -27,12 +27,18 @@ method's cost is measured the same way here: Conv/Linear MACs per sample, counte
 
 Calibration (acps and Torch-Pruning's Taylor importance): the first 256 images of the training split and their
 labels, one pass. "search s" is the time to reach the target, bisection included for the methods that need one;
-"1 pass s" the time of one decision at the final ratio (for acps the two are the same call).
+"1 pass s" the time of one decision at the final ratio (for acps the two are the same call); both are the fastest
+of ``--timing-repeats`` runs, after one untimed warm-up run of every method.
+
+"acc before FT" is the pruned model as it comes out of each method; "acc BN-recal" the same model with only its
+BatchNorm statistics recomputed on the calibration images (no weight update), which is what tells the channel
+choices apart when the stale statistics alone drop every method to chance.
 
 Usage::
 
     python bench/quality.py [--models resnet20,mobilenetv2] [--ratios 1.5,2,3] [--finetune-epochs 3]
-                            [--acps-best TaylorLossSensitivity:GreedySearch] [--quick] [--output table.md]
+                            [--acps-best TaylorLossSensitivity:GreedySearch] [--timing-repeats 3] [--quick]
+                            [--output table.md]
 
 The base models are trained on the first run (about a minute each on 2 CPU cores) and cached under
 ``bench/.cache/``. ``--quick`` is a smoke run: briefly trained models (cached separately), one fine-tune epoch,
@@ -52,6 +58,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +71,10 @@ from quality_models import DATASETS, MODELS, Dataset, accuracy, train, trained_m
 import acps_core
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.prune import prune_channels
+from acps_core.registry import resolve_method
 
 REFERENCE = ("TaylorLossSensitivity", "GreedySearch")
+METHOD_KEYS = ("uniform", "tp-taylor", "tp-magnitude", "acps-reference", "acps-best")
 CALIBRATION_SAMPLES = 256
 FINETUNE_LR = 0.01
 FINETUNE_SEED = 1
@@ -85,7 +94,7 @@ def conv_linear_macs(model: nn.Module, sample: torch.Tensor) -> int:
         if isinstance(module, nn.Linear):
             total += per_sample_outputs * module.in_features
         else:
-            conv = module  # type: ignore[assignment]
+            conv = cast(nn.modules.conv._ConvNd, module)
             total += per_sample_outputs * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
@@ -100,6 +109,22 @@ def conv_linear_macs(model: nn.Module, sample: torch.Tensor) -> int:
         for handle in handles:
             handle.remove()
     return total
+
+
+def recalibrated_accuracy(model: nn.Module, calib_x: torch.Tensor, data: Dataset) -> float:
+    """Test accuracy of a copy of ``model`` whose BatchNorm statistics are recomputed on the calibration images
+    (no weight changes): what the channel choice is worth once the norms see the pruned inputs."""
+    model = copy.deepcopy(model).eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the calibration batches
+        norm.train()
+    with torch.no_grad():
+        for chunk in calib_x.split(64):
+            model(chunk)
+    model.eval()
+    return accuracy(model, data.test_x, data.test_y)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -153,7 +178,7 @@ def filter_l1(model: nn.Module, graph: ChannelGraph, group_id: int) -> torch.Ten
     group = graph.group(group_id)
     scores = torch.zeros(group.channels, dtype=torch.float64)
     for name in group.producers:
-        weight = model.get_submodule(name).weight.detach()
+        weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
         scores += weight.abs().reshape(weight.shape[0], -1).sum(dim=1).double()
     return scores
 
@@ -233,6 +258,7 @@ class Row:
     macs: int
     params: int
     acc_pruned: float
+    acc_recal: float
     acc_tuned: float
     search_s: float
     pass_s: float
@@ -258,8 +284,11 @@ def run(args: argparse.Namespace) -> str:
         ("acps reference", lambda c, r: acps_search(c, r, *REFERENCE)),
     ]
     best_label = f"acps best ({best[0]}:{best[1]})"
-    if best != REFERENCE:
+    if best != REFERENCE or "acps-reference" not in args.methods:
         methods.append((best_label, lambda c, r: acps_search(c, r, *best)))
+    keys = dict(zip(METHOD_KEYS, [label for label, _ in methods]))
+    methods = [(label, method) for label, method in methods
+               if any(keys.get(k) == label for k in args.methods)]
     rows: list[Row] = []
     originals: list[str] = []
     for model_name in args.models:
@@ -278,17 +307,21 @@ def run(args: argparse.Namespace) -> str:
             for ratio in args.ratios:
                 for label, method in methods:
                     before = copy.deepcopy(base.state_dict())
-                    pruned, seconds, one_pass = method(ctx, ratio)
+                    # The least of a few timings: the one least disturbed by other load on the machine.
+                    runs = [method(ctx, ratio) for _ in range(args.timing_repeats)]
+                    pruned = runs[0][0]
+                    seconds, one_pass = min(r[1] for r in runs), min(r[2] for r in runs)
                     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), \
                         f"{label} modified the base model"
                     acc_pruned = accuracy(pruned, data.test_x, data.test_y)
+                    acc_recal = recalibrated_accuracy(pruned, calib_x, data)
                     train(pruned, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, FINETUNE_SEED)
                     row = Row(model_name, ratio, label, conv_linear_macs(pruned, calib_x), parameter_count(pruned),
-                              acc_pruned, accuracy(pruned, data.test_x, data.test_y), seconds, one_pass)
+                              acc_pruned, acc_recal, accuracy(pruned, data.test_x, data.test_y), seconds, one_pass)
                     rows.append(row)
-                    log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} -> "
-                        f"{row.acc_tuned:.2f}, search {row.search_s:.2f} s")
-                    if label == "acps reference" and best == REFERENCE:
+                    log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} "
+                        f"/ BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, search {row.search_s:.2f} s")
+                    if label == "acps reference" and best == REFERENCE and "acps-best" in args.methods:
                         rows.append(Row(**{**row.__dict__, "method": best_label + " = reference", "notes": []}))
     return render(rows, originals, data, args)
 
@@ -299,8 +332,8 @@ def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.
              "", "Original models:", ""]
     lines += [f"- {text}" for text in originals]
     lines += ["", "| model | ratio | method | MACs (M) | reduction | params (k) | acc before FT % | "
-              "acc after FT % | search s | 1 pass s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "acc BN-recal % | acc after FT % | search s | 1 pass s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     base_macs = {}
     for text in originals:
         name, _, rest = text.partition(":")
@@ -308,7 +341,7 @@ def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.
     for r in rows:
         lines.append(f"| {r.model} | {r.ratio:g}x | {r.method} | {r.macs / 1e6:.3f} | "
                      f"{base_macs[r.model] / r.macs:.2f}x | {r.params / 1e3:.1f} | {r.acc_pruned:.2f} | "
-                     f"{r.acc_tuned:.2f} | {r.search_s:.2f} | {r.pass_s:.2f} |")
+                     f"{r.acc_recal:.2f} | {r.acc_tuned:.2f} | {r.search_s:.2f} | {r.pass_s:.2f} |")
     return "\n".join(lines)
 
 
@@ -324,14 +357,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--acps-best", type=parse_best, default=REFERENCE,
                         help="SENSITIVITY:SEARCH of acps's best configuration (default: the reference's)")
+    parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
+                        help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
     parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-repeats", type=int, default=None,
+                        help="run each search this many times and report the fastest (default 3, 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny training and fine-tune budgets")
     parser.add_argument("--output", type=Path, help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
+    if any(m not in METHOD_KEYS for m in args.methods):
+        parser.error(f"--methods takes a subset of {','.join(METHOD_KEYS)}")
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+    for kind, name in zip(("sensitivity", "search"), args.acps_best):
+        try:
+            resolve_method(kind, name, f"--acps-best {kind}")
+        except acps_core.AcpsError as exc:
+            parser.error(str(exc))
+    if args.timing_repeats is None:
+        args.timing_repeats = 1 if args.quick else 3
     if args.finetune_epochs is None:
         args.finetune_epochs = 1 if args.quick else 3
     logging.getLogger("acps_core").setLevel(logging.ERROR)

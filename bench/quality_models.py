@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,14 +204,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
 
 
 #: Training recipe of the base models (part of the cache key).
-BASE_RECIPE = {"epochs": 30, "lr": 0.05, "batch_size": 64, "weight_decay": 5e-4, "seed": 0}
+BASE_RECIPE: dict[str, Any] = {"epochs": 30, "lr": 0.05, "batch_size": 64, "weight_decay": 5e-4, "seed": 0}
 
 
 def trained_model(model_name: str, data: Dataset, epochs: int | None = None, log: Callable[[str], None] = print
                   ) -> tuple[nn.Module, float]:
     """The trained base model (from ``bench/.cache`` when a run with the same recipe cached it) and the seconds
     spent training it (0 when cached)."""
-    recipe = dict(BASE_RECIPE, model=model_name, data=data.name, version=1)
+    recipe: dict[str, Any] = dict(BASE_RECIPE, model=model_name, data=data.name, version=1)
     if epochs is not None:
         recipe["epochs"] = epochs
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
