@@ -5,6 +5,12 @@ label-free filter norm (``BalancedL2NormSensitivity``)."""
 from __future__ import annotations
 
 from acps_sensitivity_taylor.norm import BalancedL2NormSensitivity
-from acps_sensitivity_taylor.taylor import FisherSensitivity, NormalizedTaylorSensitivity, TaylorLossSensitivity
+from acps_sensitivity_taylor.taylor import (
+    FisherSensitivity,
+    NormalizedTaylorSensitivity,
+    OutputChangeSensitivity,
+    TaylorLossSensitivity,
+)
 
-__all__ = ["BalancedL2NormSensitivity", "FisherSensitivity", "NormalizedTaylorSensitivity", "TaylorLossSensitivity"]
+__all__ = ["BalancedL2NormSensitivity", "FisherSensitivity", "NormalizedTaylorSensitivity", "OutputChangeSensitivity",
+           "TaylorLossSensitivity"]

@@ -9,9 +9,15 @@ from acps_core.hookspecs import Register
 @hookimpl
 def acps_register_sensitivities(register: Register) -> None:
     from acps_sensitivity_taylor.norm import BalancedL2NormSensitivity
-    from acps_sensitivity_taylor.taylor import FisherSensitivity, NormalizedTaylorSensitivity, TaylorLossSensitivity
+    from acps_sensitivity_taylor.taylor import (
+        FisherSensitivity,
+        NormalizedTaylorSensitivity,
+        OutputChangeSensitivity,
+        TaylorLossSensitivity,
+    )
 
     register("TaylorLossSensitivity", TaylorLossSensitivity)
     register("NormalizedTaylorSensitivity", NormalizedTaylorSensitivity)
     register("FisherSensitivity", FisherSensitivity)
     register("BalancedL2NormSensitivity", BalancedL2NormSensitivity)
+    register("OutputChangeSensitivity", OutputChangeSensitivity)

@@ -195,3 +195,22 @@ class NormalizedTaylorSensitivity(TaylorLossSensitivity):
 
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
         super().__init__(loss_func, seed, normalize=True)
+
+
+class OutputChangeSensitivity(TaylorLossSensitivity):
+    """Label-free channel importance: the expected first-order change of the model's output along a random
+    direction when the channel goes, ``sqrt(E_r[(r . J w_c)^2])`` over random output projections ``r`` (the score
+    :class:`TaylorLossSensitivity` falls back to when the loss gives nothing). It measures how much the channel
+    moves the output, whatever the labels, so it does not fade when the model already fits the calibration data.
+    """
+
+    def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
+        """Set ``record.sensitivity`` for every record (see the class docs)."""
+        assert self.model is not None and self.graph is not None, "setup_initialization was not called"
+        slices = {r.group_id: self._slices(r) for r in search_records}
+        params = list({id(p): p for group in slices.values() for _, p in group}.values())
+        for param in params:
+            param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
+        scores = self._output_change_scores(search_records, slices, params)
+        for record in search_records:
+            record.sensitivity = scores[record.group_id]

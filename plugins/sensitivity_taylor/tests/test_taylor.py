@@ -189,4 +189,24 @@ def test_every_method_of_the_distribution_is_registered_by_name() -> None:
     names = {m.name for m in get_registry(refresh=True).methods("sensitivity")
              if m.distribution == "acps-sensitivity-taylor"}
     assert names == {"TaylorLossSensitivity", "NormalizedTaylorSensitivity", "FisherSensitivity",
-                     "BalancedL2NormSensitivity"}
+                     "BalancedL2NormSensitivity", "OutputChangeSensitivity"}
+
+
+def test_output_change_ignores_the_labels_and_equals_the_label_free_fallback() -> None:
+    from acps_sensitivity_taylor import OutputChangeSensitivity
+
+    model = tiny_model()
+    data = torch.randn(8, 3, 8, 8)
+    graph = build_channel_graph(model, data)
+    results = []
+    for label in (torch.randint(0, 5, (8,)), torch.randn(8, 5)):
+        method = OutputChangeSensitivity()
+        method.setup_initialization((model, graph), [data, label], 2)
+        records = records_for(graph)
+        method.get_sensitivity(records)
+        results.append(records[0].sensitivity)
+    torch.testing.assert_close(results[0], results[1])
+    with torch.no_grad():
+        own = model(data)
+    fallback, _ = score(model, data, own, test_iteration=2)  # zero loss: Taylor falls back to the same score
+    torch.testing.assert_close(results[0], fallback["0"])
