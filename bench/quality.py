@@ -229,11 +229,12 @@ def torch_pruning(ctx: Context, ratio: float, importance_name: str) -> tuple[nn.
     return bisect_ratio(ctx, ratio, prune_at, 0.95)
 
 
-def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str) -> tuple[nn.Module, float, float]:
+def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str,
+                max_prune_ratio: float = 1.0) -> tuple[nn.Module, float, float]:
     """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model``."""
-    tag = f"{sensitivity}_{search}_{ratio:g}"
+    tag = f"{sensitivity}_{search}_{ratio:g}_{max_prune_ratio:g}"
     config = ctx.workdir / f"search_{tag}.cfg"
-    config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\n")
+    config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\nmax_prune_ratio: {max_prune_ratio}\n")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -283,9 +284,10 @@ def run(args: argparse.Namespace) -> str:
         ("TP magnitude", lambda c, r: torch_pruning(c, r, "magnitude")),
         ("acps reference", lambda c, r: acps_search(c, r, *REFERENCE)),
     ]
-    best_label = f"acps best ({best[0]}:{best[1]})"
-    if best != REFERENCE or "acps-reference" not in args.methods:
-        methods.append((best_label, lambda c, r: acps_search(c, r, *best)))
+    limit = args.max_prune_ratio
+    best_label = f"acps best ({best[0]}:{best[1]}" + (f", max_prune_ratio {limit:g})" if limit < 1 else ")")
+    if best != REFERENCE or limit < 1 or "acps-reference" not in args.methods:
+        methods.append((best_label, lambda c, r: acps_search(c, r, *best, max_prune_ratio=limit)))
     keys = dict(zip(METHOD_KEYS, [label for label, _ in methods]))
     methods = [(label, method) for label, method in methods
                if any(keys.get(k) == label for k in args.methods)]
@@ -360,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
                         help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
     parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--max-prune-ratio", type=float, default=1.0,
+                        help="max_prune_ratio of acps best's search config (the reference run keeps 1.0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="run each search this many times and report the fastest (default 3, 1 with --quick)")
