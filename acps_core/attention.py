@@ -1,10 +1,11 @@
-"""``nn.MultiheadAttention`` with fewer heads than its embed_dim implies.
+"""``nn.MultiheadAttention`` whose heads, input width and output width are pruned independently.
 
-``nn.MultiheadAttention`` ties the width of its query/key/value projections to ``embed_dim``, the width of its
-input and output, so it cannot lose heads. When the prune step removes heads, it turns the module into a
-:class:`HeadPrunedMultiheadAttention`: the same parameters under the same names (``in_proj_weight``,
-``in_proj_bias``, ``out_proj``), so checkpoints load and ``isinstance(m, nn.MultiheadAttention)`` still holds,
-with the projections ``num_heads * head_dim`` wide while input and output stay ``embed_dim`` wide.
+``nn.MultiheadAttention`` ties the width of its query/key/value projections, of its input and of its output to
+one ``embed_dim``, so it cannot lose heads, nor input channels without losing as many outputs. When the prune
+step slices it, it turns the module into a :class:`HeadPrunedMultiheadAttention`: the same parameters under the
+same names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), so checkpoints load and
+``isinstance(m, nn.MultiheadAttention)`` still holds, with the projections ``num_heads * head_dim`` wide, the
+input ``embed_dim`` wide and the output ``out_proj.out_features`` wide.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def plain_multihead_attention(module: nn.Module) -> bool:
 
 
 class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
-    """Multi-head attention whose ``num_heads * head_dim`` may be smaller than ``embed_dim``.
+    """Multi-head attention whose ``num_heads * head_dim``, input width and output width may all differ.
 
     Computes what ``nn.MultiheadAttention`` computes (same arguments and masks), with the heads it kept. The
     attention weights it returns are averaged over the kept heads.
@@ -83,9 +84,18 @@ class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
         return out, returned
 
 
+def make_prunable(module: nn.MultiheadAttention) -> None:
+    """Turn an attention module into a :class:`HeadPrunedMultiheadAttention` (same parameters, same output),
+    so that its heads, embed_dim and out projection can be sliced independently."""
+    module.__class__ = HeadPrunedMultiheadAttention
+    # nn.TransformerEncoderLayer takes a fused kernel when this flag is set, which assumes 3 * embed_dim
+    # projection rows; cleared, it calls this module's forward. The forward above does not read it.
+    module._qkv_same_embed_dim = False
+
+
 def shrink_heads(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
-    """Keep the projection rows ``keep`` (whole heads, positions within the q/k/v width) of an attention module
-    and turn it into a :class:`HeadPrunedMultiheadAttention`; the out projection's inputs are sliced separately."""
+    """Keep the projection rows ``keep`` (whole heads, positions within the q/k/v width) of an attention module;
+    the out projection's inputs are sliced separately."""
     width = module.num_heads * module.head_dim
     rows = torch.cat([keep + part * width for part in range(3)]).to(module.in_proj_weight.device)
     module.in_proj_weight = nn.Parameter(module.in_proj_weight.detach().index_select(0, rows),
@@ -94,7 +104,13 @@ def shrink_heads(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
         module.in_proj_bias = nn.Parameter(module.in_proj_bias.detach().index_select(0, rows),
                                            requires_grad=module.in_proj_bias.requires_grad)
     module.num_heads = len(keep) // module.head_dim
-    module.__class__ = HeadPrunedMultiheadAttention
-    # nn.TransformerEncoderLayer takes a fused kernel when this flag is set, which assumes 3 * embed_dim
-    # projection rows; cleared, it calls this module's forward. The forward above does not read it.
-    module._qkv_same_embed_dim = False
+    make_prunable(module)
+
+
+def shrink_embed_dim(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
+    """Keep the input channels ``keep`` (the columns of the packed q/k/v projection) of an attention module;
+    its out projection's outputs are sliced separately, as any Linear's."""
+    module.in_proj_weight = nn.Parameter(module.in_proj_weight.detach().index_select(1, keep.to(
+        module.in_proj_weight.device)), requires_grad=module.in_proj_weight.requires_grad)
+    module.embed_dim = module.kdim = module.vdim = len(keep)
+    make_prunable(module)

@@ -150,14 +150,15 @@ class LayerGeometry:
     def macs(self, in_channels: int | None = None, out_channels: int | None = None) -> float:
         """Multiply-accumulates per sample at the given channel counts (the traced ones by default).
 
-        For ``MultiheadAttention`` the output channels are the width of its heads: q/k/v projections, the two
-        attention products and the out projection (self-attention, as many keys as queries).
+        For ``MultiheadAttention`` the input channels are its embed_dim and the output channels the width of its
+        heads: the q/k/v projections and the two attention products (self-attention, as many keys as queries);
+        its out projection is a Linear layer of its own.
         """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
-            return float(tokens * (3 * cin * cout + 2 * tokens * cout + cout * cin))
+            return float(tokens * (3 * cin * cout + 2 * tokens * cout))
         # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
         inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups
         return float(self.output_positions * cout * inputs_per_output * math.prod(self.kernel_size))
@@ -366,6 +367,9 @@ class ChannelGraph:
             else:
                 slices += [ParamSlice(use.layer, p, 0, use) for p in ("weight", "bias")]
         for use in group.consumers:
+            if use.kind == "MultiheadAttention":  # the packed q/k/v projection's columns
+                slices.append(ParamSlice(use.layer, "in_proj_weight", 1, use))
+                continue
             layer = self.layers.get(use.layer)
             groups = layer.geometry.groups if layer is not None and layer.geometry is not None else 1
             in_dim = 0 if use.kind.startswith("ConvTranspose") else 1
@@ -697,36 +701,99 @@ class _GroupBuilder:
             self.layer_module(op, module, kind, in_tags, x, touched)
 
     def attention_module(self, op: _Op, module: nn.MultiheadAttention, touched: list[int]) -> None:
-        """nn.MultiheadAttention: its input and output keep embed_dim channels (the residual stream around it
-        is left alone), while its heads form a group of their own: the q/k/v projection rows of each head and
-        the out projection's matching inputs, pruned in whole heads."""
+        """nn.MultiheadAttention, three layers in one module:
+
+        - its packed q/k/v projection consumes the embed_dim channels of query, key and value, which share the
+          projection's columns, so they must be the same channels (or channels pruned alike);
+        - its heads form a group of their own: the q/k/v projection rows of each head and the out projection's
+          matching inputs, pruned in whole heads;
+        - its out projection produces the output channels, a space of its own (usually joined to the residual
+          stream by the add that follows).
+        """
         name = op.name
         where = f"nn.MultiheadAttention {name} at {op.location}"
-        refs = list(_tensors_in((op.args, op.kwargs)))
-        self.block_tags([t for r in refs for t in self.tags_of(r)],
-                        f"{where} reads these channels as its embed_dim, whose width it keeps (its heads are "
-                        "pruned instead)")
-        query = refs[0] if refs else None
+        inputs = _attention_inputs(op)
+        query = inputs[0]
+        others = [r for r in _tensors_in((op.args, op.kwargs)) if all(r is not i for i in inputs)]
+        self.block_tags([t for r in others for t in self.tags_of(r)],
+                        f"{where} reads these channels as a mask, which acps does not map")
         if query is None or not op.outputs:
+            self.block_tags([t for r in inputs for t in self.tags_of(r)], f"{where} could not be traced")
             return
+        channel_dim = len(query.shape) - 1
         tokens = query.shape[1] if (module.batch_first and len(query.shape) == 3) else query.shape[0]
         width = module.num_heads * module.head_dim
-        geometry = LayerGeometry(name, "MultiheadAttention", module.embed_dim, width, 1, (1,), (1,),
-                                 (1, tokens, module.embed_dim), (1, tokens, module.embed_dim), query.dtype,
+        out_proj = module.out_proj
+        geometry = LayerGeometry(name, "MultiheadAttention", query.shape[-1], width, 1, (1,), (1,),
+                                 (1, tokens, query.shape[-1]), (1, tokens, width), query.dtype,
                                  module.in_proj_weight.dtype)
         entry = self.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                               "reason": None, "location": op.location})
-        space = self.new_space(name, width)
+        self.attention_inputs(op, name, inputs, channel_dim, entry, where)
+
+        heads = self.new_space(name, width)
+        touched.append(heads)
+        entry["spaces"].append(heads)
+        entry["out"] = heads
+        self.require(heads, unit=module.head_dim)
+        projection = f"{name}.out_proj"
+        use = ChannelUse(projection, "Linear")
+        self.spaces[heads].consumers.append(use)
+
+        out_geometry = LayerGeometry(projection, type(out_proj).__name__, width, out_proj.out_features, 1, (1,),
+                                     (1,), (1, tokens, width), (1, tokens, out_proj.out_features), query.dtype,
+                                     out_proj.weight.dtype)
+        out_entry = self.layers.setdefault(projection, {"geometry": out_geometry, "spaces": [], "in": [],
+                                                        "out": None, "reason": entry["reason"],
+                                                        "location": op.location})
+        out_entry["in"].append((heads, use))
+        space = self.new_space(projection, out_proj.out_features)
         touched.append(space)
-        entry["spaces"].append(space)
-        entry["out"] = space
-        self.require(space, unit=module.head_dim)
-        self.spaces[space].consumers.append(ChannelUse(f"{name}.out_proj", "Linear"))
-        if entry["reason"]:
-            self.block(space, f"{name} is {entry['reason']}")
-        shared = self.shared_weights.get(name)
+        out_entry["spaces"].append(space)
+        out_entry["out"] = space
+        shared = "; ".join(f"{n}'s weights are shared with {self.shared_weights[n]}"
+                           for n in (name, projection) if n in self.shared_weights)
+        for made in (heads, space):
+            if entry["reason"]:
+                self.block(made, f"{name} is {entry['reason']}")
+            if shared:
+                self.block(made, shared)
         if shared:
-            self.block(space, f"{name}'s weight is shared with {shared}")
+            self.block_tags([t for r in inputs for t in self.tags_of(r)], shared)
+        self.tags[op.outputs[0]] = [self.whole(space, channel_dim)]
+
+    def attention_inputs(self, op: _Op, name: str, inputs: list[_TensorRef | None], channel_dim: int,
+                         entry: dict[str, Any], where: str) -> None:
+        """The embed_dim channels query, key and value bring to an nn.MultiheadAttention: one consumer use (the
+        packed projection's columns) for the query's channels, with key and value tied to them."""
+        query = inputs[0]
+        assert query is not None
+        query_tags = self.tags_of(query)
+        mapped = []
+        for tag in query_tags:
+            if tag.dim != channel_dim:
+                self.block(tag.space, f"{where} reads these channels along dim {tag.dim}, not its embed_dim")
+            elif tag.unit != 1:
+                self.block(tag.space, f"{where} reads these channels split in units")
+            else:
+                mapped.append(tag)
+        for ref in inputs[1:]:
+            if ref is None or ref.value == query.value:
+                continue
+            tags = self.tags_of(ref)
+            ours, theirs = (sorted(found, key=lambda t: (t.offset, t.start)) for found in (query_tags, tags))
+            if len(ours) == len(theirs) and all(a.same_place(b) for a, b in zip(ours, theirs)):
+                for a, b in zip(ours, theirs):
+                    self.union(a.space, b.space, f"{where} reads them as query and as key/value")
+                continue
+            reason = (f"{where} reads its query and its key/value from different channels, which its packed "
+                      "projection must prune alike")
+            self.block_tags(query_tags + tags, reason)
+            mapped = []
+        for tag in mapped:
+            use = self.use(name, "MultiheadAttention", tag)
+            self.spaces[tag.space].consumers.append(use)
+            entry["in"].append((tag.space, use))
 
     def follower_module(self, op: _Op, module: nn.Module, in_tags: list[_Tag], x: _TensorRef | None) -> None:
         name, kind = op.name, type(module).__name__
@@ -1235,6 +1302,15 @@ class _GroupBuilder:
         self.tags[out] = result
 
 
+def _attention_inputs(op: _Op) -> list[_TensorRef | None]:
+    """The query, key and value an nn.MultiheadAttention call was given (positionally or by name)."""
+    found: list[_TensorRef | None] = []
+    for position, key in enumerate(("query", "key", "value")):
+        ref = op.args[position] if len(op.args) > position else op.kwargs.get(key)
+        found.append(ref if isinstance(ref, _TensorRef) else None)
+    return found
+
+
 def _first_tensor(args: Any) -> _TensorRef | None:
     for ref in _tensors_in(args):
         return ref  # type: ignore[no-any-return]
@@ -1386,7 +1462,7 @@ def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> dict[st
                 owners[id(param)].append(module_name)
     shared = {}
     for module, name in names.items():
-        if isinstance(module, _LEAF_TYPES):
+        if isinstance(module, (*_LEAF_TYPES, nn.MultiheadAttention)):
             others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
             if others:
                 shared[name] = ", ".join(others)
@@ -1490,8 +1566,8 @@ def _assemble(model: nn.Module, builder: _GroupBuilder, output_layers: list[str]
         owner = name.rpartition(".")[0]
         if entry is None and owner in attention and name.endswith("out_proj"):
             layers[name] = LayerInfo(name, type(module).__name__, None,
-                                     reason=f"the out projection of nn.MultiheadAttention {owner}: it keeps its "
-                                            "embed_dim outputs and loses the inputs of pruned heads")
+                                     reason=f"the out projection of nn.MultiheadAttention {owner}, which acps "
+                                            f"could not trace as a whole (see {owner})")
             continue
         if entry is None:
             reason = ("not called in the forward pass on the calibration data" if _plain_leaf(module) else

@@ -54,20 +54,29 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
             with torch.no_grad():
                 weight[:, sorted(positions)] = 0
             continue
-        dim = -1 if isinstance(module, LINEAR_TYPES) else 1
-        size = getattr(module, "in_features", getattr(module, "in_channels", 0))
+        attention = isinstance(module, nn.MultiheadAttention)
+        dim = -1 if isinstance(module, LINEAR_TYPES) or attention else 1
+        if attention:
+            size = cast(torch.Tensor, module.in_proj_weight).shape[1]
+        else:
+            size = getattr(module, "in_features", getattr(module, "in_channels", 0))
         mask = torch.ones(size).index_fill_(0, torch.tensor(sorted(positions), dtype=torch.long), 0)
+        # The inputs come positionally, or by name (layer(input=x) is traced the same way); attention reads
+        # its embed_dim channels from query, key and value.
+        names = ("query", "key", "value") if attention else ("input",)
 
-        def zero_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                        mask: torch.Tensor = mask, dim: int = dim) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            # The input comes positionally, or as input=... (layer(input=x) is traced the same way).
-            x = args[0] if args else kwargs["input"]
-            axis = dim % x.dim()
-            shape = [-1 if d == axis else 1 for d in range(x.dim())]
-            x = x * mask.to(x.device, x.dtype).reshape(shape)  # one pass, no clone
-            if args:
-                return (x, *args[1:]), kwargs
-            return args, {**kwargs, "input": x}
+        def zero_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor = mask,
+                        dim: int = dim, names: tuple[str, ...] = names) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            positional, kwargs = list(args), dict(kwargs)
+            for position, key in enumerate(names):
+                holder: Any = positional if position < len(positional) else kwargs
+                slot: Any = position if position < len(positional) else key
+                if holder is kwargs and key not in kwargs:
+                    continue
+                x = holder[slot]
+                shape = [-1 if d == dim % x.dim() else 1 for d in range(x.dim())]
+                holder[slot] = x * mask.to(x.device, x.dtype).reshape(shape)  # one pass, no clone
+            return tuple(positional), kwargs
 
         handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
     for name, positions in _removed_positions(graph, keep, followers=True).items():

@@ -27,7 +27,7 @@ from google.protobuf import text_format
 from torch import nn
 
 from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
-from acps_core.attention import shrink_heads
+from acps_core.attention import make_prunable, shrink_embed_dim, shrink_heads
 from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.data import forward, model_device
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
@@ -93,6 +93,9 @@ def _slice_input(module: nn.Module, keep: torch.Tensor) -> None:
     """Keep input positions ``keep`` of a Conv/ConvTranspose/Linear consumer. A grouped conv keeps, in every
     group, the kept positions of that group (the graph made every group keep the same count)."""
     layer = cast(Any, module)
+    if isinstance(module, nn.MultiheadAttention):
+        shrink_embed_dim(module, keep)
+        return
     if isinstance(module, LINEAR_TYPES):
         layer.weight = _take(layer.weight, 1, keep)
         layer.in_features = len(keep)
@@ -183,6 +186,9 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
             _slice_follower(module, index)
         else:
             _slice_output(module, index)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, nn.MultiheadAttention):
+            make_prunable(owner)  # its out projection lost outputs: the stock forward would assume embed_dim
     for name, drop in inputs.items():
         module = model.get_submodule(name)
         _slice_input(module, torch.tensor([i for i in range(_size(module, "in")) if i not in drop], dtype=torch.long))
@@ -197,7 +203,7 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
 def _size(module: nn.Module, axis: str) -> int:
     layer = cast(Any, module)
     if isinstance(module, nn.MultiheadAttention):
-        return int(layer.num_heads * layer.head_dim)
+        return int(layer.num_heads * layer.head_dim if axis == "out" else layer.in_proj_weight.shape[1])
     if isinstance(module, nn.PReLU):
         return int(layer.num_parameters)
     if isinstance(module, nn.LayerNorm):

@@ -681,7 +681,7 @@ class FixedHeadsAttentionNet(nn.Module):
 
 
 class MHANet(nn.Module):
-    """nn.MultiheadAttention, whose projections live inside one module (not supported by acps yet)."""
+    """nn.MultiheadAttention, whose three projections live inside one module, on a residual stream."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1027,14 +1027,15 @@ def _cases() -> list[ZooCase]:
         ),
         ZooCase(
             "multihead_attention", MHANet, (5, 6),
-            # nn.MultiheadAttention keeps embed_dim (the stream around it is left alone); its 2 heads of 8 are a
-            # group of their own: the packed q/k/v rows and the out projection's inputs.
-            groups=[{"embed"}, {"mha"}, {"fc1"}, {"fc2"}, {"head"}],
-            blocked={"embed": ("MultiheadAttention",), "fc2": ("no prunable layer produces",),
-                     "mha.out_proj": ("out projection",), "head": OUTPUT},
+            # The residual stream (embed, the out projection, fc2) is read by the packed q/k/v projection's
+            # columns; the 2 heads of 8 are a group of their own: the packed q/k/v rows and the out projection's
+            # inputs.
+            groups=[{"embed", "mha.out_proj", "fc2"}, {"mha"}, {"fc1"}, {"head"}],
+            blocked={"head": OUTPUT},
             unit={"mha": 8},
-            followers={"embed": set(), "fc1": set(), "fc2": set()},
-            consumers={"embed": set(), "mha": {("mha.out_proj", 0, 1)}, "fc1": {("fc2", 0, 1)}},
+            followers={"embed": {"norm"}, "fc1": set()},
+            consumers={"embed": {("mha", 0, 1), ("fc1", 0, 1), ("head", 0, 1)}, "mha": {("mha.out_proj", 0, 1)},
+                       "fc1": {("fc2", 0, 1)}},
         ),
         ZooCase(
             "shared_weights", SharedWeights, (3, 8, 8),
