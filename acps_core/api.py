@@ -250,7 +250,8 @@ def _search_records(graph: ChannelGraph, fixed: dict[int, int], settings: Search
         records.append(SearchRecord(
             group_id=group.id, name=group.name, producers=list(group.producers),
             followers=[u.layer for u in group.followers], consumers=[u.layer for u in group.consumers],
-            channels=group.channels, allowed_kept=allowed, unit=group.unit, blocks=group.blocks))
+            channels=group.channels, allowed_kept=allowed, unit=group.unit, blocks=group.blocks,
+            aligned=group.aligned))
     return records
 
 

@@ -9,7 +9,8 @@ norms, pools, flatten, concat, chunk, transposes, head splits and attention matm
 reaches the layers that consume it. Operations that tie two spaces together (a residual add, a squeeze-and-
 excitation gate, the query-key product of attention) merge them into one :class:`ChannelGroup`, decided as one
 unit. Some uses constrain how a group may shrink: a GroupNorm or an attention head split makes channels go in
-whole units (a norm group, a head), a grouped convolution or a ``chunk`` makes every block keep the same count.
+whole units (a norm group, a head), a grouped convolution or a ``chunk`` makes every block keep the same count,
+a channel shuffle makes every block it interleaves keep the same channels.
 Any use of a space this module cannot map exactly makes its group unprunable, with the reason and the source
 line recorded, never a wrong prune.
 
@@ -167,8 +168,9 @@ class LayerGeometry:
 @dataclass(frozen=True)
 class ChannelUse:
     """A layer touched by a channel group: channel ``c`` of the group (for ``start <= c < stop``) is positions
-    ``offset + (c - start) * block`` to ``offset + (c - start + 1) * block - 1`` of the layer's channel
-    dimension. ``stop`` None means the group's last channel. A bare model parameter used with the channels (a
+    ``offset + (c - start) * step`` to ``offset + (c - start) * step + block - 1`` of the layer's channel
+    dimension, where ``step`` is ``stride`` (after a channel shuffle, which interleaves channels) or else
+    ``block``. ``stop`` None means the group's last channel. A bare model parameter used with the channels (a
     layer scale, a position embedding, a class token) is a follower of kind ``"Parameter"``, named by its
     qualified name, with its channels along ``dim``."""
 
@@ -179,6 +181,7 @@ class ChannelUse:
     start: int = 0
     stop: int | None = None
     dim: int = 0  # for a bare parameter (kind "Parameter"): the dim of the parameter holding the channels
+    stride: int | None = None
 
     def span(self, channels: int) -> range:
         """The group channels this use covers."""
@@ -187,8 +190,13 @@ class ChannelUse:
     def positions(self, removed: Iterable[int], channels: int) -> list[int]:
         """Positions of this layer's channel dimension that the group channels ``removed`` occupy."""
         span = self.span(channels)
-        return [self.offset + (c - span.start) * self.block + j for c in removed if c in span
-                for j in range(self.block)]
+        step = self.stride or self.block
+        return [self.offset + (c - span.start) * step + j for c in removed if c in span for j in range(self.block)]
+
+    def end(self, channels: int) -> int:
+        """One past the last position the use covers."""
+        span = self.span(channels)
+        return self.offset + (len(span) - 1) * (self.stride or self.block) + self.block if len(span) else self.offset
 
 
 @dataclass
@@ -200,6 +208,9 @@ class ChannelGroup:
         unit: channels go in whole units of this many (a GroupNorm group, an attention head); 1 = singly.
         blocks: the channels form this many equal consecutive blocks, each of which must keep the same count
             (the groups of a grouped convolution, the parts of a ``chunk``); 1 = no such constraint.
+        aligned: the channels form this many equal consecutive blocks that a channel shuffle interleaves, so
+            each must keep the same channels (channel ``j`` of one block goes with channel ``j`` of every
+            other); 1 = no such constraint.
     """
 
     id: int
@@ -210,6 +221,7 @@ class ChannelGroup:
     reasons: list[str] = field(default_factory=list)
     unit: int = 1
     blocks: int = 1
+    aligned: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -223,25 +235,48 @@ class ChannelGroup:
     @property
     def atom(self) -> int:
         """The fewest channels one step of pruning can remove: one unit from every block."""
-        return self.unit * self.blocks
+        return atom_size(self.unit, self.blocks, self.aligned)
 
     def atoms(self, scores: torch.Tensor) -> list[list[int]]:
         """The group's channels as removable atoms, least important first (see :func:`channel_atoms`)."""
-        return channel_atoms(self.channels, self.unit, self.blocks, scores)
+        return channel_atoms(self.channels, self.unit, self.blocks, scores, self.aligned)
 
     def check_keep(self, keep: Sequence[int]) -> str | None:
         """Why a set of kept channels breaks the group's structure (see :func:`structure_violation`)."""
-        return structure_violation(self.channels, self.unit, self.blocks, keep)
+        return structure_violation(self.channels, self.unit, self.blocks, keep, self.aligned)
 
 
-def channel_atoms(channels: int, unit: int, blocks: int, scores: Any) -> list[list[int]]:
+def atom_size(unit: int, blocks: int, aligned: int = 1) -> int:
+    """How many channels one atom holds (see :func:`channel_atoms`)."""
+    return unit * blocks * aligned // math.gcd(aligned, blocks)
+
+
+def structure_problem(channels: int, unit: int, blocks: int, aligned: int = 1) -> str | None:
+    """Why no atoms can be formed for these constraints (None when they can)."""
+    if channels % aligned or (blocks % aligned and aligned % blocks):
+        return (f"its {channels} channels cannot form {aligned} shuffled blocks together with {blocks} blocks of "
+                "equal counts")
+    per_block, remainder = divmod(channels // aligned, blocks // math.gcd(aligned, blocks))
+    if remainder or per_block % unit:
+        return (f"its {channels} channels cannot form {blocks} equal blocks of whole units of {unit} (from "
+                "grouped convs, chunks, norm groups or heads)")
+    return None
+
+
+def channel_atoms(channels: int, unit: int, blocks: int, scores: Any, aligned: int = 1) -> list[list[int]]:
     """Channels grouped into the atoms pruning removes, least important first by their summed ``scores``.
 
     An atom is one whole unit from every block: the channels form ``blocks`` equal consecutive blocks, each made
     of units of ``unit`` consecutive channels; the r-th atom holds the r-th least important unit of each block.
+    With ``aligned > 1`` the channels also form that many equal blocks that must keep the same channels: their
+    scores are summed position by position, atoms are formed over one such block and repeated in every block.
     Ties keep channel order.
     """
     values = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    if aligned > 1:
+        per = channels // aligned
+        folded = channel_atoms(per, unit, blocks // math.gcd(aligned, blocks), values.reshape(aligned, per).sum(0))
+        return [sorted(b * per + j for b in range(aligned) for j in atom) for atom in folded]
     if unit == 1 and blocks == 1:
         return [[c] for c in torch.argsort(values, stable=True).tolist()]
     per_block = channels // blocks
@@ -254,9 +289,13 @@ def channel_atoms(channels: int, unit: int, blocks: int, scores: Any) -> list[li
     return [sorted(ranked[b][r] + j for b in range(blocks) for j in range(unit)) for r in range(units_per_block)]
 
 
-def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[int]) -> str | None:
+def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[int], aligned: int = 1) -> str | None:
     """Why keeping the channels ``keep`` breaks a group's units or blocks (None when it does not)."""
     kept = set(keep)
+    per = channels // aligned
+    if aligned > 1 and any((c + per) % channels not in kept for c in kept):
+        return (f"its {aligned} blocks of {per} channels are interleaved by a channel shuffle and must keep the same "
+                "channels")
     per_block = channels // blocks
     counts = {sum(1 for c in range(b * per_block, (b + 1) * per_block) if c in kept) for b in range(blocks)}
     if len(counts) > 1:
@@ -315,7 +354,11 @@ class ParamSlice:
         else:
             position_sums = tensor.movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)
         span = self.use.span(channels)
-        covered = position_sums.narrow(0, self.use.offset, len(span) * self.use.block)
+        if self.use.stride is None:
+            covered = position_sums.narrow(0, self.use.offset, len(span) * self.use.block)
+        else:  # interleaved by a channel shuffle
+            index = torch.tensor(self.use.positions(span, channels), dtype=torch.long, device=tensor.device)
+            covered = position_sums.index_select(0, index)
         out = torch.zeros(channels, dtype=tensor.dtype, device=tensor.device)
         out[span.start:span.stop] = covered.reshape(len(span), self.use.block).sum(dim=1)
         return out
@@ -540,9 +583,11 @@ class _Tag:
     """Channels ``start .. stop - 1`` of space ``space`` sit along ``dim`` of a value.
 
     Channel ``c`` occupies positions ``offset + (c - start) * block`` onwards, ``block`` of them (a flatten
-    spreads a channel over its pixels); or, when ``unit > 1`` (the channel dim was split, e.g. into heads),
-    position ``offset + (c - start) // unit`` holds a whole unit of channels, whose remainder runs along a
-    dimension of size ``unit`` that the tag does not follow.
+    spreads a channel over its pixels), or ``offset + (c - start) * stride`` onwards when a channel shuffle
+    interleaved them with others; or, when ``unit > 1`` (the channel dim was split, e.g. into heads), position
+    ``offset + (c - start) // unit`` holds a whole unit of channels, whose remainder runs along another
+    dimension of size ``unit``: ``rest`` when the tag knows which (right after the split, and through
+    permutes), else None.
     """
 
     space: int
@@ -552,15 +597,26 @@ class _Tag:
     start: int
     stop: int
     unit: int = 1
+    stride: int | None = None
+    rest: int | None = None
 
     @property
     def length(self) -> int:
         """Positions it takes along ``dim``."""
         return (self.stop - self.start) * self.block // self.unit
 
+    @property
+    def contiguous(self) -> bool:
+        """Its channels sit side by side (not interleaved by a shuffle)."""
+        return self.stride is None
+
     def same_place(self, other: _Tag) -> bool:
-        return (self.dim, self.offset, self.block, self.unit, self.start, self.stop) == (
-            other.dim, other.offset, other.block, other.unit, other.start, other.stop)
+        return (self.dim, self.offset, self.block, self.unit, self.start, self.stop, self.stride) == (
+            other.dim, other.offset, other.block, other.unit, other.start, other.stop, other.stride)
+
+    def moved(self, dim: int) -> _Tag:
+        """The tag on another dim of a new value (where its unit's remainder went is no longer known)."""
+        return replace(self, dim=dim, rest=None)
 
 
 @dataclass
@@ -572,6 +628,7 @@ class _Space:
     reasons: list[str] = field(default_factory=list)
     unit: int = 1
     blocks: int = 1
+    aligned: int = 1
 
 
 class _GroupBuilder:
@@ -592,6 +649,7 @@ class _GroupBuilder:
         self.param_ops: dict[str, list[_Op]] = {}
         self.param_mapped: dict[str, set[int]] = {}
         self.param_space: dict[str, tuple[int, ChannelUse]] = {}
+        self._readers: dict[int, list[_Op]] | None = None
 
     # -- union-find over spaces ---------------------------------------------------------------------------------
     def find(self, space: int) -> int:
@@ -612,6 +670,7 @@ class _GroupBuilder:
         kept.reasons += [r for r in gone.reasons if r not in kept.reasons]
         kept.unit = math.lcm(kept.unit, gone.unit)
         kept.blocks = math.lcm(kept.blocks, gone.blocks)
+        kept.aligned = math.lcm(kept.aligned, gone.aligned)
         if rb in self.queried:
             self.queried.add(ra)
 
@@ -624,11 +683,13 @@ class _GroupBuilder:
         for tag in tags:
             self.block(tag.space, reason)
 
-    def require(self, space: int, unit: int = 1, blocks: int = 1) -> None:
-        """The space's channels must go in whole units of ``unit`` / keep equal counts in ``blocks`` blocks."""
+    def require(self, space: int, unit: int = 1, blocks: int = 1, aligned: int = 1) -> None:
+        """The space's channels must go in whole units of ``unit`` / keep equal counts in ``blocks`` blocks /
+        keep the same channels in ``aligned`` blocks."""
         root = self.spaces[self.find(space)]
         root.unit = math.lcm(root.unit, unit)
         root.blocks = math.lcm(root.blocks, blocks)
+        root.aligned = math.lcm(root.aligned, aligned)
 
     def new_space(self, producer: str, channels: int) -> int:
         self.spaces.append(_Space(producer, channels))
@@ -638,7 +699,8 @@ class _GroupBuilder:
     def use(self, name: str, kind: str, tag: _Tag) -> ChannelUse:
         """How layer ``name`` sees the channels ``tag`` describes."""
         whole = tag.start == 0 and tag.stop == self.spaces[tag.space].channels
-        return ChannelUse(name, kind, tag.offset, tag.block, tag.start, None if whole else tag.stop)
+        return ChannelUse(name, kind, tag.offset, tag.block, tag.start, None if whole else tag.stop,
+                          stride=tag.stride)
 
     def whole(self, space: int, dim: int) -> _Tag:
         return _Tag(space, dim, 0, 1, 0, self.spaces[space].channels)
@@ -829,7 +891,7 @@ class _GroupBuilder:
                 self.block(tag.space, f"{name} ({kind}) at {op.location} works along dim {channel_dim}, which "
                                       "does not hold these channels one to one")
                 continue
-            if unit > 1 and (tag.offset % unit or tag.length % unit or tag.start % unit):
+            if unit > 1 and (tag.offset % unit or tag.length % unit or tag.start % unit or not tag.contiguous):
                 self.block(tag.space, f"{name} ({kind}) at {op.location} has norm groups of {unit} channels that "
                                       "do not line up with these channels")
                 continue
@@ -867,13 +929,13 @@ class _GroupBuilder:
                                       f"{tag.dim}, not its channel dim {in_dim}")
             elif tag.unit != 1:
                 self.block(tag.space, f"{name} ({kind}) at {op.location} reads these channels split in units")
-            elif groups > 1 and (geometry.transposed or tag.offset or tag.length != geometry.in_channels):
+            elif groups > 1 and (geometry.transposed or not self.spread_over_groups(tag, geometry)):
                 self.block(tag.space, f"grouped convolution {name} (groups={groups}) at {op.location} reads "
                                       "these channels together with others; acps keeps its groups only when "
-                                      "one group of channels feeds it whole")
+                                      "one group of channels feeds it whole (or shuffled evenly over its groups)")
             else:
-                if groups > 1:
-                    self.require(tag.space, blocks=groups)  # every conv group keeps the same input count
+                if groups > 1:  # every conv group keeps the same input count
+                    self.require(tag.space, blocks=self.spaces[tag.space].channels * groups // (tag.stop - tag.start))
                 use = self.use(name, kind, tag)
                 self.spaces[tag.space].consumers.append(use)
                 entry["in"].append((tag.space, use))
@@ -896,6 +958,19 @@ class _GroupBuilder:
             entry["reason"] = entry["reason"] or f"weight shared with {shared}"
         self.tags[out_value] = [self.whole(space, channel_dim)]
 
+    def spread_over_groups(self, tag: _Tag, geometry: LayerGeometry) -> bool:
+        """Whether a grouped conv's groups each read an equal, consecutive share of the tag's channels, in
+        shares that tile the tag's space: then the space keeping equal counts in those shares keeps the conv's
+        groups equal. True for one group of channels feeding the conv whole; after a channel shuffle, for each
+        of its units spread evenly over the conv's groups."""
+        channels, groups = tag.stop - tag.start, geometry.groups
+        share, remainder = divmod(channels, groups)
+        if tag.block != 1 or remainder or tag.start % share or self.spaces[tag.space].channels % share:
+            return False
+        per_group = geometry.in_channels // groups
+        step = tag.stride or 1
+        return all((tag.offset + k * step) // per_group == k // share for k in range(channels))
+
     # -- functions -----------------------------------------------------------------------------------------------
     def origin(self, ref: _TensorRef) -> tuple[str, int] | None:
         """The model parameter a tensor is (or was expanded or cast from), and how many leading dims it gained."""
@@ -907,7 +982,8 @@ class _GroupBuilder:
         """Record a bare parameter that holds these channels along ``ref_dim`` of ``ref``; False if ``ref`` is
         not one, or holds them in a way acps cannot slice."""
         origin = self.origin(ref)
-        if origin is None or tag.block != 1 or tag.unit != 1 or ref.shape[ref_dim] < tag.offset + tag.length:
+        if (origin is None or tag.block != 1 or tag.unit != 1 or not tag.contiguous
+                or ref.shape[ref_dim] < tag.offset + tag.length):
             return False
         name, added = origin
         if ref_dim - added < 0:
@@ -978,6 +1054,8 @@ class _GroupBuilder:
             self.expand(op, tagged, where)
         elif name in ("cat", "concat", "concatenate"):
             self.concat(op, where)
+        elif name in ("channel_shuffle", "native_channel_shuffle"):
+            self.channel_shuffle(op, tagged, where)
         elif name in ("chunk", "split", "tensor_split", "unbind", "split_with_sizes"):
             self.chunk(op, tagged, where)
         elif name == "getitem":
@@ -1024,7 +1102,7 @@ class _GroupBuilder:
             return
         ndim = len(self.recorder.shapes[out])
         # The channel dims each operand brings, aligned to the output (broadcasting aligns from the right).
-        aligned = [(ref, [replace(t, dim=t.dim + ndim - len(ref.shape)) for t in self.tags_of(ref)])
+        aligned = [(ref, [t.moved(t.dim + ndim - len(ref.shape)) for t in self.tags_of(ref)])
                    for ref in refs]
         result: list[_Tag] = []
         for index, (_, tags) in enumerate(aligned):
@@ -1092,7 +1170,7 @@ class _GroupBuilder:
         ndim = len(x.shape)
         dims = [d % ndim for d in ([dims] if isinstance(dims, int) else list(dims))]
         self.block_tags([t for t in tags if t.dim in dims], f"{where} reduces over the channel dimension")
-        self.set_tags(op, [replace(t, dim=t.dim - (0 if keepdim else sum(1 for d in dims if d < t.dim)))
+        self.set_tags(op, [t.moved(t.dim - (0 if keepdim else sum(1 for d in dims if d < t.dim)))
                            for t in tags if t.dim not in dims])
 
     def along_dim(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
@@ -1117,22 +1195,114 @@ class _GroupBuilder:
         in_shape, out_shape = x.shape, self.recorder.shapes[out]
         sizes = _requested_sizes(op)
         new_tags = []
+        shuffled: list[tuple[_Tag, list[_Tag]]] = []
         for tag in tags:
-            mapped = _map_reshape(in_shape, out_shape, tag)
-            if mapped is None:
+            pieces = _map_shuffle(in_shape, out_shape, tag)
+            mapped = _map_reshape(in_shape, out_shape, tag) if pieces is None else None
+            if mapped is None and pieces is None:
                 self.block(tag.space, f"{where} reshapes {list(in_shape)} to {list(out_shape)}, which splits "
                                       "or mixes these channels")
                 continue
-            if (sizes is not None and mapped.dim < len(sizes) and sizes[mapped.dim] != -1
+            new_dim = mapped.dim if mapped is not None else pieces[0].dim  # type: ignore[index]
+            if (sizes is not None and new_dim < len(sizes) and sizes[new_dim] != -1
                     and self.find(tag.space) not in self.queried):
-                self.block(tag.space, f"{where} reshapes to the constant size {sizes[mapped.dim]} along these "
+                self.block(tag.space, f"{where} reshapes to the constant size {sizes[new_dim]} along these "
                                       "channels, which would not follow a pruned channel count; write -1 there "
                                       "(or use x.flatten(1)) to make the channels prunable")
                 continue
-            if mapped.unit > 1:
+            if pieces is not None:
+                shuffled.append((tag, pieces))
+                continue
+            assert mapped is not None
+            if mapped.unit > 1 and not self.shuffle_split(op, mapped):
                 self.require(tag.space, unit=mapped.unit)
             new_tags.append(mapped)
+        if shuffled:
+            new_tags += self.shuffle(shuffled, in_shape[shuffled[0][0].dim], where)
         self.tags[out] = new_tags
+
+    def channel_shuffle(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
+        """``F.channel_shuffle(x, groups)`` (``nn.ChannelShuffle``): the view/transpose/view of :meth:`shuffle`
+        in one function, along dim 1."""
+        x = tagged[0]
+        tags = self.tags_of(x)
+        groups = op.kwargs.get("groups", op.args[1] if len(op.args) > 1 else None)
+        if not op.outputs or len(tagged) != 1 or x is not op.args[0] or not isinstance(groups, int):
+            self.block_tags(tags, f"{where} cannot be mapped channel by channel")
+            return
+        unit = x.shape[1] // groups
+        shuffled = []
+        for tag in tags:
+            if tag.dim != 1:
+                continue
+            if tag.block != 1 or tag.unit != 1 or not tag.contiguous or tag.offset % unit or tag.length % unit:
+                self.block(tag.space, f"{where} is a channel shuffle that splits these channels unevenly")
+                continue
+            pieces = [_Tag(tag.space, 1, tag.offset // unit + k, 1, first, first + unit, stride=groups)
+                      for k, first in enumerate(range(tag.start, tag.stop, unit))]
+            shuffled.append((replace(tag, unit=unit), pieces))
+        passing = [t for t in tags if t.dim != 1]
+        self.set_tags(op, passing + (self.shuffle(shuffled, groups, where) if shuffled else []))
+
+    def readers(self, value: int) -> list[_Op]:
+        """The recorded ops that read a traced value."""
+        if self._readers is None:
+            self._readers = {}
+            for op in self.recorder.ops:
+                for ref in _tensors_in((op.args, op.kwargs)):
+                    if ref.value is not None:
+                        self._readers.setdefault(ref.value, []).append(op)
+        return self._readers.get(value, [])
+
+    def shuffle_split(self, op: _Op, tag: _Tag) -> bool:
+        """Whether the split of a channel dim into units (``x.view(b, g, c // g, h, w)``) is the first step of
+        a channel shuffle: its only reader (besides shape queries) swaps the units' dim with their remainder's,
+        and the only reader of that (through ``contiguous``) reshapes them back into one dim. Then the units
+        need not go whole: the shuffle keeps the same channels of every unit instead (see :meth:`shuffle`)."""
+        value = op.outputs[0]
+        for _ in range(4):
+            readers = [r for r in self.readers(value) if r.name != _SIZE_QUERY]
+            if len(readers) != 1 or not readers[0].outputs:
+                return False
+            reader = readers[0]
+            if reader.name in _PERMUTES:
+                order = _permutation(reader, len(self.recorder.shapes[value]))
+                if order is None or tag.rest is None or order.index(tag.dim) != order.index(tag.rest) + 1:
+                    return False
+                tag = replace(tag, dim=order.index(tag.dim), rest=order.index(tag.rest))
+            elif reader.name in ("contiguous", "clone"):
+                pass
+            elif reader.name in ("view", "reshape", "flatten"):
+                shape = self.recorder.shapes[value]
+                return _map_shuffle(shape, self.recorder.shapes[reader.outputs[0]], tag) is not None
+            else:
+                return False
+            value = reader.outputs[0]
+        return False
+
+    def shuffle(self, shuffled: list[tuple[_Tag, list[_Tag]]], units: int, where: str) -> list[_Tag]:
+        """A channel shuffle: the units of a split channel dim (``units`` of them, each ``unit`` channels wide)
+        are merged back behind their remainder, which interleaves them: channel ``j`` of every unit ends up
+        next to channel ``j`` of the others. Pruned, the units must keep the same channels for the interleaving
+        to stay in order, so every space taking part keeps the same channels in each of its units (``aligned``)
+        and spaces sharing the shuffle are one group. Returns the tags of the shuffled channels."""
+        originals = [tag for tag, _ in shuffled]
+        unit = originals[0].unit
+        per_space: dict[int, int] = {}
+        for tag in originals:
+            per_space[tag.space] = per_space.get(tag.space, 0) + tag.stop - tag.start
+        if any(t.unit != unit for t in originals) or sum(t.stop - t.start for t in originals) != units * unit:
+            self.block_tags(originals, f"{where} is a channel shuffle that interleaves these channels with channels "
+                                       "no prunable layer produces")
+            return []
+        if any(count != self.spaces[space].channels for space, count in per_space.items()):
+            self.block_tags(originals, f"{where} is a channel shuffle of only part of these channels")
+            return []
+        for space, count in per_space.items():
+            self.require(space, aligned=count // unit)
+        for tag in originals[1:]:
+            self.union(originals[0].space, tag.space, f"{where} (a channel shuffle) interleaves them")
+        return [piece for _, pieces in shuffled for piece in pieces]
 
     def permute(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         x = tagged[0]
@@ -1141,7 +1311,8 @@ class _GroupBuilder:
         if not op.outputs or order is None or len(tagged) != 1:
             self.block_tags(tags, f"{where} cannot be mapped channel by channel")
             return
-        self.set_tags(op, [replace(t, dim=order.index(t.dim)) for t in tags])
+        self.set_tags(op, [replace(t, dim=order.index(t.dim), rest=None if t.rest is None else order.index(t.rest))
+                           for t in tags])
 
     def expand(self, op: _Op, tagged: list[_TensorRef], where: str) -> None:
         x = tagged[0]
@@ -1151,7 +1322,7 @@ class _GroupBuilder:
             self.block_tags(tags, f"{where} cannot be mapped channel by channel")
             return
         shift = len(self.recorder.shapes[out]) - len(x.shape)
-        self.tags[out] = [replace(t, dim=t.dim + shift) for t in tags]
+        self.tags[out] = [t.moved(t.dim + shift) for t in tags]
 
     def concat(self, op: _Op, where: str) -> None:
         tensors = op.args[0] if op.args else op.kwargs.get("tensors", ())
@@ -1202,7 +1373,7 @@ class _GroupBuilder:
             size = x.shape[dim]
             even = op.name == "chunk" and size % parts == 0 and all(
                 self.recorder.shapes[v][dim] == size // parts for v in op.outputs)
-            if (len(across) != 1 or not even or tag.offset or tag.block != 1 or tag.unit != 1
+            if (len(across) != 1 or not even or tag.offset or tag.block != 1 or tag.unit != 1 or not tag.contiguous
                     or tag.length != size or tag.start or tag.stop != self.spaces[tag.space].channels):
                 self.block_tags(across, f"{where} splits these channels in a way acps does not map (only an even "
                                         "chunk of one whole group of channels is)")
@@ -1211,7 +1382,7 @@ class _GroupBuilder:
                 self.require(tag.space, blocks=parts)
         for index, value in enumerate(op.outputs):
             shift = -1 if op.name == "unbind" else 0
-            out_tags = [replace(t, dim=t.dim + (shift if t.dim > dim else 0)) for t in passing]
+            out_tags = [t.moved(t.dim + (shift if t.dim > dim else 0)) for t in passing]
             if across:
                 part = across[0].stop // parts
                 out_tags.append(replace(across[0], start=index * part, stop=(index + 1) * part))
@@ -1228,7 +1399,7 @@ class _GroupBuilder:
             return
         kept = [t for t in tags if mapping.get(t.dim) is not None]
         self.block_tags([t for t in tags if mapping.get(t.dim) is None], f"{where} selects some of these channels")
-        self.set_tags(op, [replace(t, dim=mapping[t.dim]) for t in kept])  # type: ignore[arg-type]
+        self.set_tags(op, [t.moved(mapping[t.dim]) for t in kept])  # type: ignore[arg-type]
 
     def matmul(self, op: _Op, refs: list[_TensorRef], where: str) -> None:
         """a @ b: batch dims broadcast (channels there meet their counterparts), rows of ``a`` and columns of
@@ -1249,9 +1420,9 @@ class _GroupBuilder:
                 if tag.dim == contracted:
                     self.block(tag.space, f"{where} sums over these channels")
                 elif tag.dim >= rank - 2:
-                    result.append(replace(tag, dim=ndim - 2 if which == 0 else ndim - 1))
+                    result.append(tag.moved(ndim - 2 if which == 0 else ndim - 1))
                 else:
-                    batch_tags.append((which, replace(tag, dim=out_dim)))
+                    batch_tags.append((which, tag.moved(out_dim)))
         for which, tag in batch_tags:
             other = refs[1 - which]
             other_dim = tag.dim - (ndim - len(other.shape))
@@ -1349,17 +1520,45 @@ def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], tag: _Ta
         if new_size % size == 0 and new_size // size in after:
             merged = new_size // size  # the product of the dims merged into the tag's dim
             if tag.unit == 1:
-                candidates.append(replace(tag, dim=new_dim, offset=tag.offset * merged, block=tag.block * merged))
+                stride = None if tag.stride is None else tag.stride * merged
+                # (B, C) -> (B, C, 1): units of one channel, their remainder next (a shuffle with G == C).
+                known = (new_dim + 1 if merged == 1 and tag.block == 1 and new_dim + 1 < len(out_shape)
+                         and out_shape[new_dim + 1] == 1 else None)
+                candidates.append(replace(tag, dim=new_dim, offset=tag.offset * merged, block=tag.block * merged,
+                                          stride=stride, rest=known))
             elif merged % tag.unit == 0 and tag.start % tag.unit == 0:
                 candidates.append(replace(tag, dim=new_dim, offset=tag.offset * merged, block=merged // tag.unit,
-                                          unit=1))
-        elif size % new_size == 0 and tag.unit == 1 and tag.block == 1:
+                                          unit=1, rest=None))
+        elif size % new_size == 0 and tag.unit == 1 and tag.block == 1 and tag.contiguous:
             unit = size // new_size
             rest = [math.prod(out_shape[new_dim + 1:end]) for end in range(new_dim + 1, len(out_shape) + 1)]
             if unit in rest and tag.offset % unit == 0 and tag.start % unit == 0 and tag.length % unit == 0:
-                candidates.append(replace(tag, dim=new_dim, offset=tag.offset // unit, unit=unit))
+                known = new_dim + 1 if new_dim + 1 < len(out_shape) and out_shape[new_dim + 1] == unit else None
+                candidates.append(replace(tag, dim=new_dim, offset=tag.offset // unit, unit=unit, rest=known))
     # Prefer the last match: leading size-1 dims (batch of one) are ambiguous, the channel dim is not.
     return candidates[-1] if candidates else None
+
+
+def _map_shuffle(in_shape: tuple[int, ...], out_shape: tuple[int, ...], tag: _Tag) -> list[_Tag] | None:
+    """Where the channels of a unit tag land when a reshape merges its dim back *behind* the remainder of its
+    units (the last step of a channel shuffle: ``(B, C) -> (B, G, C/G) -> transpose -> (B, C/G, G) -> (B, C)``):
+    channel ``j`` of unit ``k`` goes to position ``j * G + offset + k``. One strided tag per unit; None when the
+    reshape is not that. (Units of one channel, ``G == C``, make the shuffle the identity, but a pruned count
+    could no longer be split in ``G``: the same mapping keeps every channel of the space.)"""
+    rest, dim = tag.rest, tag.dim
+    if rest is None or rest != dim - 1 or in_shape[rest] != tag.unit or tag.block != 1:
+        return None
+    prefix = math.prod(in_shape[:rest])
+    groups = in_shape[dim]
+    after = [math.prod(in_shape[dim + 1:end]) for end in range(dim + 1, len(in_shape) + 1)]
+    for new_dim in reversed(range(len(out_shape))):
+        merged, remainder = divmod(out_shape[new_dim], tag.unit * groups)
+        if math.prod(out_shape[:new_dim]) != prefix or remainder or merged not in after:
+            continue
+        return [_Tag(tag.space, new_dim, (tag.offset + k) * merged, merged, first, first + tag.unit,
+                     stride=groups * merged)
+                for k, first in enumerate(range(tag.start, tag.stop, tag.unit))]
+    return None
 
 
 def _permutation(op: _Op, ndim: int) -> list[int] | None:
@@ -1541,13 +1740,12 @@ def _assemble(model: nn.Module, builder: _GroupBuilder, output_layers: list[str]
         if root not in group_of_root:
             top = builder.spaces[root]
             reasons = list(top.reasons)
-            per_block, remainder = divmod(top.channels, top.blocks)
-            if remainder or per_block % top.unit:
-                reasons.append(f"its {top.channels} channels cannot form {top.blocks} equal blocks of whole units "
-                               f"of {top.unit} (from grouped convs, chunks, norm groups or heads)")
+            problem = structure_problem(top.channels, top.unit, top.blocks, top.aligned)
+            if problem:
+                reasons.append(problem)
             group_of_root[root] = len(groups)
             groups.append(ChannelGroup(len(groups), top.channels, [], reasons=reasons, unit=top.unit,
-                                       blocks=top.blocks))
+                                       blocks=top.blocks, aligned=top.aligned))
         group = groups[group_of_root[root]]
         group.producers.append(space.producer)
         for use in space.followers:

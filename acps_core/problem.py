@@ -80,6 +80,7 @@ class SearchRecord:
         gain: per-channel cost saved by removing one channel from the unpruned model.
         unit: channels go in whole units of this many (a GroupNorm group, an attention head).
         blocks: the channels form this many equal blocks that must keep equal counts (a grouped conv's groups).
+        aligned: the channels form this many equal blocks that must keep the same channels (a channel shuffle).
     """
 
     group_id: int
@@ -93,13 +94,14 @@ class SearchRecord:
     gain: torch.Tensor | None = None
     unit: int = 1
     blocks: int = 1
+    aligned: int = 1
     _order: list[int] | None = field(default=None, repr=False, compare=False)
     _cumulative: list[float] | None = field(default=None, repr=False, compare=False)
 
     def atoms(self) -> list[list[int]]:
         """The channels in the steps a search removes them, least sensitive first: one whole unit from every
         block at a time (single channels for an unconstrained group)."""
-        return channel_atoms(self.channels, self.unit, self.blocks, self.sensitivity)
+        return channel_atoms(self.channels, self.unit, self.blocks, self.sensitivity, self.aligned)
 
     def removal_order(self) -> list[int]:
         """Every channel, least sensitive first, in whole atoms: keeping ``k`` (an allowed count) removes the
@@ -268,7 +270,7 @@ def masks_to_decision(masks: Any, records: Sequence[SearchRecord], method: str) 
         if any(k != keeps[0] for k in keeps):
             raise SearchError(f"search method {method} gave different masks to {', '.join(given)}, whose channels "
                               f"are coupled (group {record.name}); they must get the same mask")
-        broken = structure_violation(record.channels, record.unit, record.blocks, keeps[0])
+        broken = structure_violation(record.channels, record.unit, record.blocks, keeps[0], record.aligned)
         if broken:
             raise SearchError(f"search method {method} keeps channels of layer {record.name} that break its "
                               f"structure: {broken}")

@@ -57,8 +57,7 @@ def build_selection(graph: ChannelGraph, keep: dict[int, list[int]]) -> record_p
             _node(prune.producer.add(name=name), graph.module_type(name), 0, group.channels, removed)
         uses: list[ChannelUse] = [*group.followers, *group.consumers]
         for use in uses:
-            end = use.offset + len(use.span(group.channels)) * use.block
-            _node(prune.consumer.add(name=use.layer), use.kind, use.offset, end,
+            _node(prune.consumer.add(name=use.layer), use.kind, use.offset, use.end(group.channels),
                   use.positions(removed, group.channels))
     return record
 

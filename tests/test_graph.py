@@ -361,3 +361,85 @@ def test_transformer_stream_heads_and_mlp_are_prunable_and_exact() -> None:
     assert pruned.attn.q.out_features == 16 and pruned.ln1.normalized_shape == (16,)
     with masked_channels(model, graph, keep), torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x))
+
+
+def test_aligned_atoms_take_the_same_channel_of_every_shuffled_block() -> None:
+    from acps_core.graph import atom_size, channel_atoms, structure_violation
+
+    # 12 channels: 2 shuffled blocks of 6 (aligned), and 4 blocks of 3 that must keep equal counts.
+    scores = torch.tensor([5.0, 1, 9, 2, 8, 3, 0, 7, 4, 6, 1, 2])
+    atoms = channel_atoms(12, 1, 4, scores, aligned=2)
+    assert atom_size(1, 4, 2) == 4 and all(len(atom) == 4 for atom in atoms) and len(atoms) == 3
+    assert sorted(c for atom in atoms for c in atom) == list(range(12))
+    for atom in atoms:
+        assert all((c + 6) % 12 in atom for c in atom)  # channel j of one block goes with channel j of the other
+        assert [sum(1 for c in atom if b * 3 <= c < b * 3 + 3) for b in range(4)] == [1, 1, 1, 1]
+    # Folded scores (j and j + 6 summed): 5, 8, 13 | 8, 9, 5: the r-th least of each folded half, repeated.
+    assert atoms == [[0, 5, 6, 11], [1, 3, 7, 9], [2, 4, 8, 10]]
+    assert "must keep the same channels" in structure_violation(12, 1, 4, [1, 2, 4, 5, 6, 7, 8, 10, 11], aligned=2)
+    keep = sorted(set(range(12)) - set(atoms[0]))
+    assert structure_violation(12, 1, 4, keep, aligned=2) is None
+
+
+class ShuffledGroups(nn.Module):
+    """A grouped 1x1 conv, nn.ChannelShuffle, a depthwise conv and another grouped conv reading the shuffle."""
+
+    def __init__(self, shuffle_module: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.g1 = nn.Conv2d(12, 18, 1, groups=3)
+        self.bn = nn.BatchNorm2d(18)
+        self.shuffle = nn.ChannelShuffle(3) if shuffle_module else None
+        self.dw = nn.Conv2d(18, 18, 3, padding=1, groups=18)
+        self.g2 = nn.Conv2d(18, 12, 1, groups=3)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.g1(self.stem(x))))
+        if self.shuffle is not None:
+            x = self.shuffle(x)
+        else:  # the same shuffle written out
+            b, c, h, w = x.shape
+            x = x.reshape(b, 3, c // 3, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)
+        return self.fc(self.g2(self.dw(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("shuffle_module", [True, False])
+def test_channel_shuffle_keeps_the_same_channels_of_each_unit_and_prunes_exactly(shuffle_module) -> None:
+    from tests.zoo import pruned_and_masked
+
+    torch.manual_seed(0)
+    model = randomize_norms(ShuffledGroups(shuffle_module)).double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    graph = build_channel_graph(model, x)
+    group = group_of(graph, "g1")
+    assert group.prunable and group.aligned == 3 and group.blocks == 9 and group.atom == 9
+    # Unit k (channels 6k .. 6k+5) lands at positions k, k + 3, ..., k + 15: two of them in each group of g2.
+    assert {(u.layer, u.offset, u.stride, u.start, u.stop) for u in group.consumers} == {
+        ("g2", k, 3, 6 * k, 6 * k + 6) for k in range(3)}
+    assert {u.layer for u in group.followers} == {"bn", "dw"}
+    with pytest.raises(GraphError, match="must keep the same channels"):
+        prune_channels(copy.deepcopy(model), graph, {group.id: list(range(1, 18))})
+    # The same channel of every unit, but g2's first group would lose two inputs and its last none.
+    with pytest.raises(GraphError, match="equal counts"):
+        prune_channels(copy.deepcopy(model), graph, {group.id: [c for c in range(18) if c % 6 not in (0, 1)]})
+    keep = {group.id: [c for atom in group.atoms(torch.arange(18.0))[1:] for c in atom]}
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-8)
+    assert (pruned.g1.out_channels, pruned.dw.groups, pruned.g2.in_channels) == (9, 9, 9)
+
+
+def test_a_shuffle_mixing_in_channels_no_layer_produces_is_left_alone() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = torch.cat([self.conv(x), x[:, :1].expand(-1, 4, -1, -1)], 1)
+            return self.fc(F.channel_shuffle(y, 2).mean((2, 3)))
+
+    graph = build_channel_graph(Mixed().eval(), torch.randn(2, 3, 6, 6))
+    assert not graph.layers["conv"].prunable
+    assert "channel shuffle" in graph.layers["conv"].reason

@@ -109,12 +109,13 @@ def test_prunable_layers_and_the_reasons_for_the_others(name) -> None:
 
 
 @pytest.mark.parametrize("name", cases("structure"))
-def test_units_and_blocks_of_the_prunable_groups(name) -> None:
+def test_units_blocks_and_alignment_of_the_prunable_groups(name) -> None:
     case, _, _, graph = traced(name)
     for group in graph.prunable_groups:
         units = {case.unit[p] for p in group.producers if p in case.unit} or {1}
         blocks = {case.blocks[p] for p in group.producers if p in case.blocks} or {1}
-        assert (group.unit, group.blocks) == (units.pop(), blocks.pop()), group.producers
+        aligned = {case.aligned[p] for p in group.producers if p in case.aligned} or {1}
+        assert (group.unit, group.blocks, group.aligned) == (units.pop(), blocks.pop(), aligned.pop()), group.producers
         assert group.channels % group.atom == 0
 
 

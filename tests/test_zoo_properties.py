@@ -4,8 +4,9 @@ unpruned model computes with the removed channels masked.
 Hypothesis draws a stack of blocks (conv-norm-act with BatchNorm, GroupNorm, InstanceNorm, channels-last
 LayerNorm or none; residual block; inverted residual with or without squeeze-excitation; squeeze-excitation;
 two-branch concat; grouped conv; chunk + concat; dense concat), their widths, and a seed for the weights and for a
-random keep set that removes 30-60 % of every prunable group in whole atoms. A second test does the same with
-transformer blocks on token inputs (multi-head attention pruned in whole heads, MLPs, LayerNorms, Linear layers
+random keep set that removes 30-60 % of every prunable group in whole atoms; channel shuffles alone and in
+ShuffleNetV1 units. A second test does the same with transformer blocks on token inputs (hand-written and
+``nn.MultiheadAttention`` attention pruned in whole heads and along the stream, MLPs, LayerNorms, Linear layers
 on the last dim). Derandomized: CI sees the same examples every run.
 """
 
@@ -21,7 +22,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 from acps_core.graph import build_channel_graph
-from tests.zoo import BasicBlock, ConvBNAct, MBConv, SqueezeExcite, pruned_and_masked, random_keep, randomize
+from tests.zoo import (
+    BasicBlock,
+    ConvBNAct,
+    MBConv,
+    ShuffleV1Unit,
+    SqueezeExcite,
+    channel_shuffle,
+    pruned_and_masked,
+    random_keep,
+    randomize,
+)
 
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu}
@@ -91,6 +102,15 @@ class Dense(nn.Module):
         return torch.cat([x, self.conv(F.relu(self.norm(x)))], 1)
 
 
+class Shuffle(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_shuffle(x, self.groups)
+
+
 class Head(nn.Module):
     def __init__(self, cin: int) -> None:
         super().__init__()
@@ -147,6 +167,13 @@ def build(spec: list[tuple]) -> nn.Sequential:
         elif kind == "dense":
             blocks.append(Dense(cin, 1 + a % 6))
             cin += 1 + a % 6
+        elif kind == "shuffle":
+            options = [d for d in divisors(cin) if d > 1] or [1]
+            blocks.append(Shuffle(options[a % len(options)]))
+        elif kind == "shufflev1":
+            options = [d for d in divisors(cin) if d > 1] or [1]
+            groups = options[a % len(options)]
+            blocks.append(ShuffleV1Unit(cin, cin, groups * (1 + b % 3), groups, 1))
     blocks.append(Head(cin))
     return nn.Sequential(*blocks)
 
@@ -174,6 +201,18 @@ class TokenAttention(nn.Module):
         else:
             out = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim ** 0.5, dim=-1) @ v
         return x + self.proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class TorchAttention(nn.Module):
+    """Post-norm residual ``nn.MultiheadAttention`` (its embed_dim is the stream's width)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.attn(x, x, x, need_weights=False)[0])
 
 
 class TokenMlp(nn.Module):
@@ -217,6 +256,8 @@ def build_tokens(spec: list[tuple]) -> nn.Sequential:
     for kind, width, a, b in spec:
         if kind == "attn":
             blocks.append(TokenAttention(dim, 1 + a % 3, 1 + width % 4, bool(b % 2)))
+        elif kind == "mha":
+            blocks.append(TorchAttention(dim, divisors(dim)[a % len(divisors(dim))]))
         elif kind == "mlp":
             blocks.append(TokenMlp(dim, width, acts[a % len(acts)]))
         else:
@@ -226,11 +267,11 @@ def build_tokens(spec: list[tuple]) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-TOKEN_BLOCK = st.tuples(st.sampled_from(["attn", "mlp", "linear"]), st.integers(2, 12), st.integers(0, 63),
+TOKEN_BLOCK = st.tuples(st.sampled_from(["attn", "mha", "mlp", "linear"]), st.integers(2, 12), st.integers(0, 63),
                         st.integers(0, 63))
 
 
-KINDS = ["conv", "residual", "inverted", "se", "concat", "grouped", "chunk", "dense"]
+KINDS = ["conv", "residual", "inverted", "se", "concat", "grouped", "chunk", "dense", "shuffle", "shufflev1"]
 BLOCK = st.tuples(st.sampled_from(KINDS), st.integers(2, 12), st.integers(0, 63), st.integers(0, 63),
                   st.integers(0, 63))
 

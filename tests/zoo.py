@@ -389,6 +389,36 @@ class ShuffleNetV2(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ShuffleV1Unit(nn.Module):
+    """ShuffleNetV1 unit: grouped 1x1 conv, channel shuffle, depthwise 3x3, grouped 1x1 conv; added to the input
+    (stride 1) or concatenated with its average pool (stride 2)."""
+
+    def __init__(self, cin: int, cout: int, mid: int, groups: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.groups = stride, groups
+        self.gconv1 = ConvBNAct(cin, mid, 1, groups=groups)
+        self.dw = ConvBNAct(mid, mid, 3, stride, groups=mid, act=None)
+        self.gconv2 = ConvBNAct(mid, cout - cin if stride == 2 else cout, 1, groups=groups, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gconv2(self.dw(channel_shuffle(self.gconv1(x), self.groups)))
+        if self.stride == 2:
+            return F.relu(torch.cat([F.avg_pool2d(x, 3, 2, 1), y], 1))
+        return F.relu(x + y)
+
+
+class ShuffleNetV1(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBNAct(3, 24, 3)
+        self.ua = ShuffleV1Unit(24, 24, 12, 2, 1)
+        self.ub = ShuffleV1Unit(24, 48, 18, 3, 2)
+        self.fc = nn.Linear(48, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.ub(self.ua(self.stem(x))).mean((2, 3)))
+
+
 class CSPNet(nn.Module):
     """Cross-stage partial: half the channels (``chunk``) go through a conv, the other half bypass it; concat."""
 
@@ -789,6 +819,7 @@ class ZooCase:
     blocked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     unit: Mapping[str, int] = field(default_factory=dict)
     blocks: Mapping[str, int] = field(default_factory=dict)
+    aligned: Mapping[str, int] = field(default_factory=dict)
     followers: Mapping[str, set[str]] = field(default_factory=dict)
     consumers: Mapping[str, set[tuple[str, int, int]]] = field(default_factory=dict)
     #: "classes": the output is (N, CLASSES) logits; "map": any other shape (labels shaped like the output)
@@ -898,14 +929,34 @@ def _cases() -> list[ZooCase]:
         ),
         ZooCase(
             "shufflenet_v2", ShuffleNetV2, (3, 8, 8),
-            groups=[{"stem.conv"}, {"ua.branch2.0.conv"}, {"ua.branch2.2.conv"}, {"ub.branch1.1.conv"},
-                    {"ub.branch2.0.conv"}, {"ub.branch2.2.conv"}, {"conv5.conv"}, {"fc"}],
-            # Whatever goes through a channel shuffle is left alone; ub's inputs come out of one, so its
-            # depthwise conv has no group to follow.
-            blocked={"stem.conv": ("mixes",), "ua.branch2.2.conv": ("mixes",), "ub.branch1.1.conv": ("mixes",),
-                     "ub.branch2.2.conv": ("mixes",), "ub.branch1.0.conv": ("no prunable layer",), "fc": OUTPUT},
-            followers={"ua.branch2.0.conv": {"ua.branch2.0.bn", "ua.branch2.1.conv", "ua.branch2.1.bn"}},
-            consumers={"ua.branch2.0.conv": {("ua.branch2.2.conv", 0, 1)}, "conv5.conv": {("fc", 0, 1)}},
+            groups=[{"stem.conv"}, {"ua.branch2.0.conv"}, {"ua.branch2.2.conv"},
+                    {"ub.branch1.1.conv", "ub.branch2.2.conv"}, {"ub.branch2.0.conv"}, {"conv5.conv"}, {"fc"}],
+            # ub's two branches are interleaved by its shuffle: one group keeping the same channels in both,
+            # read by conv5 at every other input. ua's shuffle interleaves the half of stem's channels that
+            # bypasses it with its branch: stem's other half stays, so both are left alone; ub's inputs come out
+            # of that shuffle, so its depthwise conv has no group to follow.
+            blocked={"stem.conv": ("part of these channels",), "ua.branch2.2.conv": ("part of these channels",),
+                     "ub.branch1.0.conv": ("no prunable layer",), "fc": OUTPUT},
+            followers={"ua.branch2.0.conv": {"ua.branch2.0.bn", "ua.branch2.1.conv", "ua.branch2.1.bn"},
+                       "ub.branch1.1.conv": {"ub.branch1.1.bn", "ub.branch2.2.bn"}},
+            consumers={"ua.branch2.0.conv": {("ua.branch2.2.conv", 0, 1)}, "conv5.conv": {("fc", 0, 1)},
+                       "ub.branch1.1.conv": {("conv5.conv", 0, 1), ("conv5.conv", 1, 1)}},
+        ),
+        ZooCase(
+            "shufflenet_v1", ShuffleNetV1, (3, 8, 8),
+            # The channels gconv1 makes are shuffled: 2 (3) units that keep the same channels (aligned), each
+            # spread over gconv2's 2 (3) groups, and gconv1's own groups: equal counts in 4 (9) blocks.
+            groups=[{"stem.conv", "ua.gconv2.conv"}, {"ua.gconv1.conv"}, {"ub.gconv1.conv"}, {"ub.gconv2.conv"},
+                    {"fc"}],
+            blocked={"fc": OUTPUT},
+            blocks={"stem.conv": 6, "ua.gconv1.conv": 4, "ub.gconv1.conv": 9, "ub.gconv2.conv": 3},
+            aligned={"ua.gconv1.conv": 2, "ub.gconv1.conv": 3},
+            followers={"ua.gconv1.conv": {"ua.gconv1.bn", "ua.dw.conv", "ua.dw.bn"},
+                       "ub.gconv1.conv": {"ub.gconv1.bn", "ub.dw.conv", "ub.dw.bn"}},
+            consumers={"ua.gconv1.conv": {("ua.gconv2.conv", 0, 1), ("ua.gconv2.conv", 1, 1)},
+                       "ub.gconv1.conv": {("ub.gconv2.conv", k, 1) for k in range(3)},
+                       "stem.conv": {("ua.gconv1.conv", 0, 1), ("ub.gconv1.conv", 0, 1), ("fc", 0, 1)},
+                       "ub.gconv2.conv": {("fc", 24, 1)}},
         ),
         ZooCase(
             "csp_chunk", CSPNet, (3, 8, 8),
