@@ -191,7 +191,11 @@ class ChannelUse:
         """Positions of this layer's channel dimension that the group channels ``removed`` occupy."""
         span = self.span(channels)
         step = self.stride or self.block
-        return [self.offset + (c - span.start) * step + j for c in removed if c in span for j in range(self.block)]
+        base = self.offset - span.start * step
+        inside = [c for c in removed if span.start <= c < span.stop]
+        if self.block == 1:
+            return [base + c * step for c in inside]
+        return [base + c * step + j for c in inside for j in range(self.block)]
 
     def end(self, channels: int) -> int:
         """One past the last position the use covers."""
@@ -291,6 +295,8 @@ def channel_atoms(channels: int, unit: int, blocks: int, scores: Any, aligned: i
 
 def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[int], aligned: int = 1) -> str | None:
     """Why keeping the channels ``keep`` breaks a group's units or blocks (None when it does not)."""
+    if unit == blocks == aligned == 1:
+        return None
     kept = set(keep)
     per = channels // aligned
     if aligned > 1 and any((c + per) % channels not in kept for c in kept):

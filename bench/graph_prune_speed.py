@@ -1,12 +1,14 @@
 """How long graph building and the prune step take, in forward passes of the same model (issue 3, section 5).
 
-Two full-size models are built here with random weights (no downloads, no torchvision):
+Three full-size models are built here with random weights (no downloads, no torchvision):
 
 - ``resnet152``: bottleneck blocks [3, 8, 36, 3], widths 64-2048, BatchNorm, residual adds, 7x7/2 stem conv and
   max pool, global average pool, fc 1000; input 1x3x224x224.
 - ``vitb``: ViT-B/16: 16x16 patch conv, cls token, 12 blocks of width 768 with 12 heads (hand-written attention:
   Linear q/k/v, reshape into heads, softmax, output projection) and MLP 3072, LayerNorm, fc 1000; input
   1x3x224x224.
+- ``vitb_torch``: the same ViT-B/16 with torch's own pre-norm ``nn.TransformerEncoderLayer`` blocks
+  (``nn.MultiheadAttention`` inside; its forward pass takes torch's fused kernel).
 
 For each model it times, on CPU, ``--repeats`` runs after one warm-up run:
 
@@ -24,7 +26,7 @@ Targets (issue 3): graph building under 3 forward passes, the prune step under 5
 
 Usage::
 
-    python bench/graph_prune_speed.py [--repeats 5] [--models resnet152,vitb] [--threads 2] [--stat median|min]
+    python bench/graph_prune_speed.py [--repeats 5] [--models resnet152,vitb,vitb_torch] [--threads 2] [--stat median|min]
                                       [--profile]
 
 ``--profile`` also runs ``build_channel_graph`` once per model under cProfile and prints the costliest calls.
@@ -167,13 +169,18 @@ class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al., ICLR 2021); the defaults are ViT-B/16 at 224x224."""
 
     def __init__(self, image_size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
-                 mlp_dim: int = 3072, num_classes: int = 1000) -> None:
+                 mlp_dim: int = 3072, num_classes: int = 1000, torch_layers: bool = False) -> None:
         super().__init__()
         tokens = (image_size // patch) ** 2 + 1
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)))
+        if torch_layers:  # torch's own pre-norm encoder layers (nn.MultiheadAttention inside)
+            self.blocks = nn.Sequential(*(nn.TransformerEncoderLayer(dim, heads, mlp_dim, dropout=0.0, activation="gelu",
+                                                                     batch_first=True, norm_first=True)
+                                          for _ in range(depth)))
+        else:
+            self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -184,7 +191,8 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet152": ResNet, "vitb": VisionTransformer}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet152": ResNet, "vitb": VisionTransformer, "vitb_torch": lambda: VisionTransformer(torch_layers=True)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +381,7 @@ def verdicts(rows: list[Measurement], stat: str) -> list[tuple[str, bool]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per step, after one warm-up (default 5)")
-    parser.add_argument("--models", default="resnet152,vitb",
+    parser.add_argument("--models", default="resnet152,vitb,vitb_torch",
                         help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
