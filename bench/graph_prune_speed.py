@@ -26,8 +26,8 @@ Targets (issue 3): graph building under 3 forward passes, the prune step under 5
 
 Usage::
 
-    python bench/graph_prune_speed.py [--repeats 5] [--models resnet152,vitb,vitb_torch] [--threads 2] [--stat median|min]
-                                      [--profile]
+    python bench/graph_prune_speed.py [--repeats 5] [--models resnet152,vitb,vitb_torch] [--threads 2]
+                                      [--stat median|min] [--profile]
 
 ``--profile`` also runs ``build_channel_graph`` once per model under cProfile and prints the costliest calls.
 """
@@ -176,9 +176,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         if torch_layers:  # torch's own pre-norm encoder layers (nn.MultiheadAttention inside)
-            self.blocks = nn.Sequential(*(nn.TransformerEncoderLayer(dim, heads, mlp_dim, dropout=0.0, activation="gelu",
-                                                                     batch_first=True, norm_first=True)
-                                          for _ in range(depth)))
+            layers = (nn.TransformerEncoderLayer(dim, heads, mlp_dim, dropout=0.0, activation="gelu", batch_first=True,
+                                                 norm_first=True) for _ in range(depth))
+            self.blocks = nn.Sequential(*layers)
         else:
             self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
