@@ -2,8 +2,9 @@
 
 For every model and every MACs reduction ratio R (default 1.5, 2 and 3) each method prunes the same trained model
 to at most 1/R of its Conv/Linear multiply-accumulates; the table reports the achieved MACs and parameters, the
-test accuracy right after pruning, after a short fine-tune (the same budget, schedule and seed for every method),
-and the seconds the method took to decide and prune (fine-tune excluded).
+test accuracy right after pruning, after a short fine-tune (the same budget, schedule and seeds for every method;
+the mean of ``--finetune-seeds`` runs, whose spread is of the size of the differences between methods), and the
+seconds the method took to decide and prune (fine-tune excluded).
 
 Methods:
 
@@ -20,7 +21,8 @@ Methods:
   search_alg="GreedySearch")`` with ``compress_ratio: R`` and ``ascend_optimized: false`` (the models are far
   narrower than the 16-channel Ascend alignment), then ``create_prune_retrain_model``.
 - ``acps best``: the same call with the methods named by ``--acps-best SENSITIVITY:SEARCH`` (``acps plugins``
-  lists the names). When they are the reference's, its row repeats the reference's numbers.
+  lists the names), by default acps's recommended ``GroupMagnitudeSensitivity:GlobalRankSearch``. When they are
+  the reference's, its row repeats the reference's numbers.
 
 Cost: acps's ``compress_ratio`` counts bit-operations of Conv/Linear layers (MACs x 32 x 32 in fp32), so every
 method's cost is measured the same way here: Conv/Linear MACs per sample, counted with forward hooks.
@@ -37,8 +39,8 @@ choices apart when the stale statistics alone drop every method to chance.
 Usage::
 
     python bench/quality.py [--models resnet20,mobilenetv2] [--ratios 1.5,2,3] [--finetune-epochs 3]
-                            [--acps-best TaylorLossSensitivity:GreedySearch] [--timing-repeats 3] [--quick]
-                            [--output table.md]
+                            [--finetune-seeds 3] [--acps-best GroupMagnitudeSensitivity:GlobalRankSearch]
+                            [--timing-repeats 3] [--quick] [--output table.md]
 
 The base models are trained on the first run (about a minute each on 2 CPU cores) and cached under
 ``bench/.cache/``. ``--quick`` is a smoke run: briefly trained models (cached separately), one fine-tune epoch,
@@ -74,6 +76,7 @@ from acps_core.prune import prune_channels
 from acps_core.registry import resolve_method
 
 REFERENCE = ("TaylorLossSensitivity", "GreedySearch")
+RECOMMENDED = ("GroupMagnitudeSensitivity", "GlobalRankSearch")
 METHOD_KEYS = ("uniform", "tp-taylor", "tp-magnitude", "acps-reference", "acps-best")
 CALIBRATION_SAMPLES = 256
 FINETUNE_LR = 0.01
@@ -317,9 +320,13 @@ def run(args: argparse.Namespace) -> str:
                         f"{label} modified the base model"
                     acc_pruned = accuracy(pruned, data.test_x, data.test_y)
                     acc_recal = recalibrated_accuracy(pruned, calib_x, data)
-                    train(pruned, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, FINETUNE_SEED)
+                    tuned = []  # the same fine-tune from several seeds: its noise is of the size of the differences
+                    for seed in range(FINETUNE_SEED, FINETUNE_SEED + args.finetune_seeds):
+                        candidate = copy.deepcopy(pruned)
+                        train(candidate, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, seed)
+                        tuned.append(accuracy(candidate, data.test_x, data.test_y))
                     row = Row(model_name, ratio, label, conv_linear_macs(pruned, calib_x), parameter_count(pruned),
-                              acc_pruned, acc_recal, accuracy(pruned, data.test_x, data.test_y), seconds, one_pass)
+                              acc_pruned, acc_recal, sum(tuned) / len(tuned), seconds, one_pass)
                     rows.append(row)
                     log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} "
                         f"/ BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, search {row.search_s:.2f} s")
@@ -330,7 +337,8 @@ def run(args: argparse.Namespace) -> str:
 
 def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.Namespace) -> str:
     lines = [f"Data: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test images); fine-tune: "
-             f"{args.finetune_epochs} epochs SGD lr {FINETUNE_LR} cosine, seed {FINETUNE_SEED}, for every method.",
+             f"{args.finetune_epochs} epochs SGD lr {FINETUNE_LR} cosine, for every method, the mean test accuracy of "
+             f"{args.finetune_seeds} runs (seeds {FINETUNE_SEED}-{FINETUNE_SEED + args.finetune_seeds - 1}).",
              "", "Original models:", ""]
     lines += [f"- {text}" for text in originals]
     lines += ["", "| model | ratio | method | MACs (M) | reduction | params (k) | acc before FT % | "
@@ -357,13 +365,16 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda s: [m for m in s.split(",") if m], help=f"from {sorted(MODELS)}")
     parser.add_argument("--ratios", default="1.5,2,3", type=lambda s: [float(r) for r in s.split(",") if r])
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--acps-best", type=parse_best, default=REFERENCE,
-                        help="SENSITIVITY:SEARCH of acps's best configuration (default: the reference's)")
+    parser.add_argument("--acps-best", type=parse_best, default=RECOMMENDED,
+                        help="SENSITIVITY:SEARCH of acps's best configuration (default: acps's recommended "
+                             f"{RECOMMENDED[0]}:{RECOMMENDED[1]})")
     parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
                         help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
     parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
     parser.add_argument("--max-prune-ratio", type=float, default=1.0,
                         help="max_prune_ratio of acps best's search config (the reference run keeps 1.0)")
+    parser.add_argument("--finetune-seeds", type=int, default=3,
+                        help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="run each search this many times and report the fastest (default 3, 1 with --quick)")

@@ -9,5 +9,7 @@ from acps_core.hookspecs import Register
 @hookimpl
 def acps_register_search_algorithms(register: Register) -> None:
     from acps_search_greedy.greedy import GreedySearch
+    from acps_search_greedy.rank import GlobalRankSearch
 
     register("GreedySearch", GreedySearch)
+    register("GlobalRankSearch", GlobalRankSearch)

@@ -1,4 +1,5 @@
-"""GreedySearch: lowest sensitivity per cost first, exact cost after each step, constraints respected."""
+"""GreedySearch (lowest sensitivity per cost first) and GlobalRankSearch (lowest sensitivity first): exact cost after
+each step, constraints respected."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from acps_core.graph import LayerGeometry, build_channel_graph
 from acps_core.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
 from acps_core.registry import get_registry
 from acps_gain_ascend import BitComplexity
-from acps_search_greedy import GreedySearch
+from acps_search_greedy import GlobalRankSearch, GreedySearch
 
 
 def chain() -> nn.Sequential:
@@ -99,4 +100,52 @@ def test_unreachable_budget_returns_the_smallest_allowed_model() -> None:
 def test_registered_by_name_from_its_distribution() -> None:
     info = get_registry(refresh=True).get("search", "GreedySearch")
     assert info.cls is GreedySearch
+    assert info.distribution == "acps-search-greedy"
+
+
+# GlobalRankSearch ------------------------------------------------------------------------------------------------
+def test_rank_meets_the_budget_and_cannot_give_back_a_single_step() -> None:
+    info, records, config = problem(2.0, aligned=False)
+    kept = kept_of(GlobalRankSearch().channel_prune_search(info, records, config), records)
+    assert info.cost(kept) <= info.budget
+    for record in records:
+        if kept[record.group_id] < record.channels:
+            assert info.cost({**kept, record.group_id: kept[record.group_id] + 1}) > info.budget
+
+
+def test_rank_takes_the_lowest_scores_first_where_greedy_weighs_them_by_cost() -> None:
+    # Layer "4" (32 channels, read by the Linear only) saves less per channel than layer "2" (whose channels
+    # conv 4 reads too); its scores are the lowest.
+    scores = {"0": torch.full((64,), 1.0), "2": torch.full((64,), 1.0), "4": torch.full((32,), 0.9)}
+    info, records, config = problem(1.1, aligned=False, scores=scores)
+    ranked = GlobalRankSearch().channel_prune_search(info, records, config)
+    assert set(ranked) == {"4"}
+    greedy = GreedySearch().channel_prune_search(info, records, config)
+    # Per unit of cost saved, layer 2's channels are the cheapest: GreedySearch cuts there.
+    assert sum(1 - m for m in greedy["2"]) > sum(1 - m for m in greedy.get("4", [1]))
+
+
+def test_rank_within_a_group_the_least_sensitive_channels_go_and_constraints_hold() -> None:
+    scores = {"0": torch.arange(64, dtype=torch.float64)}
+    info, records, config = problem(1.5, aligned=True, max_prune=0.6, scores=scores)
+    masks = GlobalRankSearch().channel_prune_search(info, records, config)
+    kept = kept_of(masks, records)
+    for record in records:
+        count = kept[record.group_id]
+        assert count == record.channels or count % 16 == 0
+        assert count >= math.ceil(record.channels * 0.4)
+    if "0" in masks:
+        kept_channels = [i for i, m in enumerate(masks["0"]) if m]
+        assert kept_channels == list(range(64 - len(kept_channels), 64))
+
+
+def test_rank_unreachable_budget_returns_the_smallest_allowed_model() -> None:
+    info, records, config = problem(1000.0, aligned=False, max_prune=0.5)
+    kept = kept_of(GlobalRankSearch().channel_prune_search(info, records, config), records)
+    assert kept == {r.group_id: r.allowed_kept[-1] for r in records}
+
+
+def test_rank_registered_by_name_from_its_distribution() -> None:
+    info = get_registry(refresh=True).get("search", "GlobalRankSearch")
+    assert info.cls is GlobalRankSearch
     assert info.distribution == "acps-search-greedy"

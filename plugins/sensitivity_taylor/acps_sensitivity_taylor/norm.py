@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from acps_core.bases import SensitivityBase
+from acps_core.graph import ChannelGraph
 from acps_core.problem import SearchRecord
 
 
@@ -21,13 +22,44 @@ class BalancedL2NormSensitivity(SensitivityBase):
         """Set ``record.sensitivity`` for every record (see the module docs)."""
         assert self.model is not None and self.graph is not None, "setup_initialization was not called"
         for record in search_records:
-            squares = torch.zeros(record.channels, dtype=torch.float64)
-            for piece in self.graph.param_slices(self.graph.group(record.group_id)):
-                if piece.module not in record.producers:
-                    continue
-                param = getattr(self.model.get_submodule(piece.module), piece.param, None)
-                if isinstance(param, torch.Tensor):
-                    squares += piece.per_channel(param.detach().double().pow(2), record.channels).cpu()
-            norms = squares.sqrt()
+            norms = filter_norms(self.model, self.graph, record)
             mean = float(norms.mean())
             record.sensitivity = norms / mean if mean > 0 else norms
+
+
+class GroupMagnitudeSensitivity(SensitivityBase):
+    """Channel importance from every weight tied to the channel, divided by the group's mean (label-free).
+
+    For each parameter slice of the group (the producers' filter rows and biases, the norms' scales and shifts,
+    the depthwise filters that follow, the consumers' input columns) the channel's sum of squares is taken; the
+    channel's importance is their mean over the slices, divided by the group's mean importance. Unlike
+    :class:`BalancedL2NormSensitivity`, which reads only the producers' filters, it sees a channel that a
+    BatchNorm scales to almost nothing, or that the next layer barely reads. The group magnitude of Torch-Pruning
+    (``GroupMagnitudeImportance``, Fang et al., "DepGraph", CVPR 2023), on acps's channel groups; with
+    ``GlobalRankSearch`` it is acps's recommended configuration (see the README's benchmark).
+    """
+
+    def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
+        """Set ``record.sensitivity`` for every record (see the class docs)."""
+        assert self.model is not None and self.graph is not None, "setup_initialization was not called"
+        for record in search_records:
+            parts = []
+            for piece in self.graph.param_slices(self.graph.group(record.group_id)):
+                param = getattr(self.model.get_submodule(piece.module), piece.param, None)
+                if isinstance(param, torch.Tensor):
+                    parts.append(piece.per_channel(param.detach().double().pow(2), record.channels).cpu())
+            importance = torch.stack(parts).mean(dim=0) if parts else torch.ones(record.channels, dtype=torch.float64)
+            mean = float(importance.mean())
+            record.sensitivity = importance / mean if mean > 0 else importance
+
+
+def filter_norms(model: torch.nn.Module, graph: ChannelGraph, record: SearchRecord) -> torch.Tensor:
+    """Per channel of a group: the L2 norm of its producers' filter rows (and biases), float64 on the CPU."""
+    squares = torch.zeros(record.channels, dtype=torch.float64)
+    for piece in graph.param_slices(graph.group(record.group_id)):
+        if piece.module not in record.producers:
+            continue
+        param = getattr(model.get_submodule(piece.module), piece.param, None)
+        if isinstance(param, torch.Tensor):
+            squares += piece.per_channel(param.detach().double().pow(2), record.channels).cpu()
+    return squares.sqrt()

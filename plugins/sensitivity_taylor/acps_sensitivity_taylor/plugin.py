@@ -8,7 +8,8 @@ from acps_core.hookspecs import Register
 
 @hookimpl
 def acps_register_sensitivities(register: Register) -> None:
-    from acps_sensitivity_taylor.norm import BalancedL2NormSensitivity
+    from acps_sensitivity_taylor.measured import MeasuredSensitivity
+    from acps_sensitivity_taylor.norm import BalancedL2NormSensitivity, GroupMagnitudeSensitivity
     from acps_sensitivity_taylor.taylor import (
         FisherSensitivity,
         NormalizedTaylorSensitivity,
@@ -21,3 +22,5 @@ def acps_register_sensitivities(register: Register) -> None:
     register("FisherSensitivity", FisherSensitivity)
     register("BalancedL2NormSensitivity", BalancedL2NormSensitivity)
     register("OutputChangeSensitivity", OutputChangeSensitivity)
+    register("MeasuredSensitivity", MeasuredSensitivity)
+    register("GroupMagnitudeSensitivity", GroupMagnitudeSensitivity)

@@ -189,7 +189,8 @@ def test_every_method_of_the_distribution_is_registered_by_name() -> None:
     names = {m.name for m in get_registry(refresh=True).methods("sensitivity")
              if m.distribution == "acps-sensitivity-taylor"}
     assert names == {"TaylorLossSensitivity", "NormalizedTaylorSensitivity", "FisherSensitivity",
-                     "BalancedL2NormSensitivity", "OutputChangeSensitivity"}
+                     "BalancedL2NormSensitivity", "OutputChangeSensitivity", "GroupMagnitudeSensitivity",
+                     "MeasuredSensitivity"}
 
 
 def test_output_change_ignores_the_labels_and_equals_the_label_free_fallback() -> None:
