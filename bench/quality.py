@@ -73,10 +73,12 @@ from quality_models import DATASETS, MODELS, Dataset, accuracy, train, trained_m
 import acps_core
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.prune import prune_channels
-from acps_core.registry import resolve_method
+from acps_core.registry import get_registry, resolve_method
 
 REFERENCE = ("TaylorLossSensitivity", "GreedySearch")
 RECOMMENDED = ("GroupMagnitudeSensitivity", "GlobalRankSearch")
+COMPARED_SENSITIVITIES = ("TaylorLossSensitivity", "GroupMagnitudeSensitivity")
+COMPARED_SEARCHES = ("GreedySearch", "KnapsackSearch", "GlobalRankSearch")
 METHOD_KEYS = ("uniform", "tp-taylor", "tp-magnitude", "acps-reference", "acps-best")
 CALIBRATION_SAMPLES = 256
 FINETUNE_LR = 0.01
@@ -320,19 +322,80 @@ def run(args: argparse.Namespace) -> str:
                         f"{label} modified the base model"
                     acc_pruned = accuracy(pruned, data.test_x, data.test_y)
                     acc_recal = recalibrated_accuracy(pruned, calib_x, data)
-                    tuned = []  # the same fine-tune from several seeds: its noise is of the size of the differences
-                    for seed in range(FINETUNE_SEED, FINETUNE_SEED + args.finetune_seeds):
-                        candidate = copy.deepcopy(pruned)
-                        train(candidate, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, seed)
-                        tuned.append(accuracy(candidate, data.test_x, data.test_y))
                     row = Row(model_name, ratio, label, conv_linear_macs(pruned, calib_x), parameter_count(pruned),
-                              acc_pruned, acc_recal, sum(tuned) / len(tuned), seconds, one_pass)
+                              acc_pruned, acc_recal, tuned_accuracy(pruned, data, args), seconds, one_pass)
                     rows.append(row)
                     log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} "
                         f"/ BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, search {row.search_s:.2f} s")
                     if label == "acps reference" and best == REFERENCE and "acps-best" in args.methods:
                         rows.append(Row(**{**row.__dict__, "method": best_label + " = reference", "notes": []}))
     return render(rows, originals, data, args)
+
+
+def tuned_accuracy(pruned: nn.Module, data: Dataset, args: argparse.Namespace) -> float:
+    """Mean test accuracy after the same fine-tune from ``args.finetune_seeds`` seeds (its noise is of the size
+    of the differences between methods); ``pruned`` itself is not trained."""
+    tuned = []
+    for seed in range(FINETUNE_SEED, FINETUNE_SEED + args.finetune_seeds):
+        candidate = copy.deepcopy(pruned)
+        train(candidate, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, seed)
+        tuned.append(accuracy(candidate, data.test_x, data.test_y))
+    return sum(tuned) / len(tuned)
+
+
+def compare_searches(args: argparse.Namespace, data: Dataset) -> str:
+    """The search methods side by side on the same sensitivities: the sensitivity each one gives up (its
+    objective: lower is better at the same cost), the cost reached, and the accuracy that results."""
+    lines = ["", "Search methods on the same sensitivity scores (lost sensitivity: the share of the total score "
+             "of the channels the search removed, the quantity the searches minimise):", "",
+             "| model | ratio | sensitivity | search | lost sensitivity % | reduction | acc BN-recal % | "
+             "acc after FT % | search s |", "|---|---|---|---|---|---|---|---|---|"]
+    registry = get_registry()
+    for model_name in args.models:
+        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log)
+        base.eval()
+        calib_x, calib_y = data.train_x[:CALIBRATION_SAMPLES], data.train_y[:CALIBRATION_SAMPLES]
+        macs = conv_linear_macs(base, calib_x)
+        for ratio in args.ratios:
+            for sensitivity_name in COMPARED_SENSITIVITIES:
+                for search_name in COMPARED_SEARCHES:
+                    sensitivity = _capturing(registry.get("sensitivity", sensitivity_name).cls)()
+                    with tempfile.TemporaryDirectory() as workdir:
+                        folder = Path(workdir)
+                        config = folder / "search.cfg"
+                        config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\n")
+                        start = time.perf_counter()
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            result = acps_core.auto_channel_prune_search(
+                                base, config, [calib_x, calib_y], folder / "prune.cfg", sensitivity=sensitivity,
+                                search_alg=search_name)
+                        seconds = time.perf_counter() - start
+                        pruned = acps_core.create_prune_retrain_model(base, calib_x[:2], folder / "prune.cfg",
+                                                                      folder / "prune.record")
+                    scores = sensitivity.captured
+                    total = sum(float(v.sum()) for v in scores.values())
+                    lost = sum(float(scores[name].sum() - scores[name][kept].sum())
+                               for name, kept in result.kept_channels.items())
+                    row = (f"| {model_name} | {ratio:g}x | {sensitivity_name} | {search_name} | "
+                           f"{100 * lost / total:.2f} | {macs / conv_linear_macs(pruned, calib_x):.2f}x | "
+                           f"{recalibrated_accuracy(pruned, calib_x, data):.2f} | "
+                           f"{tuned_accuracy(pruned, data, args):.2f} | {seconds:.2f} |")
+                    lines.append(row)
+                    log(row)
+    return "\n".join(lines)
+
+
+def _capturing(cls: type) -> type:
+    """A subclass of sensitivity method ``cls`` that keeps the scores it gave, by group name."""
+
+    class Capturing(cls):  # type: ignore[valid-type, misc]
+        def get_sensitivity(self, search_records: list) -> None:
+            super().get_sensitivity(search_records)
+            self.captured = {r.name: torch.as_tensor(r.sensitivity, dtype=torch.float64).clone()
+                             for r in search_records}
+
+    return Capturing
 
 
 def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.Namespace) -> str:
@@ -375,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_prune_ratio of acps best's search config (the reference run keeps 1.0)")
     parser.add_argument("--finetune-seeds", type=int, default=3,
                         help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
+    parser.add_argument("--compare-searches", action="store_true",
+                        help="also compare the search methods on the same sensitivities (objective and accuracy)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="run each search this many times and report the fastest (default 3, 1 with --quick)")
@@ -398,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("acps_core").setLevel(logging.ERROR)
     start = time.perf_counter()
     table = run(args)
+    if args.compare_searches:
+        table += "\n" + compare_searches(args, DATASETS[args.data](0))
     print(table)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     if args.output:
