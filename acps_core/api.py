@@ -29,7 +29,7 @@ from acps_core.config import (
 )
 from acps_core.data import check_calibration, is_reference_form, label_kind, model_device
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
-from acps_core.graph import ChannelGraph, build_channel_graph
+from acps_core.graph import ChannelGraph, build_channel_graph, trace_sample
 from acps_core.problem import (
     CostModel,
     Decision,
@@ -134,7 +134,8 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         records = _search_records(graph, fixed, settings)
         if not records:
             _raise_empty_search_space(graph, override, settings)
-        cost_model = CostModel(graph, gain_method)  # type: ignore[arg-type]
+        gain_method.model_device = device  # type: ignore[union-attr]
+        cost_model = CostModel(graph, gain_method, model, trace_sample(data, 1))  # type: ignore[arg-type]
         budget = cost_model.full_cost / settings.compress_ratio
         graph_info = GraphInfo(graph, cost_model, fixed, budget)
         _score(sensitivity_method, model, graph, calibration, settings, records)  # type: ignore[arg-type]

@@ -151,6 +151,9 @@ class GainEstimatorBase(ABC):
 
     #: Short description of the unit of the cost, shown in reports (e.g. "bit-ops", "ms").
     unit: str = "cost"
+    #: The device the model's parameters are on; acps sets it before :meth:`prepare` (an estimator that
+    #: measures layers on the device reads it).
+    model_device: torch.device = torch.device("cpu")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GainEstimatorBase:
         _check_required_methods(cls, GainEstimatorBase)
@@ -158,6 +161,15 @@ class GainEstimatorBase(ABC):
 
     def prepare(self, layers: Sequence[LayerGeometry]) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Called once with every layer before any :meth:`layer_cost` call (e.g. to build a lookup table)."""
+
+    def observe_model(self, model: torch.nn.Module, sample: Any) -> None:  # noqa: B027 - optional hook
+        """Called once after :meth:`prepare` with the model (in eval mode; it must not be changed) and a
+        calibration sample it can run, e.g. to measure what the per-layer costs leave out."""
+
+    def fixed_cost(self) -> float:
+        """Cost of everything outside the Conv/Linear layers, which pruning is taken not to change (added to the
+        model's cost before and after; 0 by default)."""
+        return 0.0
 
     @abstractmethod
     def layer_cost(self, layer: LayerGeometry, in_channels: int, out_channels: int) -> float:

@@ -127,15 +127,22 @@ class CostModel:
     """The model's cost for any kept-channel counts: the sum of ``estimator.layer_cost`` over every traced
     Conv/Linear layer. Layer costs are cached, so repeated queries during a search are cheap."""
 
-    def __init__(self, graph: ChannelGraph, estimator: GainEstimatorBase) -> None:
+    def __init__(self, graph: ChannelGraph, estimator: GainEstimatorBase, model: Any = None,
+                 sample: Any = None) -> None:
         self.graph = graph
         self.estimator = estimator
         self.layers: list[LayerInfo] = [layer for layer in graph.layers.values() if layer.geometry is not None]
         try:
             estimator.prepare([layer.geometry for layer in self.layers])  # type: ignore[misc]
+            if model is not None:
+                estimator.observe_model(model, sample)
+            self.fixed = float(estimator.fixed_cost())
         except Exception as exc:
             raise PluginError(f"gain estimator {type(estimator).__name__} raised {type(exc).__name__} in "
                               f"prepare(): {exc}") from exc
+        if not math.isfinite(self.fixed) or self.fixed < 0:
+            raise PluginError(f"gain estimator {type(estimator).__name__} returned a fixed cost of {self.fixed}; it "
+                              "must be finite and non-negative")
         self._cache: dict[tuple[str, int, int], float] = {}
         self._layers_of_group: dict[int, list[LayerInfo]] = {}
         for layer in self.layers:
@@ -164,8 +171,9 @@ class CostModel:
         return cost
 
     def cost(self, kept: Mapping[int, int]) -> float:
-        """Total cost when group ``g`` keeps ``kept[g]`` channels (groups not named keep all)."""
-        return sum(self.layer_cost(layer, kept) for layer in self.layers)
+        """Total cost when group ``g`` keeps ``kept[g]`` channels (groups not named keep all), with the
+        estimator's fixed cost."""
+        return sum(self.layer_cost(layer, kept) for layer in self.layers) + self.fixed
 
     def layers_of_group(self, group_id: int) -> list[LayerInfo]:
         """The layers whose cost depends on group ``group_id``."""

@@ -8,6 +8,10 @@ from acps_core.hookspecs import Register
 
 @hookimpl
 def acps_register_gain_estimators(register: Register) -> None:
+    from acps_gain_ascend.ascend import AscendLatency
     from acps_gain_ascend.bit_complexity import BitComplexity
+    from acps_gain_ascend.measured import MeasuredLatency
 
     register("BitComplexity", BitComplexity)
+    register("AscendLatency", AscendLatency)
+    register("MeasuredLatency", MeasuredLatency)
