@@ -201,3 +201,17 @@ def test_cost_model_adds_the_fixed_cost_before_and_after() -> None:
     assert fixed.full_cost == pytest.approx(plain.full_cost + 100.0)
     group = graph.layers["a"].out_group
     assert fixed.saving({}, group, 32) == pytest.approx(plain.saving({}, group, 32))
+
+
+def test_ascend_prices_attention_and_token_linears_in_fractals_too() -> None:
+    model = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0).eval()
+    graph = build_channel_graph(nn.Sequential(nn.Linear(6, 32), model, nn.Linear(32, 3)).eval(),
+                                torch.randn(2, 20, 6))
+    estimator = AscendLatency("Ascend310", overhead_us=0.0, bandwidth_gbs=1e9)
+    attention = graph.layers["1.self_attn"].geometry
+    linear = graph.layers["1.linear1"].geometry
+    assert attention.kind == "MultiheadAttention" and linear.input_shape == (1, 20, 32)
+    # 20 tokens are padded to 32 rows; the heads' width steps at multiples of 16
+    assert estimator.layer_cost(attention, 32, 17) == estimator.layer_cost(attention, 32, 32)
+    assert estimator.layer_cost(attention, 32, 16) < estimator.layer_cost(attention, 32, 17)
+    assert estimator.layer_cost(linear, 32, 64) == pytest.approx(32 * 64 * 32 / (8e12 / 2) * 1e6)
