@@ -113,7 +113,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     gain_method = resolve_method("gain", gain, "gain")
     override = load_override_config(settings.override_prune_cfg) if settings.override_prune_cfg else None
     device = model_device(model)
-    calibration = check_calibration(input_data, settings.test_iteration, device)
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    calibration = check_calibration(input_data, settings.test_iteration, device,
+                                    floating.pop() if len(floating) == 1 else None)
     # The first batch's inputs trace the graph and its labels are checked against the output.
     data, label = calibration if is_reference_form(calibration) else calibration[0]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
@@ -166,6 +167,19 @@ def check_writable_output(path: StrPath, what: str) -> Path:
     return target
 
 
+def _backup(target: Path) -> Path:
+    """A second name for ``target``'s current content in its folder (a hard link, else a copy)."""
+    fd, name = _open_temp(target.parent, target.name + ".old")
+    os.close(fd)
+    backup = Path(name)
+    try:
+        os.remove(backup)
+        os.link(target, backup)
+    except OSError:
+        shutil.copy2(target, backup)
+    return backup
+
+
 def atomic_write_text(path: StrPath, text: str, encoding: str = "utf-8") -> None:
     """Replace the file at ``path`` with ``text`` in one step.
 
@@ -186,9 +200,10 @@ def atomic_write_text(path: StrPath, text: str, encoding: str = "utf-8") -> None
 def atomic_write_many(contents: Mapping[StrPath, str], encoding: str = "utf-8") -> None:
     """Write several files, each atomically: every temporary file is written before any target is replaced.
 
-    A failure while encoding or writing leaves every target untouched. The replacements themselves happen one
-    after another; if one fails (rare: the temporary files are already on the same file system), the files
-    replaced before it keep their new content, the rest keep their old content, and the error names both.
+    A failure while encoding or writing leaves every target untouched. The replacements happen one after
+    another, with the old files kept aside until the last one is done: if one fails, or the call is interrupted
+    (Ctrl-C) half-way, the files already replaced get their old content back (or are removed, if they are
+    new), so the targets are either all old or all new.
 
     Args:
         contents: target path -> complete new text.
@@ -219,20 +234,35 @@ def atomic_write_many(contents: Mapping[StrPath, str], encoding: str = "utf-8") 
             _remove_quietly(temp)
         raise
 
+    # The old files are kept aside (hard links, or copies) until every target is replaced: an error or a
+    # Ctrl-C half-way puts the old ones back, so the set of files is never half old, half new.
+    backups: dict[Path, Path] = {}
     replaced: list[Path] = []
     try:
+        for target in temps:
+            if target.exists():
+                backups[target] = _backup(target)
         for target, temp in temps.items():
             try:
                 os.replace(temp, target)
             except OSError as exc:
-                done = ", ".join(os.fspath(p) for p in replaced) or "none"
-                raise _os_error(exc, f"cannot replace {os.fspath(target)} (files already written: {done})",
+                raise _os_error(exc, f"cannot replace {os.fspath(target)} (no output was changed)",
                                 "check the folder's permissions and write again") from exc
             replaced.append(target)
+    except BaseException:
+        for target in reversed(replaced):
+            if target in backups:
+                os.replace(backups.pop(target), target)
+            else:
+                _remove_quietly(target)
+        replaced.clear()
+        raise
     finally:
         for target, temp in temps.items():
             if target not in replaced:
                 _remove_quietly(temp)
+        for backup in backups.values():
+            _remove_quietly(backup)
     for folder in {target.parent for target in replaced}:
         _fsync_folder(folder)
     for target in replaced:

@@ -823,6 +823,8 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
     """
     try:
         _check_prune_config(cfg, None, None)
+        if not cfg.ListFields():
+            raise ConfigError("it is empty (no prune_config, override or skip entry), which no reader accepts")
     except ConfigError as exc:
         raise ConfigError(
             f"refusing to write {os.fspath(path)}: the channel-prune config is invalid: {exc}") from exc

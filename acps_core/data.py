@@ -70,12 +70,15 @@ def is_reference_form(input_data: Any) -> bool:
     return isinstance(input_data, (list, tuple)) and len(input_data) == 2 and isinstance(input_data[1], torch.Tensor)
 
 
-def check_calibration(input_data: Any, test_iteration: int, device: torch.device) -> list[Any]:
+def check_calibration(input_data: Any, test_iteration: int, device: torch.device,
+                      dtype: torch.dtype | None = None) -> list[Any]:
     """Validate the calibration data and return it on ``device``, in one of two forms.
 
     ``[data, label]`` (the reference's form) comes back as ``[data, label]``; its batch is split into
     ``test_iteration`` passes. Any other iterable (a DataLoader, a list of batches) must yield ``(data, label)``
     batches; the first ``test_iteration`` of them come back as a list of ``(data, label)`` tuples, one per pass.
+
+    ``dtype``, when given, is the floating dtype of the model's parameters, which floating data must match.
 
     Raises:
         DataError: naming what is wrong (see :func:`check_input_data`), or an iterable with fewer batches than
@@ -86,7 +89,7 @@ def check_calibration(input_data: Any, test_iteration: int, device: torch.device
     else:
         iterable = hasattr(input_data, "__iter__") and not isinstance(input_data, (torch.Tensor, dict))
     if not iterable:
-        return list(check_input_data(input_data, test_iteration, device))
+        return list(check_input_data(input_data, test_iteration, device, dtype))
     batches = []
     for index, batch in enumerate(input_data):
         if index == test_iteration:
@@ -94,20 +97,21 @@ def check_calibration(input_data: Any, test_iteration: int, device: torch.device
         if not is_reference_form(batch):
             raise DataError(f"calibration batch {index} is a {type(batch).__name__}; an iterable input_data (a "
                             "DataLoader) must yield (data, label) pairs with a label tensor")
-        batches.append(check_input_data(batch, 1, device))
+        batches.append(check_input_data(batch, 1, device, dtype))
     if len(batches) < test_iteration:
         raise DataError(f"test_iteration is {test_iteration} but input_data yields only {len(batches)} batches; "
                         "each calibration pass takes one batch: lower test_iteration or pass more data")
     return batches
 
 
-def check_input_data(input_data: Any, test_iteration: int, device: torch.device) -> tuple[Any, torch.Tensor]:
+def check_input_data(input_data: Any, test_iteration: int, device: torch.device,
+                     dtype: torch.dtype | None = None) -> tuple[Any, torch.Tensor]:
     """Validate the reference's ``[data, label]`` and return them on ``device``.
 
     Raises:
         DataError: naming what is wrong: not a two-item list, a non-tensor, empty tensors, batch sizes that differ,
-            fewer samples than ``test_iteration`` passes need, NaN/Inf values, or tensors on another
-            accelerator than the model's.
+            fewer samples than ``test_iteration`` passes need, NaN/Inf values, tensors on the meta device or
+            on another accelerator than the model's, or floating data of another dtype than ``dtype``.
     """
     if not isinstance(input_data, (list, tuple)) or len(input_data) != 2:
         got = f"a {type(input_data).__name__}" + (f" of length {len(input_data)}"
@@ -122,6 +126,12 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device)
         raise DataError(f"input_data[1] (label) must be a torch.Tensor, got {type(label).__name__}")
     batch = inputs[0].shape[0] if inputs[0].dim() else 0
     for what, tensor in [*(("data", t) for t in inputs), ("label", label)]:
+        if tensor.device.type == "meta":
+            raise DataError(f"input_data {what} (shape {list(tensor.shape)}) is on the meta device, which holds no "
+                            "values; pass tensors with real data")
+        if (what == "data" and dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype):
+            raise DataError(f"input_data data is {tensor.dtype} but the model's parameters are {dtype}; convert "
+                            f"one to the other (e.g. data.to({dtype}))")
         if tensor.dim() == 0 or tensor.numel() == 0:
             raise DataError(f"input_data {what} is empty or a scalar (shape {list(tensor.shape)}); dimension 0 "
                             "must be the batch, with at least one sample")

@@ -112,21 +112,41 @@ def test_many_rejects_two_names_for_one_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["sub"]
 
 
-def test_failed_second_replace_names_what_was_written(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("failure", [OSError(5, "Input/output error"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_second_replace_puts_the_first_file_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+    (tmp_path / "a.cfg").write_text("old a\n")
     real_replace = os.replace
     calls = []
 
     def fail_second(source: str, target: str) -> None:
         calls.append(target)
         if len(calls) == 2:
-            raise OSError(5, "Input/output error")
+            raise failure
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", fail_second)
-    with pytest.raises(OutputPathError, match=r"cannot replace .*b\.cfg \(files already written: .*a\.cfg\)"):
-        atomic_write_many({tmp_path / "a.cfg": "a\n", tmp_path / "b.cfg": "b\n"})
+    expected = OutputPathError if isinstance(failure, OSError) else KeyboardInterrupt
+    words = r"cannot replace .*c\.cfg \(no output was changed\)" if expected is OutputPathError else None
+    with pytest.raises(expected, match=words):
+        atomic_write_many({tmp_path / "a.cfg": "a\n", tmp_path / "c.cfg": "c\n", tmp_path / "d.cfg": "d\n"})
+    # a.cfg got its old content back; c.cfg and d.cfg were never there; no temporary or backup file is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cfg"]
+    assert (tmp_path / "a.cfg").read_text() == "old a\n"
+
+
+def test_a_failure_after_new_files_removes_them_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_replace = os.replace
+
+    def fail_on_b(source: str, target: str) -> None:
+        if str(target).endswith("b.cfg"):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_on_b)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_many({tmp_path / "a.cfg": "a\n", tmp_path / "b.cfg": "b\n"})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_directory_target_is_rejected(tmp_path: Path) -> None:

@@ -309,3 +309,41 @@ def test_random_token_networks_prune_to_what_masking_computes(spec, seed) -> Non
     model = randomize(build_tokens(spec), seed).double().eval()
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     check_pruned_matches_masked(model, x, seed)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(spec=st.lists(BLOCK, min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       ratio=st.sampled_from([1.2, 1.5, 2.0]))
+def test_random_networks_through_the_public_calls_succeed_exactly_or_raise_acps_errors(spec, seed, ratio) -> None:
+    """Search, then create: the pruned model computes what the masked model computes, or an AcpsError says why
+    (a target too far for a tiny network is a warning, never another exception)."""
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import acps_core as acps
+    from acps_core.masking import masked_channels
+
+    torch.manual_seed(seed)
+    model = randomize(build(spec), seed).double().eval()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, 8, 8, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (6,), generator=generator)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder)
+        (path / "search.cfg").write_text(f"compress_ratio: {ratio}\nascend_optimized: false\n")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = acps.auto_channel_prune_search(model, str(path / "search.cfg"), [x, labels],
+                                                        str(path / "prune.cfg"))
+            pruned = acps.create_prune_retrain_model(model, x, path / "prune.cfg", path / "prune.record")
+        except acps.AcpsError:
+            return
+    graph = build_channel_graph(model, x)
+    ids = {group.name: group.id for group in graph.groups}
+    keep = {ids[name]: kept for name, kept in result.kept_channels.items()}
+    with masked_channels(model, graph, keep), torch.no_grad():
+        expected = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)

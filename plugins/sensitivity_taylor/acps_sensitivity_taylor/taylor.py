@@ -91,6 +91,7 @@ class TaylorLossSensitivity(SensitivityBase):
                     raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and "
                                     "labels for NaN/Inf or values the loss cannot take")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
+            self._check_finite(params, grads)
             grad_of = {id(p): g for p, g in zip(params, grads)}
             if any(g is not None and bool(g.any()) for g in grads):
                 any_gradient = True
@@ -112,6 +113,17 @@ class TaylorLossSensitivity(SensitivityBase):
                 # group's mean makes them comparable, so the search spreads the cuts by relative importance.
                 score = score / score.mean()
             record.sensitivity = score
+
+    def _check_finite(self, params: list[torch.nn.Parameter], grads: tuple[Any, ...]) -> None:
+        """A NaN or Inf gradient would turn every score it touches into noise: say where it is instead."""
+        assert self.model is not None
+        for param, grad in zip(params, grads):
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                name = next((n for n, p in self.model.named_parameters() if p is param), "a parameter")
+                raise DataError(f"the gradient of the loss on the calibration data is NaN or Inf at {name}; the "
+                                "model's forward pass is not differentiable there on this data (e.g. sqrt or log "
+                                "of 0, a division by 0); fix the model or the data, or pick a gradient-free "
+                                "sensitivity such as BalancedL2NormSensitivity")
 
     def _unrelated_labels(self, output: Any, label: torch.Tensor) -> str | None:
         """Why the labels cannot rank channels, when the default L1 loss would compare the output with labels
