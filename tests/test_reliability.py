@@ -207,6 +207,8 @@ SEARCH_CASES: dict[str, Case] = {
                               b"#" * (100 * 1024 * 1024)),
     "config: not UTF-8": Case(ConfigError, ("search.cfg:2:6", "not UTF-8", "0xe9"),
                               b"compress_ratio: 2\n# caf\xe9\n"),
+    "config: override path not a string": Case(ConfigError, ("search.cfg:2", "override_prune_cfg"),
+                                               "compress_ratio: 2\noverride_prune_cfg: 3\n"),
     "config: override is the config itself": Case(
         ConfigError, ("search.cfg:2", "is this search config itself"),
         'compress_ratio: 2\noverride_prune_cfg: "search.cfg"\n'),
