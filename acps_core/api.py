@@ -28,6 +28,7 @@ from acps_core.config import (
     write_prune_config,
 )
 from acps_core.data import check_calibration, is_reference_form, label_kind, model_device
+from acps_core.distributed import Communicator
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
 from acps_core.graph import ChannelGraph, build_channel_graph, trace_sample
 from acps_core.problem import (
@@ -95,52 +96,44 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         OutputPathError: ``output_cfg`` cannot be written.
         ArgumentError: an argument has the wrong type.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, (torch.jit.ScriptModule,)):
-        raise ArgumentError("model is a TorchScript module; pass the original nn.Module (scripted and traced "
-                            "modules cannot be pruned)")
-    for parameter, value in (("config", config), ("output_cfg", output_cfg)):
-        if not isinstance(value, (str, Path)):
-            raise ArgumentError(f"{parameter} must be a file path (str or pathlib.Path), got {type(value).__name__}")
-    settings = load_search_config(config)
-    out_path = check_writable_output(output_cfg, "output_cfg")
-    check_writable_output(selection_path(out_path), "output_cfg (its .selection file)")
-    for report in report_paths(out_path):
-        check_writable_output(report, "output_cfg (its report)")
-    sensitivity_method = resolve_method("sensitivity", sensitivity, "sensitivity")
-    search_method = resolve_method("search", search_alg, "search_alg")
-    gain_method = resolve_method("gain", gain, "gain")
-    override = load_override_config(settings.override_prune_cfg) if settings.override_prune_cfg else None
-    device = model_device(model)
-    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    calibration = check_calibration(input_data, settings.test_iteration, device,
-                                    floating.pop() if len(floating) == 1 else None)
-    # The first batch's inputs trace the graph and its labels are checked against the output.
+    comm = Communicator()
+    checked = comm.run("checking the arguments", lambda: _check_arguments(
+        model, config, input_data, output_cfg, sensitivity, search_alg, gain, comm))
+    settings, out_path, sensitivity_method, search_method, gain_method, override, calibration, device = checked
+    # The first batch's inputs trace the graph and its labels are checked against the output. Every rank traces
+    # rank 0's first samples, as one process would trace the first samples of the union of the shards.
     data, label = calibration if is_reference_form(calibration) else calibration[0]
+    sample = _on_device(comm.broadcast(trace_sample(data)), device)
 
     with preserved_model_state(model):
         model.eval()
-        graph = build_channel_graph(model, data)
-        verify_groups(model, graph, data)
-        if isinstance(graph.output, torch.Tensor) and (
-                graph.output.dim() == 0 or graph.output.shape[0] != min(2, label.shape[0])):
-            raise DataError(f"the model's output (shape {list(graph.output.shape)} on "
-                            f"{min(2, label.shape[0])} samples) has no batch dimension first; acps needs a "
-                            "model whose output is batch-first, like its input")
-        if (isinstance(graph.output, torch.Tensor) and sensitivity_method.uses_default_loss
-                and sensitivity_method.loss_func is None):
-            # The trace ran on two samples; compare against the output the whole batch would give.
-            label_kind(graph.output[:1].expand(label.shape[0], *graph.output.shape[1:]), label)
-        fixed, statuses, overrides = _fixed_groups(graph, override, settings)
-        records = _search_records(graph, fixed, settings)
-        if not records:
-            _raise_empty_search_space(graph, override, settings)
-        gain_method.model_device = device  # type: ignore[union-attr]
-        cost_model = CostModel(graph, gain_method, model, trace_sample(data, 1))  # type: ignore[arg-type]
+
+        def prepare() -> tuple[Any, ...]:
+            graph = build_channel_graph(model, sample)
+            verify_groups(model, graph, sample)
+            if isinstance(graph.output, torch.Tensor) and (
+                    graph.output.dim() == 0 or graph.output.shape[0] != min(2, label.shape[0])):
+                raise DataError(f"the model's output (shape {list(graph.output.shape)} on "
+                                f"{min(2, label.shape[0])} samples) has no batch dimension first; acps needs a "
+                                "model whose output is batch-first, like its input")
+            if (isinstance(graph.output, torch.Tensor) and sensitivity_method.uses_default_loss
+                    and sensitivity_method.loss_func is None):
+                # The trace ran on two samples; compare against the output the whole batch would give.
+                label_kind(graph.output[:1].expand(label.shape[0], *graph.output.shape[1:]), label)
+            fixed, statuses, overrides = _fixed_groups(graph, override, settings)
+            records = _search_records(graph, fixed, settings)
+            if not records:
+                _raise_empty_search_space(graph, override, settings)
+            gain_method.model_device = device
+            cost_model = CostModel(graph, gain_method, model, trace_sample(sample, 1))
+            return graph, fixed, statuses, overrides, records, cost_model
+
+        graph, fixed, statuses, overrides, records, cost_model = comm.run("tracing the model", prepare)
         budget = cost_model.full_cost / settings.compress_ratio
         graph_info = GraphInfo(graph, cost_model, fixed, budget)
-        _score(sensitivity_method, model, graph, calibration, settings, records)  # type: ignore[arg-type]
+        comm.run("scoring the channels", lambda: _score(sensitivity_method, model, graph, calibration, settings,
+                                                       records))
+        averaged = _same_scores_everywhere(comm, records)
         for record in records:
             full = {**fixed}
             record.gain = torch.full((record.channels,),
@@ -148,13 +141,18 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         prune_config = PruneSearchConfig(settings.compress_ratio, settings.ascend_optimized,
                                          settings.max_prune_ratio)
         method_name = _method_name(search_alg)
-        try:
-            masks = search_method.channel_prune_search(graph_info, records, prune_config)  # type: ignore[union-attr]
-        except (PluginError, SearchError):
-            raise
-        except Exception as exc:
-            raise PluginError(f"search method {method_name} raised {type(exc).__name__}: {exc}") from exc
-        decision = masks_to_decision(masks, records, method_name)
+
+        def search() -> Decision:
+            try:
+                masks = search_method.channel_prune_search(graph_info, records, prune_config)
+            except (PluginError, SearchError):
+                raise
+            except Exception as exc:
+                raise PluginError(f"search method {method_name} raised {type(exc).__name__}: {exc}") from exc
+            return masks_to_decision(masks, records, method_name)
+
+        decision = comm.run("searching", search)
+        decision.keep = comm.broadcast(decision.keep)  # rank 0's decision, on every rank
 
     for group_id, count in fixed.items():
         if count < graph.group(group_id).channels and group_id not in decision.keep:
@@ -163,6 +161,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     result.methods = {"sensitivity": _method_name(sensitivity), "search": method_name, "gain": _method_name(gain),
                       "cost_unit": gain_method.unit}  # type: ignore[union-attr]
     result.notes = list(getattr(sensitivity_method, "notes", []))
+    if averaged:
+        result.notes.append(f"the {comm.size} ranks gave different scores with {_method_name(sensitivity)}, "
+                            "which does not combine them across ranks; their average was used")
     if not result.target_reached:
         smallest = graph_info.cost({r.group_id: r.allowed_kept[-1] for r in records})
         best_ratio = cost_model.full_cost / smallest if smallest > 0 else float("inf")
@@ -177,8 +178,65 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
                        f"got to {result.achieved_ratio:.3f}x); raise max_prune_ratio or lower compress_ratio")
         result.notes.append(message)
         warnings.warn(message, PruneTargetWarning, stacklevel=2)
-    _write(out_path, graph, decision, result, override, overrides, settings)
+    # Only rank 0 writes; every rank learns whether that worked before returning the same result.
+    comm.run("writing the outputs", lambda: _write(out_path, graph, decision, result, override, overrides, settings)
+             if comm.rank == 0 else None)
     return result
+
+
+def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
+                     search_alg: Any, gain: Any, comm: Communicator) -> tuple[Any, ...]:
+    """Check the call's arguments; returns (settings, output path, the three methods, the override config, the
+    calibration data on the model's device, the model's device)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (torch.jit.ScriptModule,)):
+        raise ArgumentError("model is a TorchScript module; pass the original nn.Module (scripted and traced "
+                            "modules cannot be pruned)")
+    for parameter, value in (("config", config), ("output_cfg", output_cfg)):
+        if not isinstance(value, (str, Path)):
+            raise ArgumentError(f"{parameter} must be a file path (str or pathlib.Path), got {type(value).__name__}")
+    settings = load_search_config(config)
+    out_path = Path(output_cfg)
+    if comm.rank == 0:  # only rank 0 writes
+        out_path = check_writable_output(output_cfg, "output_cfg")
+        check_writable_output(selection_path(out_path), "output_cfg (its .selection file)")
+        for report in report_paths(out_path):
+            check_writable_output(report, "output_cfg (its report)")
+    sensitivity_method = resolve_method("sensitivity", sensitivity, "sensitivity")
+    search_method = resolve_method("search", search_alg, "search_alg")
+    gain_method = resolve_method("gain", gain, "gain")
+    override = load_override_config(settings.override_prune_cfg) if settings.override_prune_cfg else None
+    device = model_device(model)
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    calibration = check_calibration(input_data, settings.test_iteration, device,
+                                    floating.pop() if len(floating) == 1 else None)
+    return settings, out_path, sensitivity_method, search_method, gain_method, override, calibration, device
+
+
+def _on_device(sample: Any, device: torch.device) -> Any:
+    """A traced sample (broadcast from rank 0) on this rank's model device."""
+    if isinstance(sample, torch.Tensor):
+        return sample.to(device)
+    if isinstance(sample, (tuple, list)):
+        return type(sample)(_on_device(s, device) for s in sample)
+    if isinstance(sample, dict):
+        return {k: _on_device(v, device) for k, v in sample.items()}
+    return sample
+
+
+def _same_scores_everywhere(comm: Communicator, records: list[SearchRecord]) -> bool:
+    """Make every rank's scores the same: methods that combine their statistics across ranks (the Taylor
+    family) give identical scores; others are averaged. Returns whether any had to be averaged."""
+    if not comm.distributed:
+        return False
+    averaged = False
+    for record in records:
+        scores = torch.as_tensor(record.sensitivity, dtype=torch.float64)
+        if not comm.same_everywhere(scores):
+            record.sensitivity = comm.sum(scores) / comm.size
+            averaged = True
+    return averaged
 
 
 def _method_name(value: Any) -> str:

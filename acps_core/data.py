@@ -125,6 +125,10 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device,
     if not isinstance(label, torch.Tensor):
         raise DataError(f"input_data[1] (label) must be a torch.Tensor, got {type(label).__name__}")
     batch = inputs[0].shape[0] if inputs[0].dim() else 0
+    devices = sorted({str(t.device) for t in [*inputs, label]})
+    if len(devices) > 1:
+        raise DataError(f"input_data mixes devices ({', '.join(devices)}); put the data and the labels on one device, "
+                        f"the model's ({device}) or the CPU")
     for what, tensor in [*(("data", t) for t in inputs), ("label", label)]:
         if tensor.device.type == "meta":
             raise DataError(f"input_data {what} (shape {list(tensor.shape)}) is on the meta device, which holds no "

@@ -59,3 +59,7 @@ class OutputPathError(AcpsError, OSError):
 
 class ArgumentError(AcpsError, TypeError):
     """An argument of a public call has the wrong type (names the parameter and what it accepts)."""
+
+
+class DistributedError(AcpsError):
+    """Another rank of a distributed search failed (names the ranks and their errors); every rank raises it."""

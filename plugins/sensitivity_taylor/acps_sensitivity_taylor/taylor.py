@@ -26,6 +26,7 @@ import torch
 
 from acps_core.bases import SensitivityBase
 from acps_core.data import default_loss, forward
+from acps_core.distributed import Communicator
 from acps_core.errors import DataError
 from acps_core.graph import ParamSlice
 from acps_core.problem import SearchRecord
@@ -77,27 +78,41 @@ class TaylorLossSensitivity(SensitivityBase):
         for param in params:
             param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
 
+        comm = Communicator()
         scores = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in search_records}
         any_gradient = False
         unrelated: str | None = None
-        for data, label in self.calibration_batches():
-            with torch.enable_grad():
-                output = forward(model, data)
-                unrelated = unrelated or self._unrelated_labels(output, label)
-                if unrelated:
-                    break
-                loss = self._loss(output, label)
-                if not bool(torch.isfinite(loss)):
-                    raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and "
-                                    "labels for NaN/Inf or values the loss cannot take")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            self._check_finite(params, grads)
-            grad_of = {id(p): g for p, g in zip(params, grads)}
-            if any(g is not None and bool(g.any()) for g in grads):
-                any_gradient = True
+        for index, (data, label) in enumerate(self.calibration_batches()):
+
+            def one_pass(data: Any = data, label: Any = label) -> tuple[str | None, dict[int, torch.Tensor], bool]:
+                """This rank's signed first-order terms of one pass (none if the labels are unrelated)."""
+                with torch.enable_grad():
+                    output = forward(model, data)
+                    why = self._unrelated_labels(output, label)
+                    if why:
+                        return why, {}, False
+                    loss = self._loss(output, label)
+                    if not bool(torch.isfinite(loss)):
+                        raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and "
+                                        "labels for NaN/Inf or values the loss cannot take")
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                self._check_finite(params, grads)
+                grad_of = {id(p): g for p, g in zip(params, grads)}
+                terms = {r.group_id: self._contribution(slices[r.group_id], grad_of, r.channels)
+                         for r in search_records}
+                return None, terms, any(g is not None and bool(g.any()) for g in grads)
+
+            why, terms, gradient = comm.run(f"{type(self).__name__}: calibration pass {index}", one_pass)
+            unrelated = unrelated or why
+            if comm.any(unrelated is not None):
+                unrelated = unrelated or "another rank's labels look unrelated to the model's outputs"
+                break
+            any_gradient = comm.any(gradient) or any_gradient
+            # Across ranks: the pass's loss is the mean over the union of the shards, so each rank's terms count
+            # by its share of the samples, and the absolute value (or square) comes after the sum.
+            share = _share(comm, _samples(label))
             for record in search_records:
-                contribution = self._contribution(slices[record.group_id], grad_of, record.channels)
-                scores[record.group_id] += self._accumulate(contribution)
+                scores[record.group_id] += self._accumulate(_union_mean(comm, terms[record.group_id], share))
         if unrelated or not any_gradient:
             why = unrelated or ("the loss gave no gradient (labels equal to the model's own outputs make the L1 "
                                 "loss exactly 0)")
@@ -169,13 +184,17 @@ class TaylorLossSensitivity(SensitivityBase):
         """Label-free scores: ``sqrt(E_r[(r . J w_c)^2])``, the expected first-order change of the output
         along a random direction ``r`` when channel ``c`` is removed."""
         assert self.model is not None
-        generator = torch.Generator().manual_seed(self.seed)
+        comm = Communicator()
+        # Each rank draws its own projections (seeded by its rank): across ranks the score is the same estimate
+        # from other random directions, not bit for bit the single-process one.
+        generator = torch.Generator().manual_seed(self.seed + 7919 * comm.rank)
         squares = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in records}
         for data, _ in self.calibration_batches():
             with torch.enable_grad():
                 output = forward(self.model, data)
                 if not isinstance(output, torch.Tensor):
                     raise DataError("the label-free fallback needs a model that returns one tensor")
+                share = _share(comm, output.shape[0])
                 for k in range(FALLBACK_PROJECTIONS):
                     direction = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
                     projected = (output * direction).sum() / output.shape[0]
@@ -183,9 +202,26 @@ class TaylorLossSensitivity(SensitivityBase):
                                                 retain_graph=k < FALLBACK_PROJECTIONS - 1)
                     grad_of = {id(p): g for p, g in zip(params, grads)}
                     for record in records:
-                        squares[record.group_id] += self._contribution(
-                            slices[record.group_id], grad_of, record.channels).pow(2)
+                        term = self._contribution(slices[record.group_id], grad_of, record.channels)
+                        squares[record.group_id] += _union_mean(comm, term, share).pow(2)
         return {g: s.sqrt() for g, s in squares.items()}
+
+
+def _samples(label: torch.Tensor) -> int:
+    return int(label.shape[0]) if label.dim() else 1
+
+
+def _share(comm: Communicator, samples: int) -> float:
+    """This rank's share of the pass's samples over all ranks (1 in a single process)."""
+    if not comm.distributed:
+        return 1.0
+    return samples / float(comm.sum(torch.tensor([float(samples)], dtype=torch.float64)).item())
+
+
+def _union_mean(comm: Communicator, term: torch.Tensor, share: float) -> torch.Tensor:
+    """A pass's per-rank term (from a loss averaged over this rank's samples) as the term of the loss averaged
+    over every rank's samples: the sum over ranks of the terms weighted by their share of the samples."""
+    return comm.sum(term * share) if comm.distributed else term
 
 
 class FisherSensitivity(TaylorLossSensitivity):
