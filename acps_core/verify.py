@@ -2,14 +2,13 @@
 
 The graph maps what it recognises and blocks what it does not, but a model can still use a channel count in ways
 no trace shows (``y / y.shape[1]``, a head count written as a constant after reading ``x.size()``, a user hook).
-So before a search relies on the graph, every prunable group loses one atom in a deep copy; the copy must run and
+So before a search relies on the graph, every prunable group loses one atom in a copy; the copy must run and
 compute what the unpruned model computes with those channels masked. Groups that break it are found by
 bisection and left alone, with the error as the reason.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 from acps_core.data import forward
 from acps_core.graph import ChannelGraph, trace_sample
 from acps_core.masking import masked_channels, output_difference
-from acps_core.prune import prune_channels
+from acps_core.prune import _copy_sharing_tensors, prune_channels
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 def _trial(model: nn.Module, graph: ChannelGraph, sample: Any, keep: dict[int, list[int]]) -> str | None:
     """Prune a copy as ``keep`` says and compare it with the masked model; why it fails, or None."""
     try:
-        pruned = copy.deepcopy(model)
+        pruned = _copy_sharing_tensors(model)  # slicing makes new tensors; the others stay shared, unchanged
         prune_channels(pruned, graph, keep)
         with torch.no_grad():
             got = forward(pruned, sample)
@@ -42,7 +41,7 @@ def _trial(model: nn.Module, graph: ChannelGraph, sample: Any, keep: dict[int, l
 def verify_groups(model: nn.Module, graph: ChannelGraph, data: Any) -> list[str]:
     """Leave alone every prunable group whose trial pruning breaks the model; returns their names.
 
-    The model must be in eval mode; it is not changed (the trial prunes a deep copy).
+    The model must be in eval mode; it is not changed (the trial prunes a copy whose untouched tensors are shared).
     """
     sample = trace_sample(data)
     keep: dict[int, list[int]] = {}

@@ -1,0 +1,134 @@
+"""What the search costs against one plain forward+backward pass over the same calibration data (issue 7, section 3).
+
+For a ResNet-50-sized CNN (bottleneck blocks [3, 4, 6, 3], 25.6 M parameters) and a ViT-B-sized transformer
+(12 blocks of width 768, torch's ``nn.TransformerEncoderLayer``, 86 M parameters), built here with random weights,
+on CPU, each measurement runs in a fresh process (so peak memory is that process's own):
+
+- ``fwd+bwd``: one forward and backward pass of the cross-entropy over the calibration batch;
+- ``search``: ``auto_channel_prune_search`` with the reference methods (TaylorLossSensitivity + GreedySearch,
+  BitComplexity) at compress_ratio 1.5 over the same batch, one calibration pass; its scoring time (the
+  sensitivity method) is timed apart, and the rest (tracing, the execution check, the search, writing) is the
+  time "on top".
+
+Targets: scoring at most 1.3x the forward+backward, the rest under 2 s, peak memory (max RSS) at most 1.2x. Then
+the scoring time for 1, 2 and 4 calibration passes and the search time at three depths (ResNet: 2, 6 and 12
+blocks in its third stage; ViT: 4, 8 and 12 layers), which should grow linearly.
+
+Usage::
+
+    python bench/overhead.py [--models resnet50,vitb] [--batch 8] [--threads 2] [--no-scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def build(name: str, depth: int | None) -> nn.Module:
+    """``resnet50`` (``depth``: bottleneck blocks in its third stage, 6 by default) or ``vitb`` (``depth``:
+    encoder layers, 12 by default)."""
+    from graph_prune_speed import ResNet, VisionTransformer
+
+    if name == "resnet50":
+        return ResNet((3, 4, depth or 6, 3))
+    return VisionTransformer(depth=depth or 12, torch_layers=True)
+
+
+def measure(kind: str, name: str, batch: int, passes: int, depth: int | None, threads: int) -> dict:
+    """Runs in its own process: one measurement."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build(name, depth).eval()
+    x = torch.randn(batch * passes, 3, 224, 224)
+    y = torch.randint(0, 1000, (batch * passes,))
+    if kind == "fwdbwd":
+        start = time.perf_counter()
+        for chunk_x, chunk_y in zip(x.split(batch), y.split(batch)):
+            F.cross_entropy(model(chunk_x), chunk_y).backward()
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    import acps_core as acps
+    from acps_sensitivity_taylor import TaylorLossSensitivity
+
+    class Timed(TaylorLossSensitivity):
+        seconds = 0.0
+
+        def get_sensitivity(self, search_records):
+            start = time.perf_counter()
+            super().get_sensitivity(search_records)
+            Timed.seconds += time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "search.cfg"
+        config.write_text(f"compress_ratio: 1.5\nascend_optimized: true\ntest_iteration: {passes}\n")
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            acps.auto_channel_prune_search(model, str(config), [x, y], str(Path(folder) / "prune.cfg"),
+                                           sensitivity=Timed())
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "scoring": Timed.seconds,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def in_process(kind: str, name: str, batch: int, passes: int, depth: int | None, threads: int) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import overhead; "
+            f"print(json.dumps(overhead.measure({kind!r}, {name!r}, {batch}, {passes}, {depth!r}, {threads})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet50,vitb", type=lambda s: [m for m in s.split(",") if m])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-scaling", action="store_true")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, CPU, {args.threads} threads, calibration batch {args.batch} x 3x224x224")
+    print("\n| model | fwd+bwd s | search s | scoring s (x fwd+bwd) | rest s | peak MB fwd+bwd | peak MB search "
+          "(x) |\n|---|---|---|---|---|---|---|")
+    verdicts = []
+    for name in args.models:
+        base = in_process("fwdbwd", name, args.batch, 1, None, args.threads)
+        found = in_process("search", name, args.batch, 1, None, args.threads)
+        ratio = found["scoring"] / base["seconds"]
+        rest = found["seconds"] - found["scoring"]
+        memory = found["rss_mb"] / base["rss_mb"]
+        print(f"| {name} | {base['seconds']:.2f} | {found['seconds']:.2f} | {found['scoring']:.2f} ({ratio:.2f}x) | "
+              f"{rest:.2f} | {base['rss_mb']:.0f} | {found['rss_mb']:.0f} ({memory:.2f}x) |", flush=True)
+        verdicts += [(f"{name}: scoring {ratio:.2f}x a forward+backward (target <= 1.3x)", ratio <= 1.3),
+                     (f"{name}: tracing, checks, search and writing {rest:.2f} s on top (target < 2 s)", rest < 2),
+                     (f"{name}: peak memory {memory:.2f}x a forward+backward (target <= 1.2x)", memory <= 1.2)]
+        if not args.no_scaling:
+            passes = {p: in_process("search", name, args.batch, p, None, args.threads) for p in (1, 2, 4)}
+            print(f"|   {name}: scoring with 1 / 2 / 4 calibration passes: "
+                  + " / ".join(f"{passes[p]['scoring']:.2f} s" for p in (1, 2, 4)) + " | | | | | | |")
+            depths = (2, 6, 12) if name == "resnet50" else (4, 8, 12)
+            deep = {d: in_process("search", name, args.batch, 1, d, args.threads) for d in depths}
+            print(f"|   {name}: search at depth {' / '.join(map(str, depths))}: "
+                  + " / ".join(f"{deep[d]['seconds']:.2f} s" for d in depths) + " | | | | | | |")
+    print()
+    for text, ok in verdicts:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
