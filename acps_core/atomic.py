@@ -197,7 +197,13 @@ def atomic_write_text(path: StrPath, text: str, encoding: str = "utf-8") -> None
     atomic_write_many({path: text}, encoding=encoding)
 
 
-def atomic_write_many(contents: Mapping[StrPath, str], encoding: str = "utf-8") -> None:
+def atomic_write_bytes(path: StrPath, data: bytes, what: str = "output file") -> None:
+    """Replace the file at ``path`` with ``data`` in one step (see :func:`atomic_write_many`); ``what`` names the
+    path in errors (e.g. the command-line option)."""
+    atomic_write_many({check_writable_output(path, what): data})
+
+
+def atomic_write_many(contents: Mapping[StrPath, str | bytes], encoding: str = "utf-8") -> None:
     """Write several files, each atomically: every temporary file is written before any target is replaced.
 
     A failure while encoding or writing leaves every target untouched. The replacements happen one after
@@ -206,7 +212,7 @@ def atomic_write_many(contents: Mapping[StrPath, str], encoding: str = "utf-8") 
     new), so the targets are either all old or all new.
 
     Args:
-        contents: target path -> complete new text.
+        contents: target path -> complete new text (or bytes, written as they are).
         encoding: the text encoding of every file.
 
     Raises:
@@ -223,7 +229,7 @@ def atomic_write_many(contents: Mapping[StrPath, str], encoding: str = "utf-8") 
             raise OutputPathError(f"two outputs name the same file {os.fspath(target)}; give distinct paths")
         seen.add(os.path.realpath(target))
         # Encode everything first, so an unencodable text fails before any file is touched.
-        targets[target] = text.encode(encoding)
+        targets[target] = text if isinstance(text, bytes) else text.encode(encoding)
 
     temps: dict[Path, Path] = {}
     try:

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from acps_core import __version__
 from acps_core.errors import AcpsError, ArgumentError
@@ -93,6 +94,107 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _model_and_data(args: argparse.Namespace, need_labels: bool) -> tuple[Any, Any]:
+    """The model the spec builds (eval mode) and the calibration data from --data, on the model's device."""
+    from acps_core.data import model_device
+    from acps_core.loading import load_data, load_model
+
+    data = load_data(args.data)  # cheap to check before building the model
+    if need_labels and not isinstance(data, list):
+        raise ArgumentError(f"--data {args.data} holds only an input tensor; the search needs [input, labels]: "
+                            "torch.save([images, labels], path)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    model.eval()
+    device = model_device(model)
+    if isinstance(data, list):
+        data = [t.to(device) for t in data]
+        return model, data if need_labels else data[0]
+    return model, data.to(device)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import acps_core as acps
+
+    model, data = _model_and_data(args, need_labels=True)
+    result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=args.sensitivity,
+                                            search_alg=args.search, gain=args.gain)
+    if not args.quiet:
+        print(result.summary())
+        print(f"\nWrote {result.output_cfg}, {result.selection_file} and the reports {result.output_cfg}.report.md "
+              "/ .report.json.")
+    return EXIT_OK
+
+
+def _save_model(model: Any, path: str | None, quiet: bool) -> None:
+    """``torch.save`` of the whole (pruned) model, atomically; loading it back needs --allow-pickle."""
+    if path is None:
+        return
+    import io
+
+    import torch
+
+    from acps_core.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), "--save")
+    if not quiet:
+        print(f"Saved the pruned model to {path} (torch.save of the whole model; load it with "
+              "--model FILE --allow-pickle, or torch.load(..., weights_only=False) if you trust it).")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import acps_core as acps
+
+    model, data = _model_and_data(args, need_labels=False)
+    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record)
+    if not args.quiet:
+        before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
+        print(f"Pruned {args.model}: {before:,} -> {after:,} parameters; wrote the record {args.record}.")
+    _save_model(pruned, args.save, args.quiet)
+    return EXIT_OK
+
+
+def _restored(args: argparse.Namespace) -> tuple[Any, Any]:
+    import acps_core as acps
+
+    model, data = _model_and_data(args, need_labels=False)
+    if args.weights is None:  # the pruned, not yet fine-tuned model: replay the record without a checkpoint
+        from acps_core.config import parse_prune_config
+        from acps_core.prune import replay_prune_record
+
+        parse_prune_config(args.config)
+        restored = replay_prune_record(model, data, args.record)
+    else:
+        restored = acps.restore_prune_retrain_model(model, data, args.record, args.config, args.weights,
+                                                    state_dict_name=args.state_dict_name)
+    return restored, data
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    restored, _ = _restored(args)
+    if not args.quiet:
+        print(f"Restored {args.model} from {args.record}" + (f" with the weights of {args.weights}." if args.weights
+                                                             else "."))
+    _save_model(restored, args.save, args.quiet)
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import acps_core as acps
+
+    restored, data = _restored(args)
+    # The batch dimension stays free: the exported model takes any batch size.
+    path = acps.save_prune_retrain_model(restored.eval(), args.output, data, input_names=["input"],
+                                         output_names=["output"],
+                                         dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    if not args.quiet:
+        print(f"Exported the pruned model to {path} (ONNX).")
+    return EXIT_OK
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from acps_core.registry import format_plugins_table, get_registry
 
@@ -146,6 +248,77 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow loading a .pt model file: unpickling runs any code the file contains, so "
                               "only for files you trust")
     explain.set_defaults(func=_cmd_explain)
+
+    model_help = ("package.module:factory (imported, then called with no arguments; the current folder is "
+                  "importable) or a .pt file holding a whole pickled model (needs --allow-pickle)")
+    data_help = ("calibration data saved with torch.save: [input, labels] (a list of two tensors) or, where labels "
+                 "are not needed, the input tensor; loaded with weights_only=True, so no code in it runs")
+    pickle_help = "allow loading a .pt model file: unpickling runs any code it contains, so only for files you trust"
+    methods = "acps plugins lists the installed names"
+
+    search = commands.add_parser(
+        "search", help="search how many channels each layer keeps; write the channel-prune config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run auto_channel_prune_search: write OUTPUT (the channel-prune config), OUTPUT.selection\n"
+                    "(the channels chosen) and OUTPUT.report.md / .report.json, and print the per-layer decision.",
+        epilog="example:\n  acps search --model mypkg.models:resnet18 --data calib.pt --config search.cfg "
+               "--output prune.cfg\n\nExit codes: 0 success, 2 bad input, 1 internal error.")
+    search.add_argument("--model", required=True, metavar="SPEC", help=model_help)
+    search.add_argument("--data", required=True, metavar="DATA.pt", help=data_help)
+    search.add_argument("--config", required=True, metavar="SEARCH.cfg",
+                        help="the search config (AutoChannelPruneConfig, protobuf text format)")
+    search.add_argument("--output", required=True, metavar="PRUNE.cfg", help="the channel-prune config to write")
+    search.add_argument("--sensitivity", default="TaylorLossSensitivity",
+                        help=f"sensitivity method (default: the reference's TaylorLossSensitivity; {methods})")
+    search.add_argument("--search", default="GreedySearch",
+                        help=f"search method (default: the reference's GreedySearch; {methods})")
+    search.add_argument("--gain", default="BitComplexity",
+                        help=f"cost model (default: the reference's BitComplexity; {methods})")
+    search.add_argument("--allow-pickle", action="store_true", help=pickle_help)
+    search.set_defaults(func=_cmd_search)
+
+    prune = commands.add_parser(
+        "prune", help="prune a model as a channel-prune config says (create_prune_retrain_model)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Apply PRUNE.cfg to the model: remove the channels the search chose (or, for a config\n"
+                    "written by hand, those with the smallest filter norms), write the record of what was\n"
+                    "removed, and optionally save the pruned model.",
+        epilog="example:\n  acps prune --model mypkg.models:resnet18 --data calib.pt --config prune.cfg "
+               "--record prune.record --save pruned.pt\n\nExit codes: 0 success, 2 bad input, 1 internal error.")
+    prune.add_argument("--model", required=True, metavar="SPEC", help=model_help)
+    prune.add_argument("--data", required=True, metavar="DATA.pt", help=data_help)
+    prune.add_argument("--config", required=True, metavar="PRUNE.cfg", help="the channel-prune config")
+    prune.add_argument("--record", required=True, metavar="PRUNE.record", help="the record file to write")
+    prune.add_argument("--save", metavar="PRUNED.pt", help="also save the whole pruned model (torch.save)")
+    prune.add_argument("--allow-pickle", action="store_true", help=pickle_help)
+    prune.set_defaults(func=_cmd_prune)
+
+    for name, summary in (("restore", "replay a record onto a freshly built model and load fine-tuned weights"),
+                          ("export", "replay a record (and fine-tuned weights) and export the model to ONNX")):
+        command = commands.add_parser(
+            name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=summary[0].upper() + summary[1:] + " (restore_prune_retrain_model"
+                        + (", then save_prune_retrain_model; needs the onnx extra)." if name == "export" else ")."),
+            epilog=("example:\n  acps " + name + " --model mypkg.models:resnet18 --data calib.pt --config prune.cfg "
+                    "--record prune.record --weights tuned.pth "
+                    + ("--output model.onnx" if name == "export" else "--save restored.pt")
+                    + "\n\nExit codes: 0 success, 2 bad input, 1 internal error."))
+        command.add_argument("--model", required=True, metavar="SPEC", help=model_help)
+        command.add_argument("--data", required=True, metavar="DATA.pt", help=data_help)
+        command.add_argument("--config", required=True, metavar="PRUNE.cfg", help="the channel-prune config used")
+        command.add_argument("--record", required=True, metavar="PRUNE.record",
+                             help="the record acps prune (create_prune_retrain_model) wrote")
+        command.add_argument("--weights", metavar="TUNED.pth",
+                             help="a checkpoint of the pruned, fine-tuned model (a state dict; loaded with "
+                                  "weights_only=True); without it the pruned model keeps the original weights")
+        command.add_argument("--state-dict-name", metavar="KEY",
+                             help="the key of the state dict inside the checkpoint, if it is nested")
+        if name == "export":
+            command.add_argument("--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
+        else:
+            command.add_argument("--save", metavar="RESTORED.pt", help="save the whole restored model (torch.save)")
+        command.add_argument("--allow-pickle", action="store_true", help=pickle_help)
+        command.set_defaults(func=_cmd_export if name == "export" else _cmd_restore)
 
     plugins = commands.add_parser("plugins", help="list installed methods and plugins that failed to load",
                                   description="List every sensitivity, search and gain method installed "

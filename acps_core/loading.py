@@ -151,3 +151,27 @@ def load_tensor(path: StrPath, map_location: str | torch.device = "cpu") -> torc
         raise DataError(f"data file {where!r} holds a {type(loaded).__name__}, not a tensor; save one tensor with "
                         "torch.save(tensor, path)")
     return loaded
+
+
+def load_data(path: StrPath, map_location: str | torch.device = "cpu") -> Any:
+    """What ``torch.save`` wrote for calibration: a tensor (the model's input), or ``[data, label]`` (a list or
+    tuple of two, or a dict with keys ``data`` and ``label``); loaded without running code from the file.
+
+    Raises:
+        DataError: naming the file: missing, unreadable, holding objects other than tensors, or another shape.
+    """
+    where = os.fspath(path)
+    if not Path(where).is_file():
+        raise DataError(f"data file {where!r} does not exist (or is not a file)")
+    try:
+        loaded = torch.load(where, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise DataError(f"data file {where!r} is not tensors saved with torch.save ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:200]}); save the input, or [input, labels], with "
+                        "torch.save") from exc
+    if isinstance(loaded, dict) and set(loaded) == {"data", "label"}:
+        loaded = [loaded["data"], loaded["label"]]
+    if isinstance(loaded, torch.Tensor) or (isinstance(loaded, (list, tuple)) and len(loaded) == 2):
+        return list(loaded) if isinstance(loaded, (list, tuple)) else loaded
+    raise DataError(f"data file {where!r} holds a {type(loaded).__name__}; save the model's input tensor, or "
+                    "[input, labels] (a list of two tensors) with torch.save")

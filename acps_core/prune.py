@@ -50,7 +50,7 @@ from acps_core.state import preserved_model_state, preserved_modes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_prune_retrain_model", "prune_channels", "restore_prune_retrain_model",
+__all__ = ["create_prune_retrain_model", "prune_channels", "replay_prune_record", "restore_prune_retrain_model",
            "save_prune_retrain_model"]
 
 
@@ -457,6 +457,18 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
         DataError: a checkpoint that cannot be read or does not fit the pruned model.
     """
     parse_prune_config(config_defination)
+    pruned = replay_prune_record(model, input_data, record_file)
+    _load_checkpoint(pruned, pth_file, state_dict_name)
+    return pruned
+
+
+def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath) -> nn.Module:
+    """A pruned copy of ``model`` with exactly the channels the record removed (no checkpoint loaded): what
+    :func:`restore_prune_retrain_model` does before it loads the fine-tuned weights.
+
+    Raises:
+        ConfigError: a missing or invalid record, or one that does not fit the model.
+    """
     removed = read_record(record_file)
     data = _model_input(input_data, model_device(model))
 
@@ -477,7 +489,6 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
         return keep, True  # the record was written by create_prune_retrain_model, which checked it
 
     pruned, _, _ = _pruned_copy(model, data, keep_of)
-    _load_checkpoint(pruned, pth_file, state_dict_name)
     return pruned
 
 
