@@ -333,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="acps: %(levelname)s: %(message)s")
+    if args.quiet:
+        os.environ["ACPS_PROGRESS"] = "0"  # no progress bars either
     try:
         return int(args.func(args))
     except AcpsError as exc:

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from acps_core.atomic import atomic_write_text
 from acps_core.bases import GainEstimatorBase
 from acps_core.errors import ArgumentError
 from acps_core.graph import LayerGeometry
+from acps_core.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class MeasuredLatency(GainEstimatorBase):
         batch: samples per inference.
         cache_dir: where the tables are kept (see the module docs); ``False`` keeps none.
         device: time on this device instead of the model's.
-        progress: show a progress bar (tqdm, when installed) while measuring; ``None``: when stderr is a
-            terminal.
+        progress: ``False`` never shows a progress bar while measuring; by default one shows on a terminal
+            (see :mod:`acps_core.progress`).
         measure_rest: also time the whole model once and count what its layers' tables leave out as a fixed
             cost (see :meth:`observe_model`).
     """
@@ -99,8 +99,8 @@ class MeasuredLatency(GainEstimatorBase):
         device = self.device or self.model_device
         self.tables, self.measured = {}, 0
         folder = self._cache_folder()
-        bar = _progress_bar(len(layers), self.progress)
-        for layer in layers:
+        shown = layers if self.progress is False else progress(layers, "MeasuredLatency: timing layers", len(layers))
+        for layer in shown:
             key = self._key(layer, device)
             table = _load(folder, key) if folder is not None else None
             if table is None:
@@ -109,8 +109,6 @@ class MeasuredLatency(GainEstimatorBase):
                 if folder is not None:
                     _store(folder, table)
             self.tables[layer.name] = table
-            bar(layer.name)
-        bar(None)
         if self.measured:
             logger.info("MeasuredLatency: timed %d layer(s) on %s (%d from the cache)", self.measured, device,
                         len(layers) - self.measured)
@@ -400,28 +398,6 @@ def _store(folder: Path, table: LatencyTable) -> None:
         atomic_write_text(_file_for(folder, table.key), table.to_json() + "\n")
     except OSError as exc:  # a read-only cache must not stop the search
         logger.warning("MeasuredLatency: could not write the latency cache in %s (%s)", folder, exc)
-
-
-def _progress_bar(total: int, enabled: bool | None) -> Callable[[str | None], None]:
-    """A callable advancing a progress bar by one layer (None closes it); silent off a terminal."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return lambda name: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return lambda name: None
-    bar = tqdm(total=total, desc="measuring layer latency", unit="layer", leave=False)
-
-    def advance(name: str | None) -> None:
-        if name is None:
-            bar.close()
-        else:
-            bar.set_postfix_str(name)
-            bar.update()
-
-    return advance
 
 
 def speedup(before: float, after: float) -> float:

@@ -36,6 +36,7 @@ from acps_core.errors import DataError
 from acps_core.graph import channel_atoms, trace_sample
 from acps_core.masking import masked_channels
 from acps_core.problem import SearchRecord
+from acps_core.progress import progress
 from acps_sensitivity_taylor.norm import filter_norms
 
 #: Below this many calibration samples the batch statistics are too noisy: BatchNorm keeps its running ones.
@@ -72,7 +73,7 @@ class MeasuredSensitivity(SensitivityBase):
             with _batch_statistics(model, samples >= MIN_BATCH_FOR_STATISTICS):
                 distance = self._distance_to(reference, label)
                 baseline = distance(forward(model, data))
-                for record in search_records:
+                for record in progress(search_records, "MeasuredSensitivity: channel groups", len(search_records)):
                     norms = filter_norms(model, graph, record)
                     atoms = channel_atoms(record.channels, record.unit, record.blocks, norms, record.aligned)
                     removable = (record.channels - min(record.allowed_kept)) // len(atoms[0])

@@ -30,6 +30,7 @@ from acps_core.distributed import Communicator
 from acps_core.errors import DataError
 from acps_core.graph import ParamSlice
 from acps_core.problem import SearchRecord
+from acps_core.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class TaylorLossSensitivity(SensitivityBase):
         scores = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in search_records}
         any_gradient = False
         unrelated: str | None = None
-        for index, (data, label) in enumerate(self.calibration_batches()):
+        batches = self.calibration_batches()
+        for index, (data, label) in enumerate(progress(batches, f"{type(self).__name__}: calibration passes",
+                                                       len(batches))):
 
             def one_pass(data: Any = data, label: Any = label) -> tuple[str | None, dict[int, torch.Tensor], bool]:
                 """This rank's signed first-order terms of one pass (none if the labels are unrelated)."""
