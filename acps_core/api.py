@@ -158,6 +158,7 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         if count < graph.group(group_id).channels and group_id not in decision.keep:
             decision.keep[group_id] = largest_norm_channels(model, graph.group(group_id), count)
     result = _result(graph, cost_model, decision, statuses, settings, out_path)
+    _sensitivity_story(result, graph, graph_info, records, decision)
     result.methods = {"sensitivity": _method_name(sensitivity), "search": method_name, "gain": _method_name(gain),
                       "cost_unit": gain_method.unit}  # type: ignore[union-attr]
     result.notes = list(getattr(sensitivity_method, "notes", []))
@@ -182,6 +183,55 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
     comm.run("writing the outputs", lambda: _write(out_path, graph, decision, result, override, overrides, settings)
              if comm.rank == 0 else None)
     return result
+
+
+def _sensitivity_story(result: SearchResult, graph: ChannelGraph, graph_info: GraphInfo,
+                       records: list[SearchRecord], decision: Decision) -> None:
+    """Fill in what the report tells about the sensitivities: each layer's kept share, each channel's score over
+    its group's mean, and the path to the decision (see :attr:`SearchResult.path`)."""
+    del graph  # the records and the decision say everything needed
+    kept_counts = decision.kept_counts()
+    total = sum(float(torch.as_tensor(r.sensitivity).sum()) for r in records) or 1.0
+    chains: dict[int, list[int]] = {}  # group -> the counts it passes through, largest first
+    by_id = {r.group_id: r for r in records}
+    for record in records:
+        scores = torch.as_tensor(record.sensitivity, dtype=torch.float64)
+        kept = set(decision.keep.get(record.group_id, range(record.channels)))
+        group_total = float(scores.sum())
+        share = float(scores[sorted(kept)].sum()) / group_total if group_total > 0 else 1.0
+        for producer in record.producers:
+            result.layers[producer].sensitivity_kept = share
+        mean = float(scores.mean()) or 1.0
+        result.scores[record.name] = [(float(v) / mean, c in kept) for c, v in enumerate(scores.tolist())]
+        final = kept_counts.get(record.group_id, record.channels)
+        counts = [c for c in record.allowed_kept if final <= c <= record.channels]
+        if len(counts) > 1:  # at most 8 steps a group: the path is a picture, not the search itself
+            stride = max(1, (len(counts) - 1) // 8)
+            chains[record.group_id] = sorted(set(counts[::stride]) | {counts[-1]}, reverse=True)
+    state, lost = dict(graph_info.fixed_kept), 0.0
+    full_cost = graph_info.cost_model.full_cost
+    result.path = [(1.0, 0.0)]
+    position = {g: 0 for g in chains}
+    while True:
+        best: tuple[float, int] | None = None
+        for group_id, chain in chains.items():
+            if position[group_id] + 1 >= len(chain):
+                continue
+            upper, lower = chain[position[group_id]], chain[position[group_id] + 1]
+            record = by_id[group_id]
+            saved = graph_info.saving(state, group_id, lower)
+            density = (record.lost(lower) - record.lost(upper)) / saved if saved > 0 else math.inf
+            if best is None or density < best[0]:
+                best = (density, group_id)
+        if best is None:
+            break
+        group_id = best[1]
+        chain, record = chains[group_id], by_id[group_id]
+        upper, lower = chain[position[group_id]], chain[position[group_id] + 1]
+        position[group_id] += 1
+        state[group_id] = lower
+        lost += record.lost(lower) - record.lost(upper)
+        result.path.append((graph_info.cost(state) / full_cost, lost / total))
 
 
 def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
@@ -433,9 +483,10 @@ def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: Sear
     selection_text = format_selection(build_selection(graph, decision.keep), out_path.name)
     used = {**settings.model_dump(), "methods": dict(result.methods)}
     reports = render_reports(result, used, graph=graph)
-    extra: dict[str | os.PathLike[str], str] = {selection: selection_text}
+    extra: dict[str | os.PathLike[str], str | bytes] = {selection: selection_text}
     for path, text in reports.items():
         extra[path] = text
+
     write_prune_config(out_path, cfg, extra=extra, header=header)
     logger.info("wrote %s and %s", out_path, selection)
     if not math.isfinite(result.achieved_ratio):

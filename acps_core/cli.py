@@ -34,8 +34,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"\nTest accuracy with the removed channels masked out (pruned, before fine-tuning): "
           f"{outcome.accuracy_masked:.1%}")
+    figure = _figure(result)
     print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg}, {result.selection_file} and the reports "
-          f"{result.output_cfg}.report.md / .report.json.")
+          f"{result.output_cfg}.report.md / .report.json{' / .report.png' if figure else ''}.")
     return EXIT_OK
 
 
@@ -120,11 +121,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model, data = _model_and_data(args, need_labels=True)
     result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=args.sensitivity,
                                             search_alg=args.search, gain=args.gain)
+    figure = _figure(result)
     if not args.quiet:
         print(result.summary())
         print(f"\nWrote {result.output_cfg}, {result.selection_file} and the reports {result.output_cfg}.report.md "
-              "/ .report.json.")
+              f"/ .report.json{' / .report.png' if figure else ''}.")
+        if figure is None:
+            print("(pip install 'acps-core[report]' for the report's figure)")
     return EXIT_OK
+
+
+def _figure(result: Any) -> Path | None:
+    """The report's figure beside the config, when matplotlib is installed."""
+    from acps_core.figure import available, write_figure
+
+    return write_figure(result) if available() else None
 
 
 def _save_model(model: Any, path: str | None, quiet: bool) -> None:

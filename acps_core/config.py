@@ -805,7 +805,7 @@ def format_prune_config(cfg: AMCTRetrainConfig) -> str:
 
 
 def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
-                       extra: Mapping[StrPath, str] | None = None, header: str = "") -> None:
+                       extra: Mapping[StrPath, str | bytes] | None = None, header: str = "") -> None:
     """Check a channel-prune config and write it, with any sidecar files, atomically.
 
     Every file is written to a temporary file first; the targets are replaced only once all of them are
@@ -833,7 +833,7 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
     if header and not header.endswith("\n"):
         # Without it the first config line would join the last comment line and be ignored.
         header += "\n"
-    contents: dict[StrPath, str] = {path: header + format_prune_config(cfg)}
+    contents: dict[StrPath, str | bytes] = {path: header + format_prune_config(cfg)}
     for extra_path, text in (extra or {}).items():
         contents[extra_path] = text
     atomic_write_many(contents)

@@ -53,11 +53,13 @@ def report_data(result: SearchResult, settings: Mapping[str, Any] | None = None,
     (``cost_unit``, ``cost_before``, ``cost_after``; with ``graph`` also ``macs_before``, ``macs_after``,
     ``weights_before``, ``weights_after``; then ``target_ratio``, ``achieved_ratio``, ``target_reached`` and the
     counts ``layers``, ``layers_pruned``, ``layers_left_alone``),
-    ``methods``, ``notes``, ``configuration`` (``settings`` or None) and ``layers``: one entry per Conv/Linear
+    ``methods``, ``notes``, ``configuration`` (``settings`` or None), ``layers``: one entry per Conv/Linear
     layer with ``name``, ``kind``, ``group``, ``status``, ``channels_before``, ``channels_after``,
-    ``prune_ratio``, ``cost_before``, ``cost_after`` (with ``graph`` also ``macs_before``/``macs_after``) and
-    ``reason`` (why the layer was not searched; None for searched layers). A ratio that is not finite (a pruned
-    cost of 0) is None, so the JSON stays strict.
+    ``prune_ratio``, ``cost_before``, ``cost_after``, ``sensitivity_kept`` (the share of its group's
+    sensitivity kept; None if not scored) (with ``graph`` also ``macs_before``/``macs_after``) and
+    ``reason`` (why the layer was not searched; None for searched layers), and ``path``: ``[cost share, lost
+    sensitivity share]`` along the way to the decision (see :attr:`SearchResult.path`). A ratio that is not
+    finite (a pruned cost of 0) is None, so the JSON stays strict.
 
     Args:
         result: what :func:`acps_core.auto_channel_prune_search` returned.
@@ -86,6 +88,7 @@ def report_data(result: SearchResult, settings: Mapping[str, Any] | None = None,
             "prune_ratio": layer.prune_ratio,
             "cost_before": layer.cost_before,
             "cost_after": layer.cost_after,
+            "sensitivity_kept": layer.sensitivity_kept,
         }
         if graph is not None:
             entry["macs_before"], entry["macs_after"] = per_layer_macs.get(layer.name, (0.0, 0.0))
@@ -113,6 +116,8 @@ def report_data(result: SearchResult, settings: Mapping[str, Any] | None = None,
         "notes": list(result.notes),
         "configuration": _jsonable(dict(settings)) if settings is not None else None,
         "layers": layers,
+        # (cost / cost before, share of the sensitivity given up) along the way to the decision
+        "path": [[round(cost, 6), round(lost, 6)] for cost, lost in result.path],
     }
 
 
@@ -225,13 +230,21 @@ def _markdown(data: Mapping[str, Any]) -> str:
         lines.append("")
 
     lines += ["## Layers", "",
-              f"| layer | type | group | kept/total | pruned | cost before -> after ({unit}) | status |",
-              "|---|---|---|---:|---:|---|---|"]
+              f"| layer | type | group | kept/total | pruned | sensitivity kept | cost before -> after ({unit}) | "
+              "status |", "|---|---|---|---:|---:|---:|---|---|"]
     for layer in data["layers"]:
         cost = f"{_si(layer['cost_before'])} -> {_si(layer['cost_after'])}"
+        kept = layer.get("sensitivity_kept")
         lines.append(f"| {_cell(layer['name'])} | {_cell(layer['kind'])} | {_cell(layer['group'] or '-')} | "
                      f"{layer['channels_after']}/{layer['channels_before']} | {layer['prune_ratio']:.0%} | "
-                     f"{cost} | {layer['status']} |")
+                     f"{'-' if kept is None else f'{kept:.1%}'} | {cost} | {layer['status']} |")
+    if data.get("path"):
+        lines += ["", "The figure `" + (Path(data["output_cfg"]).name + ".report.png" if data["output_cfg"] else
+                                         "<output_cfg>.report.png")
+                  + "` (written by `acps search`, or `acps_core.figure.write_figure(result)`) shows the kept "
+                    "share per layer, the channels' sensitivity, and the path to the decision: the sensitivity "
+                    "given up against the model's cost, cheapest cuts first "
+                  + f"(from cost 1.0 to {data['path'][-1][0]:.3f}, giving up {data['path'][-1][1]:.1%})."]
     lines += ["", "## Layers left alone", ""]
     left_alone = _left_alone(data["layers"])
     if left_alone:

@@ -21,6 +21,8 @@ class LayerReport:
         reason: why the layer was left alone, for ``"unprunable"`` layers.
         cost_before: the layer's cost in the unpruned model.
         cost_after: its cost after pruning.
+        sensitivity_kept: the share of its group's sensitivity the kept channels hold (1.0 when nothing was
+            removed; None for layers the search did not score).
     """
 
     name: str
@@ -32,6 +34,7 @@ class LayerReport:
     reason: str | None
     cost_before: float
     cost_after: float
+    sensitivity_kept: float | None = None
 
     @property
     def prune_ratio(self) -> float:
@@ -54,6 +57,10 @@ class SearchResult:
         notes: remarks the methods made (fallbacks taken, targets missed).
         output_cfg: the channel-prune config written.
         selection_file: the file beside it holding the chosen channels.
+        path: the way to the decision, cheapest cuts first: ``(cost / cost before, lost sensitivity share)``
+            after each step, from ``(1, 0)`` to the decision (the accuracy proxy against the cost).
+        scores: per searched group (by name), each channel's sensitivity over the group's mean and whether it
+            was kept, for the report's figure.
     """
 
     layers: dict[str, LayerReport]
@@ -67,6 +74,8 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     output_cfg: Path | None = None
     selection_file: Path | None = None
+    path: list[tuple[float, float]] = field(default_factory=list)
+    scores: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
 
     @property
     def achieved_ratio(self) -> float:

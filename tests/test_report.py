@@ -100,7 +100,7 @@ def test_json_holds_the_configuration_used_as_plain_json(result: acps.SearchResu
 def test_json_is_byte_identical_for_the_same_result(result: acps.SearchResult) -> None:
     assert report_json(result, SETTINGS) == report_json(result, dict(SETTINGS))
     assert list(json.loads(report_json(result))) == ["report_format", "acps_version", "output_cfg", "selection_file",
-                                                      "totals", "methods", "notes", "configuration", "layers"]
+                                                      "totals", "methods", "notes", "configuration", "layers", "path"]
 
 
 def test_json_stays_strict_when_the_pruned_cost_is_zero(result: acps.SearchResult) -> None:
