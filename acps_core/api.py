@@ -27,8 +27,8 @@ from acps_core.config import (
     validate_override_targets,
     write_prune_config,
 )
-from acps_core.data import check_calibration, is_reference_form, label_kind, model_device
-from acps_core.distributed import Communicator
+from acps_core.data import check_calibration, is_reference_form, label_kind, model_device, tensors_in
+from acps_core.distributed import Communicator, using
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
 from acps_core.graph import ChannelGraph, build_channel_graph, trace_sample
 from acps_core.problem import (
@@ -64,7 +64,8 @@ class PruneTargetWarning(UserWarning):
 def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: Any, output_cfg: str | Path,
                               sensitivity: str | SensitivityBase = "TaylorLossSensitivity",
                               search_alg: str | SearchChannelBase = "GreedySearch", *,
-                              gain: str | GainEstimatorBase = "BitComplexity") -> SearchResult:
+                              gain: str | GainEstimatorBase = "BitComplexity",
+                              distributed: bool | None = None) -> SearchResult:
     """Search how many channels each layer keeps and write the decision as a channel-prune config.
 
     A drop-in replacement for AMCT's ``auto_channel_prune_search``: same arguments, same config files.
@@ -84,6 +85,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         search_alg: a method name or a ``SearchChannelBase`` instance.
         gain: the cost model, a method name or a ``GainEstimatorBase`` instance. ``"BitComplexity"`` (the
             reference's cost) by default.
+        distributed: with ``torch.distributed`` initialised, every rank must make this call with its shard of
+            the calibration data (the default, ``None``); ``False`` runs a single-process search even inside a
+            process group, for a call that only one rank makes (``if rank == 0: ...``).
 
     Returns:
         A :class:`~acps_core.result.SearchResult` describing the decision.
@@ -96,14 +100,21 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         OutputPathError: ``output_cfg`` cannot be written.
         ArgumentError: an argument has the wrong type.
     """
-    comm = Communicator()
+    with using(Communicator(enabled=distributed is not False)) as comm:
+        return _search(comm, model, config, input_data, output_cfg, sensitivity, search_alg, gain)
+
+
+def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
+            search_alg: Any, gain: Any) -> SearchResult:
+    """The search itself (see :func:`auto_channel_prune_search`), every step agreed between the ranks."""
     checked = comm.run("checking the arguments", lambda: _check_arguments(
         model, config, input_data, output_cfg, sensitivity, search_alg, gain, comm))
     settings, out_path, sensitivity_method, search_method, gain_method, override, calibration, device = checked
     # The first batch's inputs trace the graph and its labels are checked against the output. Every rank traces
     # rank 0's first samples, as one process would trace the first samples of the union of the shards.
     data, label = calibration if is_reference_form(calibration) else calibration[0]
-    sample = _on_device(comm.broadcast(trace_sample(data)), device)
+    sample = _on_device(comm.broadcast(_on_device(trace_sample(data), torch.device("cpu"))), device)
+    traced = tensors_in(sample)[0].shape[0] if tensors_in(sample) and tensors_in(sample)[0].dim() else 0
 
     with preserved_model_state(model):
         model.eval()
@@ -112,10 +123,10 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
             graph = build_channel_graph(model, sample)
             verify_groups(model, graph, sample)
             if isinstance(graph.output, torch.Tensor) and (
-                    graph.output.dim() == 0 or graph.output.shape[0] != min(2, label.shape[0])):
-                raise DataError(f"the model's output (shape {list(graph.output.shape)} on "
-                                f"{min(2, label.shape[0])} samples) has no batch dimension first; acps needs a "
-                                "model whose output is batch-first, like its input")
+                    graph.output.dim() == 0 or graph.output.shape[0] != traced):
+                raise DataError(f"the model's output (shape {list(graph.output.shape)} on {traced} samples) has "
+                                "no batch dimension first; acps needs a model whose output is batch-first, like "
+                                "its input")
             if (isinstance(graph.output, torch.Tensor) and sensitivity_method.uses_default_loss
                     and sensitivity_method.loss_func is None):
                 # The trace ran on two samples; compare against the output the whole batch would give.
@@ -178,7 +189,10 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
                        f"{str(settings.ascend_optimized).lower()} and the layers that cannot be pruned (the search "
                        f"got to {result.achieved_ratio:.3f}x); raise max_prune_ratio or lower compress_ratio")
         result.notes.append(message)
-        warnings.warn(message, PruneTargetWarning, stacklevel=2)
+    # Every rank returns rank 0's result (a cost model that measures, like MeasuredLatency, differs by rank).
+    result = comm.broadcast(result)
+    if not result.target_reached:
+        warnings.warn(result.notes[-1], PruneTargetWarning, stacklevel=3)
     # Only rank 0 writes; every rank learns whether that worked before returning the same result.
     comm.run("writing the outputs", lambda: _write(out_path, graph, decision, result, override, overrides, settings)
              if comm.rank == 0 else None)

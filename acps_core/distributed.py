@@ -21,7 +21,9 @@ nccl on CUDA, hccl on Ascend): collectives run on the device the backend needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -32,11 +34,23 @@ from acps_core.errors import DistributedError
 T = TypeVar("T")
 
 
-class Communicator:
-    """The ranks of the default process group (or a single process, where every call is a no-op)."""
+_CURRENT: ContextVar[Communicator | None] = ContextVar("acps_communicator", default=None)
 
-    def __init__(self) -> None:
-        active = dist.is_available() and dist.is_initialized()
+
+class Communicator:
+    """The ranks of the default process group (or a single process, where every call is a no-op).
+
+    ``enabled=False`` makes it a single process even inside a process group (a search that only one rank
+    runs). Methods that combine statistics use :meth:`current`, the communicator of the search running now.
+    """
+
+    @classmethod
+    def current(cls) -> Communicator:
+        """The communicator of the search in progress (see :func:`using`), else one for the default group."""
+        return _CURRENT.get() or cls()
+
+    def __init__(self, enabled: bool = True) -> None:
+        active = enabled and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if active else 0
         self.size = dist.get_world_size() if active else 1
 
@@ -118,5 +132,15 @@ def _agreed(exc: BaseException) -> bool:
         if getattr(current, "_acps_agreed", False):
             return True
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__  # explicit chaining only: ``raise X from agreed``
     return False
+
+
+@contextmanager
+def using(comm: Communicator) -> Iterator[Communicator]:
+    """Make ``comm`` the :meth:`Communicator.current` one inside the block."""
+    token = _CURRENT.set(comm)
+    try:
+        yield comm
+    finally:
+        _CURRENT.reset(token)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import acps_core as acps
-from acps_sensitivity_taylor import FisherSensitivity, TaylorLossSensitivity
+from acps_sensitivity_taylor import FisherSensitivity, OutputChangeSensitivity, TaylorLossSensitivity
 
 SENTINEL = 1234.0
 
@@ -68,10 +68,11 @@ class FailsOnRankOne(acps.SensitivityBase):
             record.sensitivity = torch.ones(record.channels)
 
 
-SENSITIVITIES = {"taylor": TaylorLossSensitivity, "fisher": FisherSensitivity}
+SENSITIVITIES = {"taylor": TaylorLossSensitivity, "fisher": FisherSensitivity, "outchange": OutputChangeSensitivity}
 
 
-def search(folder: Path, input_data: Any, method: str, rank: int = 0, fail: str = "") -> dict[str, Any]:
+def search(folder: Path, input_data: Any, method: str, rank: int = 0, fail: str = "",
+           distributed: bool | None = None) -> dict[str, Any]:
     """One call of the public search; returns what the tests compare."""
     (folder / "search.cfg").write_text("compress_ratio: 1.6\nascend_optimized: false\ntest_iteration: 2\n")
     if fail == "plugin":
@@ -80,7 +81,8 @@ def search(folder: Path, input_data: Any, method: str, rank: int = 0, fail: str 
     else:
         sensitivity = capturing(SENSITIVITIES[method])
     result = acps.auto_channel_prune_search(model(), str(folder / "search.cfg"), input_data,
-                                            str(folder / "prune.cfg"), sensitivity=sensitivity)
+                                            str(folder / "prune.cfg"), sensitivity=sensitivity,
+                                            distributed=distributed)
     return {"kept": result.kept_channels, "cost_after": result.cost_after, "notes": result.notes,
             "scores": getattr(sensitivity, "captured", {}),
             "files": sorted(p.name for p in folder.iterdir() if p.name != "search.cfg")}
@@ -96,7 +98,11 @@ def run(rank: int, world: int, init_file: str, folder: str, method: str, sizes: 
         data = shard(rank, sizes[rank])
         if fail == "data" and rank == world - 1:
             data[0][-1, 0, 0, 0] = SENTINEL  # the last sample: in this rank's second calibration pass
-        outcome: dict[str, Any] = search(mine, data, method, rank, fail)
+        if fail == "rank0-only":  # the DDP habit: only rank 0 searches, as a single process
+            outcome: dict[str, Any] = (search(mine, data, method, distributed=False) if rank == 0
+                                       else {"skipped": True})
+        else:
+            outcome = search(mine, data, method, rank, fail)
     except Exception as exc:
         outcome = {"error": type(exc).__name__, "message": str(exc), "trace": traceback.format_exc()}
     torch.save(outcome, out / f"outcome{rank}.pt")

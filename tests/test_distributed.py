@@ -55,12 +55,22 @@ def test_every_rank_reaches_the_single_process_decision_on_the_union(world, meth
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fail", ["data", "plugin"])
-def test_a_rank_failing_mid_way_makes_every_rank_raise(fail) -> None:
-    _, outcomes = run_ranks(2, "taylor", [8, 8], fail)
+@pytest.mark.parametrize(("method", "fail", "step"), [("taylor", "data", "calibration pass 1"),
+                                                      ("taylor", "plugin", "scoring the channels"),
+                                                      ("outchange", "data", "label-free pass 1")])
+def test_a_rank_failing_mid_way_makes_every_rank_raise(method, fail, step) -> None:
+    _, outcomes = run_ranks(2, method, [8, 8], fail)
     failing = outcomes[1]
     assert failing["error"] in ("PluginError", "ValueError"), failing
     assert "rank 1" in failing["message"] or "this rank's data broke the model" in failing["message"]
     assert outcomes[0]["error"] == "DistributedError"
-    step = "calibration pass 1" if fail == "data" else "scoring the channels"
     assert step in outcomes[0]["message"] and "rank 1:" in outcomes[0]["message"], outcomes[0]["message"]
+
+
+@pytest.mark.slow
+def test_a_search_only_rank_0_makes_runs_as_one_process_with_distributed_false() -> None:
+    _, outcomes = run_ranks(2, "taylor", [8, 8], "rank0-only")
+    assert "error" not in outcomes[0], outcomes[0].get("trace")
+    assert outcomes[1] == {"skipped": True}
+    single = Path(tempfile.mkdtemp())
+    assert outcomes[0]["kept"] == worker.search(single, worker.shard(0, 8), "taylor")["kept"]

@@ -79,7 +79,7 @@ class TaylorLossSensitivity(SensitivityBase):
         for param in params:
             param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
 
-        comm = Communicator()
+        comm = Communicator.current()
         scores = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in search_records}
         any_gradient = False
         unrelated: str | None = None
@@ -187,26 +187,37 @@ class TaylorLossSensitivity(SensitivityBase):
         """Label-free scores: ``sqrt(E_r[(r . J w_c)^2])``, the expected first-order change of the output
         along a random direction ``r`` when channel ``c`` is removed."""
         assert self.model is not None
-        comm = Communicator()
+        comm = Communicator.current()
         # Each rank draws its own projections (seeded by its rank): across ranks the score is the same estimate
         # from other random directions, not bit for bit the single-process one.
         generator = torch.Generator().manual_seed(self.seed + 7919 * comm.rank)
         squares = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in records}
-        for data, _ in self.calibration_batches():
-            with torch.enable_grad():
-                output = forward(self.model, data)
-                if not isinstance(output, torch.Tensor):
-                    raise DataError("the label-free fallback needs a model that returns one tensor")
-                share = _share(comm, output.shape[0])
-                for k in range(FALLBACK_PROJECTIONS):
-                    direction = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
-                    projected = (output * direction).sum() / output.shape[0]
-                    grads = torch.autograd.grad(projected, params, allow_unused=True,
-                                                retain_graph=k < FALLBACK_PROJECTIONS - 1)
-                    grad_of = {id(p): g for p, g in zip(params, grads)}
-                    for record in records:
-                        term = self._contribution(slices[record.group_id], grad_of, record.channels)
-                        squares[record.group_id] += _union_mean(comm, term, share).pow(2)
+        for index, (data, _) in enumerate(self.calibration_batches()):
+
+            def projections(data: Any = data) -> tuple[list[dict[int, torch.Tensor]], int]:
+                """This rank's signed terms for each random projection of one pass, and its sample count."""
+                assert self.model is not None
+                with torch.enable_grad():
+                    output = forward(self.model, data)
+                    if not isinstance(output, torch.Tensor):
+                        raise DataError("the label-free fallback needs a model that returns one tensor")
+                    found = []
+                    for k in range(FALLBACK_PROJECTIONS):
+                        direction = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
+                        projected = (output * direction).sum() / output.shape[0]
+                        grads = torch.autograd.grad(projected, params, allow_unused=True,
+                                                    retain_graph=k < FALLBACK_PROJECTIONS - 1)
+                        grad_of = {id(p): g for p, g in zip(params, grads)}
+                        found.append({r.group_id: self._contribution(slices[r.group_id], grad_of, r.channels)
+                                      for r in records})
+                return found, int(output.shape[0])
+
+            # The forward and backward passes may fail on one rank: every rank learns it before any collective.
+            found, samples = comm.run(f"{type(self).__name__}: label-free pass {index}", projections)
+            share = _share(comm, samples)
+            for terms in found:
+                for record in records:
+                    squares[record.group_id] += _union_mean(comm, terms[record.group_id], share).pow(2)
         return {g: s.sqrt() for g, s in squares.items()}
 
 
