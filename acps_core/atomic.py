@@ -176,7 +176,11 @@ def _backup(target: Path) -> Path:
         os.remove(backup)
         os.link(target, backup)
     except OSError:
-        shutil.copy2(target, backup)
+        try:
+            shutil.copy2(target, backup)
+        except BaseException:
+            _remove_quietly(backup)  # a partial copy must not stay behind
+            raise
     return backup
 
 
@@ -244,10 +248,15 @@ def atomic_write_many(contents: Mapping[StrPath, str | bytes], encoding: str = "
     # Ctrl-C half-way puts the old ones back, so the set of files is never half old, half new.
     backups: dict[Path, Path] = {}
     replaced: list[Path] = []
+    kept: list[Path] = []  # backups that could not be put back: left for the user, and named
     try:
         for target in temps:
             if target.exists():
-                backups[target] = _backup(target)
+                try:
+                    backups[target] = _backup(target)
+                except OSError as exc:
+                    raise _os_error(exc, f"cannot keep the old {os.fspath(target)} aside while writing (no output "
+                                    "was changed)", "check the folder's permissions and free space") from exc
         for target, temp in temps.items():
             try:
                 os.replace(temp, target)
@@ -255,13 +264,22 @@ def atomic_write_many(contents: Mapping[StrPath, str | bytes], encoding: str = "
                 raise _os_error(exc, f"cannot replace {os.fspath(target)} (no output was changed)",
                                 "check the folder's permissions and write again") from exc
             replaced.append(target)
-    except BaseException:
-        for target in reversed(replaced):
-            if target in backups:
-                os.replace(backups.pop(target), target)
-            else:
-                _remove_quietly(target)
+    except BaseException as failure:
+        for target in reversed(replaced):  # each file on its own: one that cannot go back must not stop the rest
+            try:
+                if target in backups:
+                    os.replace(backups[target], target)
+                    del backups[target]
+                else:
+                    os.remove(target)
+            except OSError:
+                if target in backups:
+                    kept.append(backups.pop(target))
         replaced.clear()
+        if kept:
+            names = ", ".join(os.fspath(p) for p in kept)
+            raise OutputPathError(f"writing failed ({type(failure).__name__}: {failure}) and the old content of "
+                                  f"some files could not be put back; it is kept in {names}") from failure
         raise
     finally:
         for target, temp in temps.items():

@@ -114,7 +114,8 @@ def _user_location() -> str:
 class LayerGeometry:
     """The real geometry of one Conv/ConvTranspose/Linear layer, as traced on the calibration data.
 
-    Shapes are per sample (batch dimension 1). ``kind`` is the module's class name (``Conv2d``, ``Linear``).
+    Shapes are per sample (batch dimension 1). ``kind`` is the torch layer type (``Conv2d``,
+    ``Linear``; a subclass reports its torch base class).
     """
 
     name: str
@@ -808,7 +809,7 @@ class _GroupBuilder:
         use = ChannelUse(projection, "Linear")
         self.spaces[heads].consumers.append(use)
 
-        out_geometry = LayerGeometry(projection, type(out_proj).__name__, width, out_proj.out_features, 1, (1,),
+        out_geometry = LayerGeometry(projection, "Linear", width, out_proj.out_features, 1, (1,),
                                      (1,), (1, tokens, width), (1, tokens, out_proj.out_features), query.dtype,
                                      out_proj.weight.dtype)
         out_entry = self.layers.setdefault(projection, {"geometry": out_geometry, "spaces": [], "in": [],
@@ -1632,11 +1633,17 @@ def _geometry(name: str, module: Any, x: _TensorRef | None, out_shape: tuple[int
         return (1, *shape[1:]) if shape else shape
 
     if isinstance(module, nn.Linear):
-        return LayerGeometry(name, type(module).__name__, module.in_features, module.out_features, 1, (1,), (1,),
+        return LayerGeometry(name, "Linear", module.in_features, module.out_features, 1, (1,), (1,),
                              per_sample(in_shape), per_sample(out_shape), act_dtype, weight.dtype)
-    return LayerGeometry(name, type(module).__name__, module.in_channels, module.out_channels, module.groups,
+    return LayerGeometry(name, _torch_kind(module), module.in_channels, module.out_channels, module.groups,
                          tuple(module.kernel_size), tuple(module.stride), per_sample(in_shape),
                          per_sample(out_shape), act_dtype, weight.dtype)
+
+
+def _torch_kind(module: nn.Module) -> str:
+    """The torch class a layer is (``Conv2d`` for a subclass of it): what its geometry's ``kind`` says, so cost
+    models see the layer type, not the user's class name."""
+    return next((cls.__name__ for cls in type(module).__mro__ if cls in PRUNABLE_TYPES), type(module).__name__)
 
 
 _LEAF_FORWARDS = {cls.forward for cls in _LEAF_TYPES}

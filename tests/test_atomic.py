@@ -225,3 +225,27 @@ def test_check_rejects_an_unwritable_folder(tmp_path: Path, monkeypatch: pytest.
 def test_check_rejects_an_empty_path() -> None:
     with pytest.raises(OutputPathError, match=r"output_cfg is an empty path"):
         check_writable_output("", "output_cfg")
+
+
+def test_a_file_that_cannot_go_back_is_kept_and_named_while_the_others_go_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a.cfg", "b.cfg", "c.cfg"):
+        (tmp_path / name).write_text(f"old {name}\n")
+    real_replace = os.replace
+
+    def replace(source: str, target: str) -> None:
+        source_name = os.path.basename(str(source))
+        if str(target).endswith("c.cfg") and ".acps-tmp" in source_name and ".old." not in source_name:
+            raise OSError(28, "No space left on device")  # writing c fails
+        if str(target).endswith("b.cfg") and ".old." in source_name:
+            raise OSError(5, "Input/output error")  # and putting b back fails too
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputPathError, match=r"could not be put back; it is kept in .*\.b\.cfg\.old\."):
+        atomic_write_many({tmp_path / n: f"new {n}\n" for n in ("a.cfg", "b.cfg", "c.cfg")})
+    assert (tmp_path / "a.cfg").read_text() == "old a.cfg\n"  # put back
+    assert (tmp_path / "c.cfg").read_text() == "old c.cfg\n"  # never replaced
+    backups = [p for p in tmp_path.iterdir() if ".b.cfg.old." in p.name]
+    assert len(backups) == 1 and backups[0].read_text() == "old b.cfg\n"  # b's old content is not lost
+    assert len(list(tmp_path.iterdir())) == 4

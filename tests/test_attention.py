@@ -189,3 +189,22 @@ def test_attention_sharing_its_projection_with_another_is_left_alone() -> None:
     for layer in ("embed", "first", "second", "second.out_proj"):
         assert not graph.layers[layer].prunable, layer
         assert "shared with" in graph.layers[layer].reason, layer
+
+
+def test_the_out_projection_is_costed_like_any_linear_on_tokens() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(6, 32)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            h = h + self.attn(h, h, h)[0]
+            return self.head(self.fc(h).mean(1))
+
+    graph = acps.build_channel_graph(Pair().eval(), torch.randn(2, 50, 6))
+    projection, fc = graph.layers["attn.out_proj"].geometry, graph.layers["fc"].geometry
+    assert projection.kind == "Linear" and projection.macs() == fc.macs() == 50 * 32 * 32

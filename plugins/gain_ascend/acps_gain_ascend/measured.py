@@ -156,7 +156,7 @@ class MeasuredLatency(GainEstimatorBase):
             leaves = sum(1 for m in model.modules() if not any(True for _ in m.children()))
             calls = op_ms * max(0, counter.ops - len(self.tables)) + module_ms * max(0, leaves - len(self.tables))
         self.rest_ms = min(rest, max(0.0, calls))
-        volume = sum(table.key["channels"][1] * math.prod(table.key["output"][1:]) for table in self.tables.values())
+        volume = sum(table.key["channels"][1] * _positions(table.key) for table in self.tables.values())
         self.rest_per_output = (rest - self.rest_ms) / volume if volume else 0.0
 
     def fixed_cost(self) -> float:
@@ -172,7 +172,7 @@ class MeasuredLatency(GainEstimatorBase):
             raise ArgumentError(f"MeasuredLatency has no table for layer {layer.name}; prepare() was not called "
                                 "with it")
         # The rest of the model's work (pools, adds, activations elsewhere) is spread over the layers' outputs.
-        outputs = out_channels * math.prod(table.key["output"][1:])
+        outputs = out_channels * _positions(table.key)
         return table.at(in_channels, out_channels) + self.rest_per_output * outputs
 
     # -- measuring ---------------------------------------------------------------------------------------------
@@ -277,9 +277,24 @@ def _standalone(layer: LayerGeometry, cin: int, cout: int, batch: int) -> tuple[
         groups = cin if layer.depthwise else layer.groups
         if layer.depthwise:
             cout = cin
-        padding = tuple(k // 2 for k in layer.kernel_size)
-        module = _CONVS[layer.kind](cin, cout, layer.kernel_size, layer.stride, padding, groups=groups)
-        return module, torch.randn(batch, cin, *layer.input_shape[2:])
+        # The traced input and output sizes fix the padding (and a transposed conv's output padding), which the
+        # geometry does not keep: the standalone layer does the same work as the model's.
+        spatial_in, spatial_out = layer.input_shape[2:], layer.output_shape[2:]
+        if layer.transposed:
+            padding, extra = [], []
+            for size_in, size_out, kernel, stride in zip(spatial_in, spatial_out, layer.kernel_size, layer.stride):
+                full = (size_in - 1) * stride + kernel
+                pad = max(0, (full - size_out + 1) // 2)
+                padding.append(pad)
+                extra.append(min(max(0, size_out - (full - 2 * pad)), stride - 1))
+            module = _CONVS[layer.kind](cin, cout, layer.kernel_size, layer.stride, tuple(padding),
+                                        output_padding=tuple(extra), groups=groups)
+        else:
+            padding = tuple(max(0, ((size_out - 1) * stride + kernel - size_in + 1) // 2)
+                            for size_in, size_out, kernel, stride in zip(spatial_in, spatial_out, layer.kernel_size,
+                                                                         layer.stride))
+            module = _CONVS[layer.kind](cin, cout, layer.kernel_size, layer.stride, padding, groups=groups)
+        return module, torch.randn(batch, cin, *spatial_in)
     tokens = tuple(layer.input_shape[1:-1])
     if layer.kind == "MultiheadAttention":  # its q, k and v projections in one Linear
         return nn.Linear(cin, 3 * cout), torch.randn(batch, *tokens, cin)
@@ -296,6 +311,13 @@ def _shrunk(sample: Any, factor: int) -> Any:
         return None
     size = [side // factor for side in sample.shape[2:]]
     return torch.nn.functional.interpolate(sample, size=size, mode="nearest")
+
+
+def _positions(key: dict[str, Any]) -> int:
+    """Output positions per channel of a table's layer: pixels for a conv (channels first), tokens for a Linear
+    or attention (channels last)."""
+    output = key["output"]
+    return math.prod(output[1:]) if key["kind"] in _CONVS else math.prod(output[:-1])
 
 
 class _CountOps(TorchFunctionMode):

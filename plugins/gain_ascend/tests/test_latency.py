@@ -219,3 +219,23 @@ def test_ascend_prices_attention_and_token_linears_in_fractals_too() -> None:
     assert estimator.layer_cost(attention, 32, 17) == estimator.layer_cost(attention, 32, 32)
     assert estimator.layer_cost(attention, 32, 16) < estimator.layer_cost(attention, 32, 17)
     assert estimator.layer_cost(linear, 32, 64) == pytest.approx(32 * 64 * 32 / (8e12 / 2) * 1e6)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (nn.Conv2d(3, 8, 7), (3, 8, 8)),                                   # no padding: a 2x2 output
+    (nn.ConvTranspose2d(8, 16, 2, 2), (8, 1, 1)),
+    (nn.ConvTranspose2d(8, 16, 4, 1, 0), (8, 1, 1)),                   # DCGAN's first layer
+    (nn.ConvTranspose2d(8, 16, 3, 2, 1, output_padding=1), (8, 5, 5)),
+    (nn.Conv1d(4, 8, 3, stride=2, padding=1), (4, 9)),
+    (nn.Conv3d(2, 4, 3, padding=1), (2, 4, 4, 4)),
+])
+def test_the_standalone_layer_does_the_work_of_the_traced_one(layer, shape) -> None:
+    from acps_gain_ascend.measured import _standalone
+
+    with torch.no_grad():
+        traced = layer(torch.randn(1, *shape)).shape
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(traced.numel(), 2)).eval()
+    geometry = build_channel_graph(model, torch.randn(2, *shape)).layers["0"].geometry
+    module, x = _standalone(geometry, geometry.in_channels, geometry.out_channels, 1)
+    with torch.no_grad():
+        assert module(x).shape == traced
