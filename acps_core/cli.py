@@ -97,7 +97,10 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def _model_and_data(args: argparse.Namespace, need_labels: bool) -> tuple[Any, Any]:
     """The model the spec builds (eval mode) and the calibration data from --data, on the model's device."""
-    from acps_core.data import model_device
+    import torch
+
+    from acps_core.data import _map_tensors, model_device, tensors_in
+    from acps_core.errors import DataError
     from acps_core.loading import load_data, load_model
 
     data = load_data(args.data)  # cheap to check before building the model
@@ -110,8 +113,12 @@ def _model_and_data(args: argparse.Namespace, need_labels: bool) -> tuple[Any, A
     model.eval()
     device = model_device(model)
     if isinstance(data, list):
-        data = [t.to(device) for t in data]
-        return model, data if need_labels else data[0]
+        inputs, labels = data
+        if not tensors_in(inputs) or not isinstance(labels, torch.Tensor):
+            raise DataError(f"--data {args.data} must hold [inputs, labels]: inputs a tensor (or a tuple of tensors) "
+                            f"and labels a tensor; it holds [{type(inputs).__name__}, {type(labels).__name__}]")
+        inputs = _map_tensors(inputs, lambda t: t.to(device))
+        return model, [inputs, labels.to(device)] if need_labels else inputs
     return model, data.to(device)
 
 

@@ -1205,7 +1205,7 @@ class _GroupBuilder:
         shuffled: list[tuple[_Tag, list[_Tag]]] = []
         for tag in tags:
             pieces = _map_shuffle(in_shape, out_shape, tag)
-            mapped = _map_reshape(in_shape, out_shape, tag) if pieces is None else None
+            mapped = _map_reshape(in_shape, out_shape, tag, sizes) if pieces is None else None
             if mapped is None and pieces is None:
                 self.block(tag.space, f"{where} reshapes {list(in_shape)} to {list(out_shape)}, which splits "
                                       "or mixes these channels")
@@ -1508,12 +1508,14 @@ def _requested_sizes(op: _Op) -> list[Any] | None:
     return list(shape)
 
 
-def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], tag: _Tag) -> _Tag | None:
+def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], tag: _Tag,
+                 sizes: list[Any] | None = None) -> _Tag | None:
     """Where a tag lands after a reshape; None when the reshape mixes its channels with something else.
 
     The dims before the tag's dim must keep their total size. Then the tag's dim either stays whole or merges
     with the dims right after it (flatten: each channel spreads over more positions), or splits into a dim of
     units followed by dims that hold each unit's remainder (heads: ``(B, T, C) -> (B, T, H, C // H)``).
+    ``sizes`` are the sizes the call asked for, when it gave them (``view``/``reshape``).
     """
     dim = tag.dim
     prefix = math.prod(in_shape[:dim])
@@ -1528,8 +1530,10 @@ def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], tag: _Ta
             merged = new_size // size  # the product of the dims merged into the tag's dim
             if tag.unit == 1:
                 stride = None if tag.stride is None else tag.stride * merged
-                # (B, C) -> (B, C, 1): units of one channel, their remainder next (a shuffle with G == C).
-                known = (new_dim + 1 if merged == 1 and tag.block == 1 and new_dim + 1 < len(out_shape)
+                # view(B, G, C // G) with G == C, a number written in the call: units of one channel, their
+                # remainder next (a shuffle whose pruned count must stay G). A -1 or an unsqueeze is no such thing.
+                written = sizes is not None and new_dim < len(sizes) and sizes[new_dim] != -1
+                known = (new_dim + 1 if written and merged == 1 and tag.block == 1 and new_dim + 1 < len(out_shape)
                          and out_shape[new_dim + 1] == 1 else None)
                 candidates.append(replace(tag, dim=new_dim, offset=tag.offset * merged, block=tag.block * merged,
                                           stride=stride, rest=known))

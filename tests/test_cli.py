@@ -87,6 +87,8 @@ def test_search_prune_restore_and_export_from_the_command_line(tmp_path: Path,
      "--allow-pickle"),
     (["prune", "--model", "tests.cli_models:small_cnn", "--data", "{missing}", "--config", "{cfg}", "--record",
       "{out}"], "does not exist"),
+    (["search", "--model", "tests.cli_models:small_cnn", "--data", "{badpair}", "--config", "{cfg}", "--output",
+      "{out}"], "must hold [inputs, labels]"),
     (["restore", "--model", "tests.cli_models:small_cnn", "--data", "{calib}", "--config", "{prune}", "--record",
       "{missing}"], "record file does not exist"),
     (["restore", "--model", "tests.cli_models:small_cnn", "--data", "{calib}", "--config", "{cfg}", "--record",
@@ -101,11 +103,12 @@ def test_command_line_mistakes_exit_2_with_one_line(tmp_path: Path, capsys: pyte
     torch.save(torch.randn(4, 3, 8, 8), tmp_path / "inputs.pt")
     torch.save([torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))], tmp_path / "calib.pt")
     torch.save(small_cnn(), tmp_path / "model.pt")
+    torch.save([torch.randn(4, 3, 8, 8), 3], tmp_path / "badpair.pt")
     (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\n")
     (tmp_path / "prune.cfg").write_text("prune_config { filter_pruner { balanced_l2_norm_filter_prune { "
                                         "prune_ratio: 0.5 } } }\n")
     paths = {"prune": tmp_path / "prune.cfg", "inputs": tmp_path / "inputs.pt", "calib": tmp_path / "calib.pt",
-             "cfg": tmp_path / "search.cfg",
+             "cfg": tmp_path / "search.cfg", "badpair": tmp_path / "badpair.pt",
              "out": tmp_path / "out.cfg", "missing": tmp_path / "missing.pt", "pickled": tmp_path / "model.pt"}
     assert main([a.format(**{k: str(v) for k, v in paths.items()}) for a in argv]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.splitlines()

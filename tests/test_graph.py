@@ -443,3 +443,19 @@ def test_a_shuffle_mixing_in_channels_no_layer_produces_is_left_alone() -> None:
     graph = build_channel_graph(Mixed().eval(), torch.randn(2, 3, 6, 6))
     assert not graph.layers["conv"].prunable
     assert "channel shuffle" in graph.layers["conv"].reason
+
+
+def test_an_unsqueeze_transpose_flatten_round_trip_stays_prunable_channel_by_channel() -> None:
+    class RoundTrip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.head(h.view(h.shape[0], -1, 1).transpose(1, 2).flatten(1))
+
+    graph = build_channel_graph(RoundTrip().eval(), torch.randn(2, 4))
+    group = group_of(graph, "fc")
+    assert group.prunable and group.aligned == 1 and group.atom == 1
