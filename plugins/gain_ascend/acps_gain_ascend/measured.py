@@ -290,10 +290,10 @@ def _standalone(layer: LayerGeometry, cin: int, cout: int, batch: int) -> tuple[
             module = _CONVS[layer.kind](cin, cout, layer.kernel_size, layer.stride, tuple(padding),
                                         output_padding=tuple(extra), groups=groups)
         else:
-            padding = tuple(max(0, ((size_out - 1) * stride + kernel - size_in + 1) // 2)
-                            for size_in, size_out, kernel, stride in zip(spatial_in, spatial_out, layer.kernel_size,
-                                                                         layer.stride))
-            module = _CONVS[layer.kind](cin, cout, layer.kernel_size, layer.stride, padding, groups=groups)
+            same = [max(0, ((size_out - 1) * stride + kernel - size_in + 1) // 2)
+                    for size_in, size_out, kernel, stride in zip(spatial_in, spatial_out, layer.kernel_size,
+                                                                 layer.stride)]
+            module = _CONVS[layer.kind](cin, cout, layer.kernel_size, layer.stride, tuple(same), groups=groups)
         return module, torch.randn(batch, cin, *spatial_in)
     tokens = tuple(layer.input_shape[1:-1])
     if layer.kind == "MultiheadAttention":  # its q, k and v projections in one Linear
