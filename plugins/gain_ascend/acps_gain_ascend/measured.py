@@ -128,7 +128,9 @@ class MeasuredLatency(GainEstimatorBase):
             return  # timing on another device than the model's: nothing to compare with
         x = _batch_of(sample, self.batch)
         with torch.no_grad():
-            self.model_ms = self.timer(_Forward(model), x)
+            # The whole model's times decide the fixed cost, whose error every prediction carries: three times the
+            # repeats, median of the medians.
+            self.model_ms = statistics.median(self.timer(_Forward(model), x) for _ in range(3))
             counter = _CountOps()
             with counter:
                 _Forward(model)(x)
@@ -140,7 +142,7 @@ class MeasuredLatency(GainEstimatorBase):
             small_ms = None
             if small is not None:
                 try:
-                    small_ms = self.timer(_Forward(model), small)
+                    small_ms = statistics.median(self.timer(_Forward(model), small) for _ in range(3))
                 except Exception:  # the model does not take a smaller image (a flatten into a Linear)
                     small_ms = None
         layers = sum(table.at(*table.key["channels"]) for table in self.tables.values())
