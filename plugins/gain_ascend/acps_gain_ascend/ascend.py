@@ -143,10 +143,10 @@ class AscendLatency(GainEstimatorBase):
             weights = groups * _up(out_channels / groups, FRACTAL) * _up(in_channels / groups, FRACTAL) * kernel
             compute = macs / rate
         if attention or layer.kind == "Linear":
-            spatial_in = math.prod(layer.input_shape[1:-1])
-        else:
-            spatial_in = math.prod(layer.input_shape[2:])
-        activations = self.batch * (_up(in_channels, FRACTAL) * spatial_in + _up(out_channels, FRACTAL) * per_sample)
+            spatial_in, spatial_out = math.prod(layer.input_shape[1:-1]), per_sample
+        else:  # a transposed conv's output map is larger than the input positions it works on
+            spatial_in, spatial_out = math.prod(layer.input_shape[2:]), math.prod(layer.output_shape[2:])
+        activations = self.batch * (_up(in_channels, FRACTAL) * spatial_in + _up(out_channels, FRACTAL) * spatial_out)
         memory = (activations + weights) * element_bytes / (self.chip.bandwidth_gbs * 1e9)
         compute_us, memory_us = compute * 1e6, memory * 1e6
         return max(compute_us, memory_us) + self.chip.overhead_us, compute_us, memory_us

@@ -239,3 +239,11 @@ def test_the_standalone_layer_does_the_work_of_the_traced_one(layer, shape) -> N
     module, x = _standalone(geometry, geometry.in_channels, geometry.out_channels, 1)
     with torch.no_grad():
         assert module(x).shape == traced
+
+
+def test_ascend_counts_a_transposed_convs_larger_output_in_its_memory_traffic() -> None:
+    model = nn.Sequential(nn.ConvTranspose2d(64, 64, 2, 2), nn.ReLU(), nn.Conv2d(64, 4, 1)).eval()
+    geometry = build_channel_graph(model, torch.randn(2, 64, 14, 14)).layers["0"].geometry
+    _, _, memory = AscendLatency("Ascend910").layer_time(geometry, 64, 64)
+    elements = 64 * 14 * 14 + 64 * 28 * 28 + 64 * 64 * 4  # input, the 28x28 output, weights
+    assert memory == pytest.approx(elements * 2 / 1200e9 * 1e6)
