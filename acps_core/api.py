@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,12 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     sample = _on_device(comm.broadcast(_on_device(trace_sample(data), torch.device("cpu"))), device)
     traced = tensors_in(sample)[0].shape[0] if tensors_in(sample) and tensors_in(sample)[0].dim() else 0
 
-    with preserved_model_state(model):
+    # acps's own methods never write to a parameter: with only them running, the parameters are checked, not
+    # copied (a copy costs as much memory as the model); anyone else's code gets the full copy.
+    own = all(_acps_own(method) for method in (sensitivity_method, search_method, gain_method))
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with preserved_model_state(model, copy_parameters=not own):
         model.eval()
 
         def prepare() -> tuple[Any, ...]:
@@ -140,10 +146,13 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
             return graph, fixed, statuses, overrides, records, cost_model
 
         graph, fixed, statuses, overrides, records, cost_model = comm.run("tracing the model", prepare)
+        timings["tracing"] = time.perf_counter() - started
         budget = cost_model.full_cost / settings.compress_ratio
         graph_info = GraphInfo(graph, cost_model, fixed, budget)
+        started = time.perf_counter()
         comm.run("scoring the channels", lambda: _score(sensitivity_method, model, graph, calibration, settings,
                                                        records))
+        timings["scoring"] = time.perf_counter() - started
         averaged = _same_scores_everywhere(comm, records)
         for record in records:
             full = {**fixed}
@@ -162,7 +171,9 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
                 raise PluginError(f"search method {method_name} raised {type(exc).__name__}: {exc}") from exc
             return masks_to_decision(masks, records, method_name)
 
+        started = time.perf_counter()
         decision = comm.run("searching", search)
+        timings["searching"] = time.perf_counter() - started
         decision.keep = comm.broadcast(decision.keep)  # rank 0's decision, on every rank
 
     for group_id, count in fixed.items():
@@ -194,8 +205,10 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     if not result.target_reached:
         warnings.warn(result.notes[-1], PruneTargetWarning, stacklevel=3)
     # Only rank 0 writes; every rank learns whether that worked before returning the same result.
+    started = time.perf_counter()
     comm.run("writing the outputs", lambda: _write(out_path, graph, decision, result, override, overrides, settings)
              if comm.rank == 0 else None)
+    result.timings = {**timings, "writing": time.perf_counter() - started}
     return result
 
 
@@ -246,6 +259,15 @@ def _sensitivity_story(result: SearchResult, graph: ChannelGraph, graph_info: Gr
         state[group_id] = lower
         lost += record.lost(lower) - record.lost(upper)
         result.path.append((graph_info.cost(state) / full_cost, lost / total))
+
+
+_OWN_PACKAGES = ("acps_core", "acps_sensitivity_taylor", "acps_search_greedy", "acps_search_knapsack",
+                 "acps_gain_ascend")
+
+
+def _acps_own(method: Any) -> bool:
+    """Whether ``method`` is one of acps's own classes (not a subclass defined elsewhere)."""
+    return type(method).__module__.split(".")[0] in _OWN_PACKAGES
 
 
 def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,

@@ -61,6 +61,8 @@ class SearchResult:
             after each step, from ``(1, 0)`` to the decision (the accuracy proxy against the cost).
         scores: per searched group (by name), each channel's sensitivity over the group's mean and whether it
             was kept, for the report's figure.
+        timings: seconds the stages took: ``tracing`` (checks, tracing, the execution check, the cost model),
+            ``scoring``, ``searching``, ``writing``.
     """
 
     layers: dict[str, LayerReport]
@@ -76,6 +78,7 @@ class SearchResult:
     selection_file: Path | None = None
     path: list[tuple[float, float]] = field(default_factory=list)
     scores: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def achieved_ratio(self) -> float:

@@ -7,8 +7,8 @@ on CPU, each measurement runs in a fresh process (so peak memory is that process
 - ``fwd+bwd``: one forward and backward pass of the cross-entropy over the calibration batch;
 - ``search``: ``auto_channel_prune_search`` with the reference methods (TaylorLossSensitivity + GreedySearch,
   BitComplexity) at compress_ratio 1.5 over the same batch, one calibration pass; its scoring time (the
-  sensitivity method) is timed apart, and the rest (tracing, the execution check, the search, writing) is the
-  time "on top".
+  sensitivity method, ``result.timings["scoring"]``) is apart, and the rest (tracing, the execution check, the
+  search, writing) is the time "on top".
 
 Targets: scoring at most 1.3x the forward+backward, the rest under 2 s, peak memory (max RSS) at most 1.2x. Then
 the scoring time for 1, 2 and 4 calibration passes and the search time at three depths (ResNet: 2, 6 and 12
@@ -64,15 +64,6 @@ def measure(kind: str, name: str, batch: int, passes: int, depth: int | None, th
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     import acps_core as acps
-    from acps_sensitivity_taylor import TaylorLossSensitivity
-
-    class Timed(TaylorLossSensitivity):
-        seconds = 0.0
-
-        def get_sensitivity(self, search_records):
-            start = time.perf_counter()
-            super().get_sensitivity(search_records)
-            Timed.seconds += time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "search.cfg"
@@ -80,10 +71,9 @@ def measure(kind: str, name: str, batch: int, passes: int, depth: int | None, th
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            acps.auto_channel_prune_search(model, str(config), [x, y], str(Path(folder) / "prune.cfg"),
-                                           sensitivity=Timed())
+            result = acps.auto_channel_prune_search(model, str(config), [x, y], str(Path(folder) / "prune.cfg"))
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "scoring": Timed.seconds,
+    return {"seconds": seconds, "scoring": result.timings["scoring"],
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
