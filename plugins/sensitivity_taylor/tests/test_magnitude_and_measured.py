@@ -36,7 +36,7 @@ def scored(method, model, data, label) -> list[SearchRecord]:
     return records
 
 
-def test_group_magnitude_is_the_mean_over_every_tied_weight_divided_by_the_group_mean() -> None:
+def test_group_magnitude_is_the_mean_over_every_tied_weight_divided_by_the_group_median() -> None:
     model = model_with_bn()
     with torch.no_grad():
         model[1].weight[3] = 0.0  # a channel the BatchNorm silences
@@ -47,8 +47,12 @@ def test_group_magnitude_is_the_mean_over_every_tied_weight_divided_by_the_group
     parts = [conv.weight.flatten(1).pow(2).sum(1), conv.bias.pow(2), norm.weight.pow(2), norm.bias.pow(2),
              reader.weight.transpose(0, 1).flatten(1).pow(2).sum(1)]
     expected = torch.stack([p.detach().double() for p in parts]).mean(0)
-    torch.testing.assert_close(first.sensitivity, expected / expected.mean())
-    assert float(first.sensitivity.mean()) == pytest.approx(1.0)
+    torch.testing.assert_close(first.sensitivity, expected / expected.median())
+    assert float(first.sensitivity.median()) == pytest.approx(1.0)
+    by_mean = scored(GroupMagnitudeSensitivity(normalize="mean"), model, data, torch.randint(0, 5, (4,)))[0]
+    torch.testing.assert_close(by_mean.sensitivity, expected / expected.mean())
+    with pytest.raises(ValueError, match="normalize must be"):
+        GroupMagnitudeSensitivity(normalize="max")
     assert int(first.sensitivity.argmin()) == 3 or float(first.sensitivity[3]) < float(first.sensitivity.mean())
 
 
