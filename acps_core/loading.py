@@ -116,6 +116,29 @@ def _load_model_file(spec: str, path: Path, allow_pickle: bool, map_location: st
     return loaded
 
 
+def _load_saved(path: StrPath, map_location: str | torch.device, hint: str) -> Any:
+    """What ``torch.save`` wrote at ``path``, loaded with ``weights_only=True`` (no code from the file runs);
+    every failure is a DataError naming the file and ending with ``hint`` (how to save it right)."""
+    where = os.fspath(path)
+    if not Path(where).is_file():
+        raise DataError(f"data file {where!r} does not exist (or is not a file)")
+    try:
+        return torch.load(where, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise DataError(f"cannot read data file {where!r}: {exc.strerror or exc}") from exc
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page of advice (including "set weights_only=False"); keep only what was refused.
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(exc))
+        detail = refused.group(1) if refused else str(exc).strip().splitlines()[0]
+        if detail.startswith("Unsupported global"):
+            raise DataError(f"data file {where!r} holds objects other than tensors, which are not loaded because "
+                            f"unpickling them could run code ({detail}); {hint}") from exc
+        raise DataError(f"data file {where!r} is not a file torch.save wrote ({detail}); {hint}") from exc
+    except Exception as exc:
+        raise DataError(f"data file {where!r} is not a file torch.save wrote ({type(exc).__name__}: {exc}); "
+                        f"{hint}") from exc
+
+
 def load_tensor(path: StrPath, map_location: str | torch.device = "cpu") -> torch.Tensor:
     """The tensor that ``torch.save(tensor, path)`` wrote, loaded without running code from the file.
 
@@ -127,29 +150,10 @@ def load_tensor(path: StrPath, map_location: str | torch.device = "cpu") -> torc
         DataError: naming the file: it is missing or unreadable, not written by ``torch.save``, holds objects
             other than tensors, or holds something that is not one tensor.
     """
-    where = os.fspath(path)
-    if not Path(where).is_file():
-        raise DataError(f"data file {where!r} does not exist (or is not a file)")
-    try:
-        loaded = torch.load(where, map_location=map_location, weights_only=True)
-    except OSError as exc:
-        raise DataError(f"cannot read data file {where!r}: {exc.strerror or exc}") from exc
-    except pickle.UnpicklingError as exc:
-        # torch's message is a page of advice (including "set weights_only=False"); keep only what was refused.
-        refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(exc))
-        detail = refused.group(1) if refused else str(exc).strip().splitlines()[0]
-        if detail.startswith("Unsupported global"):
-            raise DataError(f"data file {where!r} holds objects other than tensors, which are not loaded because "
-                            f"unpickling them could run code ({detail}); save one tensor with "
-                            "torch.save(tensor, path)") from exc
-        raise DataError(f"data file {where!r} is not a file torch.save wrote ({detail}); save one tensor with "
-                        "torch.save(tensor, path)") from exc
-    except Exception as exc:
-        raise DataError(f"data file {where!r} is not a file torch.save wrote ({type(exc).__name__}: {exc}); save "
-                        "one tensor with torch.save(tensor, path)") from exc
+    hint = "save one tensor with torch.save(tensor, path)"
+    loaded = _load_saved(path, map_location, hint)
     if not isinstance(loaded, torch.Tensor):
-        raise DataError(f"data file {where!r} holds a {type(loaded).__name__}, not a tensor; save one tensor with "
-                        "torch.save(tensor, path)")
+        raise DataError(f"data file {os.fspath(path)!r} holds a {type(loaded).__name__}, not a tensor; {hint}")
     return loaded
 
 
@@ -161,14 +165,7 @@ def load_data(path: StrPath, map_location: str | torch.device = "cpu") -> Any:
         DataError: naming the file: missing, unreadable, holding objects other than tensors, or another shape.
     """
     where = os.fspath(path)
-    if not Path(where).is_file():
-        raise DataError(f"data file {where!r} does not exist (or is not a file)")
-    try:
-        loaded = torch.load(where, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise DataError(f"data file {where!r} is not tensors saved with torch.save ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0][:200]}); save the input, or [input, labels], with "
-                        "torch.save") from exc
+    loaded = _load_saved(path, map_location, "save the input, or [input, labels], with torch.save")
     if isinstance(loaded, dict) and set(loaded) == {"data", "label"}:
         loaded = [loaded["data"], loaded["label"]]
     if isinstance(loaded, torch.Tensor) or (isinstance(loaded, (list, tuple)) and len(loaded) == 2):
