@@ -167,7 +167,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import acps_core as acps
 
     model, data = _model_and_data(args, need_labels=False)
-    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record)
+    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record,
+                                             calibration_data=data if args.correct_norms else None)
     if not args.quiet:
         before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
         print(f"Pruned {args.model}: {before:,} -> {after:,} parameters; wrote the record {args.record}.")
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--config", required=True, metavar="PRUNE.cfg", help="the channel-prune config")
     prune.add_argument("--record", required=True, metavar="PRUNE.record", help="the record file to write")
     prune.add_argument("--save", metavar="PRUNED.pt", help="also save the whole pruned model (torch.save)")
+    prune.add_argument("--correct-norms", action="store_true",
+                       help="correct the BatchNorm running statistics for the removed channels on the --data "
+                            "samples (real ones), so the pruned model is usable before fine-tuning")
     prune.add_argument("--allow-pickle", action="store_true", help=pickle_help)
     prune.set_defaults(func=_cmd_prune)
 

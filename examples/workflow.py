@@ -45,8 +45,9 @@ def main(out: Path) -> float:
                                             search_alg="GlobalRankSearch")
     print(f"searched: {result.achieved_ratio:.2f}x cheaper ({result.cost_unit})")
 
-    # 2. create the pruned model
-    pruned = acps.create_prune_retrain_model(model, train_x[:2], out / "prune.cfg", out / "prune.record")
+    # 2. create the pruned model; calibration_data corrects its BatchNorm statistics for the removed channels
+    pruned = acps.create_prune_retrain_model(model, train_x[:2], out / "prune.cfg", out / "prune.record",
+                                             calibration_data=train_x[:64])
     print(f"pruned: test accuracy before fine-tuning {accuracy(pruned, test_x, test_y):.1%}")
 
     # 3. fine-tune as usual, then save the weights

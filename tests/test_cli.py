@@ -63,6 +63,12 @@ def test_search_prune_restore_and_export_from_the_command_line(tmp_path: Path,
     pruned = torch.load(tmp_path / "pruned.pt", weights_only=False)
     assert pruned.conv2.out_channels < 32
 
+    assert main(["prune", *model, "--config", str(tmp_path / "prune.cfg"), "--record", str(tmp_path / "c.record"),
+                 "--save", str(tmp_path / "corrected.pt"), "--correct-norms"]) == EXIT_OK
+    corrected = torch.load(tmp_path / "corrected.pt", weights_only=False)
+    assert (tmp_path / "c.record").read_text() == (tmp_path / "p.record").read_text()
+    assert not torch.equal(corrected.bn2.running_mean, pruned.bn2.running_mean)  # the conv2 -> bn2 input changed
+
     pruned.conv2.bias.data += 1.0  # "fine-tuned"
     torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
     assert main(["restore", *model, "--config", str(tmp_path / "prune.cfg"), "--record", str(tmp_path / "p.record"),
