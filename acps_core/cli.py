@@ -32,10 +32,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"Searched at compress_ratio {args.ratio:g} in {outcome.search_seconds:.2f} s "
           f"({result.methods['sensitivity']} + {result.methods['search']} + {result.methods['gain']}):\n")
     print(result.summary())
-    print(f"\nTest accuracy with the removed channels masked out (pruned, before fine-tuning): "
-          f"{outcome.accuracy_masked:.1%}")
+    print(f"\nTest accuracy of the pruned model before fine-tuning: {outcome.accuracy_pruned:.1%} with the "
+          f"BatchNorm statistics copied (as AMCT does), {outcome.accuracy_corrected:.1%} with them corrected for "
+          "the removed channels (create_prune_retrain_model(..., calibration_data=64 images)).")
     figure = _figure(result)
-    print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg}, {result.selection_file} and the reports "
+    print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg}, {result.selection_file}, "
+          f"{out / 'demo_prune.record'} and the reports "
           f"{result.output_cfg}.report.md / .report.json{' / .report.png' if figure else ''}.")
     return EXIT_OK
 

@@ -26,6 +26,10 @@ def test_demo_trains_searches_and_writes_its_configs(tmp_path: Path, capsys: pyt
     assert main(["demo", "--out", str(tmp_path)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "achieved ratio" in out and "NOT reached" not in out
+    copied, corrected = (float(part.split("%")[0].split()[-1])
+                         for part in out.split("before fine-tuning: ")[1].split(" with ")[:2])
+    assert corrected > copied  # the BatchNorm correction helps on the demo's pruned model
+    assert (tmp_path / "demo_prune.record").is_file()
     cfg = text_format.Parse((tmp_path / "demo_prune.cfg").read_text(), retrain_config_pb2.AMCTRetrainConfig())
     assert cfg.override_layer_configs
     assert (tmp_path / "demo_prune.cfg.selection").is_file()
