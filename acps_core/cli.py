@@ -165,12 +165,17 @@ def _save_model(model: Any, path: str | None, quiet: bool) -> None:
               "--model FILE --allow-pickle, or torch.load(..., weights_only=False) if you trust it).")
 
 
+#: ``acps prune --correct-norms`` corrects the BatchNorm statistics on at most this many of the --data samples.
+NORM_SAMPLES = 256
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     import acps_core as acps
+    from acps_core.graph import trace_sample
 
     model, data = _model_and_data(args, need_labels=False)
-    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record,
-                                             calibration_data=data if args.correct_norms else None)
+    calibration = trace_sample(data, NORM_SAMPLES) if args.correct_norms else None
+    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record, calibration_data=calibration)
     if not args.quiet:
         before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
         print(f"Pruned {args.model}: {before:,} -> {after:,} parameters; wrote the record {args.record}.")
@@ -312,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--record", required=True, metavar="PRUNE.record", help="the record file to write")
     prune.add_argument("--save", metavar="PRUNED.pt", help="also save the whole pruned model (torch.save)")
     prune.add_argument("--correct-norms", action="store_true",
-                       help="correct the BatchNorm running statistics for the removed channels on the --data "
-                            "samples (real ones), so the pruned model is usable before fine-tuning")
+                       help="correct the BatchNorm running statistics for the removed channels on the first "
+                            f"{NORM_SAMPLES} --data samples (real ones), so the pruned model is usable before "
+                            "fine-tuning")
     prune.add_argument("--allow-pickle", action="store_true", help=pickle_help)
     prune.set_defaults(func=_cmd_prune)
 

@@ -23,7 +23,7 @@ from acps_core.data import tensors_in
 from acps_core.graph import LINEAR_TYPES, ChannelGraph
 
 
-def _removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], followers: bool
+def removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], followers: bool
                        ) -> dict[str, set[int]]:
     """Layer -> positions of its channel dimension that the decision removes (consumers' inputs, or with
     ``followers`` the followers' channels)."""
@@ -43,7 +43,7 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
     """Within the block, ``model`` behaves as if group ``g`` kept only the channels ``keep[g]``."""
     handles = []
     zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its values) to put back on exit
-    for name, positions in _removed_positions(graph, keep, followers=False).items():
+    for name, positions in removed_positions(graph, keep, followers=False).items():
         module = model.get_submodule(name)
         owner = name.rpartition(".")[0]
         if isinstance(model.get_submodule(owner), nn.MultiheadAttention):
@@ -79,7 +79,7 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
             return tuple(positional), kwargs
 
         handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
-    for name, positions in _removed_positions(graph, keep, followers=True).items():
+    for name, positions in removed_positions(graph, keep, followers=True).items():
         module = model.get_submodule(name)
         if not isinstance(module, nn.LayerNorm):
             continue

@@ -2,33 +2,32 @@
 
 Removing channels changes what the layers after them compute, but a BatchNorm's running mean and variance still
 describe the unpruned model, so the pruned model is much worse before fine-tuning than its channel choice
-deserves: often near chance, for every pruning method. :func:`correct_norm_statistics` fixes that from a few
-real input samples. Each BatchNorm's input is measured twice on the same samples, once in the unpruned model and
-once with the removed channels masked, and its running statistics move by the difference: the running mean by
-the shift of the batch mean, the running variance by the ratio of the batch variances. Because only the change is
-estimated, not the statistics themselves, a handful of samples is enough. The norms are corrected in the order
-the forward pass reaches them, within one pass, so each one sees its input after the norms before it were
-corrected. This is the batch-normalisation recalibration that EagleEye (Li et al., ECCV 2020) found to rank pruned
-candidates by their accuracy after fine-tuning, made relative to the unpruned statistics.
+deserves: often near chance, for every pruning method. The correction fixes that from a few real input samples.
+Each BatchNorm's input is measured on the same samples twice, in the unpruned model (:func:`measure_norm_inputs`)
+and in the pruned one (:func:`correct_norm_statistics`), and its running statistics move by the difference: the
+running mean by the shift of the batch mean, the running variance by the ratio of the batch variances. Because
+only the change is estimated, not the statistics themselves, a handful of samples is enough. The norms are
+corrected in the order the forward pass reaches them, within one pass, so each one sees its input after the norms
+before it were corrected. This is the batch-normalisation recalibration that EagleEye (Li et al., ECCV 2020) found
+to rank pruned candidates by their accuracy after fine-tuning, made relative to the unpruned statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 import torch
 from torch import nn
 
 from acps_core.data import forward
-from acps_core.errors import DataError
-from acps_core.graph import ChannelGraph
-from acps_core.masking import masked_channels
 
-#: A channel whose unpruned batch variance is below this is left with its running variance (no ratio to take).
+#: A channel whose unpruned batch variance is below this keeps its running variance (no ratio to take).
 _TINY_VARIANCE = 1e-12
 #: The least factor a running variance is scaled by (a channel the pruning silences keeps a usable variance).
 _MIN_VARIANCE_RATIO = 1e-4
+
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _tracked_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -38,61 +37,77 @@ def _tracked_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNor
 
 
 def _batch_statistics(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) mean and population variance over every other dimension, in float64."""
-    values = tensor.detach().double().movedim(1, 0).reshape(tensor.shape[1], -1)
-    return values.mean(dim=1), values.var(dim=1, unbiased=False)
+    """Per-channel (dim 1) mean and variance over every other dimension, as float64 on the CPU (reduced in float32
+    on the tensor's device, which every backend supports). The variance is unbiased, as BatchNorm's running
+    variance is, so that the ratio stays exact when pruning changes how many values a channel averages over."""
+    values = tensor.detach().float().movedim(1, 0).reshape(tensor.shape[1], -1)
+    return values.mean(dim=1).double().cpu(), values.var(dim=1, unbiased=values.shape[1] > 1).double().cpu()
 
 
-def correct_norm_statistics(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]],
+def _run_with_norm_hooks(model: nn.Module, data: Any,
+                         on_input: Callable[[str, nn.modules.batchnorm._BatchNorm, torch.Tensor], None]) -> None:
+    """One forward pass of ``data``; ``on_input(name, norm, input)`` runs before every tracked norm is called
+    (however the norm's input is passed)."""
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            on_input(name, module, args[0] if args else next(iter(kwargs.values())))
+        return hook
+
+    handles = [norm.register_forward_pre_hook(hook_for(name), with_kwargs=True)
+               for name, norm in _tracked_norms(model).items()]
+    try:
+        with torch.no_grad():
+            forward(model, data)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def measure_norm_inputs(model: nn.Module, data: Any) -> Statistics:
+    """Per BatchNorm layer of ``model`` (in eval mode) that the forward pass of ``data`` calls exactly once: the
+    batch mean and variance of its input per channel."""
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    _run_with_norm_hooks(model, data, lambda name, norm, x: seen.setdefault(name, []).append(_batch_statistics(x)))
+    return {name: calls[0] for name, calls in seen.items() if len(calls) == 1}
+
+
+def correct_norm_statistics(pruned: nn.Module, unpruned: Statistics, removed: Mapping[str, Set[int]],
                             data: Any) -> list[str]:
-    """Move the running statistics of ``model``'s BatchNorm layers to what they would be if group ``g`` kept
-    only ``keep[g]`` (see the module docs), measured on the input ``data``; returns the names of the norms
-    changed.
+    """Move the running statistics of the pruned model's BatchNorm layers by how their inputs changed (see the
+    module docs); returns the names of the norms whose statistics changed.
 
-    ``model`` must be in eval mode and own its BatchNorm buffers (they are changed in place). A norm the forward
-    pass calls more than once, or not at all, is left as it is.
+    Args:
+        pruned: the pruned model, in eval mode, owning its BatchNorm buffers (changed in place).
+        unpruned: :func:`measure_norm_inputs` of the unpruned model on the same ``data``.
+        removed: per norm whose own channels were pruned, the channel positions removed from it.
+        data: the model's input, as measured in the unpruned model.
+
+    A norm the unpruned pass did not measure (called more than once, or not at all) is left as it is. The
+    caller checks the unpruned statistics are finite (NaN would spread into the model).
     """
-    norms = _tracked_norms(model)
-    unpruned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    calls: dict[str, int] = dict.fromkeys(norms, 0)
-
-    def measure(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            calls[name] += 1
-            unpruned[name] = _batch_statistics(args[0])
-        return hook
-
-    def correct(name: str) -> Any:
-        def hook(module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...]) -> None:
-            if calls[name] != 1:
-                return
-            mean, variance = _batch_statistics(args[0])
-            old_mean, old_variance = unpruned[name]
-            if not (torch.isfinite(mean).all() and torch.isfinite(old_mean).all()
-                    and torch.isfinite(variance).all() and torch.isfinite(old_variance).all()):
-                raise DataError(f"the input of BatchNorm layer {name!r} holds NaN or Inf on calibration_data: "
-                                "pass finite calibration samples, or leave calibration_data out")
-            ratio = torch.where(old_variance > _TINY_VARIANCE,
-                                variance / old_variance.clamp_min(_TINY_VARIANCE), torch.ones_like(variance))
-            running_mean, running_var = module.running_mean, module.running_var
-            assert running_mean is not None and running_var is not None
-            with torch.no_grad():
-                running_mean.add_((mean - old_mean).to(running_mean.dtype))
-                running_var.mul_(ratio.clamp_min(_MIN_VARIANCE_RATIO).to(running_var.dtype))
-            changed.append(name)
-        return hook
-
     changed: list[str] = []
-    for hook_of, masked in ((measure, False), (correct, True)):
-        handles = [norm.register_forward_pre_hook(hook_of(name)) for name, norm in norms.items()]
-        try:
-            with torch.no_grad():
-                if masked:
-                    with masked_channels(model, graph, keep):
-                        forward(model, data)
-                else:
-                    forward(model, data)
-        finally:
-            for handle in handles:
-                handle.remove()
+
+    def correct(name: str, norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> None:
+        if name not in unpruned:
+            return
+        old_mean, old_variance = unpruned[name]
+        gone = removed.get(name, set())
+        if gone:
+            kept = torch.tensor([c for c in range(len(old_mean)) if c not in gone], dtype=torch.long)
+            old_mean, old_variance = old_mean[kept], old_variance[kept]
+        mean, variance = _batch_statistics(x)
+        running_mean, running_var = norm.running_mean, norm.running_var
+        assert running_mean is not None and running_var is not None
+        if mean.shape != old_mean.shape or running_mean.shape != mean.shape:
+            return  # not the channels measured before (cannot happen for a norm acps pruned itself)
+        ratio = torch.where(old_variance > _TINY_VARIANCE, variance / old_variance.clamp_min(_TINY_VARIANCE),
+                            torch.ones_like(variance)).clamp_min(_MIN_VARIANCE_RATIO)
+        shift = mean - old_mean
+        if not (torch.any(shift != 0) or torch.any(ratio != 1)):
+            return
+        running_mean.add_(shift.to(running_mean.device, running_mean.dtype))
+        running_var.mul_(ratio.to(running_var.device, running_var.dtype))
+        changed.append(name)
+
+    _run_with_norm_hooks(pruned, data, correct)
     return changed

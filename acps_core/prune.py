@@ -29,8 +29,8 @@ from torch import nn
 from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
 from acps_core.attention import make_prunable, shrink_embed_dim, shrink_heads
 from acps_core.config import parse_prune_config, resolve_layer
-from acps_core.data import forward, model_device
-from acps_core.errors import AcpsError, ArgumentError, ConfigError, DataError, GraphError
+from acps_core.data import forward, model_device, tensors_in
+from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
 from acps_core.graph import (
     CONV_TYPES,
     FOLLOWER_TYPES,
@@ -42,8 +42,8 @@ from acps_core.graph import (
     build_channel_graph,
     trace_sample,
 )
-from acps_core.masking import masked_channels, output_difference, output_shape_difference
-from acps_core.norm_correction import correct_norm_statistics
+from acps_core.masking import masked_channels, output_difference, output_shape_difference, removed_positions
+from acps_core.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
 from acps_core.selection import build_selection, format_selection, selection_path
@@ -369,8 +369,7 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
         pruned.eval()
         graph = build_channel_graph(pruned, data)
         keep, checked = keep_of(pruned, graph)
-        if norm_data is not None:
-            _correct_norms(pruned, graph, keep, norm_data)
+        unpruned_norms = None if norm_data is None else _measure_norms(pruned, norm_data)
         if checked:
             expected = graph.output  # on the same samples; only its shapes are compared
         else:
@@ -386,25 +385,29 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
                          "forward pass uses a channel count in a way acps cannot trace. auto_channel_prune_search "
                          "checks every group and leaves such groups alone; skip the layers of the groups named "
                          "in its report")
+    if unpruned_norms is not None:
+        with preserved_modes(pruned):
+            pruned.eval()
+            changed = correct_norm_statistics(pruned, unpruned_norms, removed_positions(graph, keep, followers=True),
+                                              norm_data)
+        logger.info("corrected the running statistics of %d BatchNorm layers for the removed channels", len(changed))
     return pruned, graph, keep
 
 
-def _correct_norms(pruned: nn.Module, graph: ChannelGraph, keep: dict[int, list[int]], data: Any) -> None:
-    """:func:`~acps_core.norm_correction.correct_norm_statistics` on the copy, whose norm buffers are first made
-    its own (the copy shares the original's tensors until it is pruned)."""
-    for norm in pruned.modules():
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None:
-            norm.running_mean = norm.running_mean.clone()
-            if norm.running_var is not None:
-                norm.running_var = norm.running_var.clone()
+def _measure_norms(model: nn.Module, data: Any) -> Statistics:
+    """The BatchNorm inputs' statistics of the unpruned model on ``calibration_data``, checked."""
+    if any(t.dim() == 0 or t.shape[0] == 0 for t in tensors_in(data)):
+        raise DataError("calibration_data holds no samples: pass a batch of real inputs, e.g. 16 to 64 of them")
     try:
-        changed = correct_norm_statistics(pruned, graph, keep, data)
-    except AcpsError:
-        raise
+        statistics = measure_norm_inputs(model, data)
     except Exception as exc:
-        raise DataError(f"calibration_data could not be run through the model: {type(exc).__name__}: {exc}; pass "
-                        "a batch shaped like input_data") from exc
-    logger.info("corrected the running statistics of %d BatchNorm layers for the removed channels", len(changed))
+        raise DataError(f"calibration_data could not be run through the model: {type(exc).__name__}: {exc}. Pass "
+                        "a batch like input_data (same shape after the batch dimension, dtype and device)") from exc
+    for name, (mean, variance) in statistics.items():
+        if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
+            raise DataError(f"the input of BatchNorm layer {name!r} holds NaN or Inf on calibration_data: pass "
+                            "finite calibration samples, or leave calibration_data out")
+    return statistics
 
 
 def create_prune_retrain_model(model: nn.Module, input_data: Any, config_defination: StrPath,

@@ -42,6 +42,23 @@ class ResidualDepthwise(nn.Module):
         return self.fc2(F.relu(self.bn_fc(self.fc1(x))))
 
 
+class TokenNormKeywordCall(nn.Module):
+    """A BatchNorm1d over the tokens of (N, L, C) while the channels C are pruned (its statistics span the pruned
+    dimension), and a BatchNorm called with its input as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 12, 1, bias=False)
+        self.bn = nn.BatchNorm1d(12)
+        self.fc1 = nn.Linear(12, 16)
+        self.token_norm = nn.BatchNorm1d(5)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 4, 5)
+        tokens = F.relu(self.bn(input=self.conv(x))).transpose(1, 2)  # (N, 5, 12)
+        return self.fc2(F.relu(self.token_norm(self.fc1(tokens))).mean(1))
+
+
 def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
@@ -52,7 +69,9 @@ def recalibrate(model: nn.Module, x: torch.Tensor) -> None:
     model.eval()
     for norm in _norms(model).values():
         seen: list[torch.Tensor] = []
-        handle = norm.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0].detach()))
+        handle = norm.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append((args[0] if args else kwargs["input"]).detach()),
+            with_kwargs=True)
         with torch.no_grad():
             model(x)
         handle.remove()
@@ -105,6 +124,29 @@ def test_corrected_statistics_equal_a_recalibration_on_the_same_batch(setting: t
     assert (folder / "a.record").read_text() == (folder / "b.record").read_text()  # same channels removed
 
 
+def test_norms_over_the_pruned_dimension_and_called_by_keyword_are_corrected_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TokenNormKeywordCall()
+    with torch.no_grad():
+        model.fc1.bias.copy_(torch.linspace(-3, 3, 16))  # channels with different means: pruning some moves the mean
+    x = torch.randn(32, 4, 5)
+    recalibrate(model, x)
+    (tmp_path / "prune.cfg").write_text(
+        "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 ascend_optimized: false "
+        "} } }\n")
+    corrected = acps_core.create_prune_retrain_model(model, x[:2], tmp_path / "prune.cfg", tmp_path / "a.record",
+                                                     calibration_data=x)
+    stale = acps_core.create_prune_retrain_model(model, x[:2], tmp_path / "prune.cfg", tmp_path / "b.record")
+    assert corrected.fc1.out_features == 8 and corrected.conv.out_channels == 6
+    recalibrated = copy.deepcopy(stale)
+    recalibrate(recalibrated, x)
+    for name in ("bn", "token_norm"):
+        for stat in ("running_mean", "running_var"):
+            expected = getattr(_norms(recalibrated)[name], stat)
+            torch.testing.assert_close(getattr(_norms(corrected)[name], stat), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_norms(corrected)["token_norm"].running_mean, _norms(stale)["token_norm"].running_mean)
+
+
 def test_correction_makes_the_pruned_model_closer_to_the_original(setting: tuple[nn.Module, torch.Tensor, Path]
                                                                   ) -> None:
     model, x, folder = setting
@@ -141,7 +183,8 @@ def test_nothing_pruned_leaves_the_statistics_exactly_as_they_were(tmp_path: Pat
 
 @pytest.mark.parametrize("data, words", [
     ("not a tensor", ["calibration_data", "tensor"]),
-    (torch.randn(4, 5, 8, 8), ["calibration_data could not be run", "shaped like input_data"]),
+    (torch.randn(4, 5, 8, 8), ["calibration_data could not be run", "a batch like input_data"]),
+    (torch.randn(0, 3, 8, 8), ["calibration_data holds no samples"]),
     (torch.full((4, 3, 8, 8), float("nan")), ["NaN", "BatchNorm layer 'stem.1'"]),
 ])
 def test_bad_calibration_data_is_refused_and_writes_nothing(setting: tuple[nn.Module, torch.Tensor, Path],
