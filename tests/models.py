@@ -68,3 +68,29 @@ def assert_pruned_matches_search(model: nn.Module, pruned: nn.Module, x: torch.T
         expected = model(x)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def recalibrate_in_order(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Set every BatchNorm's running statistics, in forward order, to the mean and unbiased variance of its input
+    on ``x`` in eval mode, so each norm sees the ones before it already set (one forward pass per norm; ``model``
+    is changed). A norm not called exactly once is skipped. Returns the statistics set, by norm name."""
+    model.eval()
+    done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, norm in model.named_modules():
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            continue
+        seen: list[torch.Tensor] = []
+        handle = norm.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append((args[0] if args else kwargs["input"]).detach()),
+            with_kwargs=True)
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        if len(seen) != 1:
+            continue
+        values = seen[0].double().movedim(1, 0).reshape(seen[0].shape[1], -1)
+        with torch.no_grad():
+            norm.running_mean.copy_(values.mean(dim=1))
+            norm.running_var.copy_(values.var(dim=1))
+        done[name] = (norm.running_mean.clone(), norm.running_var.clone())
+    return done

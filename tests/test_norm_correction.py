@@ -13,6 +13,7 @@ from torch import nn
 import acps_core
 from acps_core.errors import DataError
 from tests.model_snapshot import ModelSnapshot
+from tests.models import recalibrate_in_order
 
 
 class ResidualDepthwise(nn.Module):
@@ -63,24 +64,6 @@ def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def recalibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """Every norm's running statistics set, in forward order, to the statistics of its input on the batch ``x``
-    in eval mode (so each norm sees the norms before it already set): one norm per forward pass."""
-    model.eval()
-    for norm in _norms(model).values():
-        seen: list[torch.Tensor] = []
-        handle = norm.register_forward_pre_hook(
-            lambda module, args, kwargs, seen=seen: seen.append((args[0] if args else kwargs["input"]).detach()),
-            with_kwargs=True)
-        with torch.no_grad():
-            model(x)
-        handle.remove()
-        values = seen[0].double().movedim(1, 0).reshape(seen[0].shape[1], -1)
-        with torch.no_grad():
-            norm.running_mean.copy_(values.mean(dim=1))
-            norm.running_var.copy_(values.var(dim=1))  # unbiased, as BatchNorm stores it
-
-
 @pytest.fixture
 def setting(tmp_path: Path) -> tuple[nn.Module, torch.Tensor, Path]:
     """A model whose running statistics are exactly those of the calibration batch, and a prune config that
@@ -93,7 +76,7 @@ def setting(tmp_path: Path) -> tuple[nn.Module, torch.Tensor, Path]:
                 module.weight.uniform_(0.2, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     x = torch.randn(32, 3, 8, 8)
-    recalibrate(model, x)
+    recalibrate_in_order(model, x)
     (tmp_path / "search.cfg").write_text("compress_ratio: 2\nascend_optimized: false\n")
     acps_core.auto_channel_prune_search(model, tmp_path / "search.cfg", [x, torch.randint(0, 10, (32,))],
                                         tmp_path / "prune.cfg", sensitivity="GroupMagnitudeSensitivity",
@@ -111,7 +94,7 @@ def test_corrected_statistics_equal_a_recalibration_on_the_same_batch(setting: t
     stale = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "b.record")
     assert corrected.conv1.out_channels < 24 and corrected.expand[0].out_channels < 48  # really pruned
     recalibrated = copy.deepcopy(stale)
-    recalibrate(recalibrated, x)
+    recalibrate_in_order(recalibrated, x)
     moved = 0
     for name, norm in _norms(corrected).items():
         expected = _norms(recalibrated)[name]
@@ -130,7 +113,7 @@ def test_norms_over_the_pruned_dimension_and_called_by_keyword_are_corrected_exa
     with torch.no_grad():
         model.fc1.bias.copy_(torch.linspace(-3, 3, 16))  # channels with different means: pruning some moves the mean
     x = torch.randn(32, 4, 5)
-    recalibrate(model, x)
+    recalibrate_in_order(model, x)
     (tmp_path / "prune.cfg").write_text(
         "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 ascend_optimized: false "
         "} } }\n")
@@ -139,7 +122,7 @@ def test_norms_over_the_pruned_dimension_and_called_by_keyword_are_corrected_exa
     stale = acps_core.create_prune_retrain_model(model, x[:2], tmp_path / "prune.cfg", tmp_path / "b.record")
     assert corrected.fc1.out_features == 8 and corrected.conv.out_channels == 6
     recalibrated = copy.deepcopy(stale)
-    recalibrate(recalibrated, x)
+    recalibrate_in_order(recalibrated, x)
     for name in ("bn", "token_norm"):
         for stat in ("running_mean", "running_var"):
             expected = getattr(_norms(recalibrated)[name], stat)

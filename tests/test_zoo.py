@@ -21,6 +21,7 @@ import acps_core as acps
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.masking import masked_channels
 from acps_core.prune import prune_channels
+from tests.models import recalibrate_in_order
 from tests.zoo import CASES, CLASSES, ZooCase, pruned_and_masked, random_keep
 
 BATCH = 6
@@ -256,30 +257,6 @@ def test_search_then_create_then_restore(tmp_path, name) -> None:
         torch.testing.assert_close(restored(x), pruned(x), rtol=0, atol=0)
 
 
-def _recalibrated_in_order(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per BatchNorm called once on ``x``: its running statistics set, in forward order, to the mean and unbiased
-    variance of its input in eval mode (each norm sees the ones before it already set). ``model`` is changed."""
-    model.eval()
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, norm in norms.items():
-        seen: list[torch.Tensor] = []
-        handle = norm.register_forward_pre_hook(
-            lambda module, args, kwargs, seen=seen: seen.append((args[0] if args else kwargs["input"]).detach()),
-            with_kwargs=True)
-        with torch.no_grad():
-            model(x)
-        handle.remove()
-        if len(seen) != 1:
-            continue
-        values = seen[0].double().movedim(1, 0).reshape(seen[0].shape[1], -1)
-        with torch.no_grad():
-            norm.running_mean.copy_(values.mean(dim=1))
-            norm.running_var.copy_(values.var(dim=1))
-        done[name] = (norm.running_mean.clone(), norm.running_var.clone())
-    return done
-
-
 WITH_BATCHNORM = [name for name, case in CASES.items()
                   if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in case.build().modules())]
 
@@ -289,12 +266,12 @@ def test_corrected_norms_equal_a_recalibration_of_the_pruned_model(tmp_path, nam
     # With running statistics that are the batch's own, correcting them for the pruning on that batch must give
     # the pruned model's own statistics on it, norm by norm in forward order: whatever the architecture.
     case, model, x, _ = traced(name)
-    _recalibrated_in_order(model, x)
+    recalibrate_in_order(model, x)
     search(tmp_path, case, model, x)
     corrected = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "a.record",
                                                 calibration_data=x)
     stale = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "b.record")
-    expected = _recalibrated_in_order(stale, x)
+    expected = recalibrate_in_order(stale, x)
     assert expected, "no BatchNorm is called exactly once"
     norms = dict(corrected.named_modules())
     for norm_name, (mean, variance) in expected.items():
