@@ -394,6 +394,16 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
     return pruned, graph, keep
 
 
+def _inputs_of(calibration_data: Any, input_data: Any) -> Any:
+    """The inputs of ``calibration_data``: the data of a search-style ``[data, label]`` pair when the model takes
+    one tensor (``input_data``) and the pair's first element is shaped like it, else ``calibration_data``."""
+    if (isinstance(input_data, torch.Tensor) and isinstance(calibration_data, (list, tuple))
+            and len(calibration_data) == 2 and all(isinstance(t, torch.Tensor) for t in calibration_data)
+            and calibration_data[0].shape[1:] == input_data.shape[1:]):
+        return calibration_data[0]
+    return calibration_data
+
+
 def _measure_norms(model: nn.Module, data: Any) -> Statistics:
     """The BatchNorm inputs' statistics of the unpruned model on ``calibration_data``, checked."""
     if any(t.dim() == 0 or t.shape[0] == 0 for t in tensors_in(data)):
@@ -426,11 +436,11 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
         config_defination: path of the channel-prune config (the reference's spelling of the parameter).
         record_file: where to write the prune record (``ScaleOffsetRecord`` text format), atomically.
         calibration_data: acps's addition: real input samples shaped like ``input_data`` (a few are enough, e.g.
-            16 images). With them, the pruned model's BatchNorm running statistics are corrected for the removed
-            channels (see :mod:`acps_core.norm_correction`), so the model is usable before fine-tuning: the
-            running statistics of the unpruned model otherwise drop it near chance at 2x and beyond. Without
-            them the statistics are copied unchanged, as the reference does. Fine-tuning re-estimates them either
-            way.
+            16 images), or the search's ``[data, label]`` pair, whose labels are not used. With them, the pruned
+            model's BatchNorm running statistics are corrected for the removed channels (see
+            :mod:`acps_core.norm_correction`), so the model is usable before fine-tuning: the running statistics
+            of the unpruned model otherwise drop it near chance at 2x and beyond. Without them the statistics are
+            copied unchanged, as the reference does. Fine-tuning re-estimates them either way.
 
     Returns:
         The pruned model, in the same train/eval mode as ``model``; its output shape is unchanged.
@@ -447,7 +457,9 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     record_path = check_writable_output(record_file, "record_file")
     device = model_device(model)
     data = _model_input(input_data, device)
-    norm_data = None if calibration_data is None else _model_input(calibration_data, device, "calibration_data")
+    norm_data = None
+    if calibration_data is not None:
+        norm_data = _model_input(_inputs_of(calibration_data, data), device, "calibration_data")
     pruned, graph, keep = _pruned_copy(model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path),
                                        norm_data)
     header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
