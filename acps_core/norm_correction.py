@@ -14,6 +14,7 @@ to rank pruned candidates by their accuracy after fine-tuning, made relative to 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from acps_core.data import forward
+
+logger = logging.getLogger(__name__)
 
 #: A channel whose unpruned batch variance is below this keeps its running variance (no ratio to take).
 _TINY_VARIANCE = 1e-12
@@ -103,6 +106,10 @@ def correct_norm_statistics(pruned: nn.Module, unpruned: Statistics, removed: Ma
         ratio = torch.where(old_variance > _TINY_VARIANCE, variance / old_variance.clamp_min(_TINY_VARIANCE),
                             torch.ones_like(variance)).clamp_min(_MIN_VARIANCE_RATIO)
         shift = mean - old_mean
+        if not (torch.isfinite(shift).all() and torch.isfinite(ratio).all()):
+            logger.warning("BatchNorm layer %r: its input in the pruned model is not finite on calibration_data "
+                           "(overflow?); its running statistics are left as they were", name)
+            return
         if not (torch.any(shift != 0) or torch.any(ratio != 1)):
             return
         running_mean.add_(shift.to(running_mean.device, running_mean.dtype))

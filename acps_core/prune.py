@@ -388,20 +388,39 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
     if unpruned_norms is not None:
         with preserved_modes(pruned):
             pruned.eval()
-            changed = correct_norm_statistics(pruned, unpruned_norms, removed_positions(graph, keep, followers=True),
-                                              norm_data)
+            try:
+                changed = correct_norm_statistics(pruned, unpruned_norms,
+                                                  removed_positions(graph, keep, followers=True), norm_data)
+            except Exception as exc:
+                raise GraphError(f"the pruned model raised on calibration_data: {type(exc).__name__}: {exc}") from exc
         logger.info("corrected the running statistics of %d BatchNorm layers for the removed channels", len(changed))
     return pruned, graph, keep
 
 
 def _inputs_of(calibration_data: Any, input_data: Any) -> Any:
-    """The inputs of ``calibration_data``: the data of a search-style ``[data, label]`` pair when the model takes
-    one tensor (``input_data``) and the pair's first element is shaped like it, else ``calibration_data``."""
-    if (isinstance(input_data, torch.Tensor) and isinstance(calibration_data, (list, tuple))
-            and len(calibration_data) == 2 and all(isinstance(t, torch.Tensor) for t in calibration_data)
-            and calibration_data[0].shape[1:] == input_data.shape[1:]):
+    """The inputs of ``calibration_data``: the data of a search-style ``[data, label]`` pair whose data has the
+    structure of ``input_data`` (the model's arguments, as :func:`_model_input` returned them), else
+    ``calibration_data`` itself."""
+    if (isinstance(calibration_data, (list, tuple)) and len(calibration_data) == 2
+            and isinstance(calibration_data[1], torch.Tensor) and _shaped_like(calibration_data[0], input_data)):
         return calibration_data[0]
     return calibration_data
+
+
+def _shaped_like(data: Any, reference: Any) -> bool:
+    """Whether ``data`` has the structure of ``reference`` (a tensor, or a tuple or dict of tensors) with the
+    same shape after the batch dimension everywhere; a lone tensor matches a one-tensor tuple."""
+    if isinstance(reference, torch.Tensor):
+        return isinstance(data, torch.Tensor) and data.shape[1:] == reference.shape[1:]
+    if isinstance(reference, tuple):
+        if len(reference) == 1 and isinstance(data, torch.Tensor):
+            return _shaped_like(data, reference[0])
+        return (isinstance(data, (list, tuple)) and len(data) == len(reference)
+                and all(_shaped_like(d, r) for d, r in zip(data, reference)))
+    if isinstance(reference, dict):
+        return (isinstance(data, dict) and data.keys() == reference.keys()
+                and all(_shaped_like(data[k], reference[k]) for k in reference))
+    return False
 
 
 def _measure_norms(model: nn.Module, data: Any) -> Statistics:

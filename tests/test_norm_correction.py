@@ -144,10 +144,13 @@ def test_correction_makes_the_pruned_model_closer_to_the_original(setting: tuple
     assert error_corrected < 0.5 * error_stale
 
 
-def test_the_searchs_data_label_pair_is_taken_as_its_data(setting: tuple[nn.Module, torch.Tensor, Path]) -> None:
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_the_searchs_data_label_pair_is_taken_as_its_data(setting: tuple[nn.Module, torch.Tensor, Path],
+                                                           as_tuple: bool) -> None:
     model, x, folder = setting
     labels = torch.randint(0, 10, (32,))
-    from_pair = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "a.record",
+    input_data = (x[:2],) if as_tuple else x[:2]
+    from_pair = acps_core.create_prune_retrain_model(model, input_data, folder / "prune.cfg", folder / "a.record",
                                                      calibration_data=[x, labels])
     from_data = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "b.record",
                                                      calibration_data=x)
