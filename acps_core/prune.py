@@ -398,9 +398,15 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
 
 
 def _inputs_of(calibration_data: Any, input_data: Any) -> Any:
-    """The inputs of ``calibration_data``: the data of a search-style ``[data, label]`` pair whose data has the
-    structure of ``input_data`` (the model's arguments, as :func:`_model_input` returned them), else
-    ``calibration_data`` itself."""
+    """The inputs of ``calibration_data``: for an iterable of batches (a DataLoader), its first batch; then the
+    data of a search-style ``[data, label]`` pair whose data has the structure of ``input_data`` (the model's
+    arguments, as :func:`_model_input` returned them); else ``calibration_data`` itself."""
+    if not isinstance(calibration_data, (torch.Tensor, list, tuple, dict, str, bytes)) and hasattr(
+            calibration_data, "__iter__"):
+        calibration_data = next(iter(calibration_data), None)
+        if calibration_data is None:
+            raise DataError("calibration_data is an iterable with no batches: pass a batch of inputs or a "
+                            "DataLoader that yields at least one")
     if (isinstance(calibration_data, (list, tuple)) and len(calibration_data) == 2
             and isinstance(calibration_data[1], torch.Tensor) and _shaped_like(calibration_data[0], input_data)):
         return calibration_data[0]
@@ -455,11 +461,11 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
         config_defination: path of the channel-prune config (the reference's spelling of the parameter).
         record_file: where to write the prune record (``ScaleOffsetRecord`` text format), atomically.
         calibration_data: acps's addition: real input samples shaped like ``input_data`` (a few are enough, e.g.
-            16 images), or the search's ``[data, label]`` pair, whose labels are not used. With them, the pruned
-            model's BatchNorm running statistics are corrected for the removed channels (see
-            :mod:`acps_core.norm_correction`), so the model is usable before fine-tuning: the running statistics
-            of the unpruned model otherwise drop it near chance at 2x and beyond. Without them the statistics are
-            copied unchanged, as the reference does. Fine-tuning re-estimates them either way.
+            16 images), the search's ``[data, label]`` pair (labels unused), or a DataLoader (its first batch is
+            used). With them, the pruned model's BatchNorm running statistics are corrected for the removed
+            channels (see :mod:`acps_core.norm_correction`), so the model is usable before fine-tuning: the
+            running statistics of the unpruned model otherwise drop it near chance at 2x and beyond. Without them
+            the statistics are copied unchanged, as the reference does. Fine-tuning re-estimates them either way.
 
     Returns:
         The pruned model, in the same train/eval mode as ``model``; its output shape is unchanged.

@@ -158,6 +158,22 @@ def test_the_searchs_data_label_pair_is_taken_as_its_data(setting: tuple[nn.Modu
         assert torch.equal(a, b), name
 
 
+def test_a_data_loaders_first_batch_is_used(setting: tuple[nn.Module, torch.Tensor, Path]) -> None:
+    model, x, folder = setting
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 10, (32,))),
+                                         batch_size=16)
+    from_loader = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "a.record",
+                                                       calibration_data=loader)
+    from_batch = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "b.record",
+                                                      calibration_data=x[:16])
+    for (name, a), b in zip(from_loader.named_buffers(), from_batch.buffers()):
+        assert torch.equal(a, b), name
+    with pytest.raises(DataError, match="no batches"):
+        acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "c.record",
+                                             calibration_data=iter([]))
+    assert not (folder / "c.record").exists()
+
+
 def test_the_users_model_and_its_statistics_are_untouched(setting: tuple[nn.Module, torch.Tensor, Path]) -> None:
     model, x, folder = setting
     snapshot = ModelSnapshot.take(model)
