@@ -46,6 +46,7 @@ from acps_core.masking import masked_channels, output_difference, output_shape_d
 from acps_core.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
+from acps_core.reconstruction import LayerInput, measure_layer_inputs, reconstructing
 from acps_core.selection import build_selection, format_selection, selection_path
 from acps_core.state import preserved_model_state, preserved_modes
 
@@ -145,20 +146,18 @@ def _slice_follower(module: nn.Module, keep: torch.Tensor) -> None:
     layer.num_features = len(keep)
 
 
-def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> None:
-    """Remove channels from ``model`` in place: group ``g`` keeps only the channel indices ``keep[g]``.
-
-    ``graph`` must have been built from ``model`` (or an identical one). A layer touched by several groups (the
-    consumer of a concat) is sliced once, with every group's removals combined; a layer's outputs are sliced
-    before its inputs.
+def dropped_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]
+                      ) -> tuple[dict[str, set[int]], dict[str, set[int]], dict[tuple[str, int], set[int]]]:
+    """What keeping only ``keep[g]`` of each group ``g`` removes: (layer -> output channels, for producers and
+    followers; layer -> input positions, for consumers; (bare parameter, dim) -> positions).
 
     Raises:
         GraphError: a group that is not prunable, indices out of range, or a keep set that breaks the group's
             units or blocks.
     """
-    outputs: dict[str, set[int]] = {}   # producer / follower -> output channels to drop
-    inputs: dict[str, set[int]] = {}    # consumer -> input positions to drop
-    parameters: dict[tuple[str, int], set[int]] = {}  # (bare parameter, dim) -> positions to drop
+    outputs: dict[str, set[int]] = {}
+    inputs: dict[str, set[int]] = {}
+    parameters: dict[tuple[str, int], set[int]] = {}
     for group_id, kept_list in keep.items():
         group = graph.group(group_id)
         if not group.prunable:
@@ -180,6 +179,21 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
                 outputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
         for use in group.consumers:
             inputs.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
+    return outputs, inputs, parameters
+
+
+def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> None:
+    """Remove channels from ``model`` in place: group ``g`` keeps only the channel indices ``keep[g]``.
+
+    ``graph`` must have been built from ``model`` (or an identical one). A layer touched by several groups (the
+    consumer of a concat) is sliced once, with every group's removals combined; a layer's outputs are sliced
+    before its inputs.
+
+    Raises:
+        GraphError: a group that is not prunable, indices out of range, or a keep set that breaks the group's
+            units or blocks.
+    """
+    outputs, inputs, parameters = dropped_positions(graph, keep)
     for name, drop in outputs.items():
         module = model.get_submodule(name)
         index = torch.tensor([i for i in range(_size(module, "out")) if i not in drop], dtype=torch.long)
@@ -355,12 +369,13 @@ def _own_tensors(pruned: nn.Module, original: nn.Module) -> None:
                 module._buffers[name] = copies[id(buffer)]
 
 
-def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
+def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None, reconstruct: bool = False
                  ) -> tuple[nn.Module, ChannelGraph, dict[int, list[int]]]:
     """Deep-copy ``model``, trace it, decide what to keep with ``keep_of(copy, graph) -> (keep, checked)``, prune
     and check. ``checked`` says the groups were already checked by execution (the search does, for every group it
     may prune): then only the pruned model's output shapes are compared, not its values, which saves a forward.
-    With ``norm_data``, the BatchNorm running statistics are corrected for the removed channels on it first."""
+    With ``norm_data``, the BatchNorm running statistics are corrected for the removed channels on it, and with
+    ``reconstruct`` too the layers that read removed channels are re-fitted on it, in the same pass."""
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pruned = _copy_sharing_tensors(model)
@@ -370,6 +385,10 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
         graph = build_channel_graph(pruned, data)
         keep, checked = keep_of(pruned, graph)
         unpruned_norms = None if norm_data is None else _measure_norms(pruned, norm_data)
+        _, removed_inputs, _ = dropped_positions(graph, keep)
+        unpruned_inputs = {} if norm_data is None or not reconstruct else \
+            _measure_layer_inputs(pruned, set(removed_inputs), norm_data)
+        unpruned_weights = {name: cast(torch.Tensor, pruned.get_submodule(name).weight) for name in unpruned_inputs}
         if checked:
             expected = graph.output  # on the same samples; only its shapes are compared
         else:
@@ -386,14 +405,20 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
                          "checks every group and leaves such groups alone; skip the layers of the groups named "
                          "in its report")
     if unpruned_norms is not None:
+        removed_outputs, _, _ = dropped_positions(graph, keep)
         with preserved_modes(pruned):
             pruned.eval()
             try:
-                changed = correct_norm_statistics(pruned, unpruned_norms,
-                                                  removed_positions(graph, keep, followers=True), norm_data)
+                with reconstructing(pruned, unpruned_weights, unpruned_inputs, removed_inputs,
+                                    removed_outputs) as refitted:
+                    changed = correct_norm_statistics(pruned, unpruned_norms,
+                                                      removed_positions(graph, keep, followers=True), norm_data)
             except Exception as exc:
                 raise GraphError(f"the pruned model raised on calibration_data: {type(exc).__name__}: {exc}") from exc
         logger.info("corrected the running statistics of %d BatchNorm layers for the removed channels", len(changed))
+        if reconstruct:
+            logger.info("re-fitted %d of the %d layers that read removed channels", len(refitted),
+                        len(removed_inputs))
     return pruned, graph, keep
 
 
@@ -445,8 +470,23 @@ def _measure_norms(model: nn.Module, data: Any) -> Statistics:
     return statistics
 
 
+def _measure_layer_inputs(model: nn.Module, layers: set[str], data: Any) -> dict[str, LayerInput]:
+    """The inputs of the layers to re-fit in the unpruned model on ``calibration_data``, checked."""
+    try:
+        inputs = measure_layer_inputs(model, layers, data)
+    except Exception as exc:
+        raise DataError(f"calibration_data could not be run through the model: {type(exc).__name__}: {exc}. Pass "
+                        "a batch like input_data (same shape after the batch dimension, dtype and device)") from exc
+    for name, measured in inputs.items():
+        if not torch.isfinite(measured.values).all():
+            raise DataError(f"the input of layer {name!r} holds NaN or Inf on calibration_data: pass finite "
+                            "calibration samples, or leave calibration_data out")
+    return inputs
+
+
 def create_prune_retrain_model(model: nn.Module, input_data: Any, config_defination: StrPath,
-                               record_file: StrPath, *, calibration_data: Any = None) -> nn.Module:
+                               record_file: StrPath, *, calibration_data: Any = None,
+                               reconstruct: bool = True) -> nn.Module:
     """Prune a copy of ``model`` as a channel-prune config says, and write what was removed to ``record_file``.
 
     For each channel group whose producers the config prunes (``override_layer_configs`` > ``override_layer_types``
@@ -466,6 +506,10 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
             channels (see :mod:`acps_core.norm_correction`), so the model is usable before fine-tuning: the
             running statistics of the unpruned model otherwise drop it near chance at 2x and beyond. Without them
             the statistics are copied unchanged, as the reference does. Fine-tuning re-estimates them either way.
+        reconstruct: acps's addition, used with ``calibration_data``: also re-fit the weights of the Conv and
+            Linear layers that read removed channels, by least squares, so that they compute from the kept
+            channels what they computed from all of them (see :mod:`acps_core.reconstruction`). ``False`` keeps
+            their weights as pruned (only the statistics are corrected).
 
     Returns:
         The pruned model, in the same train/eval mode as ``model``; its output shape is unchanged.
@@ -486,7 +530,7 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     if calibration_data is not None:
         norm_data = _model_input(_inputs_of(calibration_data, data), device, "calibration_data")
     pruned, graph, keep = _pruned_copy(model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path),
-                                       norm_data)
+                                       norm_data, reconstruct)
     header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
               "indices removed from each layer.\n")
     text = format_selection(build_selection(graph, keep), config_path.name).split("\n", 2)[2]

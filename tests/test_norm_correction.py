@@ -90,7 +90,7 @@ def test_corrected_statistics_equal_a_recalibration_on_the_same_batch(setting: t
     # pruned model's batch statistics, for every norm, each one downstream of corrected ones (the cascade).
     model, x, folder = setting
     corrected = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "a.record",
-                                                     calibration_data=x)
+                                                     calibration_data=x, reconstruct=False)
     stale = acps_core.create_prune_retrain_model(model, x[:2], folder / "prune.cfg", folder / "b.record")
     assert corrected.conv1.out_channels < 24 and corrected.expand[0].out_channels < 48  # really pruned
     recalibrated = copy.deepcopy(stale)
@@ -118,7 +118,7 @@ def test_norms_over_the_pruned_dimension_and_called_by_keyword_are_corrected_exa
         "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 ascend_optimized: false "
         "} } }\n")
     corrected = acps_core.create_prune_retrain_model(model, x[:2], tmp_path / "prune.cfg", tmp_path / "a.record",
-                                                     calibration_data=x)
+                                                     calibration_data=x, reconstruct=False)
     stale = acps_core.create_prune_retrain_model(model, x[:2], tmp_path / "prune.cfg", tmp_path / "b.record")
     assert corrected.fc1.out_features == 8 and corrected.conv.out_channels == 6
     recalibrated = copy.deepcopy(stale)

@@ -20,7 +20,9 @@ from torch import nn
 import acps_core as acps
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.masking import masked_channels
-from acps_core.prune import prune_channels
+from acps_core.prune import prune_channels, read_record
+from acps_core.reconstruction import reconstructible
+from tests.model_snapshot import ModelSnapshot
 from tests.models import recalibrate_in_order
 from tests.zoo import CASES, CLASSES, ZooCase, pruned_and_masked, random_keep
 
@@ -261,19 +263,77 @@ WITH_BATCHNORM = [name for name, case in CASES.items()
                   if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in case.build().modules())]
 
 
+@pytest.mark.parametrize("reconstruct", [False, True])
 @pytest.mark.parametrize("name", WITH_BATCHNORM)
-def test_corrected_norms_equal_a_recalibration_of_the_pruned_model(tmp_path, name) -> None:
+def test_corrected_norms_equal_a_recalibration_of_the_pruned_model(tmp_path, name, reconstruct) -> None:
     # With running statistics that are the batch's own, correcting them for the pruning on that batch must give
-    # the pruned model's own statistics on it, norm by norm in forward order: whatever the architecture.
+    # the pruned model's own statistics on it, norm by norm in forward order: whatever the architecture. With the
+    # layers re-fitted in the same pass, each norm must see its input after the re-fits before it.
     case, model, x, _ = traced(name)
     recalibrate_in_order(model, x)
     search(tmp_path, case, model, x)
     corrected = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "a.record",
-                                                calibration_data=x)
-    stale = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "b.record")
-    expected = recalibrate_in_order(stale, x)
+                                                calibration_data=x, reconstruct=reconstruct)
+    if reconstruct:
+        expected = recalibrate_in_order(copy.deepcopy(corrected), x)
+    else:
+        stale = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "b.record")
+        expected = recalibrate_in_order(stale, x)
     assert expected, "no BatchNorm is called exactly once"
     norms = dict(corrected.named_modules())
     for norm_name, (mean, variance) in expected.items():
         torch.testing.assert_close(norms[norm_name].running_mean, mean, rtol=1e-5, atol=1e-5, msg=norm_name)
         torch.testing.assert_close(norms[norm_name].running_var, variance, rtol=1e-4, atol=1e-5, msg=norm_name)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reconstruction_fits_every_refitted_layer_at_least_as_well_as_plain_pruning(tmp_path, name) -> None:
+    # Whatever the architecture: the layers that read removed channels are re-fitted, the user's model is left
+    # alone, and a re-fitted Linear or pointwise conv computes, from the pruned model's input, at least as close
+    # to what it computed in the unpruned model as its plainly pruned weight does (the least-squares fit is
+    # regularised towards plain pruning, so it can only gain on the calibration batch).
+    case, model, x, _ = traced(name)
+    search(tmp_path, case, model, x)
+    snapshot = ModelSnapshot.take(model)
+    refitted = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "a.record",
+                                               calibration_data=x)
+    plain = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "b.record",
+                                            calibration_data=x, reconstruct=False)
+    snapshot.assert_same(model)
+    plain_weights = dict(plain.named_parameters())
+    changed = {n.rpartition(".")[0] for n, p in refitted.named_parameters() if not torch.equal(p, plain_weights[n])}
+    changed -= {n for n, m in refitted.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    # Every Conv/Linear that lost inputs, except a MultiheadAttention's out projection: it is applied as a
+    # function, never called as a module, so its input cannot be seen.
+    attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    lost_inputs = {n for n, m in model.named_modules() if reconstructible(m) and n not in attention
+                   and m.weight.shape[1] != refitted.get_submodule(n).weight.shape[1]}
+    assert changed == lost_inputs
+    pointwise = [n for n in sorted(changed) if isinstance(refitted.get_submodule(n), nn.Linear) or (
+        isinstance(refitted.get_submodule(n), nn.Conv2d) and refitted.get_submodule(n).kernel_size == (1, 1)
+        and refitted.get_submodule(n).stride == (1, 1))]
+    inputs_unpruned, inputs_refitted = layer_inputs(model, pointwise, x), layer_inputs(refitted, pointwise, x)
+    removed_outputs = read_record(tmp_path / "b.record")
+    for layer in pointwise:
+        module = refitted.get_submodule(layer)
+        with torch.no_grad():
+            target = model.get_submodule(layer)(inputs_unpruned[layer])
+        kept = [c for c in range(target.shape[-1 if isinstance(module, nn.Linear) else 1])
+                if c not in removed_outputs.get(layer, [])]
+        target = target[..., kept] if isinstance(module, nn.Linear) else target[:, kept]
+        with torch.no_grad():
+            error_refitted = (refitted.get_submodule(layer)(inputs_refitted[layer]) - target).pow(2).sum()
+            error_plain = (plain.get_submodule(layer)(inputs_refitted[layer]) - target).pow(2).sum()
+        assert error_refitted <= error_plain * (1 + 1e-6) + 1e-9, layer
+
+
+def layer_inputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The first positional input of each named layer on one forward pass of ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, args[0].detach())) for name in layers]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
