@@ -33,8 +33,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"({result.methods['sensitivity']} + {result.methods['search']} + {result.methods['gain']}):\n")
     print(result.summary())
     print(f"\nTest accuracy of the pruned model before fine-tuning: {outcome.accuracy_pruned:.1%} with the "
-          f"BatchNorm statistics copied (as AMCT does), {outcome.accuracy_corrected:.1%} with them corrected for "
-          "the removed channels (create_prune_retrain_model(..., calibration_data=64 images)).")
+          f"BatchNorm statistics copied (as AMCT does); with create_prune_retrain_model(..., calibration_data=64 "
+          f"images): {outcome.accuracy_corrected:.1%} with the statistics corrected for the removed channels "
+          f"(reconstruct=False), {outcome.accuracy_reconstructed:.1%} with the layers that read them re-fitted "
+          "too (the default).")
     figure = _figure(result)
     print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg}, {result.selection_file}, "
           f"{out / 'demo_prune.record'} and the reports "
@@ -165,7 +167,7 @@ def _save_model(model: Any, path: str | None, quiet: bool) -> None:
               "--model FILE --allow-pickle, or torch.load(..., weights_only=False) if you trust it).")
 
 
-#: ``acps prune --correct-norms`` corrects the BatchNorm statistics on at most this many of the --data samples.
+#: ``acps prune --calibrate`` passes at most this many of the --data samples as ``calibration_data``.
 NORM_SAMPLES = 256
 
 
@@ -174,8 +176,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from acps_core.graph import trace_sample
 
     model, data = _model_and_data(args, need_labels=False)
-    calibration = trace_sample(data, NORM_SAMPLES) if args.correct_norms else None
-    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record, calibration_data=calibration)
+    if args.no_reconstruct and not args.calibrate:
+        raise AcpsError("--no-reconstruct only applies with --calibrate: add --calibrate, or drop --no-reconstruct")
+    calibration = trace_sample(data, NORM_SAMPLES) if args.calibrate else None
+    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record, calibration_data=calibration,
+                                             reconstruct=not args.no_reconstruct)
     if not args.quiet:
         before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
         print(f"Pruned {args.model}: {before:,} -> {after:,} parameters; wrote the record {args.record}.")
@@ -316,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--config", required=True, metavar="PRUNE.cfg", help="the channel-prune config")
     prune.add_argument("--record", required=True, metavar="PRUNE.record", help="the record file to write")
     prune.add_argument("--save", metavar="PRUNED.pt", help="also save the whole pruned model (torch.save)")
-    prune.add_argument("--correct-norms", action="store_true",
-                       help="correct the BatchNorm running statistics for the removed channels on the first "
-                            f"{NORM_SAMPLES} --data samples (real ones), so the pruned model is usable before "
-                            "fine-tuning")
+    prune.add_argument("--calibrate", "--correct-norms", dest="calibrate", action="store_true",
+                       help=f"pass the first {NORM_SAMPLES} --data samples (real ones) as calibration_data: the "
+                            "layers that read removed channels are re-fitted and the BatchNorm running statistics "
+                            "corrected, so the pruned model is usable before fine-tuning")
+    prune.add_argument("--no-reconstruct", action="store_true",
+                       help="with --calibrate, only correct the BatchNorm statistics (reconstruct=False)")
     prune.add_argument("--allow-pickle", action="store_true", help=pickle_help)
     prune.set_defaults(func=_cmd_prune)
 

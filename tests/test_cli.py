@@ -26,9 +26,12 @@ def test_demo_trains_searches_and_writes_its_configs(tmp_path: Path, capsys: pyt
     assert main(["demo", "--out", str(tmp_path)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "achieved ratio" in out and "NOT reached" not in out
-    copied, corrected = (float(part.split("%")[0].split()[-1])
-                         for part in out.split("before fine-tuning: ")[1].split(" with ")[:2])
+    figures = out.split("before fine-tuning: ")[1]
+    copied = float(figures.split("%")[0])
+    corrected = float(figures.split("images): ")[1].split("%")[0])
+    reconstructed = float(figures.split("(reconstruct=False), ")[1].split("%")[0])
     assert corrected > copied  # the BatchNorm correction helps on the demo's pruned model
+    assert reconstructed > corrected  # and re-fitting the layers that read removed channels helps more
     assert (tmp_path / "demo_prune.record").is_file()
     cfg = text_format.Parse((tmp_path / "demo_prune.cfg").read_text(), retrain_config_pb2.AMCTRetrainConfig())
     assert cfg.override_layer_configs
@@ -68,10 +71,19 @@ def test_search_prune_restore_and_export_from_the_command_line(tmp_path: Path,
     assert pruned.conv2.out_channels < 32
 
     assert main(["prune", *model, "--config", str(tmp_path / "prune.cfg"), "--record", str(tmp_path / "c.record"),
-                 "--save", str(tmp_path / "corrected.pt"), "--correct-norms"]) == EXIT_OK
+                 "--save", str(tmp_path / "corrected.pt"), "--calibrate", "--no-reconstruct"]) == EXIT_OK
     corrected = torch.load(tmp_path / "corrected.pt", weights_only=False)
     assert (tmp_path / "c.record").read_text() == (tmp_path / "p.record").read_text()
     assert not torch.equal(corrected.bn2.running_mean, pruned.bn2.running_mean)  # the conv2 -> bn2 input changed
+    assert all(torch.equal(a, b) for a, b in zip(corrected.parameters(), pruned.parameters()))
+    assert main(["prune", *model, "--config", str(tmp_path / "prune.cfg"), "--record", str(tmp_path / "r.record"),
+                 "--save", str(tmp_path / "refitted.pt"), "--correct-norms"]) == EXIT_OK  # the older spelling
+    refitted = torch.load(tmp_path / "refitted.pt", weights_only=False)
+    changed = {n for (n, a), b in zip(refitted.named_parameters(), pruned.parameters()) if not torch.equal(a, b)}
+    assert changed and all(n.endswith("weight") for n in changed)  # the layers reading removed channels
+    assert main(["prune", *model, "--config", str(tmp_path / "prune.cfg"), "--record", str(tmp_path / "x.record"),
+                 "--no-reconstruct"]) == 2
+    assert "--no-reconstruct only applies with --calibrate" in capsys.readouterr().err
 
     pruned.conv2.bias.data += 1.0  # "fine-tuned"
     torch.save(pruned.state_dict(), tmp_path / "tuned.pth")

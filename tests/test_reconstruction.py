@@ -148,3 +148,17 @@ def test_nan_in_a_layer_input_is_refused_naming_the_layer(tmp_path: Path) -> Non
         acps_core.create_prune_retrain_model(model, x[:1], config, tmp_path / "a.record", calibration_data=x)
     assert not (tmp_path / "a.record").exists()
     snapshot.assert_same(model)
+
+
+def test_a_layer_seen_at_fewer_positions_than_it_keeps_channels_is_left_as_pruned(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Redundant().eval()
+    x = torch.randn(16, 3, 8, 8)
+    config = _prune_half(tmp_path, "conv2")  # the classifier keeps 3 of its 6 inputs, one position per sample
+    plain = acps_core.create_prune_retrain_model(model, x[:2], config, tmp_path / "a.record", calibration_data=x,
+                                                 reconstruct=False)
+    few = acps_core.create_prune_retrain_model(model, x[:2], config, tmp_path / "b.record", calibration_data=x[:2])
+    enough = acps_core.create_prune_retrain_model(model, x[:2], config, tmp_path / "c.record", calibration_data=x)
+    assert few.fc.in_features == 3
+    assert torch.equal(few.fc.weight, plain.fc.weight)
+    assert not torch.equal(enough.fc.weight, plain.fc.weight)

@@ -21,7 +21,7 @@ import acps_core as acps
 from acps_core.graph import ChannelGraph, build_channel_graph
 from acps_core.masking import masked_channels
 from acps_core.prune import prune_channels, read_record
-from acps_core.reconstruction import reconstructible
+from acps_core.reconstruction import MIN_ROWS_PER_KEPT, reconstructible
 from tests.model_snapshot import ModelSnapshot
 from tests.models import recalibrate_in_order
 from tests.zoo import CASES, CLASSES, ZooCase, pruned_and_masked, random_keep
@@ -308,6 +308,10 @@ def test_reconstruction_fits_every_refitted_layer_at_least_as_well_as_plain_prun
     attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     lost_inputs = {n for n, m in model.named_modules() if reconstructible(m) and n not in attention
                    and m.weight.shape[1] != refitted.get_submodule(n).weight.shape[1]}
+    # ... that sees at least as many positions as it keeps input channels (else it is left as pruned).
+    seen = layer_inputs(refitted, sorted(lost_inputs), x)
+    lost_inputs = {n for n in lost_inputs if n in seen and positions(seen[n], refitted.get_submodule(n))
+                   >= MIN_ROWS_PER_KEPT * refitted.get_submodule(n).weight.shape[1]}
     assert changed == lost_inputs
     pointwise = [n for n in sorted(changed) if isinstance(refitted.get_submodule(n), nn.Linear) or (
         isinstance(refitted.get_submodule(n), nn.Conv2d) and refitted.get_submodule(n).kernel_size == (1, 1)
@@ -325,6 +329,11 @@ def test_reconstruction_fits_every_refitted_layer_at_least_as_well_as_plain_prun
             error_refitted = (refitted.get_submodule(layer)(inputs_refitted[layer]) - target).pow(2).sum()
             error_plain = (plain.get_submodule(layer)(inputs_refitted[layer]) - target).pow(2).sum()
         assert error_refitted <= error_plain * (1 + 1e-6) + 1e-9, layer
+
+
+def positions(x: torch.Tensor, layer: nn.Module) -> int:
+    """How many positions a layer's input holds: all but the channel dimension (a Linear's last, a Conv's 2nd)."""
+    return x.numel() // (x.shape[-1] if isinstance(layer, nn.Linear) else x.shape[1])
 
 
 def layer_inputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
