@@ -13,8 +13,14 @@ and ThiNet (Luo et al., ICCV 2017), here solved in closed form on the layer's in
 The fit is regularised towards plain pruning (``M`` = the selection of the kept channels), with a weight that
 grows with the number of channels over the number of positions sampled, so that a layer seen on few rows (a
 classifier reading one vector per sample) stays close to its pruned weights instead of over-fitting the
-samples. Layers are re-fitted in forward order within one pass, so each one sees its input after the layers
-before it were re-fitted; the BatchNorm correction (:mod:`acps_core.norm_correction`) runs in the same pass.
+samples; a layer seen at fewer positions than it keeps channels is left as pruned. Layers are re-fitted in
+forward order within one pass, so each one sees its input after the layers before it were re-fitted; the
+BatchNorm correction (:mod:`acps_core.norm_correction`) runs in the same pass.
+
+Left as pruned: a grouped (not depthwise: that one is a follower, pruned with its group) convolution, a layer
+the forward pass calls more than once or whose weight another module shares, a ``MultiheadAttention`` (its out
+projection is applied as a function, so no hook sees its input), and a layer with more than ``MAX_CHANNELS``
+input channels.
 """
 
 from __future__ import annotations
@@ -32,10 +38,8 @@ from acps_core.data import forward
 
 logger = logging.getLogger(__name__)
 
-#: Layer types that mix their input channels linearly at each position, so a linear map of the input can be
-#: folded into the weight.
-RECONSTRUCTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: At most this many kept input channels per layer (the fit solves a square system of that size).
+#: A layer with more input channels than this is left as pruned (the fit solves a square system of the kept ones
+#: and keeps the unpruned input at up to 8 positions per channel).
 MAX_CHANNELS = 4096
 #: Positions sampled per layer: at least this many, or ``ROWS_PER_CHANNEL`` per original input channel.
 MIN_ROWS = 4096

@@ -37,11 +37,12 @@ labels, one pass. "search s" is the time to reach the target, bisection included
 of ``--timing-repeats`` runs, after one untimed warm-up run of every method.
 
 "acc before FT" is the pruned model as it comes out of each method. acps best is pruned with the first 64
-calibration images as ``calibration_data`` (timed with the search), so its BatchNorm statistics are corrected for
-the removed channels: acps's own step. The other methods, and acps reference as AMCT does, leave them stale
-(``--no-norm-correction`` turns it off). "acc BN-recal" is the same model with its BatchNorm statistics recomputed
-from scratch on the calibration images (no weight update) for every method alike: what tells the channel choices
-apart, where stale statistics drop every method near chance.
+calibration images as ``calibration_data`` (timed with the search), so the layers that read removed channels are
+re-fitted and its BatchNorm statistics corrected: acps's own step. The other methods, and acps reference as AMCT
+does, keep the sliced weights and stale statistics (``--no-norm-correction`` turns both off). "acc BN-recal" is
+the same model with its BatchNorm statistics recomputed from scratch on the calibration images (no weight update)
+for every method alike, where stale statistics drop every method near chance; for the other methods it is what
+their channel choice is worth, for acps best the choice and the re-fit together.
 
 Usage::
 
@@ -89,8 +90,8 @@ COMPARED_SENSITIVITIES = ("TaylorLossSensitivity", "GroupMagnitudeSensitivity")
 COMPARED_SEARCHES = ("GreedySearch", "KnapsackSearch", "GlobalRankSearch")
 METHOD_KEYS = ("uniform", "tp-taylor", "tp-magnitude", "acps-reference", "acps-best")
 CALIBRATION_SAMPLES = 256
-#: Calibration images acps best passes as ``calibration_data`` to correct its BatchNorm statistics (the README's
-#: table: 64 do as well as 256, at a quarter of the time).
+#: Calibration images acps best passes as ``calibration_data`` (re-fit and BatchNorm correction; the README's
+#: table: 64 do about as well as 256, at a quarter of the time).
 NORM_SAMPLES = 64
 FINETUNE_LR = 0.01
 FINETUNE_SEED = 1
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prune-ratio", type=float, default=1.0,
                         help="max_prune_ratio of acps best's search config (the reference run keeps 1.0)")
     parser.add_argument("--no-norm-correction", action="store_true",
-                        help="prune acps best's model without calibration_data (BatchNorm statistics uncorrected)")
+                        help="prune acps best's model without calibration_data (no re-fit, statistics uncorrected)")
     parser.add_argument("--finetune-seeds", type=int, default=3,
                         help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
     parser.add_argument("--compare-searches", action="store_true",
