@@ -478,7 +478,7 @@ def _measure_layer_inputs(model: nn.Module, layers: set[str], data: Any) -> dict
         raise DataError(f"calibration_data could not be run through the model: {type(exc).__name__}: {exc}. Pass "
                         "a batch like input_data (same shape after the batch dimension, dtype and device)") from exc
     for name, measured in inputs.items():
-        if not torch.isfinite(measured.values).all():
+        if not (measured.finite and torch.isfinite(measured.values).all()):
             raise DataError(f"the input of layer {name!r} holds NaN or Inf on calibration_data: pass finite "
                             "calibration samples, or leave calibration_data out")
     return inputs
@@ -526,6 +526,8 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     record_path = check_writable_output(record_file, "record_file")
     device = model_device(model)
     data = _model_input(input_data, device)
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors_in(data)):
+        raise DataError("input_data holds NaN or Inf: pass real, finite input samples")
     norm_data = None
     if calibration_data is not None:
         norm_data = _model_input(_inputs_of(calibration_data, data), device, "calibration_data")

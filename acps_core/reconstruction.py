@@ -59,6 +59,7 @@ class LayerInput:
 
     rows: torch.Tensor | None  # which positions (indices into the flattened non-channel dimensions); None: all
     values: torch.Tensor  # (positions, channels) float32 on the CPU
+    finite: bool = True  # whether every position of the input was finite (not only the sampled ones)
 
 
 def reconstructible(module: nn.Module) -> bool:
@@ -130,7 +131,8 @@ def measure_layer_inputs(model: nn.Module, layers: Set[str], data: Any) -> dict[
         values = _channels_last(x, module)
         rows = _row_sample(values.shape[0], values.shape[1])
         picked = values if rows is None else values[rows.to(values.device)]
-        seen.setdefault(name, []).append(LayerInput(rows, picked.float().cpu()))
+        finite = bool(torch.isfinite(values).all()) if values.is_floating_point() else True
+        seen.setdefault(name, []).append(LayerInput(rows, picked.float().cpu(), finite))
 
     with _pre_hooks(model, names, record), torch.no_grad():
         forward(model, data)

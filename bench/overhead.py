@@ -12,11 +12,12 @@ on CPU, each measurement runs in a fresh process (so peak memory is that process
 
 Targets: scoring at most 1.3x the forward+backward, the rest under 2 s, peak memory (max RSS) at most 1.2x. Then
 the scoring time for 1, 2 and 4 calibration passes and the search time at three depths (ResNet: 2, 6 and 12
-blocks in its third stage; ViT: 4, 8 and 12 layers), which should grow linearly.
+blocks in its third stage; ViT: 4, 8 and 12 layers), which should grow linearly. Last, what ``calibration_data``
+adds to ``create_prune_retrain_model`` (the BatchNorm correction, then the layer re-fit), in time and peak memory.
 
 Usage::
 
-    python bench/overhead.py [--models resnet50,vitb] [--batch 8] [--threads 2] [--no-scaling]
+    python bench/overhead.py [--models resnet50,vitb] [--batch 8] [--threads 2] [--no-scaling] [--no-create]
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def measure(kind: str, name: str, batch: int, passes: int, depth: int | None, th
         return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     import acps_core as acps
 
+    if kind.startswith("create"):
+        return measure_create(kind, model, x, y)
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "search.cfg"
         config.write_text(f"compress_ratio: 1.5\nascend_optimized: true\ntest_iteration: {passes}\n")
@@ -75,6 +78,26 @@ def measure(kind: str, name: str, batch: int, passes: int, depth: int | None, th
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "scoring": result.timings["scoring"],
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_create(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """``create_prune_retrain_model`` after a search at 1.5x: ``create`` plain, ``create-stats`` with ``x`` as
+    ``calibration_data`` and ``reconstruct=False``, ``create-refit`` with the layers re-fitted too."""
+    import acps_core as acps
+
+    with tempfile.TemporaryDirectory() as folder:
+        config, pruned = Path(folder) / "search.cfg", Path(folder) / "prune.cfg"
+        config.write_text("compress_ratio: 1.5\nascend_optimized: true\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            acps.auto_channel_prune_search(model, str(config), [x, y], str(pruned),
+                                           sensitivity="GroupMagnitudeSensitivity", search_alg="GlobalRankSearch")
+        options = {"create": {}, "create-stats": {"calibration_data": x, "reconstruct": False},
+                   "create-refit": {"calibration_data": x}}[kind]
+        start = time.perf_counter()
+        acps.create_prune_retrain_model(model, x[:1], pruned, Path(folder) / "prune.record", **options)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def in_process(kind: str, name: str, batch: int, passes: int, depth: int | None, threads: int) -> dict:
@@ -90,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--no-create", action="store_true", help="skip the table of create_prune_retrain_model")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, CPU, {args.threads} threads, calibration batch {args.batch} x 3x224x224")
     print("\n| model | fwd+bwd s | search s | scoring s (x fwd+bwd) | rest s | peak MB fwd+bwd | peak MB search "
@@ -114,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             deep = {d: in_process("search", name, args.batch, 1, d, args.threads) for d in depths}
             print(f"|   {name}: search at depth {' / '.join(map(str, depths))}: "
                   + " / ".join(f"{deep[d]['seconds']:.2f} s" for d in depths) + " | | | | | | |")
+    if not args.no_create:
+        print("\nThe cost of calibration_data: create_prune_retrain_model after a search at 1.5x (GroupMagnitude + "
+              "GlobalRank), plain, with the calibration batch correcting the BatchNorm statistics only "
+              "(reconstruct=False), and re-fitting the layers that read removed channels too (the default)\n")
+        print("| model | plain s | statistics s | re-fit s | peak MB plain | peak MB statistics | peak MB re-fit |\n"
+              "|---|---|---|---|---|---|---|")
+        for name in args.models:
+            runs = [in_process(kind, name, args.batch, 1, None, args.threads)
+                    for kind in ("create", "create-stats", "create-refit")]
+            print(f"| {name} | " + " | ".join(f"{r['seconds']:.2f}" for r in runs) + " | "
+                  + " | ".join(f"{r['rss_mb']:.0f}" for r in runs) + " |", flush=True)
     print()
     for text, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")

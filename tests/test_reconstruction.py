@@ -162,3 +162,24 @@ def test_a_layer_seen_at_fewer_positions_than_it_keeps_channels_is_left_as_prune
     assert few.fc.in_features == 3
     assert torch.equal(few.fc.weight, plain.fc.weight)
     assert not torch.equal(enough.fc.weight, plain.fc.weight)
+
+
+def test_nan_anywhere_in_a_layer_input_is_noticed_not_only_at_the_sampled_positions() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 1)).eval()
+    x = torch.randn(80, 2, 8, 8)  # 5120 positions: only 4096 of them are sampled for the fit
+    sampled = measure_layer_inputs(model, {"0"}, x)["0"].rows
+    assert sampled is not None
+    unsampled = next(i for i in range(5120) if i not in set(sampled.tolist()))
+    sample, rest = divmod(unsampled, 64)
+    x[sample, 1, rest // 8, rest % 8] = float("nan")
+    measured = measure_layer_inputs(model, {"0"}, x)["0"]
+    assert torch.isfinite(measured.values).all()  # the NaN is not among the positions kept for the fit ...
+    assert not measured.finite  # ... but it was seen (create_prune_retrain_model then raises a DataError)
+
+
+def test_nan_in_input_data_is_refused_as_bad_data(tmp_path: Path) -> None:
+    model = Redundant().eval()
+    x = torch.full((2, 3, 8, 8), float("nan"))
+    with pytest.raises(acps_core.DataError, match="input_data holds NaN or Inf"):
+        acps_core.create_prune_retrain_model(model, x, _prune_half(tmp_path), tmp_path / "a.record")
+    assert not (tmp_path / "a.record").exists()
