@@ -46,7 +46,7 @@ from acps_core.masking import masked_channels, output_difference, output_shape_d
 from acps_core.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
 from acps_core.problem import kept_from_ratio
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
-from acps_core.reconstruction import LayerInput, measure_layer_inputs, reconstructing
+from acps_core.reconstruction import LayerInput, reconstructing, recording_layer_inputs
 from acps_core.selection import build_selection, format_selection, selection_path
 from acps_core.state import preserved_model_state, preserved_modes
 
@@ -384,10 +384,12 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
         pruned.eval()
         graph = build_channel_graph(pruned, data)
         keep, checked = keep_of(pruned, graph)
-        unpruned_norms = None if norm_data is None else _measure_norms(pruned, norm_data)
         _, removed_inputs, _ = dropped_positions(graph, keep)
-        unpruned_inputs = {} if norm_data is None or not reconstruct else \
-            _measure_layer_inputs(pruned, set(removed_inputs), norm_data)
+        unpruned_norms, unpruned_inputs = None, {}
+        if norm_data is not None:  # one pass measures the norms' inputs and those of the layers to re-fit
+            with recording_layer_inputs(pruned, set(removed_inputs) if reconstruct else set()) as unpruned_inputs:
+                unpruned_norms = _measure_norms(pruned, norm_data)
+            _check_layer_inputs(unpruned_inputs)
         unpruned_weights = {name: cast(torch.Tensor, pruned.get_submodule(name).weight) for name in unpruned_inputs}
         if checked:
             expected = graph.output  # on the same samples; only its shapes are compared
@@ -470,18 +472,12 @@ def _measure_norms(model: nn.Module, data: Any) -> Statistics:
     return statistics
 
 
-def _measure_layer_inputs(model: nn.Module, layers: set[str], data: Any) -> dict[str, LayerInput]:
-    """The inputs of the layers to re-fit in the unpruned model on ``calibration_data``, checked."""
-    try:
-        inputs = measure_layer_inputs(model, layers, data)
-    except Exception as exc:
-        raise DataError(f"calibration_data could not be run through the model: {type(exc).__name__}: {exc}. Pass "
-                        "a batch like input_data (same shape after the batch dimension, dtype and device)") from exc
+def _check_layer_inputs(inputs: dict[str, LayerInput]) -> None:
+    """Refuse NaN or Inf in the unpruned input of a layer to re-fit (it would spread into the weights)."""
     for name, measured in inputs.items():
         if not (measured.finite and torch.isfinite(measured.values).all()):
             raise DataError(f"the input of layer {name!r} holds NaN or Inf on calibration_data: pass finite "
                             "calibration samples, or leave calibration_data out")
-    return inputs
 
 
 def create_prune_retrain_model(model: nn.Module, input_data: Any, config_defination: StrPath,

@@ -120,9 +120,12 @@ def _pre_hooks(model: nn.Module, names: Set[str], on_input: Any) -> Iterator[Non
             handle.remove()
 
 
-def measure_layer_inputs(model: nn.Module, layers: Set[str], data: Any) -> dict[str, LayerInput]:
-    """The inputs of ``layers`` in ``model`` (in eval mode) on ``data``, at a fixed sample of positions: of those
-    :func:`reconstructible`, whose weight is their own and which the forward pass calls exactly once."""
+@contextmanager
+def recording_layer_inputs(model: nn.Module, layers: Set[str]) -> Iterator[dict[str, LayerInput]]:
+    """Within the block, the forward pass of the calibration data through ``model`` (in eval mode) records the
+    inputs of ``layers`` at a fixed sample of positions; on exit the yielded dict holds them for the layers
+    :func:`reconstructible`, whose weight is their own and which the pass called exactly once. Lets the
+    measurement share a forward pass with another one (the BatchNorm statistics')."""
     seen: dict[str, list[LayerInput]] = {}
     shared = _shared_weights(model)
     names = {name for name in layers if name not in shared and reconstructible(model.get_submodule(name))}
@@ -134,9 +137,17 @@ def measure_layer_inputs(model: nn.Module, layers: Set[str], data: Any) -> dict[
         finite = bool(torch.isfinite(values).all()) if values.is_floating_point() else True
         seen.setdefault(name, []).append(LayerInput(rows, picked.float().cpu(), finite))
 
-    with _pre_hooks(model, names, record), torch.no_grad():
+    measured: dict[str, LayerInput] = {}
+    with _pre_hooks(model, names, record):
+        yield measured
+    measured.update({name: calls[0] for name, calls in seen.items() if len(calls) == 1})
+
+
+def measure_layer_inputs(model: nn.Module, layers: Set[str], data: Any) -> dict[str, LayerInput]:
+    """:func:`recording_layer_inputs` over one forward pass of ``data``."""
+    with recording_layer_inputs(model, layers) as measured, torch.no_grad():
         forward(model, data)
-    return {name: calls[0] for name, calls in seen.items() if len(calls) == 1}
+    return measured
 
 
 def _selection(channels: int, removed: Set[int]) -> torch.Tensor:
