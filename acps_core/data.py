@@ -6,7 +6,8 @@ tensors passed as positional arguments), ``label`` a tensor. Dimension 0 of ever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence, Set
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +24,27 @@ def forward(model: nn.Module, data: Any) -> Any:
     if isinstance(data, dict):
         return model(**data)
     return model(data)
+
+
+@contextmanager
+def input_hooks(model: nn.Module, names: Set[str],
+                on_input: Callable[[str, Any, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, ``on_input(name, module, input)`` runs before each named submodule is called, with its
+    first input tensor (passed positionally or by keyword)."""
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(x, torch.Tensor):
+                on_input(name, module, x)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
+               for name in sorted(names)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def tensors_in(data: Any) -> list[torch.Tensor]:

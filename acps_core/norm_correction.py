@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from acps_core.data import forward
+from acps_core.data import forward, input_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +51,8 @@ def _run_with_norm_hooks(model: nn.Module, data: Any,
                          on_input: Callable[[str, nn.modules.batchnorm._BatchNorm, torch.Tensor], None]) -> None:
     """One forward pass of ``data``; ``on_input(name, norm, input)`` runs before every tracked norm is called
     (however the norm's input is passed)."""
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            on_input(name, module, args[0] if args else next(iter(kwargs.values())))
-        return hook
-
-    handles = [norm.register_forward_pre_hook(hook_for(name), with_kwargs=True)
-               for name, norm in _tracked_norms(model).items()]
-    try:
-        with torch.no_grad():
-            forward(model, data)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with input_hooks(model, set(_tracked_norms(model)), on_input), torch.no_grad():
+        forward(model, data)
 
 
 def measure_norm_inputs(model: nn.Module, data: Any) -> Statistics:

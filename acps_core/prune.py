@@ -384,9 +384,11 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
         pruned.eval()
         graph = build_channel_graph(pruned, data)
         keep, checked = keep_of(pruned, graph)
-        _, removed_inputs, _ = dropped_positions(graph, keep)
         unpruned_norms, unpruned_inputs = None, {}
+        removed_outputs: dict[str, set[int]] = {}
+        removed_inputs: dict[str, set[int]] = {}
         if norm_data is not None:  # one pass measures the norms' inputs and those of the layers to re-fit
+            removed_outputs, removed_inputs, _ = dropped_positions(graph, keep)
             with recording_layer_inputs(pruned, set(removed_inputs) if reconstruct else set()) as unpruned_inputs:
                 unpruned_norms = _measure_norms(pruned, norm_data)
             _check_layer_inputs(unpruned_inputs)
@@ -407,7 +409,6 @@ def _pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = Non
                          "checks every group and leaves such groups alone; skip the layers of the groups named "
                          "in its report")
     if unpruned_norms is not None:
-        removed_outputs, _, _ = dropped_positions(graph, keep)
         with preserved_modes(pruned):
             pruned.eval()
             try:
@@ -520,6 +521,8 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     config_path = Path(config_defination)
     cfg = parse_prune_config(config_path)
     record_path = check_writable_output(record_file, "record_file")
+    if not isinstance(reconstruct, bool):
+        raise ArgumentError(f"reconstruct must be True or False, got {reconstruct!r}")
     device = model_device(model)
     data = _model_input(input_data, device)
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors_in(data)):

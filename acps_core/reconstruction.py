@@ -34,7 +34,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from acps_core.data import forward
+from acps_core.data import forward, input_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -97,29 +97,6 @@ def _row_sample(count: int, channels: int) -> torch.Tensor | None:
     return torch.randperm(count, generator=generator)[:wanted].sort().values
 
 
-def _input_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return args[0] if args else next(iter(kwargs.values()), None)
-
-
-@contextmanager
-def _pre_hooks(model: nn.Module, names: Set[str], on_input: Any) -> Iterator[None]:
-    """Within the block, ``on_input(name, module, input)`` runs before each named layer is called."""
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = _input_of(args, kwargs)
-            if isinstance(x, torch.Tensor):
-                on_input(name, module, x)
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
-               for name in sorted(names)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @contextmanager
 def recording_layer_inputs(model: nn.Module, layers: Set[str]) -> Iterator[dict[str, LayerInput]]:
     """Within the block, the forward pass of the calibration data through ``model`` (in eval mode) records the
@@ -138,7 +115,7 @@ def recording_layer_inputs(model: nn.Module, layers: Set[str]) -> Iterator[dict[
         seen.setdefault(name, []).append(LayerInput(rows, picked.float().cpu(), finite))
 
     measured: dict[str, LayerInput] = {}
-    with _pre_hooks(model, names, record):
+    with input_hooks(model, names, record):
         yield measured
     measured.update({name: calls[0] for name, calls in seen.items() if len(calls) == 1})
 
@@ -235,5 +212,5 @@ def reconstructing(pruned: nn.Module, unpruned_weights: Mapping[str, torch.Tenso
         done.append(name)
 
     names = {n for n in unpruned_inputs if removed_inputs.get(n)}
-    with _pre_hooks(pruned, names, refit):
+    with input_hooks(pruned, names, refit):
         yield done

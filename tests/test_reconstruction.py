@@ -183,3 +183,12 @@ def test_nan_in_input_data_is_refused_as_bad_data(tmp_path: Path) -> None:
     with pytest.raises(acps_core.DataError, match="input_data holds NaN or Inf"):
         acps_core.create_prune_retrain_model(model, x, _prune_half(tmp_path), tmp_path / "a.record")
     assert not (tmp_path / "a.record").exists()
+
+
+def test_reconstruct_must_be_a_bool(tmp_path: Path) -> None:
+    model = Redundant().eval()
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(acps_core.ArgumentError, match="reconstruct must be True or False, got 'no'"):
+        acps_core.create_prune_retrain_model(model, x, _prune_half(tmp_path), tmp_path / "a.record",
+                                             calibration_data=x, reconstruct="no")
+    assert not (tmp_path / "a.record").exists()
