@@ -49,11 +49,12 @@ Usage::
     python bench/quality.py [--data digits,mnist5k] [--models resnet20,mobilenetv2] [--ratios 1.5,2,3]
                             [--finetune-epochs 3]
                             [--finetune-seeds 3] [--acps-best GroupMagnitudeSensitivity:GlobalRankSearch]
-                            [--timing-repeats 3] [--quick] [--output table.md]
+                            [--timing-repeats 3] [--base-seed 0] [--quick] [--output table.md]
 
 The base models are trained on the first run (about a minute each on 2 CPU cores) and cached under
-``bench/.cache/``. ``--quick`` is a smoke run: briefly trained models (cached separately), one fine-tune epoch,
-fewer bisection steps.
+``bench/.cache/``; ``--base-seed N`` trains (and caches) another base model of the same recipe from seed N, to
+check that a result holds beyond one trained model. ``--quick`` is a smoke run: briefly trained models (cached
+separately), one fine-tune epoch, fewer bisection steps.
 """
 
 from __future__ import annotations
@@ -316,7 +317,8 @@ def run(args: argparse.Namespace, data: Dataset) -> str:
     rows: list[Row] = []
     originals: list[str] = []
     for model_name in args.models:
-        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log)
+        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log,
+                                seed=args.base_seed)
         base.eval()
         base_acc = accuracy(base, data.test_x, data.test_y)
         calib_x, calib_y = data.train_x[:CALIBRATION_SAMPLES], data.train_y[:CALIBRATION_SAMPLES]
@@ -371,7 +373,8 @@ def compare_searches(args: argparse.Namespace, data: Dataset) -> str:
              "acc after FT % | search s |", "|---|---|---|---|---|---|---|---|---|"]
     registry = get_registry()
     for model_name in args.models:
-        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log)
+        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log,
+                                seed=args.base_seed)
         base.eval()
         calib_x, calib_y = data.train_x[:CALIBRATION_SAMPLES], data.train_y[:CALIBRATION_SAMPLES]
         macs = conv_linear_macs(base, calib_x)
@@ -422,7 +425,7 @@ def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.
              f"{args.finetune_epochs} epoch{'s' if args.finetune_epochs != 1 else ''} SGD lr {FINETUNE_LR} cosine, "
              f"for every method, the mean test accuracy ± standard deviation of {args.finetune_seeds} runs "
              f"(seeds {FINETUNE_SEED}-{FINETUNE_SEED + args.finetune_seeds - 1}).",
-             "", "Original models:", ""]
+             "", "Original models" + (f" (trained with seed {args.base_seed})" if args.base_seed else "") + ":", ""]
     lines += [f"- {text}" for text in originals]
     lines += ["", "| model | ratio | method | MACs (M) | reduction | params (k) | acc before FT % | "
               "acc BN-recal % | acc after FT % | search s | 1 pass s |",
@@ -503,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
     parser.add_argument("--compare-searches", action="store_true",
                         help="also compare the search methods on the same sensitivities (objective and accuracy)")
+    parser.add_argument("--base-seed", type=int, default=0,
+                        help="training seed of the base models (0: the README's tables; another seed trains and "
+                             "caches other base models of the same recipe, to check a result beyond one model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="run each search this many times and report the fastest (default 3, 1 with --quick)")

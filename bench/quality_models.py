@@ -239,13 +239,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
 BASE_RECIPE: dict[str, Any] = {"epochs": 30, "lr": 0.05, "batch_size": 64, "weight_decay": 5e-4, "seed": 0}
 
 
-def trained_model(model_name: str, data: Dataset, epochs: int | None = None, log: Callable[[str], None] = print
-                  ) -> tuple[nn.Module, float]:
+def trained_model(model_name: str, data: Dataset, epochs: int | None = None, log: Callable[[str], None] = print,
+                  seed: int | None = None) -> tuple[nn.Module, float]:
     """The trained base model (from ``bench/.cache`` when a run with the same recipe cached it) and the seconds
-    spent training it (0 when cached)."""
+    spent training it (0 when cached). ``seed`` replaces the recipe's seed (initial weights and augmentation):
+    another base model of the same architecture, to check that a result holds beyond one trained model."""
     recipe: dict[str, Any] = dict(BASE_RECIPE, model=model_name, data=data.name, version=1)
     if epochs is not None:
         recipe["epochs"] = epochs
+    if seed is not None:
+        recipe["seed"] = seed
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = CACHE_DIR / f"{model_name}_{data.name}_{key}.pt"
     torch.manual_seed(recipe["seed"])
