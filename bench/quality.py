@@ -49,12 +49,14 @@ Usage::
     python bench/quality.py [--data digits,mnist5k] [--models resnet20,mobilenetv2] [--ratios 1.5,2,3]
                             [--finetune-epochs 3]
                             [--finetune-seeds 3] [--acps-best GroupMagnitudeSensitivity:GlobalRankSearch]
-                            [--timing-repeats 3] [--base-seed 0] [--quick] [--output table.md]
+                            [--timing-repeats 3] [--base-seeds 0,1,2] [--quick] [--output table.md]
 
 The base models are trained on the first run (about a minute each on 2 CPU cores) and cached under
-``bench/.cache/``; ``--base-seed N`` trains (and caches) another base model of the same recipe from seed N, to
-check that a result holds beyond one trained model. ``--quick`` is a smoke run: briefly trained models (cached
-separately), one fine-tune epoch, fewer bisection steps.
+``bench/.cache/``. ``--base-seeds 0,1,2`` runs everything on three base models of each architecture, trained
+by the same recipe from those seeds, and reports means (with each base model's after-FT gap in the target
+check): one trained model's quirks decide a few tenths of a point after fine-tuning, as much as the methods do.
+``--quick`` is a smoke run: briefly trained models (cached separately), one fine-tune epoch, fewer bisection
+steps.
 """
 
 from __future__ import annotations
@@ -286,6 +288,8 @@ class Row:
     search_s: float
     pass_s: float
     notes: list[str] = field(default_factory=list)
+    #: After-FT mean accuracy on each base model (one entry per ``--base-seeds`` seed once averaged).
+    tuned_by_base: list[float] = field(default_factory=list)
 
 
 def parse_best(text: str) -> tuple[str, str]:
@@ -316,14 +320,15 @@ def run(args: argparse.Namespace, data: Dataset) -> str:
                if any(keys.get(k) == label for k in args.methods)]
     rows: list[Row] = []
     originals: list[str] = []
-    for model_name in args.models:
-        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log,
-                                seed=args.base_seed)
+    base_macs: dict[str, int] = {}
+    for base_seed, model_name in [(b, m) for b in args.base_seeds for m in args.models]:
+        base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log, seed=base_seed)
         base.eval()
         base_acc = accuracy(base, data.test_x, data.test_y)
         calib_x, calib_y = data.train_x[:CALIBRATION_SAMPLES], data.train_y[:CALIBRATION_SAMPLES]
-        macs = conv_linear_macs(base, calib_x)
-        originals.append(f"{model_name}: {base_acc:.2f} % test accuracy, {macs / 1e6:.2f} M MACs, "
+        macs = base_macs[model_name] = conv_linear_macs(base, calib_x)
+        seed_note = f" (base seed {base_seed})" if args.base_seeds != [0] else ""
+        originals.append(f"{model_name}{seed_note}: {base_acc:.2f} % test accuracy, {macs / 1e6:.2f} M MACs, "
                          f"{parameter_count(base) / 1e3:.1f} k parameters")
         log(originals[-1])
         with tempfile.TemporaryDirectory() as workdir:
@@ -343,12 +348,35 @@ def run(args: argparse.Namespace, data: Dataset) -> str:
                     acc_recal = recalibrated_accuracy(pruned, calib_x, data)
                     row = Row(model_name, ratio, label, conv_linear_macs(pruned, calib_x), parameter_count(pruned),
                               acc_pruned, acc_recal, *tuned_accuracy(pruned, data, args), seconds, one_pass)
+                    row.tuned_by_base = [row.acc_tuned]
                     rows.append(row)
-                    log(f"{model_name} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, acc {row.acc_pruned:.2f} "
-                        f"/ BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, search {row.search_s:.2f} s")
+                    log(f"{model_name}{seed_note} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, "
+                        f"acc {row.acc_pruned:.2f} / BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, "
+                        f"search {row.search_s:.2f} s")
                     if label == "acps reference" and same_as_reference and "acps-best" in args.methods:
                         rows.append(Row(**{**row.__dict__, "method": best_label + " = reference", "notes": []}))
-    return render(rows, originals, data, args)
+    return render(average_over_bases(rows), originals, base_macs, data, args)
+
+
+def average_over_bases(rows: list[Row]) -> list[Row]:
+    """One row per model, ratio and method: the mean over the base models of every figure; the after-FT spread
+    is the fine-tune seeds' standard deviation pooled over the base models, and ``tuned_by_base`` keeps each base
+    model's after-FT mean."""
+    grouped: dict[tuple[str, float, str], list[Row]] = {}
+    for row in rows:
+        grouped.setdefault((row.model, row.ratio, row.method), []).append(row)
+    averaged = []
+    for (model, ratio, method), same in grouped.items():
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values)
+
+        averaged.append(Row(
+            model, ratio, method, round(mean([r.macs for r in same])), round(mean([r.params for r in same])),
+            mean([r.acc_pruned for r in same]), mean([r.acc_recal for r in same]),
+            mean([r.acc_tuned for r in same]), math.sqrt(mean([r.acc_tuned_sd ** 2 for r in same])),
+            mean([r.search_s for r in same]), mean([r.pass_s for r in same]),
+            [note for r in same for note in r.notes], [r.acc_tuned for r in same]))
+    return averaged
 
 
 def tuned_accuracy(pruned: nn.Module, data: Dataset, args: argparse.Namespace) -> tuple[float, float]:
@@ -374,7 +402,7 @@ def compare_searches(args: argparse.Namespace, data: Dataset) -> str:
     registry = get_registry()
     for model_name in args.models:
         base, _ = trained_model(model_name, data, epochs=4 if args.quick else None, log=log,
-                                seed=args.base_seed)
+                                seed=args.base_seeds[0])
         base.eval()
         calib_x, calib_y = data.train_x[:CALIBRATION_SAMPLES], data.train_y[:CALIBRATION_SAMPLES]
         macs = conv_linear_macs(base, calib_x)
@@ -420,20 +448,20 @@ def _capturing(cls: type) -> type:
     return Capturing
 
 
-def render(rows: list[Row], originals: list[str], data: Dataset, args: argparse.Namespace) -> str:
+def render(rows: list[Row], originals: list[str], base_macs: dict[str, int], data: Dataset,
+           args: argparse.Namespace) -> str:
     lines = [f"Data: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test images); fine-tune: "
              f"{args.finetune_epochs} epoch{'s' if args.finetune_epochs != 1 else ''} SGD lr {FINETUNE_LR} cosine, "
              f"for every method, the mean test accuracy ± standard deviation of {args.finetune_seeds} runs "
-             f"(seeds {FINETUNE_SEED}-{FINETUNE_SEED + args.finetune_seeds - 1}).",
-             "", "Original models" + (f" (trained with seed {args.base_seed})" if args.base_seed else "") + ":", ""]
+             f"(seeds {FINETUNE_SEED}-{FINETUNE_SEED + args.finetune_seeds - 1})" + (
+                 f"; every figure is the mean over {len(args.base_seeds)} base models of each architecture "
+                 f"(trained from seeds {', '.join(map(str, args.base_seeds))}), the ± the fine-tune spread pooled "
+                 "over them" if len(args.base_seeds) > 1 else "") + ".",
+             "", "Original models:", ""]
     lines += [f"- {text}" for text in originals]
     lines += ["", "| model | ratio | method | MACs (M) | reduction | params (k) | acc before FT % | "
               "acc BN-recal % | acc after FT % | search s | 1 pass s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    base_macs = {}
-    for text in originals:
-        name, _, rest = text.partition(":")
-        base_macs[name] = float(rest.split("accuracy, ")[1].split(" M MACs")[0]) * 1e6
     for r in rows:
         lines.append(f"| {r.model} | {r.ratio:g}x | {r.method} | {r.macs / 1e6:.3f} | "
                      f"{base_macs[r.model] / r.macs:.2f}x | {r.params / 1e3:.1f} | {r.acc_pruned:.2f} | "
@@ -447,11 +475,15 @@ def target_check(rows: list[Row], args: argparse.Namespace) -> list[str]:
     least 1 point right after pruning (before fine-tuning) at 2x and 3x, and searching in at most twice
     Torch-Pruning's time (its faster pruner). The lead after BN recalibration, where every method gets the same
     statistics and only the channel choice differs, is shown beside it. After fine-tuning, a gap smaller than
-    twice its standard error (from the seeds' spread) is reported as a tie within the noise."""
+    twice its standard error (from the seeds' spread) is reported as a tie within the noise. With several base
+    models every figure is their mean, and the gap on each base model is listed too."""
+    bases = len(args.base_seeds)
+    runs = f"{args.finetune_seeds} seeds" + (f" x {bases} base models" if bases > 1 else "")
     lines = ["", "Target check (acps best against the best other method; \"noise\": twice the standard error of "
-             f"the after-FT difference over {args.finetune_seeds} seeds):", "",
-             "| model | ratio | after FT: gap (noise) | before FT: lead | BN-recal: lead | search: x fastest TP | "
-             "met |", "|---|---|---|---|---|---|---|"]
+             f"the after-FT difference over {runs}):", "",
+             "| model | ratio | after FT: gap (noise) | " + ("per base model | " if bases > 1 else "")
+             + "before FT: lead | BN-recal: lead | search: x fastest TP | met |",
+             "|---|---|---|---|---|---|---|" + ("---|" if bases > 1 else "")]
     for model, ratio in dict.fromkeys((r.model, r.ratio) for r in rows):
         here = [r for r in rows if (r.model, r.ratio) == (model, ratio)]
         best = [r for r in here if r.method.startswith("acps best")]
@@ -465,7 +497,9 @@ def target_check(rows: list[Row], args: argparse.Namespace) -> list[str]:
                 continue
         rival = max(others, key=lambda r: r.acc_tuned)
         gap = mine.acc_tuned - rival.acc_tuned
-        noise = 2 * math.sqrt((mine.acc_tuned_sd ** 2 + rival.acc_tuned_sd ** 2) / max(args.finetune_seeds, 1))
+        noise = 2 * math.sqrt((mine.acc_tuned_sd ** 2 + rival.acc_tuned_sd ** 2)
+                              / max(args.finetune_seeds * bases, 1))
+        per_base = " / ".join(f"{m - r:+.2f}" for m, r in zip(mine.tuned_by_base, rival.tuned_by_base))
         lead = mine.acc_pruned - max(r.acc_pruned for r in others)
         recal_lead = mine.acc_recal - max(r.acc_recal for r in others)
         tp_times = [r.search_s for r in others if r.method.startswith("TP")]
@@ -476,7 +510,8 @@ def target_check(rows: list[Row], args: argparse.Namespace) -> list[str]:
         if speed is None:
             met += " (search time not checked: no Torch-Pruning row)"
         tie = " tie" if gap < 0 and -gap < noise else ""
-        lines.append(f"| {model} | {ratio:g}x | {gap:+.2f} ({noise:.2f}{tie}) vs {rival.method} | {lead:+.2f} | "
+        lines.append(f"| {model} | {ratio:g}x | {gap:+.2f} ({noise:.2f}{tie}) vs {rival.method} | "
+                     + (f"{per_base} | " if bases > 1 else "") + f"{lead:+.2f} | "
                      f"{recal_lead:+.2f} | {'-' if speed is None else f'{speed:.2f}x'} | {met} |")
     return lines
 
@@ -506,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
     parser.add_argument("--compare-searches", action="store_true",
                         help="also compare the search methods on the same sensitivities (objective and accuracy)")
-    parser.add_argument("--base-seed", type=int, default=0,
-                        help="training seed of the base models (0: the README's tables; another seed trains and "
-                             "caches other base models of the same recipe, to check a result beyond one model)")
+    parser.add_argument("--base-seeds", default=[0], type=lambda s: [int(b) for b in s.split(",") if b],
+                        help="training seeds of the base models, comma-separated (default 0); with several, every "
+                             "method runs on each base model and the tables show the means")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="run each search this many times and report the fastest (default 3, 1 with --quick)")
