@@ -366,11 +366,11 @@ def average_over_bases(rows: list[Row]) -> list[Row]:
     grouped: dict[tuple[str, float, str], list[Row]] = {}
     for row in rows:
         grouped.setdefault((row.model, row.ratio, row.method), []).append(row)
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
     averaged = []
     for (model, ratio, method), same in grouped.items():
-        def mean(values: list[float]) -> float:
-            return sum(values) / len(values)
-
         averaged.append(Row(
             model, ratio, method, round(mean([r.macs for r in same])), round(mean([r.params for r in same])),
             mean([r.acc_pruned for r in same]), mean([r.acc_recal for r in same]),
@@ -560,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(m not in METHOD_KEYS for m in args.methods):
         parser.error(f"--methods takes a subset of {','.join(METHOD_KEYS)}")
+    if not args.base_seeds or len(set(args.base_seeds)) != len(args.base_seeds):
+        parser.error("--base-seeds takes distinct comma-separated integers, e.g. 0,1,2")
     if not args.data or any(d not in DATASETS for d in args.data):
         parser.error(f"--data takes a comma-separated subset of {','.join(sorted(DATASETS))}")
     unknown = [m for m in args.models if m not in MODELS]
