@@ -293,32 +293,42 @@ class Row:
     tuned_by_base: list[float] = field(default_factory=list)
 
 
-def parse_best(text: str) -> tuple[str, str]:
-    sensitivity, sep, search = text.partition(":")
-    if not sep or not sensitivity or not search:
-        raise argparse.ArgumentTypeError(f"--acps-best must be SENSITIVITY:SEARCH (names from `acps plugins`), "
-                                         f"got {text!r}")
-    return sensitivity, search
+def parse_best(text: str) -> list[tuple[str, str]]:
+    """``SENSITIVITY:SEARCH[,SENSITIVITY:SEARCH...]``: one acps best row per configuration."""
+    configurations = []
+    for item in text.split(","):
+        sensitivity, sep, search = item.partition(":")
+        if not sep or not sensitivity or not search:
+            raise argparse.ArgumentTypeError(f"--acps-best takes SENSITIVITY:SEARCH pairs, comma-separated (names "
+                                             f"from `acps plugins`), got {item!r} in {text!r}")
+        configurations.append((sensitivity, search))
+    if len(set(configurations)) != len(configurations):
+        raise argparse.ArgumentTypeError(f"--acps-best names a configuration twice: {text!r}")
+    return configurations
 
 
 def run(args: argparse.Namespace, data: Dataset) -> str:
-    best = args.acps_best
     methods: list[tuple[str, Callable[[Context, float], tuple[nn.Module, float, float]]]] = [
         ("uniform L1", uniform_l1),
         ("TP group-Taylor", lambda c, r: torch_pruning(c, r, "taylor")),
         ("TP magnitude", lambda c, r: torch_pruning(c, r, "magnitude")),
         ("acps reference", lambda c, r: acps_search(c, r, *REFERENCE)),
     ]
+    keys = {key: [label] for key, (label, _) in zip(METHOD_KEYS, methods)}
+    keys["acps-best"] = []
     limit = args.max_prune_ratio
-    best_label = f"acps best ({best[0]}:{best[1]}" + (f", max_prune_ratio {limit:g})" if limit < 1 else ")")
-    # acps best repeats the reference's row only when it is the very same call (same methods, no norm correction)
-    same_as_reference = best == REFERENCE and limit >= 1 and args.no_norm_correction
-    if not same_as_reference or "acps-reference" not in args.methods:
-        methods.append((best_label, lambda c, r: acps_search(c, r, *best, max_prune_ratio=limit,
-                                                             correct_norms=not args.no_norm_correction)))
-    keys = dict(zip(METHOD_KEYS, [label for label, _ in methods]))
-    methods = [(label, method) for label, method in methods
-               if any(keys.get(k) == label for k in args.methods)]
+    repeats_reference = ""
+    for best in args.acps_best:
+        best_label = f"acps best ({best[0]}:{best[1]}" + (f", max_prune_ratio {limit:g})" if limit < 1 else ")")
+        keys["acps-best"].append(best_label)
+        # acps best repeats the reference's row only when it is the very same call (same methods, no norm
+        # correction)
+        if best == REFERENCE and limit >= 1 and args.no_norm_correction and "acps-reference" in args.methods:
+            repeats_reference = best_label
+            continue
+        methods.append((best_label, lambda c, r, best=best: acps_search(c, r, *best, max_prune_ratio=limit,
+                                                                        correct_norms=not args.no_norm_correction)))
+    methods = [(label, method) for label, method in methods if any(label in keys[k] for k in args.methods)]
     rows: list[Row] = []
     originals: list[str] = []
     base_macs: dict[str, int] = {}
@@ -354,8 +364,9 @@ def run(args: argparse.Namespace, data: Dataset) -> str:
                     log(f"{model_name}{seed_note} {ratio:g}x {label}: MACs {macs / row.macs:.2f}x, "
                         f"acc {row.acc_pruned:.2f} / BN {row.acc_recal:.2f} -> {row.acc_tuned:.2f}, "
                         f"search {row.search_s:.2f} s")
-                    if label == "acps reference" and same_as_reference and "acps-best" in args.methods:
-                        rows.append(Row(**{**row.__dict__, "method": best_label + " = reference", "notes": []}))
+                    if label == "acps reference" and repeats_reference and "acps-best" in args.methods:
+                        rows.append(Row(**{**row.__dict__, "method": repeats_reference + " = reference",
+                                           "notes": []}))
     return render(average_over_bases(rows), originals, base_macs, data, args)
 
 
@@ -485,43 +496,47 @@ def target_check(rows: list[Row], args: argparse.Namespace) -> list[str]:
     noise_text = (f"twice the standard error of the after-FT difference over {args.finetune_seeds} seeds" if bases < 2
                   else f"twice the standard error of the after-FT difference: the larger of the estimates from the "
                        f"{args.finetune_seeds} fine-tune seeds and from the spread over the {bases} base models")
+    several = len(args.acps_best) > 1
     lines = ["", f"Target check (acps best against the best other method; \"noise\": {noise_text}):", "",
-             "| model | ratio | after FT: gap (noise) | " + ("per base model | " if bases > 1 else "")
-             + "before FT: lead | BN-recal: lead | search: x fastest TP | met |",
-             "|---|---|---|---|---|---|---|" + ("---|" if bases > 1 else "")]
+             "| model | ratio | " + ("acps best | " if several else "") + "after FT: gap (noise) | "
+             + ("per base model | " if bases > 1 else "") + "before FT: lead | BN-recal: lead | search: x fastest TP "
+             "| met |", "|---|---|---|---|---|---|---|" + ("---|" if bases > 1 else "") + ("---|" if several else "")]
     for model, ratio in dict.fromkeys((r.model, r.ratio) for r in rows):
         here = [r for r in rows if (r.model, r.ratio) == (model, ratio)]
-        best = [r for r in here if r.method.startswith("acps best")]
-        others = [r for r in here if not r.method.startswith("acps best")]
-        if not best or not others:
-            continue
-        mine = best[0]
-        if mine.method.endswith("= reference"):  # the same call as acps reference: compare with the rest
-            others = [r for r in others if r.method != "acps reference"]
-            if not others:
-                continue
-        rival = max(others, key=lambda r: r.acc_tuned)
-        gap = mine.acc_tuned - rival.acc_tuned
-        noise = 2 * math.sqrt((mine.acc_tuned_sd ** 2 + rival.acc_tuned_sd ** 2)
-                              / max(args.finetune_seeds * bases, 1))
-        gaps = [m - r for m, r in zip(mine.tuned_by_base, rival.tuned_by_base)]
-        if len(gaps) > 1:
-            noise = max(noise, 2 * statistics.stdev(gaps) / math.sqrt(len(gaps)))
-        per_base = " / ".join(f"{g:+.2f}" for g in gaps)
-        lead = mine.acc_pruned - max(r.acc_pruned for r in others)
-        recal_lead = mine.acc_recal - max(r.acc_recal for r in others)
-        tp_times = [r.search_s for r in others if r.method.startswith("TP")]
-        speed = mine.search_s / min(tp_times) if tp_times else None
-        verdicts = [gap >= 0 or (noise > 0 and -gap < noise), ratio < 2 or lead >= 1.0, speed is None or speed <= 2]
-        met = "yes" if all(verdicts) else "no (" + ", ".join(
-            what for what, ok in zip(("after FT", "before-FT lead", "search time"), verdicts) if not ok) + ")"
-        if speed is None:
-            met += " (search time not checked: no Torch-Pruning row)"
-        tie = " tie" if gap < 0 and -gap < noise else ""
-        lines.append(f"| {model} | {ratio:g}x | {gap:+.2f} ({noise:.2f}{tie}) vs {rival.method} | "
-                     + (f"{per_base} | " if bases > 1 else "") + f"{lead:+.2f} | "
-                     f"{recal_lead:+.2f} | {'-' if speed is None else f'{speed:.2f}x'} | {met} |")
+        for mine in [r for r in here if r.method.startswith("acps best")]:
+            # each acps best configuration against the other tools and acps reference, not against each other
+            others = [r for r in here if not r.method.startswith("acps best")]
+            if mine.method.endswith("= reference"):  # the same call as acps reference: compare with the rest
+                others = [r for r in others if r.method != "acps reference"]
+            if others:
+                lines.append(_target_row(mine, others, args, several))
     return lines
+
+
+def _target_row(mine: Row, others: list[Row], args: argparse.Namespace, several: bool) -> str:
+    """One line of the target check: ``mine`` (an acps best row) against the best of ``others``."""
+    bases = len(args.base_seeds)
+    rival = max(others, key=lambda r: r.acc_tuned)
+    gap = mine.acc_tuned - rival.acc_tuned
+    noise = 2 * math.sqrt((mine.acc_tuned_sd ** 2 + rival.acc_tuned_sd ** 2) / max(args.finetune_seeds * bases, 1))
+    gaps = [m - r for m, r in zip(mine.tuned_by_base, rival.tuned_by_base)]
+    if len(gaps) > 1:
+        noise = max(noise, 2 * statistics.stdev(gaps) / math.sqrt(len(gaps)))
+    per_base = " / ".join(f"{g:+.2f}" for g in gaps)
+    lead = mine.acc_pruned - max(r.acc_pruned for r in others)
+    recal_lead = mine.acc_recal - max(r.acc_recal for r in others)
+    tp_times = [r.search_s for r in others if r.method.startswith("TP")]
+    speed = mine.search_s / min(tp_times) if tp_times else None
+    verdicts = [gap >= 0 or (noise > 0 and -gap < noise), mine.ratio < 2 or lead >= 1.0, speed is None or speed <= 2]
+    met = "yes" if all(verdicts) else "no (" + ", ".join(
+        what for what, ok in zip(("after FT", "before-FT lead", "search time"), verdicts) if not ok) + ")"
+    if speed is None:
+        met += " (search time not checked: no Torch-Pruning row)"
+    tie = " tie" if gap < 0 and -gap < noise else ""
+    configuration = f"{mine.method.removeprefix('acps best (').split(')')[0]} | " if several else ""
+    return (f"| {mine.model} | {mine.ratio:g}x | {configuration}{gap:+.2f} ({noise:.2f}{tie}) vs {rival.method} | "
+            + (f"{per_base} | " if bases > 1 else "") + f"{lead:+.2f} | "
+            f"{recal_lead:+.2f} | {'-' if speed is None else f'{speed:.2f}x'} | {met} |")
 
 
 def log(message: str) -> None:
@@ -534,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda s: [m for m in s.split(",") if m], help=f"from {sorted(MODELS)}")
     parser.add_argument("--ratios", default="1.5,2,3", type=lambda s: [float(r) for r in s.split(",") if r])
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--acps-best", type=parse_best, default=RECOMMENDED,
-                        help="SENSITIVITY:SEARCH of acps's best configuration (default: acps's recommended "
-                             f"{RECOMMENDED[0]}:{RECOMMENDED[1]})")
+    parser.add_argument("--acps-best", type=parse_best, default=[RECOMMENDED],
+                        help="SENSITIVITY:SEARCH of acps's best configuration, or several comma-separated (one row "
+                             f"each; default: acps's recommended {RECOMMENDED[0]}:{RECOMMENDED[1]})")
     parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
                         help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
     parser.add_argument("--data", default="digits,mnist5k", type=lambda s: [d for d in s.split(",") if d],
@@ -567,11 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
-    for kind, name in zip(("sensitivity", "search"), args.acps_best):
-        try:
-            resolve_method(kind, name, f"--acps-best {kind}")
-        except acps_core.AcpsError as exc:
-            parser.error(str(exc))
+    for configuration in args.acps_best:
+        for kind, name in zip(("sensitivity", "search"), configuration):
+            try:
+                resolve_method(kind, name, f"--acps-best {kind}")
+            except acps_core.AcpsError as exc:
+                parser.error(str(exc))
     if args.timing_repeats is None:
         args.timing_repeats = 1 if args.quick else 3
     if args.finetune_epochs is None:

@@ -12,7 +12,12 @@ import torch.distributed as dist
 from torch import nn
 
 import acps_core as acps
-from acps_sensitivity_taylor import FisherSensitivity, OutputChangeSensitivity, TaylorLossSensitivity
+from acps_sensitivity_taylor import (
+    FisherSensitivity,
+    GroupTaylorSensitivity,
+    OutputChangeSensitivity,
+    TaylorLossSensitivity,
+)
 
 SENTINEL = 1234.0
 
@@ -68,7 +73,8 @@ class FailsOnRankOne(acps.SensitivityBase):
             record.sensitivity = torch.ones(record.channels)
 
 
-SENSITIVITIES = {"taylor": TaylorLossSensitivity, "fisher": FisherSensitivity, "outchange": OutputChangeSensitivity}
+SENSITIVITIES = {"taylor": TaylorLossSensitivity, "fisher": FisherSensitivity, "outchange": OutputChangeSensitivity,
+                 "grouptaylor": GroupTaylorSensitivity}
 
 
 def search(folder: Path, input_data: Any, method: str, rank: int = 0, fail: str = "",

@@ -35,7 +35,8 @@ def union(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "method", "sizes"), [(2, "taylor", [8, 6]), (3, "fisher", [6, 6, 4])])
+@pytest.mark.parametrize(("world", "method", "sizes"), [(2, "taylor", [8, 6]), (3, "fisher", [6, 6, 4]),
+                                                      (2, "grouptaylor", [7, 9])])
 def test_every_rank_reaches_the_single_process_decision_on_the_union(world, method, sizes) -> None:
     folder, outcomes = run_ranks(world, method, sizes)
     assert all("error" not in o for o in outcomes), [o.get("trace") for o in outcomes]

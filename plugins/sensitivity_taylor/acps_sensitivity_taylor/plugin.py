@@ -12,6 +12,7 @@ def acps_register_sensitivities(register: Register) -> None:
     from acps_sensitivity_taylor.norm import BalancedL2NormSensitivity, GroupMagnitudeSensitivity
     from acps_sensitivity_taylor.taylor import (
         FisherSensitivity,
+        GroupTaylorSensitivity,
         NormalizedTaylorSensitivity,
         OutputChangeSensitivity,
         TaylorLossSensitivity,
@@ -24,3 +25,4 @@ def acps_register_sensitivities(register: Register) -> None:
     register("OutputChangeSensitivity", OutputChangeSensitivity)
     register("MeasuredSensitivity", MeasuredSensitivity)
     register("GroupMagnitudeSensitivity", GroupMagnitudeSensitivity)
+    register("GroupTaylorSensitivity", GroupTaylorSensitivity)

@@ -170,6 +170,32 @@ def test_normalized_taylor_divides_each_group_by_its_mean() -> None:
     assert float(normalized["0"].mean()) == pytest.approx(1.0)
 
 
+def elementwise_hand_scores(model, data, label) -> torch.Tensor:
+    """The first group's sum of |w * dL/dw| over each of its weights, computed by hand."""
+    params = [model[0].weight, model[0].bias, model[1].weight, model[1].bias, model[3].weight]
+    grads = torch.autograd.grad(F.cross_entropy(model(data), label), params)
+    w0, b0, g1, b1, w3 = ((p.detach() * g).abs() for p, g in zip(params, grads))
+    return (w0.sum(dim=(1, 2, 3)) + b0 + g1 + b1 + w3.sum(dim=(0, 2, 3))).double()
+
+
+def test_group_taylor_sums_each_weights_absolute_term_over_the_passes_then_divides_by_the_mean() -> None:
+    from acps_sensitivity_taylor import GroupTaylorSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    graph = build_channel_graph(model, data)
+    method = GroupTaylorSensitivity()
+    method.setup_initialization((model, graph), [data, label], 2)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    raw = elementwise_hand_scores(model, data[:4], label[:4]) + elementwise_hand_scores(model, data[4:], label[4:])
+    torch.testing.assert_close(records[0].sensitivity, raw / raw.mean(), rtol=1e-4, atol=1e-8)
+    # Terms of opposite sign add up instead of cancelling: above the signed sum's absolute value everywhere
+    signed = hand_scores(model, data[:4], label[:4], F.cross_entropy) + hand_scores(
+        model, data[4:], label[4:], F.cross_entropy)
+    assert bool((raw >= signed - 1e-9).all()) and bool((raw > 1.5 * signed).any())
+
+
 def test_balanced_l2_norm_is_the_producers_filter_norm_over_the_group_mean() -> None:
     from acps_sensitivity_taylor import BalancedL2NormSensitivity
 
@@ -190,7 +216,7 @@ def test_every_method_of_the_distribution_is_registered_by_name() -> None:
              if m.distribution == "acps-sensitivity-taylor"}
     assert names == {"TaylorLossSensitivity", "NormalizedTaylorSensitivity", "FisherSensitivity",
                      "BalancedL2NormSensitivity", "OutputChangeSensitivity", "GroupMagnitudeSensitivity",
-                     "MeasuredSensitivity"}
+                     "GroupTaylorSensitivity", "MeasuredSensitivity"}
 
 
 def test_output_change_ignores_the_labels_and_equals_the_label_free_fallback() -> None:
