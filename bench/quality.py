@@ -25,8 +25,9 @@ Methods:
   search_alg="GreedySearch")`` with ``compress_ratio: R`` and ``ascend_optimized: false`` (the models are far
   narrower than the 16-channel Ascend alignment), then ``create_prune_retrain_model``.
 - ``acps best``: the same call with the methods named by ``--acps-best SENSITIVITY:SEARCH`` (``acps plugins``
-  lists the names), by default acps's recommended ``GroupMagnitudeSensitivity:GlobalRankSearch``. When they are
-  the reference's, its row repeats the reference's numbers.
+  lists the names), by default acps's recommended ``GroupMagnitudeSensitivity:GlobalRankSearch``. Several
+  comma-separated configurations give one row each, each checked against the other methods (not against each
+  other). When they are the reference's, its row repeats the reference's numbers.
 
 Cost: acps's ``compress_ratio`` counts bit-operations of Conv/Linear layers (MACs x 32 x 32 in fp32), so every
 method's cost is measured the same way here: Conv/Linear MACs per sample, counted with forward hooks.
