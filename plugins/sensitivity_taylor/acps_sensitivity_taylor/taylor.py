@@ -272,7 +272,8 @@ class NormalizedTaylorSensitivity(TaylorLossSensitivity):
 class GroupTaylorSensitivity(TaylorLossSensitivity):
     """Channel importance ``sum(|w * dL/dw|)`` over every weight tied to the channel, accumulated over the
     calibration passes and divided by the group's mean: the group Taylor importance of Torch-Pruning (Fang et al.,
-    "DepGraph", CVPR 2023; its ``GroupTaylorImportance`` with the mean normaliser).
+    "DepGraph", CVPR 2023; its ``GroupTaylorImportance`` with the mean normaliser). ``normalize="median"``
+    divides by the group's median instead, as ``GroupMagnitudeSensitivity`` does by default.
 
     Unlike :class:`TaylorLossSensitivity`, which takes the absolute value of the channel's summed first-order
     change, terms of opposite sign do not cancel: a channel whose weights each matter to the loss scores high
@@ -285,8 +286,23 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
 
     elementwise = True
 
-    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
+    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 normalize: str = "mean") -> None:
+        if normalize not in ("mean", "median"):
+            raise ValueError(f"normalize must be 'mean' or 'median', got {normalize!r}")
         super().__init__(loss_func, seed, normalize=True)
+        self.divide_by = normalize
+
+    def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
+        """Set ``record.sensitivity`` for every record (see the class docs); ``normalize="median"`` divides each
+        group's scores by their median instead of their mean."""
+        super().get_sensitivity(search_records)
+        if self.divide_by == "median":
+            for record in search_records:
+                scores = torch.as_tensor(record.sensitivity)
+                median = float(scores.median())
+                if median > 0:  # mean-normalised already: rescale by the median of those values
+                    record.sensitivity = scores / median
 
 
 class OutputChangeSensitivity(TaylorLossSensitivity):

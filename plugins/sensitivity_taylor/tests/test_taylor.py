@@ -196,6 +196,22 @@ def test_group_taylor_sums_each_weights_absolute_term_over_the_passes_then_divid
     assert bool((raw >= signed - 1e-9).all()) and bool((raw > 1.5 * signed).any())
 
 
+def test_group_taylor_median_normalisation_divides_by_the_groups_median() -> None:
+    from acps_sensitivity_taylor import GroupTaylorSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    graph = build_channel_graph(model, data)
+    method = GroupTaylorSensitivity(normalize="median")
+    method.setup_initialization((model, graph), [data, label], 1)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    raw = elementwise_hand_scores(model, data, label)
+    torch.testing.assert_close(records[0].sensitivity, raw / raw.median(), rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="'mean' or 'median'"):
+        GroupTaylorSensitivity(normalize="max")
+
+
 def test_balanced_l2_norm_is_the_producers_filter_norm_over_the_group_mean() -> None:
     from acps_sensitivity_taylor import BalancedL2NormSensitivity
 
