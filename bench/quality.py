@@ -27,7 +27,8 @@ Methods:
 - ``acps best``: the same call with the methods named by ``--acps-best SENSITIVITY:SEARCH`` (``acps plugins``
   lists the names), by default acps's recommended ``GroupMagnitudeSensitivity:GlobalRankSearch``. Several
   comma-separated configurations give one row each, each checked against the other methods (not against each
-  other). When they are the reference's, its row repeats the reference's numbers.
+  other); a sensitivity may take keyword arguments, ``GroupTaylorSensitivity(normalize=median)`` (several
+  separated by ``;``). When they are the reference's, its row repeats the reference's numbers.
 
 Cost: acps's ``compress_ratio`` counts bit-operations of Conv/Linear layers (MACs x 32 x 32 in fp32), so every
 method's cost is measured the same way here: Conv/Linear MACs per sample, counted with forward hooks.
@@ -63,9 +64,11 @@ steps.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import logging
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -255,14 +258,14 @@ def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str, max_p
                 correct_norms: bool = False) -> tuple[nn.Module, float, float]:
     """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model`` (with
     ``correct_norms``, given the calibration images as ``calibration_data``)."""
-    tag = f"{sensitivity}_{search}_{ratio:g}_{max_prune_ratio:g}"
+    tag = re.sub(r"\W", "_", f"{sensitivity}_{search}_{ratio:g}_{max_prune_ratio:g}")
     config = ctx.workdir / f"search_{tag}.cfg"
     config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\nmax_prune_ratio: {max_prune_ratio}\n")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         acps_core.auto_channel_prune_search(ctx.model, config, [ctx.calib_x, ctx.calib_y],
-                                            ctx.workdir / f"prune_{tag}.cfg", sensitivity=sensitivity,
+                                            ctx.workdir / f"prune_{tag}.cfg", sensitivity=method_from(sensitivity),
                                             search_alg=search)
     pruned = acps_core.create_prune_retrain_model(ctx.model, ctx.calib_x[:2], ctx.workdir / f"prune_{tag}.cfg",
                                                   ctx.workdir / f"prune_{tag}.record",
@@ -294,10 +297,29 @@ class Row:
     tuned_by_base: list[float] = field(default_factory=list)
 
 
+def method_from(spec: str) -> object:
+    """A sensitivity named ``Name`` (returned as is) or ``Name(key=value;key=value)``: an instance of the
+    registered class with those keyword arguments (values read as Python literals, else as strings)."""
+    match = re.fullmatch(r"(\w+)\((.*)\)", spec)
+    if not match:
+        return spec
+    kwargs: dict[str, object] = {}
+    for pair in filter(None, match.group(2).split(";")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{spec!r}: arguments are key=value pairs separated by ';'")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return get_registry().get("sensitivity", match.group(1)).cls(**kwargs)
+
+
 def parse_best(text: str) -> list[tuple[str, str]]:
-    """``SENSITIVITY:SEARCH[,SENSITIVITY:SEARCH...]``: one acps best row per configuration."""
+    """``SENSITIVITY:SEARCH[,SENSITIVITY:SEARCH...]``: one acps best row per configuration; a sensitivity may
+    carry keyword arguments, ``GroupTaylorSensitivity(normalize=median)``."""
     configurations = []
-    for item in text.split(","):
+    for item in re.split(r",(?![^()]*\))", text):
         sensitivity, sep, search = item.partition(":")
         if not sep or not sensitivity or not search:
             raise argparse.ArgumentTypeError(f"--acps-best takes SENSITIVITY:SEARCH pairs, comma-separated (names "
@@ -534,7 +556,7 @@ def _target_row(mine: Row, others: list[Row], args: argparse.Namespace, several:
     if speed is None:
         met += " (search time not checked: no Torch-Pruning row)"
     tie = " tie" if gap < 0 and -gap < noise else ""
-    configuration = f"{mine.method.removeprefix('acps best (').split(')')[0]} | " if several else ""
+    configuration = f"{mine.method.removeprefix('acps best (').rpartition(')')[0]} | " if several else ""
     return (f"| {mine.model} | {mine.ratio:g}x | {configuration}{gap:+.2f} ({noise:.2f}{tie}) vs {rival.method} | "
             + (f"{per_base} | " if bases > 1 else "") + f"{lead:+.2f} | "
             f"{recal_lead:+.2f} | {'-' if speed is None else f'{speed:.2f}x'} | {met} |")
@@ -586,9 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     for configuration in args.acps_best:
         for kind, name in zip(("sensitivity", "search"), configuration):
             try:
-                resolve_method(kind, name, f"--acps-best {kind}")
-            except acps_core.AcpsError as exc:
-                parser.error(str(exc))
+                resolve_method(kind, name.split("(")[0], f"--acps-best {kind}")
+                if kind == "sensitivity":
+                    method_from(name)
+            except (acps_core.AcpsError, TypeError, ValueError) as exc:
+                parser.error(f"--acps-best {name}: {exc}")
     if args.timing_repeats is None:
         args.timing_repeats = 1 if args.quick else 3
     if args.finetune_epochs is None:
