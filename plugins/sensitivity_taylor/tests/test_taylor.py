@@ -29,6 +29,15 @@ def records_for(graph) -> list[SearchRecord]:
                          [u.layer for u in g.consumers], g.channels, [g.channels]) for g in graph.prunable_groups]
 
 
+def scored_records(method, model, data, label, test_iteration) -> list[SearchRecord]:
+    """Every group's record, scored by ``method`` over ``test_iteration`` calibration passes."""
+    graph = build_channel_graph(model, data)
+    method.setup_initialization((model, graph), [data, label], test_iteration)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    return records
+
+
 def score(model, data, label, test_iteration=1, **kwargs) -> dict[str, torch.Tensor]:
     graph = build_channel_graph(model, data)
     method = TaylorLossSensitivity(**kwargs)
@@ -144,11 +153,7 @@ def test_fisher_squares_each_pass_instead_of_taking_its_absolute_value() -> None
 
     model = tiny_model()
     data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
-    graph = build_channel_graph(model, data)
-    method = FisherSensitivity()
-    method.setup_initialization((model, graph), [data, label], 2)
-    records = records_for(graph)
-    method.get_sensitivity(records)
+    records = scored_records(FisherSensitivity(), model, data, label, 2)
     first = hand_scores(model, data[:4], label[:4], F.cross_entropy)
     second = hand_scores(model, data[4:], label[4:], F.cross_entropy)
     torch.testing.assert_close(records[0].sensitivity, first ** 2 + second ** 2, rtol=1e-4, atol=1e-10)
@@ -160,11 +165,7 @@ def test_normalized_taylor_divides_each_group_by_its_mean() -> None:
     model = tiny_model()
     data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
     plain, _ = score(model, data, label)
-    graph = build_channel_graph(model, data)
-    method = NormalizedTaylorSensitivity()
-    method.setup_initialization((model, graph), [data, label], 1)
-    records = records_for(graph)
-    method.get_sensitivity(records)
+    records = scored_records(NormalizedTaylorSensitivity(), model, data, label, 1)
     normalized = {r.name: r.sensitivity for r in records}
     torch.testing.assert_close(normalized["0"], plain["0"] / plain["0"].mean())
     assert float(normalized["0"].mean()) == pytest.approx(1.0)
@@ -183,11 +184,7 @@ def test_group_taylor_sums_each_weights_absolute_term_over_the_passes_then_divid
 
     model = tiny_model()
     data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
-    graph = build_channel_graph(model, data)
-    method = GroupTaylorSensitivity()
-    method.setup_initialization((model, graph), [data, label], 2)
-    records = records_for(graph)
-    method.get_sensitivity(records)
+    records = scored_records(GroupTaylorSensitivity(), model, data, label, 2)
     raw = elementwise_hand_scores(model, data[:4], label[:4]) + elementwise_hand_scores(model, data[4:], label[4:])
     torch.testing.assert_close(records[0].sensitivity, raw / raw.mean(), rtol=1e-4, atol=1e-8)
     # Terms of opposite sign add up instead of cancelling: above the signed sum's absolute value everywhere
@@ -201,11 +198,7 @@ def test_group_taylor_median_normalisation_divides_by_the_groups_median() -> Non
 
     model = tiny_model()
     data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
-    graph = build_channel_graph(model, data)
-    method = GroupTaylorSensitivity(normalize="median")
-    method.setup_initialization((model, graph), [data, label], 1)
-    records = records_for(graph)
-    method.get_sensitivity(records)
+    records = scored_records(GroupTaylorSensitivity(normalize="median"), model, data, label, 1)
     raw = elementwise_hand_scores(model, data, label)
     torch.testing.assert_close(records[0].sensitivity, raw / raw.median(), rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="'mean' or 'median'"):
