@@ -28,7 +28,8 @@ Methods:
   lists the names), by default acps's recommended ``GroupMagnitudeSensitivity:GlobalRankSearch``. Several
   comma-separated configurations give one row each, each checked against the other methods (not against each
   other); a sensitivity may take keyword arguments, ``GroupTaylorSensitivity(normalize=median)`` (several
-  separated by ``;``). When they are the reference's, its row repeats the reference's numbers.
+  separated by ``;``), and a third field picks what follows the search (below): ``refit`` (the default),
+  ``norms`` or ``none``. When they are the reference's with ``none``, its row repeats the reference's numbers.
 
 Cost: acps's ``compress_ratio`` counts bit-operations of Conv/Linear layers (MACs x 32 x 32 in fp32), so every
 method's cost is measured the same way here: Conv/Linear MACs per sample, counted with forward hooks.
@@ -39,18 +40,21 @@ labels, one pass. "search s" is the time to reach the target, bisection included
 of ``--timing-repeats`` runs, after one untimed warm-up run of every method.
 
 "acc before FT" is the pruned model as it comes out of each method. acps best is pruned with the first 64
-calibration images as ``calibration_data`` (timed with the search), so the layers that read removed channels are
-re-fitted and its BatchNorm statistics corrected: acps's own step. The other methods, and acps reference as AMCT
-does, keep the sliced weights and stale statistics (``--no-norm-correction`` turns both off). "acc BN-recal" is
-the same model with its BatchNorm statistics recomputed from scratch on the calibration images (no weight update)
-for every method alike, where stale statistics drop every method near chance; for the other methods it is what
-their channel choice is worth, for acps best the choice and the re-fit together.
+calibration images as ``calibration_data`` (timed with the search): with ``refit`` the layers that read removed
+channels are re-fitted and its BatchNorm statistics corrected, acps's own step; with ``norms``
+(``reconstruct=False``) only the statistics are corrected, which leaves the fine-tune exactly as it would be
+without calibration_data (training recomputes the statistics); ``none`` passes no calibration_data. The other
+methods, and acps reference as AMCT does, keep the sliced weights and stale statistics (``--no-norm-correction``
+is ``none`` for every acps best). "acc BN-recal" is the same model with its BatchNorm statistics recomputed from
+scratch on the calibration images (no weight update) for every method alike, where stale statistics drop every
+method near chance; for the other methods it is what their channel choice is worth, for acps best with ``refit``
+the choice and the re-fit together.
 
 Usage::
 
     python bench/quality.py [--data digits,mnist5k] [--models resnet20,mobilenetv2] [--ratios 1.5,2,3]
                             [--finetune-epochs 3]
-                            [--finetune-seeds 3] [--acps-best GroupMagnitudeSensitivity:GlobalRankSearch]
+                            [--finetune-seeds 3] [--acps-best GroupMagnitudeSensitivity:GlobalRankSearch[:refit]]
                             [--timing-repeats 3] [--base-seeds 0,1,2] [--quick] [--output table.md]
 
 The base models are trained on the first run (about a minute each on 2 CPU cores) and cached under
@@ -101,6 +105,11 @@ CALIBRATION_SAMPLES = 256
 #: Calibration images acps best passes as ``calibration_data`` (re-fit and BatchNorm correction; the README's
 #: table: 64 do about as well as 256, at a quarter of the time).
 NORM_SAMPLES = 64
+#: What acps best does after the search, per configuration (``--acps-best SENSITIVITY:SEARCH:STEP``):
+#: ``create_prune_retrain_model`` given ``calibration_data`` (re-fit and BatchNorm statistics), given it with
+#: ``reconstruct=False`` (statistics only), or not given it (sliced weights and stale statistics, as AMCT).
+PRUNE_STEPS = ("refit", "norms", "none")
+DEFAULT_PRUNE_STEP = "refit"
 FINETUNE_LR = 0.01
 FINETUNE_SEED = 1
 
@@ -255,9 +264,9 @@ def torch_pruning(ctx: Context, ratio: float, importance_name: str) -> tuple[nn.
 
 
 def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str, max_prune_ratio: float = 1.0,
-                correct_norms: bool = False) -> tuple[nn.Module, float, float]:
-    """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model`` (with
-    ``correct_norms``, given the calibration images as ``calibration_data``)."""
+                prune_step: str = "none") -> tuple[nn.Module, float, float]:
+    """``auto_channel_prune_search`` at ``compress_ratio: ratio`` then ``create_prune_retrain_model``, given the
+    calibration images as ``calibration_data`` unless ``prune_step`` is ``none`` (see :data:`PRUNE_STEPS`)."""
     tag = re.sub(r"\W", "_", f"{sensitivity}_{search}_{ratio:g}_{max_prune_ratio:g}")
     config = ctx.workdir / f"search_{tag}.cfg"
     config.write_text(f"compress_ratio: {ratio}\nascend_optimized: false\nmax_prune_ratio: {max_prune_ratio}\n")
@@ -269,8 +278,9 @@ def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str, max_p
                                             search_alg=search)
     pruned = acps_core.create_prune_retrain_model(ctx.model, ctx.calib_x[:2], ctx.workdir / f"prune_{tag}.cfg",
                                                   ctx.workdir / f"prune_{tag}.record",
-                                                  calibration_data=ctx.calib_x[:NORM_SAMPLES] if correct_norms
-                                                  else None)
+                                                  calibration_data=None if prune_step == "none"
+                                                  else ctx.calib_x[:NORM_SAMPLES],
+                                                  reconstruct=prune_step == "refit")
     seconds = time.perf_counter() - start
     return pruned, seconds, seconds
 
@@ -315,16 +325,20 @@ def method_from(spec: str) -> object:
     return get_registry().get("sensitivity", match.group(1)).cls(**kwargs)
 
 
-def parse_best(text: str) -> list[tuple[str, str]]:
-    """``SENSITIVITY:SEARCH[,SENSITIVITY:SEARCH...]``: one acps best row per configuration; a sensitivity may
-    carry keyword arguments, ``GroupTaylorSensitivity(normalize=median)``."""
+def parse_best(text: str) -> list[tuple[str, str, str]]:
+    """``SENSITIVITY:SEARCH[:STEP][,...]``: one acps best row per configuration; a sensitivity may carry keyword
+    arguments, ``GroupTaylorSensitivity(normalize=median)``; STEP is one of :data:`PRUNE_STEPS` (default
+    ``refit``)."""
     configurations = []
     for item in re.split(r",(?![^()]*\))", text):
-        sensitivity, sep, search = item.partition(":")
-        if not sep or not sensitivity or not search:
-            raise argparse.ArgumentTypeError(f"--acps-best takes SENSITIVITY:SEARCH pairs, comma-separated (names "
-                                             f"from `acps plugins`), got {item!r} in {text!r}")
-        configurations.append((sensitivity, search))
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise argparse.ArgumentTypeError(f"--acps-best takes SENSITIVITY:SEARCH[:STEP] items, comma-separated "
+                                             f"(names from `acps plugins`), got {item!r} in {text!r}")
+        if len(parts) == 3 and parts[2] not in PRUNE_STEPS:
+            raise argparse.ArgumentTypeError(f"--acps-best {item!r}: the prune step {parts[2]!r} is not one of "
+                                             f"{', '.join(PRUNE_STEPS)}")
+        configurations.append((parts[0], parts[1], parts[2] if len(parts) == 3 else DEFAULT_PRUNE_STEP))
     if len(set(configurations)) != len(configurations):
         raise argparse.ArgumentTypeError(f"--acps-best names a configuration twice: {text!r}")
     return configurations
@@ -342,15 +356,17 @@ def run(args: argparse.Namespace, data: Dataset) -> str:
     limit = args.max_prune_ratio
     repeats_reference = ""
     for best in args.acps_best:
-        best_label = f"acps best ({best[0]}:{best[1]}" + (f", max_prune_ratio {limit:g})" if limit < 1 else ")")
+        step = "none" if args.no_norm_correction else best[2]
+        best_label = (f"acps best ({best[0]}:{best[1]}" + (f":{step}" if step != DEFAULT_PRUNE_STEP else "")
+                      + (f", max_prune_ratio {limit:g})" if limit < 1 else ")"))
         keys["acps-best"].append(best_label)
         # acps best repeats the reference's row only when it is the very same call (same methods, no norm
         # correction)
-        if best == REFERENCE and limit >= 1 and args.no_norm_correction and "acps-reference" in args.methods:
+        if best[:2] == REFERENCE and limit >= 1 and step == "none" and "acps-reference" in args.methods:
             repeats_reference = best_label
             continue
-        methods.append((best_label, lambda c, r, best=best: acps_search(c, r, *best, max_prune_ratio=limit,
-                                                                        correct_norms=not args.no_norm_correction)))
+        methods.append((best_label, lambda c, r, best=best, step=step: acps_search(
+            c, r, best[0], best[1], max_prune_ratio=limit, prune_step=step)))
     methods = [(label, method) for label, method in methods if any(label in keys[k] for k in args.methods)]
     rows: list[Row] = []
     originals: list[str] = []
@@ -572,9 +588,10 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda s: [m for m in s.split(",") if m], help=f"from {sorted(MODELS)}")
     parser.add_argument("--ratios", default="1.5,2,3", type=lambda s: [float(r) for r in s.split(",") if r])
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--acps-best", type=parse_best, default=[RECOMMENDED],
-                        help="SENSITIVITY:SEARCH of acps's best configuration, or several comma-separated (one row "
-                             f"each; default: acps's recommended {RECOMMENDED[0]}:{RECOMMENDED[1]})")
+    parser.add_argument("--acps-best", type=parse_best, default=[(*RECOMMENDED, DEFAULT_PRUNE_STEP)],
+                        help="SENSITIVITY:SEARCH[:STEP] of acps's best configuration, or several comma-separated "
+                             f"(one row each; STEP: {', '.join(PRUNE_STEPS)}, default {DEFAULT_PRUNE_STEP}; "
+                             f"default: acps's recommended {RECOMMENDED[0]}:{RECOMMENDED[1]})")
     parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
                         help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
     parser.add_argument("--data", default="digits,mnist5k", type=lambda s: [d for d in s.split(",") if d],
@@ -582,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prune-ratio", type=float, default=1.0,
                         help="max_prune_ratio of acps best's search config (the reference run keeps 1.0)")
     parser.add_argument("--no-norm-correction", action="store_true",
-                        help="prune acps best's model without calibration_data (no re-fit, statistics uncorrected)")
+                        help="prune every acps best's model without calibration_data (no re-fit, statistics "
+                             "uncorrected): the STEP none for all")
     parser.add_argument("--finetune-seeds", type=int, default=3,
                         help="fine-tune each pruned model this many times (seeds 1, 2, ...) and report the mean")
     parser.add_argument("--compare-searches", action="store_true",
@@ -606,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
     for configuration in args.acps_best:
-        for kind, name in zip(("sensitivity", "search"), configuration):
+        for kind, name in zip(("sensitivity", "search"), configuration[:2]):
             try:
                 resolve_method(kind, name.split("(")[0], f"--acps-best {kind}")
                 if kind == "sensitivity":
