@@ -270,10 +270,16 @@ class NormalizedTaylorSensitivity(TaylorLossSensitivity):
 
 
 class GroupTaylorSensitivity(TaylorLossSensitivity):
-    """Channel importance ``sum(|w * dL/dw|)`` over every weight tied to the channel, accumulated over the
+    """Channel importance ``sum(|w * dL/dw|)`` over every parameter tied to the channel, accumulated over the
     calibration passes and divided by the group's mean: the group Taylor importance of Torch-Pruning (Fang et al.,
     "DepGraph", CVPR 2023; its ``GroupTaylorImportance`` with the mean normaliser). ``normalize="median"``
     divides by the group's median instead, as ``GroupMagnitudeSensitivity`` does by default.
+
+    ``terms`` picks the parameters: ``"all"`` (the default) takes the producers' weights and biases, the
+    followers' (norm scales and shifts, depthwise filters) and the consumers' weight columns; ``"dense"`` only the
+    weights of the dense (``groups=1``) Conv, ConvTranspose and Linear layers, the terms Torch-Pruning 1.6 sums
+    (its biases are off by default, and it skips norms and depthwise filters), which gives exactly its scores. A
+    group without such a weight keeps all its terms.
 
     Unlike :class:`TaylorLossSensitivity`, which takes the absolute value of the channel's summed first-order
     change, terms of opposite sign do not cancel: a channel whose weights each matter to the loss scores high
@@ -287,11 +293,24 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
     elementwise = True
 
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 normalize: str = "mean") -> None:
+                 normalize: str = "mean", terms: str = "all") -> None:
         if normalize not in ("mean", "median"):
             raise ValueError(f"normalize must be 'mean' or 'median', got {normalize!r}")
+        if terms not in ("all", "dense"):
+            raise ValueError(f"terms must be 'all' or 'dense', got {terms!r}")
         super().__init__(loss_func, seed, normalize=True)
         self.divide_by = normalize
+        self.terms = terms
+
+    def _slices(self, record: SearchRecord) -> list[tuple[ParamSlice, torch.nn.Parameter]]:
+        """The group's parameter slices: all of them, or with ``terms="dense"`` the dense layers' weights."""
+        found = super()._slices(record)
+        if self.terms == "all":
+            return found
+        assert self.model is not None
+        dense = [(piece, param) for piece, param in found
+                 if piece.param == "weight" and _is_dense(self.model.get_submodule(piece.module))]
+        return dense or found
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the class docs); ``normalize="median"`` divides each
@@ -303,6 +322,12 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
                 median = float(scores.median())
                 if median > 0:  # mean-normalised already: rescale by the median of those values
                     record.sensitivity = scores / median
+
+
+def _is_dense(module: torch.nn.Module) -> bool:
+    """A Conv or ConvTranspose of one group, or a Linear layer."""
+    return isinstance(module, torch.nn.Linear) or (
+        isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups == 1)
 
 
 class OutputChangeSensitivity(TaylorLossSensitivity):

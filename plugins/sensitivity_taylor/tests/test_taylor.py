@@ -205,6 +205,53 @@ def test_group_taylor_median_normalisation_divides_by_the_groups_median() -> Non
         GroupTaylorSensitivity(normalize="max")
 
 
+def depthwise_model() -> nn.Sequential:
+    """conv -> BN -> depthwise conv (with bias) -> BN -> conv -> Linear: one group with every kind of term."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                          nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5))
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    return model.eval()
+
+
+def test_group_taylor_dense_terms_are_the_dense_layers_weights_alone() -> None:
+    from acps_sensitivity_taylor import GroupTaylorSensitivity
+
+    model = depthwise_model()
+    data, label = torch.randn(8, 3, 10, 10), torch.randint(0, 5, (8,))
+    dense = scored_records(GroupTaylorSensitivity(terms="dense"), model, data, label, 1)[0].sensitivity
+    every = scored_records(GroupTaylorSensitivity(), model, data, label, 1)[0].sensitivity
+    params = [model[0].weight, model[6].weight]  # the producer's filters and the consumer's columns
+    grads = torch.autograd.grad(F.cross_entropy(model(data), label), params)
+    produced, consumed = ((p.detach() * g).abs() for p, g in zip(params, grads))
+    raw = (produced.sum(dim=(1, 2, 3)) + consumed.sum(dim=(0, 2, 3))).double()
+    torch.testing.assert_close(dense, raw / raw.mean(), rtol=1e-4, atol=1e-8)
+    # the biases, the norms and the depthwise filters count in "all" and change the ranking
+    assert not torch.allclose(dense, every, rtol=1e-2)
+    with pytest.raises(ValueError, match="'all' or 'dense'"):
+        GroupTaylorSensitivity(terms="weights")
+
+
+def test_group_taylor_dense_terms_keep_every_term_of_a_group_without_a_dense_weight() -> None:
+    from acps_sensitivity_taylor import GroupTaylorSensitivity
+
+    torch.manual_seed(0)
+    # group 0: a grouped conv read by a grouped conv, so no dense weight is tied to its channels
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    data, label = torch.randn(8, 4, 12, 12), torch.randint(0, 3, (8,))
+    dense = scored_records(GroupTaylorSensitivity(terms="dense"), model, data, label, 1)
+    every = scored_records(GroupTaylorSensitivity(), model, data, label, 1)
+    assert dense[0].producers == ["0"] and float(dense[0].sensitivity.sum()) > 0
+    torch.testing.assert_close(dense[0].sensitivity, every[0].sensitivity)
+    # the next group has a dense consumer ("4"), so only its columns count there
+    assert not torch.allclose(dense[1].sensitivity, every[1].sensitivity, rtol=1e-2)
+
+
 def test_balanced_l2_norm_is_the_producers_filter_norm_over_the_group_mean() -> None:
     from acps_sensitivity_taylor import BalancedL2NormSensitivity
 
