@@ -184,7 +184,7 @@ def test_group_taylor_sums_each_weights_absolute_term_over_the_passes_then_divid
 
     model = tiny_model()
     data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
-    records = scored_records(GroupTaylorSensitivity(), model, data, label, 2)
+    records = scored_records(GroupTaylorSensitivity(terms="all"), model, data, label, 2)
     raw = elementwise_hand_scores(model, data[:4], label[:4]) + elementwise_hand_scores(model, data[4:], label[4:])
     torch.testing.assert_close(records[0].sensitivity, raw / raw.mean(), rtol=1e-4, atol=1e-8)
     # Terms of opposite sign add up instead of cancelling: above the signed sum's absolute value everywhere
@@ -198,7 +198,7 @@ def test_group_taylor_median_normalisation_divides_by_the_groups_median() -> Non
 
     model = tiny_model()
     data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
-    records = scored_records(GroupTaylorSensitivity(normalize="median"), model, data, label, 1)
+    records = scored_records(GroupTaylorSensitivity(normalize="median", terms="all"), model, data, label, 1)
     raw = elementwise_hand_scores(model, data, label)
     torch.testing.assert_close(records[0].sensitivity, raw / raw.median(), rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="'mean' or 'median'"):
@@ -218,13 +218,13 @@ def depthwise_model() -> nn.Sequential:
     return model.eval()
 
 
-def test_group_taylor_dense_terms_are_the_dense_layers_weights_alone() -> None:
+def test_group_taylor_terms_are_by_default_the_dense_layers_weights_alone() -> None:
     from acps_sensitivity_taylor import GroupTaylorSensitivity
 
     model = depthwise_model()
     data, label = torch.randn(8, 3, 10, 10), torch.randint(0, 5, (8,))
-    dense = scored_records(GroupTaylorSensitivity(terms="dense"), model, data, label, 1)[0].sensitivity
-    every = scored_records(GroupTaylorSensitivity(), model, data, label, 1)[0].sensitivity
+    dense = scored_records(GroupTaylorSensitivity(), model, data, label, 1)[0].sensitivity  # the default
+    every = scored_records(GroupTaylorSensitivity(terms="all"), model, data, label, 1)[0].sensitivity
     params = [model[0].weight, model[6].weight]  # the producer's filters and the consumer's columns
     grads = torch.autograd.grad(F.cross_entropy(model(data), label), params)
     produced, consumed = ((p.detach() * g).abs() for p, g in zip(params, grads))
@@ -245,7 +245,7 @@ def test_group_taylor_dense_terms_keep_every_term_of_a_group_without_a_dense_wei
                           nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     data, label = torch.randn(8, 4, 12, 12), torch.randint(0, 3, (8,))
     dense = scored_records(GroupTaylorSensitivity(terms="dense"), model, data, label, 1)
-    every = scored_records(GroupTaylorSensitivity(), model, data, label, 1)
+    every = scored_records(GroupTaylorSensitivity(terms="all"), model, data, label, 1)
     assert dense[0].producers == ["0"] and float(dense[0].sensitivity.sum()) > 0
     torch.testing.assert_close(dense[0].sensitivity, every[0].sensitivity)
     # the next group has a dense consumer ("4"), so only its columns count there
