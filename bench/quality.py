@@ -25,7 +25,8 @@ Methods:
   search_alg="GreedySearch")`` with ``compress_ratio: R`` and ``ascend_optimized: false`` (the models are far
   narrower than the 16-channel Ascend alignment), then ``create_prune_retrain_model``.
 - ``acps best``: the same call with the methods named by ``--acps-best SENSITIVITY:SEARCH`` (``acps plugins``
-  lists the names), by default acps's recommended ``GroupMagnitudeSensitivity:GlobalRankSearch``. Several
+  lists the names), by default acps's two recommended configurations, ``GroupTaylorSensitivity:GlobalRankSearch``
+  (for a model fine-tuned after pruning) and ``GroupMagnitudeSensitivity:GlobalRankSearch`` (without). Several
   comma-separated configurations give one row each, each checked against the other methods (not against each
   other); a sensitivity may take keyword arguments, ``GroupTaylorSensitivity(normalize=median)`` (several
   separated by ``;``), and a third field picks what follows the search (below): ``refit`` (the default),
@@ -97,7 +98,8 @@ from acps_core.prune import prune_channels
 from acps_core.registry import get_registry, resolve_method
 
 REFERENCE = ("TaylorLossSensitivity", "GreedySearch")
-RECOMMENDED = ("GroupMagnitudeSensitivity", "GlobalRankSearch")
+#: acps's recommended configurations: for a model that is fine-tuned after pruning, and for one used without.
+RECOMMENDED = (("GroupTaylorSensitivity", "GlobalRankSearch"), ("GroupMagnitudeSensitivity", "GlobalRankSearch"))
 COMPARED_SENSITIVITIES = ("TaylorLossSensitivity", "GroupMagnitudeSensitivity")
 COMPARED_SEARCHES = ("GreedySearch", "KnapsackSearch", "GlobalRankSearch")
 METHOD_KEYS = ("uniform", "tp-taylor", "tp-magnitude", "acps-reference", "acps-best")
@@ -588,10 +590,12 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda s: [m for m in s.split(",") if m], help=f"from {sorted(MODELS)}")
     parser.add_argument("--ratios", default="1.5,2,3", type=lambda s: [float(r) for r in s.split(",") if r])
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--acps-best", type=parse_best, default=[(*RECOMMENDED, DEFAULT_PRUNE_STEP)],
+    parser.add_argument("--acps-best", type=parse_best,
+                        default=[(*configuration, DEFAULT_PRUNE_STEP) for configuration in RECOMMENDED],
                         help="SENSITIVITY:SEARCH[:STEP] of acps's best configuration, or several comma-separated "
                              f"(one row each; STEP: {', '.join(PRUNE_STEPS)}, default {DEFAULT_PRUNE_STEP}; "
-                             f"default: acps's recommended {RECOMMENDED[0]}:{RECOMMENDED[1]})")
+                             "default: acps's recommended "
+                             f"{', '.join(':'.join(configuration) for configuration in RECOMMENDED)})")
     parser.add_argument("--methods", default=",".join(METHOD_KEYS), type=lambda s: [m for m in s.split(",") if m],
                         help=f"a subset of {','.join(METHOD_KEYS)} (default: all)")
     parser.add_argument("--data", default="digits,mnist5k", type=lambda s: [d for d in s.split(",") if d],

@@ -38,7 +38,7 @@ class GroupMagnitudeSensitivity(SensitivityBase):
     BatchNorm scales to almost nothing, or that the next layer barely reads. The median is not pulled up by a
     group's few very large channels, so a group whose typical channel is small is cut more; ``bench/quality.py``
     measured it ahead of the mean on MobileNetV2 and level on ResNet-20. With ``GlobalRankSearch`` it is acps's
-    recommended configuration (see the README's benchmark).
+    recommended configuration for a model used without fine-tuning (see the README's benchmark).
     """
 
     def __init__(self, normalize: str = "median") -> None:
