@@ -32,7 +32,7 @@ from torch import nn
 
 from acps_core.bases import SensitivityBase
 from acps_core.data import forward, tensors_in
-from acps_core.errors import DataError
+from acps_core.errors import ArgumentError, DataError
 from acps_core.graph import channel_atoms, trace_sample
 from acps_core.masking import masked_channels
 from acps_core.problem import SearchRecord
@@ -57,7 +57,7 @@ class MeasuredSensitivity(SensitivityBase):
                  max_samples: int = 128) -> None:
         super().__init__(loss_func)
         if levels < 1 or max_samples < 1:
-            raise ValueError("levels and max_samples must be at least 1")
+            raise ArgumentError("MeasuredSensitivity: levels and max_samples must be at least 1")
         self.levels = levels
         self.max_samples = max_samples
 

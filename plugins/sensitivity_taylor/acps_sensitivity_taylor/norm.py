@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from acps_core.bases import SensitivityBase
+from acps_core.errors import ArgumentError
 from acps_core.graph import ChannelGraph
 from acps_core.problem import SearchRecord
 
@@ -44,7 +45,7 @@ class GroupMagnitudeSensitivity(SensitivityBase):
     def __init__(self, normalize: str = "median") -> None:
         super().__init__()
         if normalize not in ("median", "mean"):
-            raise ValueError(f"normalize must be 'median' or 'mean', got {normalize!r}")
+            raise ArgumentError(f"GroupMagnitudeSensitivity: normalize must be 'median' or 'mean', got {normalize!r}")
         self.normalize = normalize
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:

@@ -27,7 +27,7 @@ import torch
 from acps_core.bases import SensitivityBase
 from acps_core.data import default_loss, forward
 from acps_core.distributed import Communicator
-from acps_core.errors import DataError
+from acps_core.errors import ArgumentError, DataError
 from acps_core.graph import ParamSlice
 from acps_core.problem import SearchRecord
 from acps_core.progress import progress
@@ -270,10 +270,11 @@ class NormalizedTaylorSensitivity(TaylorLossSensitivity):
 
 
 class GroupTaylorSensitivity(TaylorLossSensitivity):
-    """Channel importance ``sum(|w * dL/dw|)`` over every parameter tied to the channel, accumulated over the
-    calibration passes and divided by the group's mean: the group Taylor importance of Torch-Pruning (Fang et al.,
-    "DepGraph", CVPR 2023; its ``GroupTaylorImportance`` with the mean normaliser). ``normalize="median"``
-    divides by the group's median instead, as ``GroupMagnitudeSensitivity`` does by default.
+    """Channel importance ``sum(|w * dL/dw|)`` over the parameters tied to the channel (``terms``, below),
+    accumulated over the calibration passes and divided by the group's mean: the group Taylor importance of
+    Torch-Pruning (Fang et al., "DepGraph", CVPR 2023; its ``GroupTaylorImportance`` with the mean normaliser).
+    ``normalize="median"`` divides by the group's median instead, as ``GroupMagnitudeSensitivity`` does by
+    default.
 
     ``terms`` picks the parameters: ``"dense"`` (the default) takes only the weights of the dense (``groups=1``)
     Conv, ConvTranspose and Linear layers tied to the channel (the producers' filters and the consumers' columns),
@@ -284,7 +285,7 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
     Unlike :class:`TaylorLossSensitivity`, which takes the absolute value of the channel's summed first-order
     change, terms of opposite sign do not cancel: a channel whose weights each matter to the loss scores high
     even when their effects happen to offset. With ``GlobalRankSearch`` and the re-fit, ``bench/quality.py``
-    measures it at or above every other method after fine-tuning in all its rows, and below
+    measures it at or above every other method after fine-tuning, within the noise, in all its rows, and below
     ``GroupMagnitudeSensitivity`` before fine-tuning at 2x and 3x (see the README).
     Across ``torch.distributed`` ranks the gradients themselves are summed before the absolute values, so the
     scores equal those of one process on the union of the shards.
@@ -295,9 +296,9 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
                  normalize: str = "mean", terms: str = "dense") -> None:
         if normalize not in ("mean", "median"):
-            raise ValueError(f"normalize must be 'mean' or 'median', got {normalize!r}")
+            raise ArgumentError(f"GroupTaylorSensitivity: normalize must be 'mean' or 'median', got {normalize!r}")
         if terms not in ("all", "dense"):
-            raise ValueError(f"terms must be 'all' or 'dense', got {terms!r}")
+            raise ArgumentError(f"GroupTaylorSensitivity: terms must be 'all' or 'dense', got {terms!r}")
         super().__init__(loss_func, seed, normalize=True)
         self.divide_by = normalize
         self.terms = terms

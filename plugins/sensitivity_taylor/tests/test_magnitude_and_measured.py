@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from acps_core.errors import ArgumentError
 from acps_core.graph import build_channel_graph
 from acps_core.problem import SearchRecord, allowed_kept_counts
 from acps_sensitivity_taylor import GroupMagnitudeSensitivity, MeasuredSensitivity
@@ -51,7 +52,7 @@ def test_group_magnitude_is_the_mean_over_every_tied_weight_divided_by_the_group
     assert float(first.sensitivity.median()) == pytest.approx(1.0)
     by_mean = scored(GroupMagnitudeSensitivity(normalize="mean"), model, data, torch.randint(0, 5, (4,)))[0]
     torch.testing.assert_close(by_mean.sensitivity, expected / expected.mean())
-    with pytest.raises(ValueError, match="normalize must be"):
+    with pytest.raises(ArgumentError, match="normalize must be"):
         GroupMagnitudeSensitivity(normalize="max")
     assert int(first.sensitivity.argmin()) == 3 or float(first.sensitivity[3]) < float(first.sensitivity.mean())
 

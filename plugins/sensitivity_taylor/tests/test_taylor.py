@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core.errors import ArgumentError
 from acps_core.graph import build_channel_graph
 from acps_core.problem import SearchRecord
 from acps_core.registry import get_registry
@@ -201,7 +202,7 @@ def test_group_taylor_median_normalisation_divides_by_the_groups_median() -> Non
     records = scored_records(GroupTaylorSensitivity(normalize="median", terms="all"), model, data, label, 1)
     raw = elementwise_hand_scores(model, data, label)
     torch.testing.assert_close(records[0].sensitivity, raw / raw.median(), rtol=1e-4, atol=1e-8)
-    with pytest.raises(ValueError, match="'mean' or 'median'"):
+    with pytest.raises(ArgumentError, match="'mean' or 'median'"):
         GroupTaylorSensitivity(normalize="max")
 
 
@@ -232,7 +233,7 @@ def test_group_taylor_terms_are_by_default_the_dense_layers_weights_alone() -> N
     torch.testing.assert_close(dense, raw / raw.mean(), rtol=1e-4, atol=1e-8)
     # the biases, the norms and the depthwise filters count in "all" and change the ranking
     assert not torch.allclose(dense, every, rtol=1e-2)
-    with pytest.raises(ValueError, match="'all' or 'dense'"):
+    with pytest.raises(ArgumentError, match="'all' or 'dense'"):
         GroupTaylorSensitivity(terms="weights")
 
 
