@@ -28,7 +28,14 @@ from acps_core.config import (
     validate_override_targets,
     write_prune_config,
 )
-from acps_core.data import check_calibration, is_reference_form, label_kind, model_device, tensors_in
+from acps_core.data import (
+    check_calibration,
+    is_reference_form,
+    label_kind,
+    model_device,
+    primary_output,
+    tensors_in,
+)
 from acps_core.distributed import Communicator, using
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
 from acps_core.graph import ChannelGraph, build_channel_graph, trace_sample
@@ -121,6 +128,7 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     # copied (a copy costs as much memory as the model); anyone else's code gets the full copy.
     own = all(_acps_own(method) for method in (sensitivity_method, search_method, gain_method))
     timings: dict[str, float] = {}
+    loss_notes: list[str] = []  # how the default loss reads an output that is not one tensor
     started = time.perf_counter()
     with preserved_model_state(model, copy_parameters=not own):
         model.eval()
@@ -133,10 +141,19 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
                 raise DataError(f"the model's output (shape {list(graph.output.shape)} on {traced} samples) has "
                                 "no batch dimension first; acps needs a model whose output is batch-first, like "
                                 "its input")
-            if (isinstance(graph.output, torch.Tensor) and sensitivity_method.uses_default_loss
-                    and sensitivity_method.loss_func is None):
+            scored, where = primary_output(graph.output)
+            if scored is not None and sensitivity_method.uses_default_loss and sensitivity_method.loss_func is None:
                 # The trace ran on two samples; compare against the output the whole batch would give.
-                label_kind(graph.output[:1].expand(label.shape[0], *graph.output.shape[1:]), label)
+                if scored.dim() == 0 or scored.shape[0] != traced:
+                    raise DataError(f"the model's output ({where or 'a tensor'}, shape {list(scored.shape)} on "
+                                    f"{traced} samples) has no batch dimension first; pass "
+                                    "sensitivity=TaylorLossSensitivity(loss_func=...) with a loss that takes the "
+                                    "model's output and the labels")
+                label_kind(scored[:1].expand(label.shape[0], *scored.shape[1:]), label)
+                if where is not None:
+                    loss_notes.append(f"the model returns a {type(graph.output).__name__}; the default loss "
+                                      f"compared {where} (shape {list(scored.shape[1:])} per sample) with the "
+                                      "labels (pass loss_func to choose otherwise)")
             fixed, statuses, overrides = _fixed_groups(graph, override, settings)
             records = _search_records(graph, fixed, settings)
             if not records:
@@ -183,7 +200,7 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     _sensitivity_story(result, graph, graph_info, records, decision)
     result.methods = {"sensitivity": _method_name(sensitivity), "search": method_name, "gain": _method_name(gain),
                       "cost_unit": gain_method.unit}  # type: ignore[union-attr]
-    result.notes = list(getattr(sensitivity_method, "notes", []))
+    result.notes = loss_notes + list(getattr(sensitivity_method, "notes", []))
     if averaged:
         result.notes.append(f"the {comm.size} ranks gave different scores with {_method_name(sensitivity)}, "
                             "which does not combine them across ranks; their average was used")

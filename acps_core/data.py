@@ -6,7 +6,7 @@ tensors passed as positional arguments), ``label`` a tensor. Dimension 0 of ever
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from typing import Any
 
@@ -212,12 +212,38 @@ def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
                     "class indices of shape [batch], or a loss_func that accepts them")
 
 
+def primary_output(output: Any) -> tuple[torch.Tensor | None, str | None]:
+    """The tensor the default loss compares with the labels, and where it was found (None for a plain tensor).
+
+    A model may return a tensor; a Hugging Face ``ModelOutput`` or any dict (its ``logits`` entry, else its first
+    tensor value); or a tuple or list (its first tensor). Returns ``(None, None)`` when there is no such tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output, None
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits, "its 'logits' entry"
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor):
+                return value, f"its first tensor entry {key!r}"
+        return None, None
+    if isinstance(output, (tuple, list)):
+        for index, value in enumerate(output):
+            if isinstance(value, torch.Tensor):
+                return value, f"its element {index}" if index else "its first element"
+    return None, None
+
+
 def default_loss(output: Any, label: torch.Tensor) -> torch.Tensor:
     """The loss used when the user gives none: the reference's L1 between output and label, or cross-entropy
-    when the labels are integer class indices (an L1 loss against class indices is meaningless)."""
-    if not isinstance(output, torch.Tensor):
-        raise DataError(f"the model returns a {type(output).__name__}, not a tensor; pass a loss_func that takes "
-                        "this output and the label")
-    if label_kind(output, label) == "cross_entropy":
-        return F.cross_entropy(output, label.long())
-    return F.l1_loss(output, label.to(output.dtype))
+    when the labels are integer class indices (an L1 loss against class indices is meaningless). A model that
+    returns a dict, a ``ModelOutput`` or a tuple is scored on its :func:`primary_output`."""
+    tensor, _ = primary_output(output)
+    if tensor is None:
+        raise DataError(f"the model returns a {type(output).__name__} holding no tensor; pass "
+                        "sensitivity=TaylorLossSensitivity(loss_func=...) with a loss_func that takes this output "
+                        "and the label")
+    if label_kind(tensor, label) == "cross_entropy":
+        return F.cross_entropy(tensor, label.long())
+    return F.l1_loss(tensor, label.to(tensor.dtype))
