@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from acps_core import __version__
-from acps_core.atomic import check_writable_output
 from acps_core.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.config import (
     SearchSettings,
@@ -38,7 +37,11 @@ from acps_core.data import (
 )
 from acps_core.distributed import Communicator, using
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
+from acps_core.figure import available as figure_available
+from acps_core.figure import figure_path, render_figure
 from acps_core.graph import ChannelGraph, build_channel_graph, trace_sample
+from acps_core.model_checks import check_weights, explain_in_place_failure
+from acps_core.paths import check_paths
 from acps_core.problem import (
     CostModel,
     Decision,
@@ -49,14 +52,23 @@ from acps_core.problem import (
     kept_from_ratio,
     masks_to_decision,
 )
+from acps_core.progress import stage
 from acps_core.proto import retrain_config_pb2
 from acps_core.prune import largest_norm_channels
 from acps_core.registry import resolve_method
 from acps_core.report import render_reports, report_paths
 from acps_core.result import LayerReport, SearchResult
-from acps_core.selection import build_selection, format_selection, selection_path
+from acps_core.selection import (
+    OUTPUT_SET_LINE,
+    build_selection,
+    format_selection,
+    new_output_set,
+    selection_path,
+    weights_fingerprint,
+)
 from acps_core.state import preserved_model_state
 from acps_core.verify import verify_groups
+from acps_core.wrappers import unwrap, unwrapped_note
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +85,16 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
                               sensitivity: str | SensitivityBase = "TaylorLossSensitivity",
                               search_alg: str | SearchChannelBase = "GreedySearch", *,
                               gain: str | GainEstimatorBase = "BitComplexity",
-                              distributed: bool | None = None) -> SearchResult:
+                              distributed: bool | None = None, figure: bool = False) -> SearchResult:
     """Search how many channels each layer keeps and write the decision as a channel-prune config.
 
     A drop-in replacement for AMCT's ``auto_channel_prune_search``: same arguments, same config files.
 
     Args:
         model: the trained ``torch.nn.Module``. It is left exactly as found (parameters, modes,
-            ``requires_grad``, ``.grad``, hooks).
+            ``requires_grad``, ``.grad``, hooks). A model wrapped in ``nn.DataParallel``,
+            ``DistributedDataParallel`` or ``torch.compile`` is searched through the module inside, so the
+            config names that module's layers.
         config: path of the search config (protobuf text format of ``AutoChannelPruneConfig``).
         input_data: ``[data, label]``: calibration inputs (a tensor, or a tuple of the forward's arguments) and
             labels, batch first, split into ``test_iteration`` passes along the batch; or any iterable of
@@ -88,7 +102,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
             Labels shaped like the output use the reference's L1 loss; integer class indices use cross-entropy.
         output_cfg: path of the channel-prune config to write. The chosen channels go beside it, in
             ``<output_cfg>.selection``, and a report of every layer's decision (or why it was left alone) in
-            ``<output_cfg>.report.md`` and ``<output_cfg>.report.json``.
+            ``<output_cfg>.report.md`` and ``<output_cfg>.report.json`` (beside the path as given, also when it
+            is a symbolic link). These files are written as one set: all old or all new, whatever happens
+            (see the README's reliability section). None of them may be an input of the call.
         sensitivity: a method name (``acps plugins`` lists them) or a ``SensitivityBase`` instance.
         search_alg: a method name or a ``SearchChannelBase`` instance.
         gain: the cost model, a method name or a ``GainEstimatorBase`` instance. ``"BitComplexity"`` (the
@@ -96,6 +112,9 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         distributed: with ``torch.distributed`` initialised, every rank must make this call with its shard of
             the calibration data (the default, ``None``); ``False`` runs a single-process search even inside a
             process group, for a call that only one rank makes (``if rank == 0: ...``).
+        figure: also write the report's figure, ``<output_cfg>.report.png``, in the same set (needs matplotlib:
+            ``pip install 'acps-core[report]'``). Without it, a figure an earlier search left there is removed,
+            so that every file beside the config describes the same search.
 
     Returns:
         A :class:`~acps_core.result.SearchResult` describing the decision.
@@ -105,19 +124,21 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         DataError: ``input_data`` does not fit the model.
         GraphError: the model cannot be traced, or has no prunable layer.
         PluginError: a method name is unknown, or a plugin misbehaved.
-        OutputPathError: ``output_cfg`` cannot be written.
+        OutputPathError: ``output_cfg`` or a file beside it cannot be written, is one of the inputs (the
+            search config, the override file), or another process keeps its folder locked.
         ArgumentError: an argument has the wrong type.
     """
     with using(Communicator(enabled=distributed is not False)) as comm:
-        return _search(comm, model, config, input_data, output_cfg, sensitivity, search_alg, gain)
+        return _search(comm, model, config, input_data, output_cfg, sensitivity, search_alg, gain, figure)
 
 
 def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
-            search_alg: Any, gain: Any) -> SearchResult:
+            search_alg: Any, gain: Any, figure: bool) -> SearchResult:
     """The search itself (see :func:`auto_channel_prune_search`), every step agreed between the ranks."""
     checked = comm.run("checking the arguments", lambda: _check_arguments(
-        model, config, input_data, output_cfg, sensitivity, search_alg, gain, comm))
-    settings, out_path, sensitivity_method, search_method, gain_method, override, calibration, device = checked
+        model, config, input_data, output_cfg, sensitivity, search_alg, gain, figure, comm))
+    (model, wrappers, settings, out_path, sensitivity_method, search_method, gain_method, override, calibration,
+     device) = checked
     # The first batch's inputs trace the graph and its labels are checked against the output. Every rank traces
     # rank 0's first samples, as one process would trace the first samples of the union of the shards.
     data, label = calibration if is_reference_form(calibration) else calibration[0]
@@ -130,12 +151,17 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     timings: dict[str, float] = {}
     loss_notes: list[str] = []  # how the default loss reads an output that is not one tensor
     started = time.perf_counter()
-    with preserved_model_state(model, copy_parameters=not own):
+    with preserved_model_state(model, copy_parameters=not own) as state:
         model.eval()
 
         def prepare() -> tuple[Any, ...]:
-            graph = build_channel_graph(model, sample)
-            verify_groups(model, graph, sample)
+            check_weights(model)  # a NaN weight would surface as a NaN loss, blaming the data
+            # The first forward passes (tracing, the trial prunings) run watched: a forward pass that writes to the
+            # model's own weights is named, and undone on the way out.
+            with state.watching():
+                graph = build_channel_graph(model, sample)
+                verify_groups(model, graph, sample)
+            state.check_parameters()
             if isinstance(graph.output, torch.Tensor) and (
                     graph.output.dim() == 0 or graph.output.shape[0] != traced):
                 raise DataError(f"the model's output (shape {list(graph.output.shape)} on {traced} samples) has "
@@ -162,7 +188,8 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
             cost_model = CostModel(graph, gain_method, model, trace_sample(sample, 1))
             return graph, fixed, statuses, overrides, records, cost_model
 
-        graph, fixed, statuses, overrides, records, cost_model = comm.run("tracing the model", prepare)
+        with stage("tracing the model and checking its channel groups"):
+            graph, fixed, statuses, overrides, records, cost_model = comm.run("tracing the model", prepare)
         timings["tracing"] = time.perf_counter() - started
         budget = cost_model.full_cost / settings.compress_ratio
         graph_info = GraphInfo(graph, cost_model, fixed, budget)
@@ -189,7 +216,8 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
             return masks_to_decision(masks, records, method_name)
 
         started = time.perf_counter()
-        decision = comm.run("searching", search)
+        with stage(f"searching ({method_name})"):
+            decision = comm.run("searching", search)
         timings["searching"] = time.perf_counter() - started
         decision.keep = comm.broadcast(decision.keep)  # rank 0's decision, on every rank
 
@@ -200,7 +228,8 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     _sensitivity_story(result, graph, graph_info, records, decision)
     result.methods = {"sensitivity": _method_name(sensitivity), "search": method_name, "gain": _method_name(gain),
                       "cost_unit": gain_method.unit}  # type: ignore[union-attr]
-    result.notes = loss_notes + list(getattr(sensitivity_method, "notes", []))
+    result.notes = ([unwrapped_note(wrappers)] if wrappers else []) + loss_notes + list(
+        getattr(sensitivity_method, "notes", []))
     if averaged:
         result.notes.append(f"the {comm.size} ranks gave different scores with {_method_name(sensitivity)}, "
                             "which does not combine them across ranks; their average was used")
@@ -217,14 +246,16 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
                        f"{str(settings.ascend_optimized).lower()} and the layers that cannot be pruned (the search "
                        f"got to {result.achieved_ratio:.3f}x); raise max_prune_ratio or lower compress_ratio")
         result.notes.append(message)
+    result.output_set = new_output_set()
     # Every rank returns rank 0's result (a cost model that measures, like MeasuredLatency, differs by rank).
     result = comm.broadcast(result)
     if not result.target_reached:
         warnings.warn(result.notes[-1], PruneTargetWarning, stacklevel=3)
     # Only rank 0 writes; every rank learns whether that worked before returning the same result.
     started = time.perf_counter()
-    comm.run("writing the outputs", lambda: _write(out_path, graph, decision, result, override, overrides, settings)
-             if comm.rank == 0 else None)
+    with stage("writing the outputs"):
+        comm.run("writing the outputs", lambda: _write(out_path, graph, decision, result, override, overrides,
+                                                        settings, model, figure) if comm.rank == 0 else None)
     result.timings = {**timings, "writing": time.perf_counter() - started}
     return result
 
@@ -288,11 +319,17 @@ def _acps_own(method: Any) -> bool:
 
 
 def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
-                     search_alg: Any, gain: Any, comm: Communicator) -> tuple[Any, ...]:
-    """Check the call's arguments; returns (settings, output path, the three methods, the override config, the
-    calibration data on the model's device, the model's device)."""
+                     search_alg: Any, gain: Any, figure: Any, comm: Communicator) -> tuple[Any, ...]:
+    """Check the call's arguments; returns (the model without its wrappers, the wrappers' names, settings, output
+    path as given (absolute), the three methods, the override config, the calibration data on the model's
+    device, the model's device)."""
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, wrappers = unwrap(model)
+    if not isinstance(figure, bool):
+        raise ArgumentError(f"figure must be True or False, got {figure!r}")
+    if figure and not figure_available():
+        raise ArgumentError("figure=True needs matplotlib: pip install 'acps-core[report]' (or leave figure out)")
     if isinstance(model, (torch.jit.ScriptModule,)):
         raise ArgumentError("model is a TorchScript module; pass the original nn.Module (scripted and traced "
                             "modules cannot be pruned)")
@@ -300,12 +337,11 @@ def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, 
         if not isinstance(value, (str, Path)):
             raise ArgumentError(f"{parameter} must be a file path (str or pathlib.Path), got {type(value).__name__}")
     settings = load_search_config(config)
-    out_path = Path(output_cfg)
+    # Side files go beside the path as given: for a symbolic link, beside the link (where they are read again).
+    out_path = Path(output_cfg).absolute()
     if comm.rank == 0:  # only rank 0 writes
-        out_path = check_writable_output(output_cfg, "output_cfg")
-        check_writable_output(selection_path(out_path), "output_cfg (its .selection file)")
-        for report in report_paths(out_path):
-            check_writable_output(report, "output_cfg (its report)")
+        inputs = [("config", config), ("override_prune_cfg in the search config", settings.override_prune_cfg)]
+        check_paths(reads=inputs, writes=_output_roles(out_path, figure))
     sensitivity_method = resolve_method("sensitivity", sensitivity, "sensitivity")
     search_method = resolve_method("search", search_alg, "search_alg")
     gain_method = resolve_method("gain", gain, "gain")
@@ -314,7 +350,18 @@ def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, 
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     calibration = check_calibration(input_data, settings.test_iteration, device,
                                     floating.pop() if len(floating) == 1 else None)
-    return settings, out_path, sensitivity_method, search_method, gain_method, override, calibration, device
+    return (model, wrappers, settings, out_path, sensitivity_method, search_method, gain_method, override,
+            calibration, device)
+
+
+def _output_roles(out_path: Path, figure: bool) -> list[tuple[str, Path]]:
+    """Every file a search writes, with the role named in errors."""
+    markdown, json_report = report_paths(out_path)
+    roles = [("output_cfg", out_path), ("output_cfg's selection file", selection_path(out_path)),
+             ("output_cfg's Markdown report", markdown), ("output_cfg's JSON report", json_report)]
+    if figure:
+        roles.append(("output_cfg's figure", figure_path(out_path)))
+    return roles
 
 
 def _on_device(sample: Any, device: torch.device) -> Any:
@@ -452,6 +499,12 @@ def _score(method: SensitivityBase, model: nn.Module, graph: ChannelGraph, input
 
         if isinstance(exc, AcpsError):
             raise
+        # An in-place operation in the model's forward pass fails in the method's backward pass: the model's
+        # fault when a plain forward and backward pass on the first samples fails the same way.
+        data = input_data[0] if is_reference_form(input_data) else input_data[0][0]
+        in_place = explain_in_place_failure(model, trace_sample(data), exc)
+        if in_place is not None:
+            raise in_place from exc
         raise PluginError(f"sensitivity method {name} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(returned, dict):
         for record in records:
@@ -501,8 +554,10 @@ def _result(graph: ChannelGraph, cost_model: CostModel, decision: Decision, stat
 
 
 def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: SearchResult, override: Any,
-           overrides: dict[int, tuple[float, bool]], settings: SearchSettings) -> None:
-    """Write the channel-prune config the reference would write, and the selection file beside it."""
+           overrides: dict[int, tuple[float, bool]], settings: SearchSettings, model: nn.Module,
+           figure: bool) -> None:
+    """Write the channel-prune config the reference would write, with the selection file, the reports and (with
+    ``figure``) the figure beside it, as one set."""
     cfg = retrain_config_pb2.AMCTRetrainConfig()
     if override is not None:
         cfg.CopyFrom(override)  # the user's skip and override entries are copied through
@@ -532,13 +587,17 @@ def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: Sear
     selection = selection_path(out_path)
     header = (f"# Written by acps {__version__} auto_channel_prune_search: target {settings.compress_ratio:g}x, "
               f"achieved {result.achieved_ratio:.4f}x ({result.cost_unit}).\n"
-              f"# The channels the search chose are in {selection.name} beside this file.\n")
-    selection_text = format_selection(build_selection(graph, decision.keep), out_path.name)
+              f"# The channels the search chose are in {selection.name} beside this file.\n"
+              f"{OUTPUT_SET_LINE}{result.output_set}\n")
+    selection_text = format_selection(build_selection(graph, decision.keep), out_path.name, result.output_set,
+                                      weights_fingerprint(model))
     used = {**settings.model_dump(), "methods": dict(result.methods)}
     reports = render_reports(result, used, graph=graph)
-    extra: dict[str | os.PathLike[str], str | bytes] = {selection: selection_text}
+    extra: dict[str | os.PathLike[str], str | bytes | None] = {selection: selection_text}
     for path, text in reports.items():
         extra[path] = text
+    # The figure of an earlier search would describe another decision: it is replaced, or removed.
+    extra[figure_path(out_path)] = render_figure(result) if figure else None
 
     write_prune_config(out_path, cfg, extra=extra, header=header)
     logger.info("wrote %s and %s", out_path, selection)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,18 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from acps_core.demo import run_demo
+    from acps_core.figure import available
 
     out = Path(args.out)
-    if not out.is_dir():
-        raise AcpsError(f"--out {out} is not an existing folder; create it first")
-    outcome = run_demo(out, compress_ratio=args.ratio, ascend_optimized=not args.no_align)
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"--out {out} exists and is not a folder; give a folder for the demo's files")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); give another "
+                            "folder") from exc
+    figure = available()
+    outcome = run_demo(out, compress_ratio=args.ratio, ascend_optimized=not args.no_align, figure=figure)
     result = outcome.result
     print(f"Trained a small CNN on scikit-learn's digits in {outcome.train_seconds:.1f} s "
           f"(test accuracy {outcome.accuracy_before:.1%}).")
@@ -37,7 +46,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"images): {outcome.accuracy_corrected:.1%} with the statistics corrected for the removed channels "
           f"(reconstruct=False), {outcome.accuracy_reconstructed:.1%} with the layers that read them re-fitted "
           "too (the default).")
-    figure = _figure(result)
     print(f"Wrote {out / 'demo_search.cfg'}, {result.output_cfg}, {result.selection_file}, "
           f"{out / 'demo_prune.record'} and the reports "
           f"{result.output_cfg}.report.md / .report.json{' / .report.png' if figure else ''}.")
@@ -49,7 +57,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.report is not None:
         given = [flag for flag, value in (("--input-shape", args.input_shape), ("--data", args.data),
-                                          ("--allow-pickle", args.allow_pickle)) if value]
+                                          ("--allow-pickle", args.allow_pickle), ("--weights", args.weights))
+                 if value]
         if given:
             raise ArgumentError(f"--report reads a saved report; {', '.join(given)} only apply with --model")
         print(left_alone_text(read_report(args.report)), end="")
@@ -57,12 +66,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return _explain_model(args)
 
 
+#: ``acps explain --input-shape`` refuses a random input larger than this many bytes (as float32).
+MAX_RANDOM_INPUT_BYTES = 4 << 30
+
+
 def _explain_model(args: argparse.Namespace) -> int:
     import torch
 
     from acps_core.data import model_device
     from acps_core.graph import build_channel_graph
-    from acps_core.loading import load_model, load_tensor
+    from acps_core.loading import load_tensor
     from acps_core.report import explain_text
 
     shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
@@ -73,18 +86,29 @@ def _explain_model(args: argparse.Namespace) -> int:
             raise ArgumentError(f"--data {args.data} holds a tensor of shape {list(data.shape)} but --input-shape "
                                 f"says {list(shape)}; drop --input-shape or make them agree")
     elif shape is not None:
-        data = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        data = _random_input(shape, args.input_shape, torch)
     else:
         raise ArgumentError("give --input-shape (e.g. 1,3,224,224) for a random input, or --data FILE.pt")
-    # Like `python -m`, a model module in the current folder can be named without installing it.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    model = _build_model(args)
     model.eval()
     graph = build_channel_graph(model, data.to(model_device(model)))
     print(f"Conv/Linear layers of {args.model}, traced on an input of shape {list(data.shape)}:\n")
     print(explain_text(graph), end="")
     return EXIT_OK
+
+
+def _random_input(shape: tuple[int, ...], text: str, torch: Any) -> Any:
+    """A random float32 input of ``shape``, refused when it would not fit in memory."""
+    values = math.prod(shape)
+    if values * 4 > MAX_RANDOM_INPUT_BYTES:
+        raise ArgumentError(f"--input-shape {text} is {values:,} values ({values * 4 / 2 ** 30:.1f} GiB as float32), "
+                            f"over the {MAX_RANDOM_INPUT_BYTES >> 30} GiB acps allocates for a random input; give "
+                            "the shape of one real input, e.g. 1,3,224,224")
+    try:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    except (RuntimeError, MemoryError) as exc:
+        raise ArgumentError(f"--input-shape {text}: a random input of this shape does not fit in memory "
+                            f"({type(exc).__name__}); give a smaller shape, e.g. 1,3,224,224") from exc
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -99,21 +123,50 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _model_and_data(args: argparse.Namespace, need_labels: bool) -> tuple[Any, Any]:
-    """The model the spec builds (eval mode) and the calibration data from --data, on the model's device."""
+def _build_model(args: argparse.Namespace, weights: str | None = "weights") -> Any:
+    """The model ``--model`` names, with the state dict of the option ``weights`` (``--weights`` or
+    ``--base-weights``) loaded when given."""
+    from acps_core.loading import load_model, load_weights
+
+    # Like `python -m`, a model module in the current folder can be named without installing it.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    path = getattr(args, weights, None) if weights else None
+    if path is not None:
+        load_weights(model, path, "--" + weights.replace("_", "-"))
+    return model
+
+
+def _model_file(args: argparse.Namespace) -> str | None:
+    """``--model`` when it names a file (read), else None (a factory)."""
+    from acps_core.loading import MODEL_FILE_SUFFIXES
+
+    spec = args.model
+    return spec if spec is not None and (Path(spec).is_file() or spec.endswith(MODEL_FILE_SUFFIXES)) else None
+
+
+def _inputs(args: argparse.Namespace, *extra: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """The files a command reads, by option."""
+    return [("--model", _model_file(args)), ("--data", args.data), ("--weights", getattr(args, "weights", None)),
+            ("--base-weights", getattr(args, "base_weights", None)), *extra]
+
+
+def _model_and_data(args: argparse.Namespace, need_labels: bool, weights: str | None = "weights"
+                    ) -> tuple[Any, Any]:
+    """The model the spec builds (with its weights, eval mode) and the calibration data from --data, on the model's
+    device."""
     import torch
 
     from acps_core.data import _map_tensors, model_device, tensors_in
     from acps_core.errors import DataError
-    from acps_core.loading import load_data, load_model
+    from acps_core.loading import load_data
 
     data = load_data(args.data)  # cheap to check before building the model
     if need_labels and not isinstance(data, list):
         raise ArgumentError(f"--data {args.data} holds only an input tensor; the search needs [input, labels]: "
                             "torch.save([images, labels], path)")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    model = _build_model(args, weights)
     model.eval()
     device = model_device(model)
     if isinstance(data, list):
@@ -128,41 +181,43 @@ def _model_and_data(args: argparse.Namespace, need_labels: bool) -> tuple[Any, A
 
 def _cmd_search(args: argparse.Namespace) -> int:
     import acps_core as acps
+    from acps_core.figure import available, figure_path
+    from acps_core.paths import check_paths
+    from acps_core.report import report_paths
+    from acps_core.selection import selection_path
 
+    figure = available()
+    output = Path(args.output)
+    markdown, json_report = report_paths(output)
+    check_paths(reads=_inputs(args, ("--config", args.config)),
+                writes=[("--output", output), ("--output's selection file", selection_path(output)),
+                        ("--output's Markdown report", markdown), ("--output's JSON report", json_report),
+                        ("--output's figure", figure_path(output) if figure else None)])
     model, data = _model_and_data(args, need_labels=True)
     result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=args.sensitivity,
-                                            search_alg=args.search, gain=args.gain)
-    figure = _figure(result)
+                                            search_alg=args.search, gain=args.gain, figure=figure)
     if not args.quiet:
         print(result.summary())
         print(f"\nWrote {result.output_cfg}, {result.selection_file} and the reports {result.output_cfg}.report.md "
               f"/ .report.json{' / .report.png' if figure else ''}.")
-        if figure is None:
+        if not figure:
             print("(pip install 'acps-core[report]' for the report's figure)")
     return EXIT_OK
 
 
-def _figure(result: Any) -> Path | None:
-    """The report's figure beside the config, when matplotlib is installed."""
-    from acps_core.figure import available, write_figure
-
-    return write_figure(result) if available() else None
-
-
-def _save_model(model: Any, path: str | None, quiet: bool) -> None:
-    """``torch.save`` of the whole (pruned) model, atomically; loading it back needs --allow-pickle."""
-    if path is None:
-        return
+def _saved_model(model: Any) -> bytes:
+    """``torch.save`` of the whole (pruned) model; loading it back needs --allow-pickle."""
     import io
 
     import torch
 
-    from acps_core.atomic import atomic_write_bytes
-
     buffer = io.BytesIO()
     torch.save(model, buffer)
-    atomic_write_bytes(path, buffer.getvalue(), "--save")
-    if not quiet:
+    return buffer.getvalue()
+
+
+def _say_saved(path: str | None, quiet: bool) -> None:
+    if path is not None and not quiet:
         print(f"Saved the pruned model to {path} (torch.save of the whole model; load it with "
               "--model FILE --allow-pickle, or torch.load(..., weights_only=False) if you trust it).")
 
@@ -172,31 +227,45 @@ NORM_SAMPLES = 256
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    import acps_core as acps
+    from acps_core.atomic import atomic_write_many
     from acps_core.graph import trace_sample
+    from acps_core.paths import check_paths
+    from acps_core.prune import pruned_with_record
+    from acps_core.selection import selection_path
 
-    model, data = _model_and_data(args, need_labels=False)
     if args.no_reconstruct and not args.calibrate:
-        raise AcpsError("--no-reconstruct only applies with --calibrate: add --calibrate, or drop --no-reconstruct")
+        raise ArgumentError("--no-reconstruct only applies with --calibrate: add --calibrate, or drop "
+                            "--no-reconstruct")
+    # Every output is checked before anything runs, so a bad --save cannot fail after the record is written.
+    check_paths(reads=_inputs(args, ("--config", args.config),
+                              ("--config's selection file", selection_path(args.config))),
+                writes=[("--record", args.record), ("--save", args.save)])
+    model, data = _model_and_data(args, need_labels=False)
     calibration = trace_sample(data, NORM_SAMPLES) if args.calibrate else None
-    pruned = acps.create_prune_retrain_model(model, data, args.config, args.record, calibration_data=calibration,
-                                             reconstruct=not args.no_reconstruct)
+    pruned, record_path, record_text = pruned_with_record(
+        model, data, args.config, args.record, calibration_data=calibration, reconstruct=not args.no_reconstruct,
+        extra_outputs=[("save", args.save)])
+    outputs: dict[Any, str | bytes | None] = {record_path: record_text}
+    if args.save is not None:
+        outputs[args.save] = _saved_model(pruned)
+    atomic_write_many(outputs)  # the record and the saved model: one set
     if not args.quiet:
         before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
         print(f"Pruned {args.model}: {before:,} -> {after:,} parameters; wrote the record {args.record}.")
-    _save_model(pruned, args.save, args.quiet)
+    _say_saved(args.save, args.quiet)
     return EXIT_OK
 
 
 def _restored(args: argparse.Namespace) -> tuple[Any, Any]:
     import acps_core as acps
 
-    model, data = _model_and_data(args, need_labels=False)
+    model, data = _model_and_data(args, need_labels=False, weights="base_weights")
     if args.weights is None:  # the pruned, not yet fine-tuned model: replay the record without a checkpoint
         from acps_core.config import parse_prune_config
         from acps_core.prune import replay_prune_record
 
         parse_prune_config(args.config)
+        _warn_if_other_weights(model, args.record)
         restored = replay_prune_record(model, data, args.record)
     else:
         restored = acps.restore_prune_retrain_model(model, data, args.record, args.config, args.weights,
@@ -204,18 +273,41 @@ def _restored(args: argparse.Namespace) -> tuple[Any, Any]:
     return restored, data
 
 
+def _warn_if_other_weights(model: Any, record: str) -> None:
+    """Without --weights the pruned model keeps the factory's weights: warn when they are not those pruned."""
+    from acps_core.selection import read_selection, weights_fingerprint
+
+    recorded = read_selection(record, "record file").header.fingerprint
+    if recorded is not None and recorded != weights_fingerprint(model):
+        warnings.warn(f"the model's weights differ from those {record} was made from, and no --weights checkpoint "
+                      "replaces them: pass --base-weights TRAINED.pth (the weights that were pruned) or --weights "
+                      "TUNED.pth (the fine-tuned pruned model)", UserWarning, stacklevel=2)
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
+    from acps_core.atomic import atomic_write_bytes
+    from acps_core.paths import check_paths
+
+    check_paths(reads=_inputs(args, ("--config", args.config), ("--record", args.record)),
+                writes=[("--save", args.save)])
     restored, _ = _restored(args)
     if not args.quiet:
         print(f"Restored {args.model} from {args.record}" + (f" with the weights of {args.weights}." if args.weights
                                                              else "."))
-    _save_model(restored, args.save, args.quiet)
+    if args.save is not None:
+        atomic_write_bytes(args.save, _saved_model(restored), "--save")
+    _say_saved(args.save, args.quiet)
     return EXIT_OK
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import acps_core as acps
+    from acps_core.paths import check_paths
 
+    output = args.output if str(args.output).endswith(".onnx") else str(args.output) + ".onnx"
+    check_paths(reads=_inputs(args, ("--config", args.config), ("--record", args.record)),
+                writes=[("--output", args.output), ("--output (with .onnx added)", output)]
+                if output != args.output else [("--output", output)])
     restored, data = _restored(args)
     # The batch dimension stays free: the exported model takes any batch size.
     path = acps.save_prune_retrain_model(restored.eval(), args.output, data, input_names=["input"],
@@ -239,19 +331,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 2 bad input, 1 internal error.")
     parser.add_argument("--version", action="version", version=f"acps {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("--quiet", action="store_true", help="only print errors")
+    parser.add_argument("--quiet", action="store_true", help="only print errors (no progress, no warnings)")
+    # The same two options after the command (acps search ... --quiet); SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only print errors (no progress, no warnings)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train a small CNN on bundled digits data and search it",
+    demo = commands.add_parser("demo", parents=[common],
+                               help="train a small CNN on bundled digits data and search it",
                                description="Train a small CNN on scikit-learn's bundled digits, run the search "
                                            "at compress_ratio 2 and print per-layer ratios and cost.")
-    demo.add_argument("--out", default=".", help="folder for the configs the demo writes (default: current)")
+    demo.add_argument("--out", default="acps-demo",
+                      help="folder for the files the demo writes, created if missing (default: acps-demo)")
     demo.add_argument("--ratio", type=float, default=2.0, help="compress_ratio to search for (default 2)")
     demo.add_argument("--no-align", action="store_true", help="ascend_optimized: false (no 16-channel steps)")
     demo.set_defaults(func=_cmd_demo)
 
     explain = commands.add_parser(
-        "explain", help="say which Conv/Linear layers can be pruned, in which group, and why not",
+        "explain", parents=[common], help="say which Conv/Linear layers can be pruned, in which group, and why not",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Trace a model on one input and list every Conv/Linear layer: prunable or left alone,\n"
                     "its channel group (channels pruned together), and for a layer left alone the exact\n"
@@ -275,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data", metavar="FILE.pt",
                          help="trace with this tensor instead (torch.save(tensor, path); loaded with "
                               "weights_only=True, so no code in it runs)")
+    explain.add_argument("--weights", metavar="TRAINED.pth",
+                         help="load this state dict into the model --model builds (torch.save(model.state_dict(), "
+                              "path); loaded with weights_only=True)")
     explain.add_argument("--allow-pickle", action="store_true",
                          help="allow loading a .pt model file: unpickling runs any code the file contains, so "
                               "only for files you trust")
@@ -286,15 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
                  "are not needed, the input tensor; loaded with weights_only=True, so no code in it runs")
     pickle_help = "allow loading a .pt model file: unpickling runs any code it contains, so only for files you trust"
     methods = "acps plugins lists the installed names"
+    weights_help = ("the trained weights: a state dict (torch.save(model.state_dict(), path)) loaded into the model "
+                    "--model builds, with weights_only=True; without it a factory's own weights are used, so give "
+                    "the same file to search and prune")
 
     search = commands.add_parser(
-        "search", help="search how many channels each layer keeps; write the channel-prune config",
+        "search", parents=[common], help="search how many channels each layer keeps; write the channel-prune config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run auto_channel_prune_search: write OUTPUT (the channel-prune config), OUTPUT.selection\n"
                     "(the channels chosen) and OUTPUT.report.md / .report.json, and print the per-layer decision.",
         epilog="example:\n  acps search --model mypkg.models:resnet18 --data calib.pt --config search.cfg "
                "--output prune.cfg\n\nExit codes: 0 success, 2 bad input, 1 internal error.")
     search.add_argument("--model", required=True, metavar="SPEC", help=model_help)
+    search.add_argument("--weights", metavar="TRAINED.pth", help=weights_help)
     search.add_argument("--data", required=True, metavar="DATA.pt", help=data_help)
     search.add_argument("--config", required=True, metavar="SEARCH.cfg",
                         help="the search config (AutoChannelPruneConfig, protobuf text format)")
@@ -309,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=_cmd_search)
 
     prune = commands.add_parser(
-        "prune", help="prune a model as a channel-prune config says (create_prune_retrain_model)",
+        "prune", parents=[common], help="prune a model as a channel-prune config says (create_prune_retrain_model)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Apply PRUNE.cfg to the model: remove the channels the search chose (or, for a config\n"
                     "written by hand, those with the smallest filter norms), write the record of what was\n"
@@ -317,10 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  acps prune --model mypkg.models:resnet18 --data calib.pt --config prune.cfg "
                "--record prune.record --save pruned.pt\n\nExit codes: 0 success, 2 bad input, 1 internal error.")
     prune.add_argument("--model", required=True, metavar="SPEC", help=model_help)
+    prune.add_argument("--weights", metavar="TRAINED.pth", help=weights_help)
     prune.add_argument("--data", required=True, metavar="DATA.pt", help=data_help)
     prune.add_argument("--config", required=True, metavar="PRUNE.cfg", help="the channel-prune config")
     prune.add_argument("--record", required=True, metavar="PRUNE.record", help="the record file to write")
-    prune.add_argument("--save", metavar="PRUNED.pt", help="also save the whole pruned model (torch.save)")
+    prune.add_argument("--save", metavar="PRUNED.pt",
+                       help="also save the whole pruned model (torch.save), written with the record as one set")
     prune.add_argument("--calibrate", "--correct-norms", dest="calibrate", action="store_true",
                        help=f"pass the first {NORM_SAMPLES} --data samples (real ones) as calibration_data: the "
                             "layers that read removed channels are re-fitted and the BatchNorm running statistics "
@@ -333,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in (("restore", "replay a record onto a freshly built model and load fine-tuned weights"),
                           ("export", "replay a record (and fine-tuned weights) and export the model to ONNX")):
         command = commands.add_parser(
-            name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, parents=[common], help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
             description=summary[0].upper() + summary[1:] + " (restore_prune_retrain_model"
                         + (", then save_prune_retrain_model; needs the onnx extra)." if name == "export" else ")."),
             epilog=("example:\n  acps " + name + " --model mypkg.models:resnet18 --data calib.pt --config prune.cfg "
@@ -350,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "weights_only=True); without it the pruned model keeps the original weights")
         command.add_argument("--state-dict-name", metavar="KEY",
                              help="the key of the state dict inside the checkpoint, if it is nested")
+        command.add_argument("--base-weights", metavar="TRAINED.pth",
+                             help="the trained, unpruned weights (a state dict) loaded into the model --model builds "
+                                  "before the record is replayed; needed without --weights when the factory does "
+                                  "not build the trained model itself")
         if name == "export":
             command.add_argument("--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
         else:
@@ -357,12 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--allow-pickle", action="store_true", help=pickle_help)
         command.set_defaults(func=_cmd_export if name == "export" else _cmd_restore)
 
-    plugins = commands.add_parser("plugins", help="list installed methods and plugins that failed to load",
+    plugins = commands.add_parser("plugins", parents=[common],
+                                  help="list installed methods and plugins that failed to load",
                                   description="List every sensitivity, search and gain method installed "
                                               "(kind, name, class, distribution, version) and plugins that "
                                               "failed to load, with why.")
     plugins.set_defaults(func=_cmd_plugins)
     return parser
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings as one readable line, like the errors (not Python's file:line form)."""
+    print(f"acps: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,6 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="acps: %(levelname)s: %(message)s")
     if args.quiet:
         os.environ["ACPS_PROGRESS"] = "0"  # no progress bars either
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except AcpsError as exc:

@@ -33,13 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from acps_core.atomic import StrPath, atomic_write_many
 from acps_core.errors import ConfigError
 from acps_core.proto import basic_info_pb2, retrain_config_pb2
+from acps_core.reading import LIMITS, read_bytes
 
 logger = logging.getLogger(__name__)
 
 AMCTRetrainConfig = retrain_config_pb2.AMCTRetrainConfig
 
-#: Configs hold a handful of settings; anything this large is the wrong file (a model, a dataset).
-MAX_CONFIG_BYTES = 1 << 20
+#: The default size limit of a config file (``ACPS_MAX_CONFIG_BYTES`` raises it; see :mod:`acps_core.reading`).
+MAX_CONFIG_BYTES = LIMITS["config"][1]
 
 #: The entries an override file may hold (SPEC section 2, ``override_prune_cfg``).
 OVERRIDE_FILE_FIELDS = (
@@ -48,6 +49,9 @@ OVERRIDE_FILE_FIELDS = (
 )
 _SKIP_LAYER_FIELDS = ("skip_layers", "regular_prune_skip_layers")
 _SKIP_TYPE_FIELDS = ("skip_layer_types", "regular_prune_skip_types")
+
+#: Prefixes that wrappers put before every layer name, and the wrappers.
+_WRAPPER_PREFIXES = {"module": "nn.DataParallel or DistributedDataParallel", "_orig_mod": "torch.compile"}
 
 _CONFIG_KIND_SEARCH = "search config"
 _CONFIG_KIND_PRUNE = "channel-prune config"
@@ -346,20 +350,7 @@ def _read_config_text(path: Path, kind: str) -> str:
         ConfigError: naming the file and, for a decoding error, the line and column.
     """
     shown = os.fspath(path)
-    if not path.exists():
-        where = "" if path.is_absolute() else f" (relative to the current directory {os.getcwd()})"
-        raise ConfigError(f"{kind} not found{where}; check the path", shown)
-    if path.is_dir():
-        raise ConfigError(f"{kind} is a directory, not a file; give the path of the config file", shown)
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{kind} is {size} bytes, over the {MAX_CONFIG_BYTES} byte limit; a config holds a few "
-                "settings (a few KB at most), so this is probably not a config file", shown)
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {kind}: {exc.strerror or exc}", shown) from exc
+    data = read_bytes(path, kind, "config")
     if b"\x00" in data:
         line = data[:data.index(b"\x00")].count(b"\n") + 1
         raise ConfigError(
@@ -414,6 +405,9 @@ def _parse_text(text: str, message: Message, path: Path, kind: str) -> _TextMap:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise _parse_error(exc, message, path, kind, text_map) from exc
+    except (MemoryError, RecursionError) as exc:  # e.g. thousands of nested "{" in random bytes
+        raise ConfigError(f"{kind} is not valid protobuf text format: the parser gave up ({type(exc).__name__}); "
+                          "give the text file of the config", os.fspath(path)) from exc
     return text_map
 
 
@@ -512,7 +506,16 @@ def load_search_config(path: StrPath) -> SearchSettings:
             "`compress_ratio: 1.5` (original cost / pruned cost, greater than 1)", shown)
     compress_ratio = proto_float(message.compress_ratio)
     if not math.isfinite(compress_ratio) or compress_ratio <= 1:
-        overflow = " (too large for a 32-bit float)" if math.isinf(compress_ratio) else ""
+        # A finite number written too large for the 32-bit field reads back as inf; `inf`, `-inf` or `nan`
+        # written as such, or a huge negative number, need no such note.
+        site = text_map.first("compress_ratio")
+        written = (site.value if site is not None and site.value is not None else "").rstrip("fF")
+        overflow = ""
+        try:
+            if compress_ratio == math.inf and math.isfinite(float(written)):
+                overflow = " (too large for a 32-bit float)"
+        except ValueError:
+            pass  # not a decimal number: inf, infinity or nan as written
         raise fail("compress_ratio", compress_ratio,
                    f"is not valid{overflow}; it must be a finite number greater than 1 (original cost / "
                    "pruned cost: 1.5 keeps about 67 % of the cost, 2 keeps half)")
@@ -742,8 +745,8 @@ def validate_override_targets(cfg: AMCTRetrainConfig, path: StrPath | None,
     text_map: _TextMap | None = None
     if path is not None:
         try:
-            text_map = _TextMap(Path(os.fspath(path)).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
+            text_map = _TextMap(read_bytes(path, "config", "config").decode("utf-8"))
+        except (ConfigError, UnicodeDecodeError):
             logger.debug("cannot re-read %s for line numbers", path, exc_info=True)
 
     def line_of(field: str, index: int) -> int | None:
@@ -756,7 +759,12 @@ def validate_override_targets(cfg: AMCTRetrainConfig, path: StrPath | None,
             name = entry.layer_name if field == "override_layer_configs" else entry
             if name not in layers:
                 close = difflib.get_close_matches(name, list(layers), n=3, cutoff=0.6)
-                if close:
+                prefix, _, rest = name.partition(".")
+                if prefix in _WRAPPER_PREFIXES and rest in layers:
+                    hint = (f" (the config was written for the model wrapped in {_WRAPPER_PREFIXES[prefix]}, whose "
+                            f"layers are named '{prefix}.*'; this model calls it {rest!r}: search the plain model "
+                            "again, acps unwraps wrapped models itself)")
+                elif close:
                     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)"
                 elif layers:
                     hint = f" (names are model.named_modules() names, e.g. {next(iter(layers))!r})"
@@ -805,7 +813,7 @@ def format_prune_config(cfg: AMCTRetrainConfig) -> str:
 
 
 def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
-                       extra: Mapping[StrPath, str | bytes] | None = None, header: str = "") -> None:
+                       extra: Mapping[StrPath, str | bytes | None] | None = None, header: str = "") -> None:
     """Check a channel-prune config and write it, with any sidecar files, atomically.
 
     Every file is written to a temporary file first; the targets are replaced only once all of them are
@@ -814,7 +822,8 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
     Args:
         path: the config file to write.
         cfg: the config; it must pass :func:`parse_prune_config`'s checks, so the file can be read back.
-        extra: further files to write alongside (path -> text), e.g. a report.
+        extra: further files to write alongside (path -> text), e.g. a report; None for a file the set no
+            longer has (removed if it exists).
         header: comment lines (each starting with ``#``) put before the config; parsers ignore them.
 
     Raises:
@@ -833,7 +842,7 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
     if header and not header.endswith("\n"):
         # Without it the first config line would join the last comment line and be ignored.
         header += "\n"
-    contents: dict[StrPath, str | bytes] = {path: header + format_prune_config(cfg)}
+    contents: dict[StrPath, str | bytes | None] = {path: header + format_prune_config(cfg)}
     for extra_path, text in (extra or {}).items():
         contents[extra_path] = text
     atomic_write_many(contents)

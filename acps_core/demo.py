@@ -103,10 +103,10 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
     model.eval()
 
 
-def run_demo(out_dir: str | Path = ".", compress_ratio: float = 2.0, ascend_optimized: bool = True,
-             seed: int = 0) -> DemoOutcome:
-    """Train the demo CNN, write ``demo_search.cfg``, search, and write ``demo_prune.cfg`` (+ ``.selection``)
-    into ``out_dir``."""
+def run_demo(out_dir: str | Path = "acps-demo", compress_ratio: float = 2.0, ascend_optimized: bool = True,
+             seed: int = 0, figure: bool = False) -> DemoOutcome:
+    """Train the demo CNN, write ``demo_search.cfg``, search, and write ``demo_prune.cfg`` (+ ``.selection``, the
+    reports and with ``figure`` the figure) and ``demo_prune.record`` into ``out_dir`` (an existing folder)."""
     out = Path(out_dir)
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = load_digits_tensors(seed)
@@ -121,7 +121,7 @@ def run_demo(out_dir: str | Path = ".", compress_ratio: float = 2.0, ascend_opti
     calibration = [train_x[:256], train_y[:256]]
     start = time.perf_counter()
     result = auto_channel_prune_search(model, config, calibration, out / "demo_prune.cfg",
-                                       sensitivity="TaylorLossSensitivity", search_alg="GreedySearch")
+                                       sensitivity="TaylorLossSensitivity", search_alg="GreedySearch", figure=figure)
     search_seconds = time.perf_counter() - start
 
     record = out / "demo_prune.record"

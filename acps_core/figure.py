@@ -89,7 +89,9 @@ def render_figure(result: SearchResult) -> bytes | None:
     figure.suptitle(f"acps search: {result.achieved_ratio:.2f}x of the {result.compress_ratio:g}x target "
                     f"({result.methods.get('search', '?')}, {result.methods.get('gain', '?')})")
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    # The output set ties the figure to the config and reports written with it.
+    metadata = {"Description": f"acps output set {result.output_set}"} if result.output_set else None
+    figure.savefig(buffer, format="png", metadata=metadata)
     return buffer.getvalue()
 
 

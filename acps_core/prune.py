@@ -15,6 +15,7 @@ consumers' input columns.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import os
 import warnings
@@ -23,12 +24,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from google.protobuf import text_format
 from torch import nn
 
-from acps_core.atomic import StrPath, atomic_write_text, check_writable_output
+from acps_core.atomic import StrPath, atomic_write_bytes, atomic_write_text, check_writable_output, reading
 from acps_core.attention import make_prunable, shrink_embed_dim, shrink_heads
-from acps_core.config import parse_prune_config, resolve_layer
+from acps_core.config import parse_prune_config, resolve_layer, validate_override_targets
 from acps_core.data import forward, model_device, tensors_in
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
 from acps_core.graph import (
@@ -42,18 +42,37 @@ from acps_core.graph import (
     build_channel_graph,
     trace_sample,
 )
+from acps_core.loading import load_weights
 from acps_core.masking import masked_channels, output_difference, output_shape_difference, removed_positions
 from acps_core.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
+from acps_core.paths import check_paths
 from acps_core.problem import kept_from_ratio
-from acps_core.proto import scale_offset_record_pb2 as record_pb2
+from acps_core.reading import read_bytes
 from acps_core.reconstruction import LayerInput, reconstructing, recording_layer_inputs
-from acps_core.selection import build_selection, format_selection, selection_path
+from acps_core.selection import (
+    FINGERPRINT_LINE,
+    Selection,
+    build_selection,
+    format_selection,
+    read_header,
+    read_selection,
+    selection_path,
+    weights_fingerprint,
+)
 from acps_core.state import preserved_model_state, preserved_modes
+from acps_core.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_prune_retrain_model", "prune_channels", "replay_prune_record", "restore_prune_retrain_model",
-           "save_prune_retrain_model"]
+__all__ = [
+    "WeightsChangedWarning",
+    "create_prune_retrain_model",
+    "prune_channels",
+    "pruned_with_record",
+    "replay_prune_record",
+    "restore_prune_retrain_model",
+    "save_prune_retrain_model",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,21 +279,27 @@ def _group_kept_count(graph: ChannelGraph, group: ChannelGroup, cfg: Any, config
     return kept if kept < group.channels else None
 
 
-def _read_selection(path: Path) -> dict[str, list[int]]:
-    """Producer name -> removed channel indices, from a selection or record file (empty if there is none)."""
-    if not path.is_file():
-        return {}
-    try:
-        record = text_format.Parse(path.read_text(encoding="utf-8"), record_pb2.ScaleOffsetRecord())
-    except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not a valid prune record (ScaleOffsetRecord text format): {exc}", path=str(path)) from exc
-    removed: dict[str, list[int]] = {}
-    for prune in record.prune_record:
-        for node in prune.producer:
-            for attr in node.attr:
-                if attr.name == "prune_index":
-                    removed[node.name] = list(attr.ints)
-    return removed
+def _check_indices(removed: Mapping[str, Sequence[int]], producers: Mapping[str, ChannelGroup], path: StrPath,
+                   what: str) -> None:
+    """Refuse removed channel indices beyond a layer's channels, or removing all of them.
+
+    Raises:
+        ConfigError: naming the file, the layer and what is wrong.
+    """
+    for name, indices in removed.items():
+        group = producers.get(name)
+        if group is None:
+            continue
+        beyond = [i for i in indices if i >= group.channels]
+        if beyond:
+            raise ConfigError(f'{what} removes channel {max(beyond)} of layer "{name}", which has only '
+                              f"{group.channels} output channels (0..{group.channels - 1}); it was written for "
+                              "another model or edited: search again, or use the file written for this model",
+                              path=os.fspath(path))
+        if len(set(indices)) >= group.channels:
+            raise ConfigError(f'{what} removes all {group.channels} output channels of layer "{name}"; a layer '
+                              "must keep at least one: search again, or use the file written for this model",
+                              path=os.fspath(path))
 
 
 def largest_norm_channels(model: nn.Module, group: ChannelGroup, count: int) -> list[int]:
@@ -295,10 +320,18 @@ def largest_norm_channels(model: nn.Module, group: ChannelGroup, count: int) -> 
     return sorted(set(range(group.channels)) - set(removed))
 
 
-def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Path
-                 ) -> tuple[dict[int, list[int]], bool]:
-    """What each group keeps, and whether every choice came from the search's selection file."""
-    selection = _read_selection(selection_path(config_path))
+def _decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Path,
+                 selection: dict[str, list[int]]) -> tuple[dict[int, list[int]], bool]:
+    """What each group keeps, and whether every choice came from the search's selection file.
+
+    Raises:
+        ConfigError: the config names a layer or type the model does not have (with the closest names), gives a
+            ratio to a layer that cannot be pruned, or the selection file removes channels the model lacks.
+    """
+    # Entries for a norm or depthwise conv that follows a group are allowed (the producers' entries decide).
+    validate_override_targets(cfg, config_path, {name: (info.kind, info.reason) for name, info in graph.layers.items()})
+    _check_indices(selection, {p: g for g in graph.groups for p in g.producers}, selection_path(config_path),
+                   "the selection file")
     keep: dict[int, list[int]] = {}
     searched = True
     for group in graph.groups:
@@ -492,11 +525,18 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     (``<config>.selection``, written by :func:`~acps_core.auto_channel_prune_search`) matches the count, else those
     with the smallest filter L2 norm (the reference's rule).
 
+    The config and its selection file are read together (another acps process cannot replace them meanwhile),
+    and must belong together: a selection file written with another config is an error. Every layer the config
+    names must be a Conv/Linear layer of the model.
+
     Args:
-        model: the trained model; it is not modified (a pruned deep copy is returned).
+        model: the trained model; it is not modified (a pruned deep copy is returned). A model wrapped in
+            ``nn.DataParallel``, ``DistributedDataParallel`` or ``torch.compile`` is pruned through the module
+            inside, and the pruned copy returned is that plain module (wrap it again to train it so).
         input_data: the model's input (a tensor or tuple of tensors) to trace and check the pruned model with.
         config_defination: path of the channel-prune config (the reference's spelling of the parameter).
-        record_file: where to write the prune record (``ScaleOffsetRecord`` text format), atomically.
+        record_file: where to write the prune record (``ScaleOffsetRecord`` text format), atomically; it may not
+            be the config or its selection file.
         calibration_data: acps's addition: real input samples shaped like ``input_data`` (a few are enough, e.g.
             16 images), the search's ``[data, label]`` pair (labels unused), or a DataLoader (its first batch is
             used). With them, the pruned model's BatchNorm running statistics are corrected for the removed
@@ -512,17 +552,44 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
         The pruned model, in the same train/eval mode as ``model``; its output shape is unchanged.
 
     Raises:
-        ConfigError: the config cannot be read, or gives coupled layers different settings.
+        ConfigError: the config cannot be read, names layers or types the model does not have, gives coupled
+            layers different settings, or its selection file belongs to another config or removes channels the
+            model does not have.
         GraphError: the model cannot be traced, or the pruned model does not run.
         DataError: ``input_data`` or ``calibration_data`` is not a tensor, tuple or dict of tensors, or
             ``calibration_data`` does not run through the model or gives NaN/Inf.
-        OutputPathError: ``record_file`` cannot be written.
+        OutputPathError: ``record_file`` cannot be written or is one of the inputs.
     """
+    pruned, record_path, record_text = pruned_with_record(model, input_data, config_defination, record_file,
+                                                          calibration_data=calibration_data, reconstruct=reconstruct)
+    atomic_write_text(record_path, record_text)
+    logger.info("wrote %s", record_path)
+    return pruned
+
+
+class WeightsChangedWarning(UserWarning):
+    """The model's weights differ from those the search that wrote the config ran on."""
+
+
+def pruned_with_record(model: nn.Module, input_data: Any, config_defination: StrPath, record_file: StrPath, *,
+                       calibration_data: Any = None, reconstruct: bool = True,
+                       extra_outputs: Sequence[tuple[str, StrPath | None]] = ()) -> tuple[nn.Module, Path, str]:
+    """What :func:`create_prune_retrain_model` does, without writing the record: returns the pruned model, the
+    record's path (checked writable) and its text, so that a caller can write it with other outputs as one set.
+    ``extra_outputs`` are those other outputs, ``(role, path)``, checked with the record before any work."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, _ = unwrap(model)
     config_path = Path(config_defination)
-    cfg = parse_prune_config(config_path)
-    record_path = check_writable_output(record_file, "record_file")
+    selection_file = selection_path(config_path)
+    record_path = check_paths(reads=[("config_defination", config_path),
+                                     ("the config's selection file", selection_file)],
+                              writes=[("record_file", record_file), *extra_outputs])[0]
     if not isinstance(reconstruct, bool):
         raise ArgumentError(f"reconstruct must be True or False, got {reconstruct!r}")
+    with reading(config_path, selection_file):  # no acps process replaces them while they are read
+        cfg = parse_prune_config(config_path)
+        selection = _selection_of(config_path, selection_file)
     device = model_device(model)
     data = _model_input(input_data, device)
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors_in(data)):
@@ -530,27 +597,55 @@ def create_prune_retrain_model(model: nn.Module, input_data: Any, config_definat
     norm_data = None
     if calibration_data is not None:
         norm_data = _model_input(_inputs_of(calibration_data, data), device, "calibration_data")
-    pruned, graph, keep = _pruned_copy(model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path),
-                                       norm_data, reconstruct)
+    fingerprint = weights_fingerprint(model)
+    if selection is not None and selection.header.fingerprint not in (None, fingerprint):
+        message = (f"the model's weights differ from those auto_channel_prune_search ran on (fingerprint "
+                   f"{fingerprint}, {selection_file.name} says {selection.header.fingerprint}), so the channels it "
+                   "chose may not suit them; prune the trained model the search saw (on the command line: "
+                   "--weights TRAINED.pth when --model names a factory)")
+        warnings.warn(message, WeightsChangedWarning, stacklevel=3)
+        logger.warning(message)
+    removed = selection.removed if selection is not None else {}
+    pruned, graph, keep = _pruned_copy(
+        model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path, removed), norm_data,
+        reconstruct)
     header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
-              "indices removed from each layer.\n")
+              f"indices removed from each layer.\n{FINGERPRINT_LINE}{fingerprint}\n")
     text = format_selection(build_selection(graph, keep), config_path.name).split("\n", 2)[2]
-    atomic_write_text(record_path, header + text)
-    logger.info("pruned %d channel groups; wrote %s", len(keep), record_path)
-    return pruned
+    logger.info("pruned %d channel groups", len(keep))
+    return pruned, record_path, header + text
+
+
+def _selection_of(config_path: Path, selection_file: Path) -> Selection | None:
+    """The config's selection file, checked to belong to it (None when there is none).
+
+    Raises:
+        ConfigError: the selection file carries another output set than the config (it was written by another
+            search, or one of the two was copied or edited since).
+    """
+    if not os.path.lexists(selection_file):
+        return None
+    selection = read_selection(selection_file)
+    config_set = read_header(read_bytes(config_path, "channel-prune config", "config").decode("utf-8",
+                                                                                             "replace")).output_set
+    if config_set is not None and selection.header.output_set is not None and \
+            config_set != selection.header.output_set:
+        raise ConfigError(f"{selection_file.name} belongs to another search (output set "
+                          f"{selection.header.output_set}) than {config_path.name} (output set {config_set}): one of "
+                          "them was replaced or copied since the search wrote them together; search again, or "
+                          "delete the selection file to choose the channels by filter norm",
+                          path=os.fspath(selection_file), line=selection.header.lines.get("output_set"))
+    return selection
 
 
 def read_record(record_file: StrPath) -> dict[str, list[int]]:
     """Producer name -> removed output channel indices, from a prune record file.
 
     Raises:
-        ConfigError: the file is missing or not a valid record.
+        ConfigError: the file is missing, not a regular file, over the size limit, not a valid record, or lists a
+            negative or repeated channel index.
     """
-    path = Path(record_file)
-    if not path.is_file():
-        raise ConfigError("the record file does not exist; pass the record_file that create_prune_retrain_model "
-                          "wrote", path=str(path))
-    return _read_selection(path)
+    return read_selection(record_file, "record file").removed
 
 
 def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: StrPath,
@@ -560,9 +655,11 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
 
     Args:
         model: a newly built model of the same architecture as the one pruned; not modified (a copy is pruned).
+            A wrapped model (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``) is restored
+            through the module inside, which is returned.
         input_data: the model's input, to trace it.
         record_file: the record ``create_prune_retrain_model`` wrote.
-        config_defination: the channel-prune config used then (checked for existence; the record decides).
+        config_defination: the channel-prune config used then (checked to be a valid config; the record decides).
         pth_file: a checkpoint of the pruned, fine-tuned model: a state dict, or a dict holding one under
             ``state_dict_name``. Loaded with ``weights_only=True``: no code in the file is run.
         state_dict_name: the key of the state dict inside the checkpoint, if it is nested.
@@ -576,7 +673,7 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
     """
     parse_prune_config(config_defination)
     pruned = replay_prune_record(model, input_data, record_file)
-    _load_checkpoint(pruned, pth_file, state_dict_name)
+    load_weights(pruned, pth_file, "checkpoint", state_dict_name, role="pruned model")
     return pruned
 
 
@@ -585,9 +682,14 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
     :func:`restore_prune_retrain_model` does before it loads the fine-tuned weights.
 
     Raises:
-        ConfigError: a missing or invalid record, or one that does not fit the model.
+        ConfigError: a missing or invalid record, or one that does not fit the model (a layer it does not have,
+            a channel index beyond a layer's channels, all of a layer's channels removed).
     """
-    removed = read_record(record_file)
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, _ = unwrap(model)
+    with reading(record_file):
+        removed = read_record(record_file)
     data = _model_input(input_data, model_device(model))
 
     def keep_of(copy_: nn.Module, graph: ChannelGraph) -> tuple[dict[int, list[int]], bool]:
@@ -597,6 +699,7 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
         if unknown:
             raise ConfigError(f"the record names {', '.join(unknown[:5])}, which the model has no channel group "
                               "for; restore needs a model of the architecture that was pruned", path=str(record_file))
+        _check_indices(removed, producers, record_file, "the record")
         for name, indices in removed.items():
             group = producers[name]
             kept = [c for c in range(group.channels) if c not in set(indices)]
@@ -608,37 +711,6 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
 
     pruned, _, _ = _pruned_copy(model, data, keep_of)
     return pruned
-
-
-def _load_checkpoint(model: nn.Module, pth_file: StrPath, state_dict_name: str | None) -> None:
-    path = Path(pth_file)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {type(exc).__name__}: "
-                        f"{exc}; save it with torch.save(model.state_dict(), path)") from exc
-    state = checkpoint
-    if state_dict_name is not None:
-        if not isinstance(checkpoint, Mapping) or state_dict_name not in checkpoint:
-            keys = list(checkpoint)[:8] if isinstance(checkpoint, Mapping) else []
-            raise DataError(f"checkpoint {path} has no entry {state_dict_name!r} (it has {keys})")
-        state = checkpoint[state_dict_name]
-    if not isinstance(state, Mapping):
-        raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; pass "
-                        "state_dict_name if the state dict is nested")
-    own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs pruned model {tuple(own[k].shape)}"
-                  for k, v in state.items()
-                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched:
-        raise DataError(f"checkpoint {path} does not fit the pruned model ({'; '.join(mismatched[:4])}); was it "
-                        "saved from a model pruned with this record file?")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise DataError(f"checkpoint {path} does not fit the pruned model: {exc}") from exc
 
 
 def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: Any,
@@ -653,35 +725,36 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
 
     Raises:
         AcpsError: when the ONNX exporter is not installed, or the export fails.
-        OutputPathError: ``save_path`` cannot be written.
+        OutputPathError: ``save_path`` is not a file path or cannot be written.
     """
     from acps_core.errors import AcpsError
 
+    check_writable_output(save_path, "save_path")  # before the name is changed: "." or "dir/" are refused here
     path = Path(save_path)
     if path.suffix != ".onnx":
         path = path.with_name(path.name + ".onnx")
     path = check_writable_output(path, "save_path")
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, _ = unwrap(model)
     try:
         import onnx  # noqa: F401 - the exporter needs it; fail early with the fix
     except ImportError as exc:
         raise AcpsError("exporting to ONNX needs the onnx package: pip install 'acps-core[onnx]'") from exc
     data = _model_input(input_data, model_device(model))
     args = data if isinstance(data, tuple) else (data,)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    exported = io.BytesIO()
     try:
         # The TorchScript exporter (deprecated, still shipped) handles any model that runs; the torch.export one
         # needs onnxscript and an exportable forward, so the reliable path is chosen and its warning silenced.
         with preserved_model_state(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             model.eval()
-            torch.onnx.export(model, args, str(temp), input_names=list(input_names) if input_names else None,
+            torch.onnx.export(model, args, exported,  # type: ignore[arg-type]  # a file object works too
+                              input_names=list(input_names) if input_names else None,
                               output_names=list(output_names) if output_names else None,
                               dynamic_axes=dict(dynamic_axes) if dynamic_axes else None, dynamo=False)
-        os.replace(temp, path)
     except Exception as exc:
         raise AcpsError(f"ONNX export to {path} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        if temp.exists():
-            temp.unlink()
+    atomic_write_bytes(path, exported.getvalue(), "save_path")
     return path
-

@@ -18,8 +18,9 @@ from typing import Any
 
 from acps_core import __version__
 from acps_core.atomic import StrPath, atomic_write_many
-from acps_core.errors import AcpsError, ArgumentError
+from acps_core.errors import ArgumentError, ConfigError
 from acps_core.graph import ChannelGraph
+from acps_core.reading import read_bytes
 from acps_core.result import SearchResult
 
 #: Version of the JSON document's layout; raised when a key changes meaning or disappears.
@@ -49,7 +50,8 @@ def report_data(result: SearchResult, settings: Mapping[str, Any] | None = None,
                 graph: ChannelGraph | None = None) -> dict[str, Any]:
     """The report as a JSON-ready dict: the document :func:`report_json` writes and :func:`report_markdown` shows.
 
-    Keys, in this order: ``report_format``, ``acps_version``, ``output_cfg``, ``selection_file``, ``totals``
+    Keys, in this order: ``report_format``, ``acps_version``, ``output_cfg``, ``selection_file``, ``output_set``
+    (the id the config and selection file carry too, saying they were written together), ``totals``
     (``cost_unit``, ``cost_before``, ``cost_after``; with ``graph`` also ``macs_before``, ``macs_after``,
     ``weights_before``, ``weights_after``; then ``target_ratio``, ``achieved_ratio``, ``target_reached`` and the
     counts ``layers``, ``layers_pruned``, ``layers_left_alone``),
@@ -111,6 +113,7 @@ def report_data(result: SearchResult, settings: Mapping[str, Any] | None = None,
         "acps_version": __version__,
         "output_cfg": os.fspath(result.output_cfg) if result.output_cfg is not None else None,
         "selection_file": os.fspath(result.selection_file) if result.selection_file is not None else None,
+        "output_set": result.output_set,
         "totals": totals,
         "methods": dict(result.methods),
         "notes": list(result.notes),
@@ -204,6 +207,8 @@ def _markdown(data: Mapping[str, Any]) -> str:
         where = f"Channel-prune config `{Path(data['output_cfg']).name}`"
         if data["selection_file"] is not None:
             where += f"; the chosen channels are in `{Path(data['selection_file']).name}`"
+        if data.get("output_set"):
+            where += f" (output set `{data['output_set']}`)"
         lines += [where + ".", ""]
 
     achieved = totals["achieved_ratio"]
@@ -310,26 +315,28 @@ def read_report(path: StrPath) -> dict[str, Any]:
     """Load a JSON report written by :func:`report_json`.
 
     Raises:
-        AcpsError: the file is missing, not JSON (with line and column), or not an acps report.
+        ConfigError: the file is missing, not a regular file, too large, not JSON (with line and column), or not
+            an acps report.
     """
     where = os.fspath(path)
     try:
-        text = Path(where).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AcpsError(f"cannot read the report {where}: {exc.strerror or exc}") from exc
+        text = read_bytes(where, "report", "record").decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise AcpsError(f"{where} is not a text file, so not a JSON report: {exc}") from exc
+        raise ConfigError(f"not a text file, so not a JSON report: {exc}", path=where) from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise AcpsError(f"{where}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); give the "
-                        f"{JSON_SUFFIX} file a search wrote") from exc
+        raise ConfigError(f"not valid JSON ({exc.msg}); give the {JSON_SUFFIX} file a search wrote", path=where,
+                          line=exc.lineno, column=exc.colno) from exc
+    except RecursionError as exc:
+        raise ConfigError(f"not a JSON report (nested too deeply); give the {JSON_SUFFIX} file a search wrote",
+                          path=where) from exc
     if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or "report_format" not in data:
-        raise AcpsError(f"{where} is JSON but not an acps report (no report_format and layers list); give the "
-                        f"{JSON_SUFFIX} file a search wrote")
+        raise ConfigError(f"JSON but not an acps report (no report_format and layers list); give the "
+                          f"{JSON_SUFFIX} file a search wrote", path=where)
     if data["report_format"] != REPORT_FORMAT:
-        raise AcpsError(f"{where} has report_format {data['report_format']!r}; this acps ({__version__}) reads "
-                        f"format {REPORT_FORMAT}; read it with the acps version that wrote it")
+        raise ConfigError(f"report_format {data['report_format']!r}; this acps ({__version__}) reads format "
+                          f"{REPORT_FORMAT}; read it with the acps version that wrote it", path=where)
     return data
 
 

@@ -63,6 +63,8 @@ class SearchResult:
             was kept, for the report's figure.
         timings: seconds the stages took: ``tracing`` (checks, tracing, the execution check, the cost model),
             ``scoring``, ``searching``, ``writing``.
+        output_set: the id written into the config, its selection file and the reports, which says they were
+            written together (``# acps output set: ...``).
     """
 
     layers: dict[str, LayerReport]
@@ -79,6 +81,7 @@ class SearchResult:
     path: list[tuple[float, float]] = field(default_factory=list)
     scores: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    output_set: str | None = None
 
     @property
     def achieved_ratio(self) -> float:

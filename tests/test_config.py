@@ -15,7 +15,6 @@ import pydantic
 import pytest
 from google.protobuf import text_format
 
-from acps_core import config as config_module
 from acps_core.config import (
     AMCTRetrainConfig,
     LayerDecision,
@@ -105,7 +104,7 @@ def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"search config not found; check the path") as error:
+    with pytest.raises(ConfigError, match=r"search config does not exist; check the path") as error:
         load_search_config(tmp_path / "nope.cfg")
     assert error.value.path == os.fspath(tmp_path / "nope.cfg")
 
@@ -148,10 +147,13 @@ def test_empty_file_is_rejected(tmp_path: Path, text: str) -> None:
 
 
 def test_oversized_file_is_rejected_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", 64)
+    monkeypatch.setenv("ACPS_MAX_CONFIG_BYTES", "64")
     path = write(tmp_path, "search.cfg", "compress_ratio: 2\n" + "# padding\n" * 10)
-    with pytest.raises(ConfigError, match=r"over the 64 byte limit; a config holds a few settings"):
+    with pytest.raises(ConfigError, match=r"search config is over the 64 byte limit for config files, so it is "
+                                          r"probably not the file meant; .* ACPS_MAX_CONFIG_BYTES"):
         load_search_config(path)
+    monkeypatch.setenv("ACPS_MAX_CONFIG_BYTES", "128")
+    assert load_search_config(path).compress_ratio == 2
 
 
 def test_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
@@ -308,7 +310,7 @@ def test_spec_prune_config_parses(tmp_path: Path) -> None:
 
 
 def test_prune_config_file_errors_match_the_search_config(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"channel-prune config not found"):
+    with pytest.raises(ConfigError, match=r"channel-prune config does not exist"):
         parse_prune_config(tmp_path / "missing.cfg")
     with pytest.raises(ConfigError, match=r"channel-prune config is empty"):
         parse_prune_config(write(tmp_path, "empty.cfg", "# nothing\n"))

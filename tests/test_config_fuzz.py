@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -47,11 +49,13 @@ def as_float32(value: float) -> float:
     return float(struct.unpack("<f", struct.pack("<f", value))[0])
 
 
-def in_a_file(content: str | bytes, name: str = "search.cfg") -> Path:
-    folder = Path(tempfile.mkdtemp())
-    path = folder / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
-    return path
+@contextmanager
+def in_a_file(content: str | bytes, name: str = "search.cfg") -> Iterator[Path]:
+    """A file holding ``content`` in a folder of its own, removed when the block ends."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+        yield path
 
 
 def loads_or_config_error(load, path: Path) -> None:
@@ -66,16 +70,18 @@ def loads_or_config_error(load, path: Path) -> None:
 def test_any_text_or_bytes_loads_or_is_a_config_error(content) -> None:
     if isinstance(content, str):
         content = content.encode("utf-8", "surrogatepass")
-    for load in (load_search_config, parse_prune_config, load_override_config):
-        loads_or_config_error(load, in_a_file(content))
+    with in_a_file(content) as path:
+        for load in (load_search_config, parse_prune_config, load_override_config):
+            loads_or_config_error(load, path)
 
 
 @FUZZ
 @given(st.lists(line(), max_size=12))
 def test_config_shaped_text_loads_or_is_a_config_error(lines) -> None:
     text = "\n".join(lines) + "\n"
-    for load in (load_search_config, parse_prune_config, load_override_config):
-        loads_or_config_error(load, in_a_file(text))
+    with in_a_file(text) as path:
+        for load in (load_search_config, parse_prune_config, load_override_config):
+            loads_or_config_error(load, path)
 
 
 FINITE_RATIO = st.floats(min_value=1.0001, max_value=1e6, allow_nan=False)
@@ -91,7 +97,8 @@ def test_valid_search_configs_load_exactly_what_they_say(compress, aligned, limi
     fields = [("compress_ratio", repr(compress)), ("ascend_optimized", str(aligned).lower()),
               ("max_prune_ratio", repr(limit)), ("test_iteration", str(passes))]
     lines = [f"{fields[i][0]}{spacing}{fields[i][1]}" + ("  # note" if comment else "") for i in order]
-    loaded = load_search_config(in_a_file("\n".join(lines) + "\n"))
+    with in_a_file("\n".join(lines) + "\n") as path:
+        loaded = load_search_config(path)
     # the fields are 32-bit floats: what loads is the shortest decimal of the 32-bit value
     expected = SearchSettings(compress_ratio=proto_float(as_float32(compress)), ascend_optimized=aligned,
                               max_prune_ratio=proto_float(as_float32(limit)), test_iteration=passes)
@@ -129,14 +136,14 @@ def prune_configs(draw) -> AMCTRetrainConfig:
 @FUZZ
 @given(prune_configs())
 def test_valid_prune_configs_round_trip_through_the_writer_exactly(cfg) -> None:
-    path = in_a_file("", "prune.cfg")
-    try:
-        write_prune_config(path, cfg)
-    except ConfigError:
-        assert not path.read_text(), "a refused config must leave the file as it was"
-        return
-    loaded = parse_prune_config(path)
-    assert format_prune_config(loaded) == format_prune_config(cfg) == path.read_text(encoding="utf-8")
+    with in_a_file("", "prune.cfg") as path:
+        try:
+            write_prune_config(path, cfg)
+        except ConfigError:
+            assert not path.read_text(), "a refused config must leave the file as it was"
+            return
+        loaded = parse_prune_config(path)
+        assert format_prune_config(loaded) == format_prune_config(cfg) == path.read_text(encoding="utf-8")
     for entry, original in zip(loaded.override_layer_configs, cfg.override_layer_configs):
         ratio = entry.prune_config.filter_pruner.balanced_l2_norm_filter_prune.prune_ratio
         assert math.isclose(ratio, original.prune_config.filter_pruner.balanced_l2_norm_filter_prune.prune_ratio)

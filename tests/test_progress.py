@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 
 import pytest
 
-from acps_core.progress import enabled, progress
+from acps_core import progress as progress_module
+from acps_core.progress import enabled, progress, stage
 
 
 class Terminal(io.StringIO):
@@ -19,9 +21,32 @@ def test_a_bar_shows_on_a_terminal_and_items_pass_through(monkeypatch: pytest.Mo
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.delenv("ACPS_PROGRESS", raising=False)
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.0)
     assert enabled()
     assert list(progress(range(5), "calibration passes", 5)) == [0, 1, 2, 3, 4]
     assert "calibration passes" in terminal.getvalue()
+
+
+def test_a_quick_loop_or_step_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("ACPS_PROGRESS", raising=False)
+    assert list(progress(range(3), "calibration passes", 3)) == [0, 1, 2]
+    with stage("tracing the model"):
+        pass
+    assert terminal.getvalue() == ""
+
+
+def test_a_long_step_shows_its_name_and_clock_then_clears_the_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("ACPS_PROGRESS", raising=False)
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.05)
+    with stage("searching (GreedySearch)"):
+        time.sleep(0.3)
+    shown = terminal.getvalue()
+    assert "\racps: searching (GreedySearch) ... 0 s" in shown
+    assert shown.endswith("\r\033[K")
 
 
 @pytest.mark.parametrize("terminal", [False, True])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.errors import AcpsError, ArgumentError
+from acps_core.errors import AcpsError, ArgumentError, ConfigError
 from acps_core.graph import build_channel_graph
 from acps_core.report import (
     explain_text,
@@ -100,7 +100,8 @@ def test_json_holds_the_configuration_used_as_plain_json(result: acps.SearchResu
 def test_json_is_byte_identical_for_the_same_result(result: acps.SearchResult) -> None:
     assert report_json(result, SETTINGS) == report_json(result, dict(SETTINGS))
     assert list(json.loads(report_json(result))) == ["report_format", "acps_version", "output_cfg", "selection_file",
-                                                      "totals", "methods", "notes", "configuration", "layers", "path"]
+                                                     "output_set", "totals", "methods", "notes", "configuration",
+                                                     "layers", "path"]
 
 
 def test_json_stays_strict_when_the_pruned_cost_is_zero(result: acps.SearchResult) -> None:
@@ -211,7 +212,7 @@ def test_read_report_refuses_what_is_not_a_report(tmp_path: Path, content: str, 
     path.write_text(content)
     with pytest.raises(AcpsError, match=message):
         read_report(path)
-    with pytest.raises(AcpsError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"missing\.json: report does not exist; check the path"):
         read_report(tmp_path / "missing.json")
 
 
