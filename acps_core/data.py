@@ -133,7 +133,8 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device,
     Raises:
         DataError: naming what is wrong: not a two-item list, a non-tensor, empty tensors, batch sizes that differ,
             fewer samples than ``test_iteration`` passes need, NaN/Inf values, tensors on the meta device or
-            on another accelerator than the model's, or floating data of another dtype than ``dtype``.
+            on another accelerator than the model's, floating data of another dtype than ``dtype``, or sparse,
+            nested or quantized tensors (see :func:`check_dense`).
     """
     if not isinstance(input_data, (list, tuple)) or len(input_data) != 2:
         got = f"a {type(input_data).__name__}" + (f" of length {len(input_data)}"
@@ -146,6 +147,8 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device,
         raise DataError(f"input_data[0] (data) must be a tensor or a tuple of tensors, got {type(data).__name__}")
     if not isinstance(label, torch.Tensor):
         raise DataError(f"input_data[1] (label) must be a torch.Tensor, got {type(label).__name__}")
+    check_dense(data, "input_data data")
+    check_dense(label, "input_data label")
     batch = inputs[0].shape[0] if inputs[0].dim() else 0
     devices = sorted({str(t.device) for t in [*inputs, label]})
     if len(devices) > 1:
@@ -176,6 +179,35 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device,
     return _map_tensors(data, move), move(label)
 
 
+def check_dense(data: Any, what: str = "input_data") -> None:
+    """Check that every tensor in ``data`` is a plain dense tensor, the only kind acps (and most models) can run.
+
+    Sparse, MKL-DNN, nested and quantized tensors fail deep inside torch with a message about a missing kernel;
+    this names the tensor and how to convert it instead.
+
+    Raises:
+        DataError: naming ``what``, the tensor's layout or dtype, and the conversion to apply.
+    """
+    tensors = tensors_in(data)
+    for index, tensor in enumerate(tensors):
+        name = what if len(tensors) == 1 else f"{what} (tensor {index})"
+        if tensor.is_nested:
+            raise DataError(f"{name} is a nested tensor; acps needs dense tensors, batch first: pad it, e.g. "
+                            "torch.nested.to_padded_tensor(data, 0.0)")
+        if tensor.layout != torch.strided:
+            raise DataError(f"{name} is a {_layout_name(tensor.layout)} tensor (layout {tensor.layout}, shape "
+                            f"{list(tensor.shape)}); acps needs dense tensors: pass data.to_dense()")
+        if tensor.is_quantized:
+            raise DataError(f"{name} is a quantized tensor ({tensor.dtype}, shape {list(tensor.shape)}); acps "
+                            "searches floating-point models on floating-point data: pass data.dequantize()")
+
+
+def _layout_name(layout: torch.layout) -> str:
+    """``sparse`` for every sparse layout (COO, CSR, CSC, BSR, BSC), else the layout's own name."""
+    name = str(layout).replace("torch.", "").lstrip("_")
+    return "sparse" if name.startswith("sparse") else name
+
+
 def split_calibration_data(input_data: Sequence[Any], parts: int) -> list[tuple[Any, torch.Tensor]]:
     """The calibration passes: ``[data, label]`` split into ``parts`` consecutive chunks along dim 0, or a list of
     ``(data, label)`` batches (from an iterable input) as it is."""
@@ -196,10 +228,16 @@ def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
     the batch sizes are checked with the data.
 
     Raises:
-        DataError: when the label fits neither, naming both shapes.
+        DataError: when the label fits neither, naming both shapes; class indices stored as floats (or bools)
+            are told to be passed as ``labels.long()``; complex labels for a real output are refused.
     """
+    if label.is_complex() and not output.is_complex():
+        raise DataError(f"the labels are complex ({label.dtype}) but the model's output is real ({output.dtype}); "
+                        "the default loss would silently drop their imaginary part: pass real labels (e.g. "
+                        "label.real or label.abs()) or a loss_func that takes complex labels")
+    indices = output.dim() >= 2 and label.shape[1:] == output.shape[2:]  # shaped like one class index a row
     if not label.is_floating_point() and not label.is_complex():
-        if label.dtype != torch.bool and output.dim() >= 2 and label.shape[1:] == output.shape[2:]:
+        if label.dtype != torch.bool and indices:
             classes = output.shape[1]
             if bool((label >= 0).all()) and bool((label < classes).all()):
                 return "cross_entropy"
@@ -207,9 +245,27 @@ def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
                             f"output of shape {list(output.shape)}")
     if label.shape[1:] == output.shape[1:]:
         return "l1"
-    raise DataError(f"the label shape {list(label.shape)} does not fit the model output shape "
-                    f"{list(output.shape)}: pass labels shaped like the output (the reference's L1 loss), integer "
-                    "class indices of shape [batch], or a loss_func that accepts them")
+    message = (f"the label shape {list(label.shape)} does not fit the model output shape {list(output.shape)}: "
+               "pass labels shaped like the output (the reference's L1 loss), integer class indices of shape "
+               "[batch], or a loss_func that accepts them")
+    if indices and output.shape[1] >= 2 and _whole_numbers(label):
+        # Class indices that went through a float tensor (a NumPy array, a DataFrame column, torch.tensor([1.])).
+        classes = output.shape[1]
+        if bool((label >= 0).all()) and bool((label < classes).all()):
+            raise DataError(f"the labels ({label.dtype}, shape {list(label.shape)}) look like class indices stored "
+                            f"as {'bools' if label.dtype == torch.bool else 'floats'}: they are whole numbers in "
+                            f"[0, {classes}) for an output of shape {list(output.shape)}; pass labels.long() so the "
+                            "default loss is cross-entropy over the classes")
+        raise DataError(f"{message} (the labels are whole numbers stored as {label.dtype}, like class indices, but "
+                        f"some fall outside [0, {classes}): class indices must be integers in that range)")
+    raise DataError(message)
+
+
+def _whole_numbers(label: torch.Tensor) -> bool:
+    """Whether a float or bool tensor holds only whole numbers (class indices that lost their integer dtype)."""
+    if label.dtype == torch.bool:
+        return True
+    return label.is_floating_point() and bool((label == label.round()).all())
 
 
 def primary_output(output: Any) -> tuple[torch.Tensor | None, str | None]:

@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from acps_core.attention import plain_multihead_attention
 from acps_core.data import forward
-from acps_core.errors import GraphError
+from acps_core.model_checks import explain_trace_failure
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ACPS_DIR = os.path.dirname(__file__)
@@ -1704,6 +1704,8 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
 
     Raises:
         GraphError: when the forward pass raises, naming the error.
+        DataError: when it raises on data whose dtype is not the parameters' and runs once the data is converted
+            (integer, bool or complex images; see :func:`~acps_core.model_checks.explain_trace_failure`).
     """
     module_names: dict[nn.Module, str] = {}
     module_types: dict[str, str] = {}
@@ -1722,15 +1724,18 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     for module in leaf_names:
         handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
         handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
+    failure: Exception | None = None
     try:
         with torch.no_grad(), recorder:
             output = forward(model, sample)
     except Exception as exc:
-        raise GraphError(f"the model raised while tracing it on the calibration data: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        failure = exc
     finally:
         for handle in handles:
             handle.remove()
+    if failure is not None:
+        # Explained once the hooks are gone: a DataError when the data's dtype is at fault, else a GraphError.
+        raise explain_trace_failure(model, sample, failure) from failure
 
     builder = _GroupBuilder(recorder, _shared_weights(model, module_names))
     builder.run()
