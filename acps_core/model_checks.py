@@ -195,11 +195,14 @@ def explain_trace_failure(model: nn.Module, sample: Any, error: Exception) -> Ac
     if len(floating) != 1:
         return fallback
     dtype = floating.pop()
+    complex_model = any(p.is_complex() for p in model.parameters())  # complex data may be its own
     tensors = tensors_in(sample)
-    foreign = [(index, t) for index, t in enumerate(tensors) if t.dtype != dtype]
+    foreign = [(index, t) for index, t in enumerate(tensors)
+               if t.dtype != dtype and not (t.is_complex() and complex_model)]
     if not foreign:
         return fallback
-    converted = _map_tensors(sample, lambda t: _as_dtype(t, dtype) if t.dtype != dtype else t)
+    chosen = {id(t) for _, t in foreign}
+    converted = _map_tensors(sample, lambda t: _as_dtype(t, dtype) if id(t) in chosen else t)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -216,8 +219,8 @@ def explain_trace_failure(model: nn.Module, sample: Any, error: Exception) -> Ac
     else:
         fix = f"convert it, e.g. data.to({dtype})"
         if torch.uint8 in kinds:
-            fix += " (images stored as uint8 usually need scaling as well, e.g. data.float() / 255, and the " \
-                   "normalisation used in training)"
+            fix += (" (images stored as uint8 usually need scaling as well, e.g. data.float() / 255, and the "
+                    "normalisation used in training)")
     return DataError(f"input_data: {what} but the model's parameters are {dtype}; the model fails on it "
                      f"({type(error).__name__}: {str(error).splitlines()[0][:160]}) and runs once the data is "
                      f"converted: {fix}")
@@ -256,8 +259,8 @@ def explain_in_place_failure(model: nn.Module, sample: Any, error: Exception) ->
                     return None
                 total = sum(t.real.sum() for t in outputs)
                 torch.autograd.grad(total, params, allow_unused=True)  # type: ignore[arg-type]
-    except RuntimeError as again:
-        if IN_PLACE_MESSAGE not in str(again):
+    except Exception as again:  # a Ctrl-C still stops everything
+        if not isinstance(again, RuntimeError) or IN_PLACE_MESSAGE not in str(again):
             return None
     else:
         return None

@@ -671,3 +671,44 @@ def test_same_bits_is_exact() -> None:
     assert same_bits(a, a.clone())
     assert not same_bits(torch.tensor([-0.0]), torch.tensor([0.0]))
     assert not same_bits(a, a.double())
+
+
+class ComplexWeights(nn.Module):
+    """A model with complex parameters, whose complex inputs are its own (it fails for another reason)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4, dtype=torch.complex64))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("not today")
+
+
+class RaisesValueError(ConvChain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom")
+
+
+def test_a_trace_failure_is_blamed_on_the_dtype_only_when_converting_fixes_it() -> None:
+    from acps_core.model_checks import explain_trace_failure
+
+    error = ValueError("not today")
+    complex_input = torch.randn(2, 4, dtype=torch.complex64)
+    assert type(explain_trace_failure(ComplexWeights(), complex_input, error)) is GraphError
+    assert type(explain_trace_failure(seeded(TokenModel)(), torch.full((2, 5), 99), error)) is GraphError
+    explained = explain_trace_failure(chain().eval(), torch.zeros(2, 3, 8, 8, dtype=torch.int64), error)
+    assert type(explained) is DataError and "torch.int64" in str(explained)
+
+
+def test_an_in_place_complaint_the_model_does_not_reproduce_is_not_the_models() -> None:
+    from acps_core.model_checks import explain_in_place_failure
+
+    model = chain().eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    complaint = RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                             "inplace operation")
+    assert explain_in_place_failure(model, data()[0][:2], complaint) is None
+    assert explain_in_place_failure(model, data()[0][:2], RuntimeError("something else")) is None
+    assert explain_in_place_failure(RaisesValueError(), data()[0][:2], complaint) is None
+    assert [p.requires_grad for p in model.parameters()] == flags
