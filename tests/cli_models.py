@@ -38,3 +38,9 @@ def needs_arguments(width: int) -> nn.Module:
 def not_a_model() -> str:
     """A factory that returns something other than a module."""
     return "not a model"
+
+
+def untrained_cnn() -> nn.Module:
+    """A factory that builds the architecture with fresh random weights on every call (no seed): the trained
+    weights come from ``--weights``."""
+    return SmallCNN()

@@ -22,8 +22,12 @@ def test_plugins_lists_the_three_built_in_methods(capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.slow
-def test_demo_trains_searches_and_writes_its_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path)]) == EXIT_OK
+def test_demo_trains_searches_and_writes_its_configs_into_a_folder_of_its_own(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == EXIT_OK
+    assert [p.name for p in tmp_path.iterdir()] == ["acps-demo"]  # nothing in the current folder itself
+    tmp_path = tmp_path / "acps-demo"
     out = capsys.readouterr().out
     assert "achieved ratio" in out and "NOT reached" not in out
     figures = out.split("before fine-tuning: ")[1]
@@ -37,12 +41,19 @@ def test_demo_trains_searches_and_writes_its_configs(tmp_path: Path, capsys: pyt
     assert cfg.override_layer_configs
     assert (tmp_path / "demo_prune.cfg.selection").is_file()
     assert (tmp_path / "demo_search.cfg").is_file()
+    assert (tmp_path / "demo_prune.cfg.report.png").is_file()  # in the set the search wrote
+
+
+def test_the_demo_folder_is_ignored_by_git() -> None:
+    ignored = (Path(__file__).resolve().parent.parent / ".gitignore").read_text().splitlines()
+    assert "/acps-demo/" in ignored
 
 
 def test_bad_input_exits_2_with_one_readable_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path / "missing")]) == EXIT_BAD_INPUT
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("acps: error:") and "missing" in err[0]
+    assert err[0].startswith("acps: error:") and "exists and is not a folder" in err[0]
     assert "--debug" in err[1]
 
 
@@ -147,3 +158,93 @@ def test_every_command_has_complete_help(command: str, capsys: pytest.CaptureFix
     assert out.startswith("usage: acps " + command)
     if command not in ("plugins", "demo"):
         assert "--model" in out and ("example" in out)
+
+
+# The command line for real work: trained weights, options anywhere, warnings that say what to do ----------------
+
+def _files(tmp_path: Path) -> dict[str, str]:
+    import torch
+
+    from tests.cli_models import small_cnn
+
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    torch.save([images, labels], tmp_path / "calib.pt")
+    trained = small_cnn()
+    with torch.no_grad():
+        for parameter in trained.parameters():  # "trained": unlike any fresh initialisation
+            parameter.mul_(1.5).add_(0.01)
+    torch.save(trained.state_dict(), tmp_path / "trained.pth")
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    return {name: str(tmp_path / name) for name in ("calib.pt", "trained.pth", "search.cfg", "prune.cfg")}
+
+
+def test_weights_make_search_and_prune_see_the_trained_model(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    import acps_core as acps
+    from tests.cli_models import SmallCNN
+
+    files = _files(tmp_path)
+    model = ["--model", "tests.cli_models:untrained_cnn", "--weights", files["trained.pth"], "--data",
+             files["calib.pt"]]
+    assert main(["search", *model, "--config", files["search.cfg"], "--output", files["prune.cfg"],
+                 "--sensitivity", "GroupMagnitudeSensitivity", "--search", "GlobalRankSearch", "--quiet"]) == EXIT_OK
+    assert main(["prune", *model, "--config", files["prune.cfg"], "--record", str(tmp_path / "p.record"),
+                 "--save", str(tmp_path / "p.pt")]) == EXIT_OK
+    assert "warning" not in capsys.readouterr().err  # the same weights in both steps
+    # the same decision as the API on the trained model itself
+    trained = SmallCNN()
+    trained.load_state_dict(torch.load(files["trained.pth"], weights_only=True))
+    api = acps.create_prune_retrain_model(trained, torch.zeros(2, 3, 8, 8), files["prune.cfg"],
+                                          tmp_path / "api.record")
+    assert (tmp_path / "api.record").read_text() == (tmp_path / "p.record").read_text()
+    saved = torch.load(tmp_path / "p.pt", weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), api.state_dict().values()))
+
+
+def test_a_factory_with_fresh_weights_in_each_step_gets_a_warning_that_says_what_to_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = _files(tmp_path)
+    model = ["--model", "tests.cli_models:untrained_cnn", "--data", files["calib.pt"]]
+    assert main(["search", *model, "--config", files["search.cfg"], "--output", files["prune.cfg"],
+                 "--quiet"]) == EXIT_OK
+    assert main(["prune", *model, "--config", files["prune.cfg"], "--record", str(tmp_path / "p.record")]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert err.startswith("acps: warning: the model's weights differ from those auto_channel_prune_search ran on")
+    assert "--weights TRAINED.pth" in err and "Warning:" not in err  # one readable line, not Python's form
+    # restore without a checkpoint keeps the factory's weights: warned as well, with the options that fix it
+    assert main(["restore", *model, "--config", files["prune.cfg"], "--record", str(tmp_path / "p.record")]) == 0
+    assert "pass --base-weights TRAINED.pth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_debug_work_before_and_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           where: str) -> None:
+    files = _files(tmp_path)
+    argv = ["search", "--model", "tests.cli_models:small_cnn", "--data", files["calib.pt"], "--config",
+            files["search.cfg"], "--output", files["prune.cfg"]]
+    assert main(["--quiet", *argv] if where == "before" else [*argv, "--quiet"]) == EXIT_OK
+    assert capsys.readouterr().out == ""
+    broken = [*argv[:-1], str(tmp_path / "missing" / "prune.cfg")]
+    from acps_core.errors import OutputPathError
+
+    with pytest.raises(OutputPathError):  # --debug: the traceback, not the one-line message
+        main(["--debug", *broken] if where == "before" else [*broken, "--debug"])
+
+
+def test_explain_refuses_a_random_input_that_cannot_fit_in_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--model", "tests.cli_models:small_cnn", "--input-shape", "1,3,99999,99999"]) == 2
+    err = capsys.readouterr().err
+    assert "--input-shape 1,3,99999,99999 is 29,999,400,003 values" in err and "e.g. 1,3,224,224" in err
+
+
+def test_explain_takes_trained_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = _files(tmp_path)
+    assert main(["explain", "--model", "tests.cli_models:untrained_cnn", "--weights", files["trained.pth"],
+                 "--input-shape", "1,3,8,8"]) == EXIT_OK
+    assert "conv1" in capsys.readouterr().out
+    assert main(["explain", "--model", "tests.cli_models:untrained_cnn", "--weights", files["calib.pt"],
+                 "--input-shape", "1,3,8,8"]) == EXIT_BAD_INPUT
+    assert "--weights" in capsys.readouterr().err

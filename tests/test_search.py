@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -377,3 +378,46 @@ def test_a_dataloader_with_too_few_batches_is_a_data_error(tmp_path, chain) -> N
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     with pytest.raises(DataError, match="yields only 2 batches"):
         search(tmp_path, chain, loader, "compress_ratio: 2\ntest_iteration: 3\n")
+
+
+class _DictOutput(nn.Module):
+    """Returns what Hugging Face and detection models return: a dict (or tuple) holding the logits."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self.fc(torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)))
+        probabilities = logits.softmax(dim=1)
+        if self.form == "dict":
+            return {"probabilities": probabilities, "logits": logits}
+        if self.form == "first tensor":
+            return {"scores": logits, "probabilities": probabilities}
+        if self.form == "tensor":
+            return logits
+        return (logits, probabilities)
+
+
+@pytest.mark.parametrize(("form", "where"), [("dict", "its 'logits' entry"),
+                                             ("first tensor", "its first tensor entry 'scores'"),
+                                             ("tuple", "its first element")])
+def test_a_model_returning_a_dict_or_tuple_searches_with_class_labels_and_says_what_it_scored(
+        tmp_path: Path, form: str, where: str) -> None:
+    torch.manual_seed(0)
+    model = _DictOutput(form).eval()
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    result = acps.auto_channel_prune_search(model, str(tmp_path / "search.cfg"), [images, labels],
+                                            str(tmp_path / "prune.cfg"))
+    assert result.target_reached
+    assert any(where in note and "with the labels" in note for note in result.notes), result.notes
+    # the decision is that of the cross-entropy of the logits, as for the model returning the logits alone
+    plain = _DictOutput("tensor").eval()
+    plain.load_state_dict(model.state_dict())
+    reference = acps.auto_channel_prune_search(plain, str(tmp_path / "search.cfg"), [images, labels],
+                                               str(tmp_path / "plain.cfg"))
+    assert result.kept_channels == reference.kept_channels and not reference.notes
