@@ -91,7 +91,7 @@ def test_the_dataparallel_case_end_to_end_is_refused_not_pruned_through_the_glob
     for layer in ("conv1", "conv2", "bn", "fc"):
         text = text.replace(f'"{layer}"', f'"module.{layer}"')
     _write(tmp_path, "dp.cfg", text)
-    with pytest.raises(ConfigError, match="written for the model wrapped in nn.DataParallel"):
+    with pytest.raises(ConfigError, match=r"written for the model wrapped in nn\.DataParallel"):
         create(tmp_path, model(), "dp.cfg")
 
 
