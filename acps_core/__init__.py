@@ -29,7 +29,12 @@ from acps_core.errors import (
 from acps_core.graph import ChannelGraph, ChannelGroup, LayerGeometry, build_channel_graph
 from acps_core.hookspecs import hookimpl
 from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
-from acps_core.prune import create_prune_retrain_model, restore_prune_retrain_model, save_prune_retrain_model
+from acps_core.prune import (
+    WeightsChangedWarning,
+    create_prune_retrain_model,
+    restore_prune_retrain_model,
+    save_prune_retrain_model,
+)
 from acps_core.result import LayerReport, SearchResult
 
 __all__ = [
@@ -54,6 +59,7 @@ __all__ = [
     "SearchRecord",
     "SearchResult",
     "SensitivityBase",
+    "WeightsChangedWarning",
     "__version__",
     "auto_channel_prune_search",
     "build_channel_graph",

@@ -604,7 +604,6 @@ def pruned_with_record(model: nn.Module, input_data: Any, config_defination: Str
                    "chose may not suit them; prune the trained model the search saw (on the command line: "
                    "--weights TRAINED.pth when --model names a factory)")
         warnings.warn(message, WeightsChangedWarning, stacklevel=3)
-        logger.warning(message)
     removed = selection.removed if selection is not None else {}
     pruned, graph, keep = _pruned_copy(
         model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path, removed), norm_data,

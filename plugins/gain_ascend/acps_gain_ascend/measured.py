@@ -40,9 +40,10 @@ from torch.overrides import TorchFunctionMode
 
 from acps_core.atomic import atomic_write_text
 from acps_core.bases import GainEstimatorBase
-from acps_core.errors import ArgumentError
+from acps_core.errors import AcpsError, ArgumentError
 from acps_core.graph import LayerGeometry
 from acps_core.progress import progress
+from acps_core.reading import read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -407,13 +408,13 @@ def _file_for(folder: Path, key: dict[str, Any]) -> Path:
 def _load(folder: Path, key: dict[str, Any]) -> LatencyTable | None:
     path = _file_for(folder, key)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(path, "latency cache", "record").decode("utf-8"))
         if data["key"] != key:
             return None
         return LatencyTable(key, [int(c) for c in data["in"]], [int(c) for c in data["out"]],
                             [[float(v) for v in row] for row in data["ms"]], bool(data.get("depthwise")))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # missing or unreadable: measured again and rewritten
+    except (AcpsError, OSError, ValueError, KeyError, TypeError):
+        return None  # missing, unreadable or not a regular file: measured again and rewritten
 
 
 def _store(folder: Path, table: LatencyTable) -> None:
