@@ -133,7 +133,7 @@ def _build_model(args: argparse.Namespace, weights: str | None = "weights") -> A
         sys.path.insert(0, os.getcwd())
     model = load_model(args.model, allow_pickle=args.allow_pickle)
     path = getattr(args, weights, None) if weights else None
-    if path is not None:
+    if weights and path is not None:
         load_weights(model, path, "--" + weights.replace("_", "-"))
     return model
 

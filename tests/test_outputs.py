@@ -29,6 +29,7 @@ import acps_core as acps
 from acps_core.atomic import atomic_write_many, recover
 from acps_core.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from acps_core.errors import ArgumentError, ConfigError, DataError, OutputPathError
+from acps_core.journal import inode
 from tests import write_worker
 from tests.model_snapshot import ModelSnapshot
 from tests.write_worker import data, litter, model, set_ids
@@ -436,19 +437,70 @@ def test_a_search_without_the_figure_removes_the_figure_of_an_earlier_one(tmp_pa
     assert ids.pop("prune.cfg.report.png") is None and set(ids.values()) == {result.output_set}
 
 
+def _journal(folder: Path, steps: list[dict[str, Any]], name: str = ".a.cfg.feedbeef.acps-journal") -> None:
+    for step in steps:
+        step["temp_inode"] = inode(step["temp"]) if step["temp"] else None
+        step.setdefault("old", None)
+    (folder / name).write_text(json.dumps({"acps_journal": 1, "steps": steps}))
+
+
 def test_leftovers_of_a_killed_write_are_cleaned_and_a_committed_journal_finished(tmp_path: Path) -> None:
     (tmp_path / "a.cfg").write_text("old a\n")
     (tmp_path / "b.cfg").write_text("old b\n")
     (tmp_path / ".a.cfg.0123abcd.acps-tmp").write_text("new a\n")
     (tmp_path / ".b.cfg.4567cdef.acps-tmp").write_text("new b\n")
-    (tmp_path / ".a.cfg.89abcdef.acps-old").write_text("old a\n")
+    os.link(tmp_path / "a.cfg", tmp_path / ".a.cfg.89abcdef.acps-old")
     (tmp_path / ".x.cfg.00000000.acps-tmp").write_text("a temporary file of a write that never committed\n")
-    steps = [{"target": str(tmp_path / "a.cfg"), "temp": str(tmp_path / ".a.cfg.0123abcd.acps-tmp"),
-              "old": str(tmp_path / ".a.cfg.89abcdef.acps-old")},
-             {"target": str(tmp_path / "b.cfg"), "temp": str(tmp_path / ".b.cfg.4567cdef.acps-tmp"), "old": None}]
-    (tmp_path / ".a.cfg.feedbeef.acps-journal").write_text(json.dumps({"acps_journal": 1, "steps": steps}))
+    _journal(tmp_path, [{"target": str(tmp_path / "a.cfg"), "temp": str(tmp_path / ".a.cfg.0123abcd.acps-tmp"),
+                         "old": str(tmp_path / ".a.cfg.89abcdef.acps-old")},
+                        {"target": str(tmp_path / "b.cfg"), "temp": str(tmp_path / ".b.cfg.4567cdef.acps-tmp")}])
+    os.replace(tmp_path / ".a.cfg.0123abcd.acps-tmp", tmp_path / "a.cfg")  # killed after the first step
     recover(tmp_path)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.cfg": "new a\n", "b.cfg": "new b\n"}
+
+
+def test_a_journal_whose_files_were_cleaned_elsewhere_is_undone_not_half_finished(tmp_path: Path) -> None:
+    """A kill between the journal copies of two folders: the folder without a copy lost its temporary files to a
+    later cleanup, so the write cannot be finished; the done steps get their old files back."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / "r.record").write_text("old record\n")
+    (one / ".r.record.0123abcd.acps-tmp").write_text("new record\n")
+    os.link(one / "r.record", one / ".r.record.89abcdef.acps-old")
+    (two / ".p.pt.4567cdef.acps-tmp").write_text("new model\n")
+    (two / "p.pt").write_text("old model\n")
+    _journal(one, [{"target": str(one / "r.record"), "temp": str(one / ".r.record.0123abcd.acps-tmp"),
+                    "old": str(one / ".r.record.89abcdef.acps-old")},
+                   {"target": str(two / "p.pt"), "temp": str(two / ".p.pt.4567cdef.acps-tmp")}],
+             ".r.record.feedbeef.acps-journal")
+    os.replace(one / ".r.record.0123abcd.acps-tmp", one / "r.record")
+    recover(two)  # no journal copy there: its temporary file looks like any leftover
+    recover(one)
+    assert (one / "r.record").read_text() == "old record\n" and (two / "p.pt").read_text() == "old model\n"
+    assert litter(one) == [] and litter(two) == []
+
+
+def test_a_write_spanning_a_folder_another_process_holds_waits_for_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / ".r.record.0123abcd.acps-tmp").write_text("new record\n")
+    _journal(one, [{"target": str(one / "r.record"), "temp": str(one / ".r.record.0123abcd.acps-tmp")},
+                   {"target": str(two / "p.pt"), "temp": None}], ".r.record.feedbeef.acps-journal")
+    holder = os.open(two, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(OutputPathError, match=r"an interrupted write of .*r\.record is still to be finished"):
+            atomic_write_many({one / "r.record": "newer\n"})
+        assert (one / ".r.record.0123abcd.acps-tmp").exists()  # kept for the journal
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    atomic_write_many({one / "r.record": "newer\n"})  # the journal is finished first, then the new write
+    assert (one / "r.record").read_text() == "newer\n" and litter(one) == []
 
 
 def test_a_write_meets_no_leftovers_of_other_writes_and_leaves_none(tmp_path: Path) -> None:

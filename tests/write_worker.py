@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core import atomic
+from acps_core import atomic, journal
 from acps_core.selection import read_header
 
 STEPS = ("open", "fsync", "replace", "rename", "link", "remove", "unlink")
@@ -116,7 +116,7 @@ def arm(kill_at: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return inside
 
     atomic._transaction = counted(atomic._transaction)
-    atomic.recover = counted(atomic.recover)
+    journal.recover = counted(journal.recover)
     return counted
 
 
