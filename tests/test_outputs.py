@@ -397,8 +397,10 @@ def test_a_search_killed_at_any_step_leaves_a_reader_one_complete_set_and_no_lit
 
 @POSIX
 @pytest.mark.slow
-def test_acps_prune_killed_at_any_step_leaves_the_record_and_the_saved_model_of_one_run(tmp_path: Path) -> None:
-    lines = _worker("kill", str(tmp_path), "prune")
+@pytest.mark.parametrize("where", ["prune", "prune-two-folders"])
+def test_acps_prune_killed_at_any_step_leaves_the_record_and_the_saved_model_of_one_run(tmp_path: Path,
+                                                                                        where: str) -> None:
+    lines = _worker("kill", str(tmp_path), where)
     kills, last = lines[:-1], lines[-1]
     assert last["steps"] == len(kills) >= 10
     first, finished = kills[0], last["finished"]

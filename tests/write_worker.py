@@ -86,7 +86,7 @@ def set_ids(folder: Path) -> dict[str, str | None]:
 
 
 def litter(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".acps-" in p.name)
+    return sorted(p.name for p in folder.iterdir() if ".acps-" in p.name) if folder.is_dir() else []
 
 
 def arm(kill_at: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -127,11 +127,13 @@ def kill_each_step(folder: Path, what: str) -> None:
     pristine = folder / "pristine"
     work.mkdir()
     search(work, 1.5)  # the old set
-    if what == "prune":
+    if what.startswith("prune"):
         from acps_core.cli import main
 
+        saved = work / "models" / "p.pt" if what == "prune-two-folders" else work / "p.pt"
+        saved.parent.mkdir(exist_ok=True)
         base = ["prune", "--model", "tests.write_worker:model", "--data", str(work / "calib.pt"), "--config",
-                str(work / "prune.cfg"), "--record", str(work / "p.record"), "--save", str(work / "p.pt")]
+                str(work / "prune.cfg"), "--record", str(work / "p.record"), "--save", str(saved)]
         torch.save(data()[0], work / "calib.pt")
         assert main([*base, "--quiet"]) == 0  # the old record and model
         search(work, 2.5)  # the config the forked processes prune with: a new record and model
@@ -171,10 +173,13 @@ def after_kill(work: Path, what: str) -> dict[str, Any]:
         return {**raw, "ids": set_ids(work), "litter_after_reading": litter(work)}
     from acps_core.atomic import locked_folders
 
-    with locked_folders([work]):  # what the next acps call does first
+    models = work / "models"
+    raw["litter"] += litter(models)
+    with locked_folders([work, models] if models.is_dir() else [work]):  # what the next acps prune does first
         pass
-    pruned = torch.load(work / "p.pt", weights_only=False)
-    return {**raw, "litter_after_reading": litter(work), "record": (work / "p.record").read_text(),
+    saved = models / "p.pt" if (models / "p.pt").exists() else work / "p.pt"
+    pruned = torch.load(saved, weights_only=False)
+    return {**raw, "litter_after_reading": litter(work) + litter(models), "record": (work / "p.record").read_text(),
             "saved_conv2": int(pruned.conv2.out_channels)}
 
 
