@@ -29,7 +29,7 @@ from torch import nn
 from acps_core.atomic import StrPath, atomic_write_bytes, atomic_write_text, check_writable_output, reading
 from acps_core.attention import make_prunable, shrink_embed_dim, shrink_heads
 from acps_core.config import parse_prune_config, resolve_layer, validate_override_targets
-from acps_core.data import forward, model_device, tensors_in
+from acps_core.data import check_dense, forward, model_device, tensors_in
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError
 from acps_core.graph import (
     CONV_TYPES,
@@ -44,6 +44,7 @@ from acps_core.graph import (
 )
 from acps_core.loading import load_weights
 from acps_core.masking import masked_channels, output_difference, output_shape_difference, removed_positions
+from acps_core.model_checks import check_initialized, check_model
 from acps_core.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
 from acps_core.paths import check_paths
 from acps_core.problem import kept_from_ratio
@@ -59,7 +60,7 @@ from acps_core.selection import (
     selection_path,
     weights_fingerprint,
 )
-from acps_core.state import preserved_model_state, preserved_modes
+from acps_core.state import parameters_left_alone, preserved_model_state, preserved_modes
 from acps_core.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
@@ -591,12 +592,15 @@ def pruned_with_record(model: nn.Module, input_data: Any, config_defination: Str
         cfg = parse_prune_config(config_path)
         selection = _selection_of(config_path, selection_file)
     device = model_device(model)
+    check_model(model)  # before anything reads the weights: a lazy module cannot be read
     data = _model_input(input_data, device)
+    check_dense(data, "input_data")
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors_in(data)):
         raise DataError("input_data holds NaN or Inf: pass real, finite input samples")
     norm_data = None
     if calibration_data is not None:
         norm_data = _model_input(_inputs_of(calibration_data, data), device, "calibration_data")
+        check_dense(norm_data, "calibration_data")
     fingerprint = weights_fingerprint(model)
     if selection is not None and selection.header.fingerprint not in (None, fingerprint):
         message = (f"the model's weights differ from those auto_channel_prune_search ran on (fingerprint "
@@ -605,9 +609,10 @@ def pruned_with_record(model: nn.Module, input_data: Any, config_defination: Str
                    "--weights TRAINED.pth when --model names a factory)")
         warnings.warn(message, WeightsChangedWarning, stacklevel=3)
     removed = selection.removed if selection is not None else {}
-    pruned, graph, keep = _pruned_copy(
-        model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path, removed), norm_data,
-        reconstruct)
+    with parameters_left_alone(model):  # the copy shares the user's tensors while it is traced
+        pruned, graph, keep = _pruned_copy(
+            model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path, removed), norm_data,
+            reconstruct)
     header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
               f"indices removed from each layer.\n{FINGERPRINT_LINE}{fingerprint}\n")
     text = format_selection(build_selection(graph, keep), config_path.name).split("\n", 2)[2]
@@ -687,9 +692,11 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, _ = unwrap(model)
+    check_initialized(model)  # not check_weights: a fresh model awaiting a checkpoint may hold anything
     with reading(record_file):
         removed = read_record(record_file)
     data = _model_input(input_data, model_device(model))
+    check_dense(data, "input_data")
 
     def keep_of(copy_: nn.Module, graph: ChannelGraph) -> tuple[dict[int, list[int]], bool]:
         keep: dict[int, list[int]] = {}
@@ -708,7 +715,8 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
             keep[group.id] = kept
         return keep, True  # the record was written by create_prune_retrain_model, which checked it
 
-    pruned, _, _ = _pruned_copy(model, data, keep_of)
+    with parameters_left_alone(model):
+        pruned, _, _ = _pruned_copy(model, data, keep_of)
     return pruned
 
 
@@ -736,11 +744,13 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, _ = unwrap(model)
+    check_initialized(model)
     try:
         import onnx  # noqa: F401 - the exporter needs it; fail early with the fix
     except ImportError as exc:
         raise AcpsError("exporting to ONNX needs the onnx package: pip install 'acps-core[onnx]'") from exc
     data = _model_input(input_data, model_device(model))
+    check_dense(data, "input_data")
     args = data if isinstance(data, tuple) else (data,)
     exported = io.BytesIO()
     try:

@@ -23,7 +23,7 @@ import acps_core as acps
 from acps_core.data import check_dense
 from acps_core.errors import AcpsError, ConfigError, DataError, GraphError, PluginError
 from acps_core.model_checks import check_initialized, check_model, check_weights, same_bits
-from acps_core.state import CopyOnWrite, PreservedState, parameters_left_alone, preserved_model_state
+from acps_core.state import CopyOnWrite, PreservedState, preserved_model_state
 from acps_sensitivity_taylor import BalancedL2NormSensitivity
 from tests.model_snapshot import ModelSnapshot
 from tests.models import ConvChain
@@ -601,8 +601,8 @@ def test_check_dense_names_the_input(value: Any, words: tuple[str, ...]) -> None
                          ids=["mul_", ".data", ".data =", "nn.init"])
 def test_parameters_left_alone_around_create_restores_and_names(tmp_path: Path, factory: Any) -> None:
     """create_prune_retrain_model prunes a copy that shares the user's tensors; a writing forward pass reaches
-    the user's model. Wrapped in parameters_left_alone (as prune.py does around its pruned copy), the model comes
-    back bit for bit and the error names the parameter."""
+    the user's model. prune.py wraps the pruned copy in parameters_left_alone: the model comes back bit for bit
+    and the error names the parameter."""
     (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -613,13 +613,10 @@ def test_parameters_left_alone_around_create_restores_and_names(tmp_path: Path, 
     snapshot = ModelSnapshot.take(model)
     with pytest.raises(GraphError) as info, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with parameters_left_alone(model):
-            acps.create_prune_retrain_model(model, data()[0][:2], tmp_path / "prune.cfg", tmp_path / "prune.record")
+        acps.create_prune_retrain_model(model, data()[0][:2], tmp_path / "prune.cfg", tmp_path / "prune.record")
     assert "were changed in place" in str(info.value) and "make forward() leave" in str(info.value)
     snapshot.assert_same(model)
-    after = folder_state(tmp_path)
-    after.pop("prune.record", None)  # without the wiring, create itself may still write it
-    assert after == before
+    assert folder_state(tmp_path) == before  # no record written
 
 
 def test_parameters_left_alone_lets_acps_masking_through() -> None:
@@ -712,3 +709,56 @@ def test_an_in_place_complaint_the_model_does_not_reproduce_is_not_the_models() 
     assert explain_in_place_failure(model, data()[0][:2], RuntimeError("something else")) is None
     assert explain_in_place_failure(RaisesValueError(), data()[0][:2], complaint) is None
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def _searched(folder: Path) -> Path:
+    (folder / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acps.auto_channel_prune_search(chain(), str(folder / "search.cfg"), data(), str(folder / "prune.cfg"))
+        acps.create_prune_retrain_model(chain(), data()[0][:2], folder / "prune.cfg", folder / "prune.record")
+    return folder
+
+
+def _nan_chain() -> nn.Module:
+    model = chain()
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("nan")
+    return model
+
+
+DOWNSTREAM: dict[str, tuple[type[Exception], tuple[str, ...], Any]] = {
+    "create: a lazy module": (GraphError, ("lazy modules", "run one forward pass with a real batch first"),
+                              lambda f: acps.create_prune_retrain_model(Lazy(), data()[0][:2], f / "prune.cfg",
+                                                                        f / "new.record")),
+    "create: a NaN weight": (GraphError, ("parameter conv2.weight", "NaN"),
+                             lambda f: acps.create_prune_retrain_model(_nan_chain(), data()[0][:2],
+                                                                       f / "prune.cfg", f / "new.record")),
+    "create: sparse input_data": (DataError, ("input_data", "to_dense()"),
+                                  lambda f: acps.create_prune_retrain_model(chain(), data()[0][:2].to_sparse(),
+                                                                            f / "prune.cfg", f / "new.record")),
+    "create: sparse calibration_data": (DataError, ("calibration_data", "to_dense()"),
+                                        lambda f: acps.create_prune_retrain_model(
+                                            chain(), data()[0][:2], f / "prune.cfg", f / "new.record",
+                                            calibration_data=data()[0].to_sparse())),
+    "restore: a lazy module": (GraphError, ("lazy modules",), lambda f: acps.restore_prune_retrain_model(
+        Lazy(), data()[0][:2], f / "prune.record", f / "prune.cfg", f / "w.pth")),
+    "restore: sparse input_data": (DataError, ("to_dense()",), lambda f: acps.restore_prune_retrain_model(
+        chain(), data()[0][:2].to_sparse(), f / "prune.record", f / "prune.cfg", f / "w.pth")),
+    "save: a lazy module": (GraphError, ("lazy modules",), lambda f: acps.save_prune_retrain_model(
+        Lazy(), f / "m.onnx", data()[0][:2])),
+    "save: sparse input_data": (DataError, ("to_dense()",), lambda f: acps.save_prune_retrain_model(
+        chain(), f / "m.onnx", data()[0][:2].to_sparse())),
+}
+
+
+@pytest.mark.parametrize("name", list(DOWNSTREAM))
+def test_the_downstream_calls_name_a_bad_model_or_input_and_write_nothing(tmp_path: Path, name: str) -> None:
+    error, words, call = DOWNSTREAM[name]
+    before = folder_state(_searched(tmp_path))
+    with pytest.raises(error) as info:
+        call(tmp_path)
+    assert "ONNX export" not in str(info.value)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+    assert folder_state(tmp_path) == before
