@@ -5,11 +5,14 @@ rank passes its own shard of the calibration data. acps then:
 
 - traces and checks the model on rank 0's first samples (broadcast), so every rank builds the same graph, as a
   single process would from the first samples of the union;
-- combines the sensitivity statistics across ranks where they are computed. The Taylor methods all-reduce each
-  pass's signed first-order terms weighted by the shard's size before taking the absolute value (or square), so
-  the scores are exactly those of one process whose passes are the union of the shards' passes (with a loss
-  that is a mean over the batch, as the default ones are). Scores of methods that do not combine them (other
-  plugins) are averaged over the ranks, and the result says so;
+- combines the sensitivity statistics across ranks where they are computed, so that every built-in method gives
+  exactly the scores of one process whose pass ``p`` is every rank's ``p``-th part of its shard, in rank order
+  (the union). The Taylor methods all-reduce each pass's signed first-order terms weighted by the shard's size
+  before taking the absolute value (or square), with a loss that is a mean over the batch, as the default ones
+  are; they decide whether to fall back to the label-free score on sums over the union, and that score draws
+  its random directions for the union's samples. ``MeasuredSensitivity`` measures on the union's first samples,
+  gathered to every rank. Scores of methods that do not combine them (other plugins) are averaged over the
+  ranks, and the result says so;
 - runs the search on every rank and keeps rank 0's decision; only rank 0 writes files, and every rank returns
   the same result once they are written.
 
@@ -100,6 +103,22 @@ class Communicator:
         combined = tensor.detach().to(self.device(), copy=True)
         dist.all_reduce(combined)
         return combined.to(tensor.device, tensor.dtype)
+
+    def each(self, values: list[float]) -> list[list[float]]:
+        """Every rank's ``values`` (the same number of them on every rank), in rank order: one small all-reduce."""
+        if not self.distributed:
+            return [list(values)]
+        slots = torch.zeros(self.size, len(values), dtype=torch.float64)
+        slots[self.rank] = torch.tensor(values, dtype=torch.float64)
+        return self.sum(slots).tolist()  # type: ignore[no-any-return]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value`` (any picklable object; tensors best on the CPU), in rank order."""
+        if not self.distributed:
+            return [value]
+        found: list[Any] = [None] * self.size
+        dist.all_gather_object(found, value)
+        return found
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank."""

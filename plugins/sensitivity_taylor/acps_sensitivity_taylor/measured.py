@@ -18,6 +18,9 @@ layer-wise sensitivity analysis of Han et al., "Learning both Weights and Connec
 Networks", NeurIPS 2015, and of NetAdapt (Yang et al., ECCV 2018), here per coupled channel group.
 
 Cost: ``levels`` masked forward passes over at most ``max_samples`` calibration samples per group.
+
+Across ``torch.distributed`` ranks the samples are the first ``max_samples`` of the union of every rank's first
+pass, in rank order, gathered to every rank: every rank measures what one process would, and gives its scores.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from acps_core.bases import SensitivityBase
-from acps_core.data import forward, tensors_in
+from acps_core.data import forward, primary_output
+from acps_core.distributed import Communicator
 from acps_core.errors import ArgumentError, DataError
 from acps_core.graph import channel_atoms, trace_sample
 from acps_core.masking import masked_channels
@@ -65,8 +69,7 @@ class MeasuredSensitivity(SensitivityBase):
         """Set ``record.sensitivity`` for every record (see the module docs)."""
         assert self.model is not None and self.graph is not None, "setup_initialization was not called"
         model, graph = self.model, self.graph
-        data, label = self.calibration_batches()[0]
-        data, label = trace_sample(data, self.max_samples), trace_sample(label, self.max_samples)
+        data, label = self._first_samples()
         with torch.no_grad():
             reference = _first_tensor(forward(model, data))
             samples = reference.shape[0] if reference.dim() else 1
@@ -85,6 +88,20 @@ class MeasuredSensitivity(SensitivityBase):
                             measured[depth] = max(0.0, distance(forward(model, data)) - baseline)
                     record.sensitivity = _spread(atoms, record.channels, measured, norms)
 
+    def _first_samples(self) -> tuple[Any, torch.Tensor]:
+        """The first ``max_samples`` samples of the first calibration pass: of the union of every rank's first
+        pass (in rank order) under ``torch.distributed``, on every rank, as one process would take them."""
+        data, label = self.calibration_batches()[0]
+        data, label = trace_sample(data, self.max_samples), trace_sample(label, self.max_samples)
+        comm = Communicator.current()
+        if not comm.distributed:
+            return data, label
+        device = label.device
+        # Each rank sends at most max_samples of its own; the union's first max_samples are among them.
+        parts = comm.gather(_to((data, label), torch.device("cpu")))
+        data, label = _to(trace_sample(_concatenated(parts), self.max_samples), device)
+        return data, label
+
     def _distance_to(self, reference: torch.Tensor, label: Any) -> Callable[[Any], float]:
         """How far an output is from the unpruned model's (or, with ``loss_func``, its loss)."""
         if self.loss_func is not None:
@@ -100,10 +117,36 @@ class MeasuredSensitivity(SensitivityBase):
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    found = tensors_in(output)
-    if not found:
-        raise DataError("MeasuredSensitivity needs a model that returns a tensor")
-    return found[0]
+    """The output tensor measured: the model's output, or the one the default loss would read in a dict,
+    ``ModelOutput`` or tuple (its logits, else its first tensor)."""
+    found, _ = primary_output(output)
+    if found is None:
+        raise DataError(f"MeasuredSensitivity needs a model that returns a tensor (or a dict, ModelOutput or tuple "
+                        f"holding one); this one returns a {type(output).__name__} holding none")
+    return found
+
+
+def _to(data: Any, device: torch.device) -> Any:
+    """``data`` (tensors, or tuples, lists and dicts of them) on ``device``."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, (tuple, list)):
+        return type(data)(_to(item, device) for item in data)
+    if isinstance(data, dict):
+        return {key: _to(value, device) for key, value in data.items()}
+    return data
+
+
+def _concatenated(parts: list[Any]) -> Any:
+    """The ranks' parts (the same structure of tensors on each) joined along the batch dimension, in order."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concatenated([part[i] for part in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {key: _concatenated([part[key] for part in parts]) for key in first}
+    return first
 
 
 def _finite(value: float) -> float:

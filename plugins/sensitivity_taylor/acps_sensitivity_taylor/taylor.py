@@ -7,12 +7,30 @@ input columns). Scores are accumulated over the ``test_iteration`` calibration p
 Molchanov et al., "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017, with
 the group sum of Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
 
-A degenerate loss is detected: users without labels often pass the model's own outputs, which makes the L1 loss
-exactly 0 and every gradient vanish, or random labels (the reference's example, ``torch.randn(output.size())``),
-which make the gradient point in a random direction; output-shaped labels whose correlation with the outputs is
-below 0.1 count as random. The method then scores channels by the first-order change of the model output they
-cause, estimated with random projections of the output (a label-free, Fisher-style criterion), and says so in
-``notes``.
+A degenerate loss is detected. Users without labels often pass the model's own outputs, which makes the L1 loss
+0 and its gradient vanish (or, where the outputs were computed in other batches, rounding noise); others pass
+random labels (the reference's example, ``torch.randn(output.size())``), which make the gradient point in a
+random direction. Output-shaped labels within 0.1 % (relative RMS) of the outputs count as the outputs, and
+those whose correlation with the outputs is below 0.1 count as random; a loss that gives no gradient at all in
+any pass is degenerate too. The method then scores channels by the first-order change of the model output they
+cause (a label-free, Fisher-style criterion), and says so in ``notes``.
+
+The label-free estimate. Each sample ``n`` of a pass gets its own random direction ``r_n`` (standard normal,
+shaped like its output), drawn from a generator seeded by ``seed``, the pass and the sample's index in the pass.
+The pass's ``N`` samples are split into ``K = min(8, N)`` consecutive chunks; each chunk runs one forward and one
+backward of ``sum_n r_n . f_n / N`` over its samples, which gives ``t_kc = sum_(n in chunk k) r_n . J_n w_c / N``
+for every channel ``c`` (``J_n w_c``: the first-order change of sample ``n``'s output when channel ``c`` goes).
+As ``E[t_kc^2] = sum_(n in chunk k) |J_n w_c|^2 / N^2``, the sum of ``t_kc^2`` over the chunks has the
+expectation of the square of one random projection of the whole pass, ``E_r[(r . J w_c)^2]``, with ``K``
+degrees of freedom, like ``K`` such projections, for the cost of one forward and backward pass over the
+samples. The channel's score is the square root of those sums over the passes. Output-shaped labels make every
+pass run its forward in these chunks, so a pass whose labels turn out degenerate is scored from that forward.
+
+Across ``torch.distributed`` ranks a pass is the union of every rank's part of it, in rank order (see
+:mod:`acps_core.distributed`): the label checks use sums over the union, the sample indices, chunks and random
+directions are the union's, each rank runs the part of each chunk it holds, and the chunks' terms (for the
+element-wise ``GroupTaylorSensitivity``, their gradients) are summed over the ranks. Every method here then
+gives the scores of one process on the union, on the loss path and on the label-free one.
 """
 
 from __future__ import annotations
@@ -20,12 +38,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
 from acps_core.bases import SensitivityBase
-from acps_core.data import default_loss, forward
+from acps_core.data import default_loss, forward, primary_output
 from acps_core.distributed import Communicator
 from acps_core.errors import ArgumentError, DataError
 from acps_core.graph import ParamSlice
@@ -34,10 +53,14 @@ from acps_core.progress import progress
 
 logger = logging.getLogger(__name__)
 
-#: Random output projections per calibration pass for the label-free fallback.
-FALLBACK_PROJECTIONS = 8
+#: Chunks per calibration pass of the label-free estimate (each chunk's samples have their own random directions).
+FALLBACK_CHUNKS = 8
 #: Below this absolute correlation between outputs and output-shaped labels, the labels are taken as noise.
 UNRELATED_LABEL_CORRELATION = 0.1
+#: Output-shaped labels within this relative RMS distance of the outputs are taken as the model's own outputs.
+OWN_OUTPUT_TOLERANCE = 1e-3
+
+Slices = dict[int, list[tuple[ParamSlice, torch.nn.Parameter]]]
 
 
 class TaylorLossSensitivity(SensitivityBase):
@@ -46,7 +69,7 @@ class TaylorLossSensitivity(SensitivityBase):
     Args:
         loss_func: ``loss_func(output, label) -> scalar``. By default the reference's L1 between output and
             label, or cross-entropy when the labels are integer class indices.
-        seed: seed of the random projections used by the label-free fallback (results are reproducible).
+        seed: seed of the random directions used by the label-free fallback (results are reproducible).
         normalize: divide each group's scores by their mean (off by default, as in the reference).
     """
 
@@ -76,63 +99,44 @@ class TaylorLossSensitivity(SensitivityBase):
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the class docs)."""
         assert self.model is not None and self.graph is not None, "setup_initialization was not called"
-        model = self.model
-        slices = {r.group_id: self._slices(r) for r in search_records}
-        params = list({id(p): p for group in slices.values() for _, p in group}.values())
-        for param in params:
-            param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
-
+        uses, params = self._prepare(search_records)
         comm = Communicator.current()
-        scores = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in search_records}
+        name = type(self).__name__
+        scores = _zeros(search_records)
+        squares = _zeros(search_records)  # the label-free estimate, over the passes in ``label_free``
+        label_free: set[int] = set()
+        degenerate: str | None = None
         any_gradient = False
-        unrelated: str | None = None
         batches = self.calibration_batches()
-        for index, (data, label) in enumerate(progress(batches, f"{type(self).__name__}: calibration passes",
-                                                       len(batches))):
-
-            def one_pass(data: Any = data, label: Any = label) -> tuple[str | None, tuple[Any, ...], bool]:
-                """This rank's gradients of one pass (none if the labels are unrelated)."""
-                with torch.enable_grad():
-                    output = forward(model, data)
-                    why = self._unrelated_labels(output, label)
-                    if why:
-                        return why, (), False
-                    loss = self._loss(output, label)
-                    if not bool(torch.isfinite(loss)):
-                        raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and "
-                                        "labels for NaN/Inf or values the loss cannot take")
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                self._check_finite(params, grads)
-                return None, grads, any(g is not None and bool(g.any()) for g in grads)
-
-            why, grads, gradient = comm.run(f"{type(self).__name__}: calibration pass {index}", one_pass)
-            unrelated = unrelated or why
-            if comm.any(unrelated is not None):
-                unrelated = unrelated or "another rank's labels look unrelated to the model's outputs"
-                break
-            any_gradient = comm.any(gradient) or any_gradient
-            # Across ranks: the pass's loss is the mean over the union of the shards, so each rank's part counts
-            # by its share of the samples, and the absolute value (or square) comes after the sum.
-            share = _share(comm, _samples(label))
-            if self.elementwise and comm.distributed:
-                # |w * g| per weight is not linear in g: the union's gradient itself is needed (a full all-reduce).
-                grads = tuple(comm.sum((g if g is not None else torch.zeros_like(p)) * share)
-                              for p, g in zip(params, grads))
-                share = 1.0
-            grad_of = {id(p): g for p, g in zip(params, grads)}
+        for index, (data, label) in enumerate(progress(batches, f"{name}: calibration passes", len(batches))):
+            part = _Pass(comm, index, _samples(label))
+            # Output-shaped labels may turn out degenerate: the forward then runs in the label-free chunks.
+            chunked = degenerate is not None or self._output_shaped(label)
+            outputs = comm.run(f"{name}: calibration pass {index}",
+                               partial(self._forward, data, part, chunked))
+            degenerate = degenerate or self._degenerate_labels(comm, outputs, label)
+            if degenerate:
+                self._add_label_free(squares, uses, params, part, data, outputs)
+                label_free.add(index)
+                continue
+            found = comm.run(f"{name}: calibration pass {index}",
+                             partial(self._loss_terms, outputs, label, uses, params))
+            terms = self._union_terms(comm, part, uses, params, found)
+            # Decided on the combined terms, so every rank (and one process) decides the same.
+            any_gradient = any_gradient or any(bool(t.any()) for t in terms.values())
             for record in search_records:
-                term = self._contribution(slices[record.group_id], grad_of, record.channels)
-                if not self.elementwise:
-                    term = _union_mean(comm, term, share)
-                scores[record.group_id] += self._accumulate(term)
-        if unrelated or not any_gradient:
-            why = unrelated or ("the loss gave no gradient (labels equal to the model's own outputs make the L1 "
-                                "loss exactly 0)")
+                scores[record.group_id] += self._accumulate(terms[record.group_id])
+        if degenerate or not any_gradient:
+            why = degenerate or "the loss gave no gradient in any calibration pass"
             self.notes.append(
                 f"{why}; channels were scored instead by the first-order change of the model output they cause, "
-                f"estimated with {FALLBACK_PROJECTIONS} random output projections per pass (label-free)")
+                "estimated with a random projection of each sample's output, in up to "
+                f"{FALLBACK_CHUNKS} chunks per pass (label-free)")
             logger.warning(self.notes[-1])
-            scores = self._output_change_scores(search_records, slices, params)
+            missing = [(i, batch) for i, batch in enumerate(batches) if i not in label_free]
+            for index, (data, label) in progress(missing, f"{name}: label-free passes", len(missing)):
+                self._add_label_free(squares, uses, params, _Pass(comm, index, _samples(label)), data, None)
+            scores = {group: square.sqrt() for group, square in squares.items()}
         for record in search_records:
             score = scores[record.group_id]
             if self.normalize and float(score.mean()) > 0:
@@ -141,32 +145,180 @@ class TaylorLossSensitivity(SensitivityBase):
                 score = score / score.mean()
             record.sensitivity = score
 
+    def _prepare(self, records: list[SearchRecord]) -> tuple[_Uses, list[torch.nn.Parameter]]:
+        """Where each parameter is tied to a channel group, and every such parameter, set to require gradients."""
+        uses = _Uses(records, {r.group_id: self._slices(r) for r in records})
+        for param in uses.params:
+            param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
+        return uses, uses.params
+
+    def _output_shaped(self, label: torch.Tensor) -> bool:
+        """Whether the default loss compares the output with labels of its shape (the L1 loss), which may turn
+        out to be the outputs themselves or noise (from the traced output: every rank sees the same)."""
+        assert self.graph is not None
+        if self.loss_func is not None or label.is_complex():
+            return False
+        traced, _ = primary_output(self.graph.output)
+        return traced is not None and tuple(label.shape[1:]) == tuple(traced.shape[1:])
+
+    def _forward(self, data: Any, part: _Pass, chunked: bool) -> list[tuple[int | None, int, Any]]:
+        """This rank's outputs of one pass, as ``(chunk, index of its first sample in the union, output)``: one
+        per chunk of the label-free estimate that holds samples of this rank (each with its own autograd graph)
+        when ``chunked``, else one for the whole part (chunk ``None``)."""
+        assert self.model is not None
+        with torch.enable_grad():
+            if not chunked:
+                return [(None, part.offset, forward(self.model, data))]
+            return [(chunk, part.offset + start, forward(self.model, _rows(data, start, stop)))
+                    for chunk, start, stop in part.local_chunks()]
+
+    def _degenerate_labels(self, comm: Communicator, outputs: list[tuple[int | None, int, Any]],
+                           label: torch.Tensor) -> str | None:
+        """Why the labels cannot rank channels: the default L1 loss compares the output with labels that are the
+        output itself, or that do not follow it at all (the reference's example uses ``torch.randn(
+        output.size())``). Decided from sums over the union of every rank's samples of the pass, the same way on
+        every rank and in one process."""
+        if self.loss_func is not None:
+            return None
+        sums = torch.zeros(8, dtype=torch.float64)
+        found = [primary_output(output)[0] for _, _, output in outputs]
+        if all(tensor is not None for tensor in found):
+            output = torch.cat([tensor.detach() for tensor in found])  # type: ignore[union-attr]
+            if label.shape == output.shape and not label.is_complex() and not output.is_complex():
+                x = output.flatten().double()
+                y = label.detach().flatten().to(x.device, torch.float64)
+                sums = torch.stack([torch.ones((), dtype=torch.float64, device=x.device),
+                                    torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                                    x.sum(), y.sum(), x.square().sum(), y.square().sum(), (x * y).sum(),
+                                    (x - y).square().sum()]).cpu()
+        ranks, n, sx, sy, sxx, syy, sxy, sdd = comm.sum(sums).tolist()
+        if ranks < comm.size or n < 8:
+            return None  # not compared with output-shaped labels everywhere, or too few values to tell
+        if sdd <= OWN_OUTPUT_TOLERANCE ** 2 * sxx:
+            return ("the labels equal the model's own outputs (to rounding), so the L1 loss against them is 0 and "
+                    "its gradient is nothing or rounding noise")
+        var_x, var_y, covariance = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
+        if var_x <= 1e-12 * sxx or var_y <= 1e-12 * syy:
+            return None  # constant outputs or labels: the gradient decides
+        correlation = covariance / math.sqrt(var_x * var_y)
+        if abs(correlation) < UNRELATED_LABEL_CORRELATION:
+            return (f"the labels look unrelated to the model's outputs (correlation {correlation:+.3f}, e.g. "
+                    "random labels as in the reference's example), so an L1 loss against them ranks channels on "
+                    "noise")
+        return None
+
+    def _loss_terms(self, outputs: list[tuple[int | None, int, Any]], label: torch.Tensor, uses: _Uses,
+                    params: list[torch.nn.Parameter]) -> tuple[Any, ...] | dict[int, torch.Tensor]:
+        """This rank's part of one pass's terms, for the loss averaged over this rank's samples: each group's
+        per-channel terms, or (element-wise across ranks, whose terms need the union's gradient) the
+        gradients."""
+        comm = Communicator.current()
+        with torch.enable_grad():
+            if outputs[0][0] is None:
+                output = outputs[0][2]
+            else:  # chunks come with the default loss only, which reads the primary output alone
+                output = torch.cat([primary_output(chunk)[0] for _, _, chunk in outputs])  # type: ignore[misc]
+            loss = self._loss(output, label)
+            if not bool(torch.isfinite(loss)):
+                raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and labels for "
+                                "NaN/Inf or values the loss cannot take")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if self.elementwise and comm.distributed:
+            self._check_finite(params, grads)
+            return grads
+        return self._checked_terms(uses, params, grads)
+
+    def _union_terms(self, comm: Communicator, part: _Pass, uses: _Uses, params: list[torch.nn.Parameter],
+                     found: tuple[Any, ...] | dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Each group's per-channel terms of one pass for the loss averaged over the union of the ranks' samples:
+        each rank's part counts by its share of the samples, and the absolute value (or square) comes after the
+        sum over the ranks."""
+        if isinstance(found, dict):
+            if not comm.distributed:
+                return found
+            groups = list(found)
+            return dict(zip(groups, _summed(comm, [found[group] * part.share for group in groups])))
+        # |w * g| per weight is not linear in g: the union's gradient itself is needed (a full all-reduce).
+        return self._terms(uses, params, _summed_gradients(comm, params, found, part.share))
+
+    def _add_label_free(self, squares: dict[int, torch.Tensor], uses: _Uses, params: list[torch.nn.Parameter],
+                        part: _Pass, data: Any, given: list[tuple[int | None, int, Any]] | None) -> None:
+        """Add one pass's label-free terms, squared and summed over its chunks (see the module docs), to
+        ``squares``: from the outputs ``given`` when they were computed in the chunks, else from a forward of
+        ``data``."""
+        comm = Communicator.current()
+        step = f"{type(self).__name__}: label-free pass {part.index}"
+        # Every rank runs this step (with or without a forward), so the collectives stay in step.
+        outputs = comm.run(step, lambda: given if given is not None and given[0][0] is not None
+                           else self._forward(data, part, True))
+        by_chunk = {chunk: (first, output) for chunk, first, output in outputs}
+        chunks = range(len(part.bounds) - 1)
+        if self.elementwise and comm.distributed:
+            # |w * g| per weight: each chunk's gradient is summed over the ranks before the absolute values.
+            for chunk in chunks:
+                held = by_chunk.pop(chunk, None)
+                grads = comm.run(step, partial(self._projection_gradients, part, held, params, True))
+                for group, term in self._terms(uses, params, _summed_gradients(comm, params, grads, 1.0)).items():
+                    squares[group] += term.pow(2)
+            return
+
+        def local_terms() -> list[dict[int, torch.Tensor]]:
+            """This rank's part of each chunk's terms."""
+            found = []
+            for chunk in chunks:
+                grads = self._projection_gradients(part, by_chunk.pop(chunk, None), params)
+                found.append(self._checked_terms(uses, params, grads))
+            return found
+
+        found = comm.run(step, local_terms)
+        groups = list(squares)
+        stacked = [torch.stack([terms[group] for terms in found]) for group in groups]  # (chunks, channels) each
+        for group, terms in zip(groups, _summed(comm, stacked) if comm.distributed else stacked):
+            squares[group] += terms.pow(2).sum(dim=0)
+
+    def _projection_gradients(self, part: _Pass, held: tuple[int, Any] | None, params: list[torch.nn.Parameter],
+                              check: bool = False) -> tuple[Any, ...]:
+        """The gradient of ``sum_n r_n . f_n / N`` over this rank's samples of one chunk (``held``: the index of
+        the first in the union, and their output), with each sample's own random direction ``r_n``; ``None``s
+        when this rank holds none of the chunk. ``check``: raise on a NaN or Inf gradient."""
+        if held is None:
+            return (None,) * len(params)
+        first, output = held
+        tensor, _ = primary_output(output)
+        if tensor is None:
+            raise DataError(f"the model returns a {type(output).__name__} holding no tensor, so its output "
+                            "cannot be projected for the label-free scores; pass a loss_func and labels that "
+                            "rank the channels, or pick a gradient-free sensitivity such as "
+                            "BalancedL2NormSensitivity")
+        directions = torch.stack([torch.randn(tensor.shape[1:], generator=_generator(self.seed, part.index, n))
+                                  for n in range(first, first + tensor.shape[0])])
+        with torch.enable_grad():
+            projected = (tensor * directions.to(tensor.device, tensor.dtype)).sum() / part.total
+            grads = torch.autograd.grad(projected, params, allow_unused=True)
+        if check:
+            self._check_finite(params, grads)
+        return grads
+
+    def _checked_terms(self, uses: _Uses, params: list[torch.nn.Parameter],
+                       grads: tuple[Any, ...]) -> dict[int, torch.Tensor]:
+        """:meth:`_terms`, raising where a NaN or Inf gradient made them non-finite."""
+        terms = self._terms(uses, params, grads)
+        if not all(bool(torch.isfinite(term).all()) for term in terms.values()):
+            self._check_finite(params, grads)
+            raise DataError("the first-order terms on the calibration data are NaN or Inf (the gradient times the "
+                            "weights overflows); check the model's weights and the data")
+        return terms
+
     def _check_finite(self, params: list[torch.nn.Parameter], grads: tuple[Any, ...]) -> None:
         """A NaN or Inf gradient would turn every score it touches into noise: say where it is instead."""
         assert self.model is not None
         for param, grad in zip(params, grads):
             if grad is not None and not bool(torch.isfinite(grad).all()):
                 name = next((n for n, p in self.model.named_parameters() if p is param), "a parameter")
-                raise DataError(f"the gradient of the loss on the calibration data is NaN or Inf at {name}; the "
-                                "model's forward pass is not differentiable there on this data (e.g. sqrt or log "
-                                "of 0, a division by 0); fix the model or the data, or pick a gradient-free "
-                                "sensitivity such as BalancedL2NormSensitivity")
-
-    def _unrelated_labels(self, output: Any, label: torch.Tensor) -> str | None:
-        """Why the labels cannot rank channels, when the default L1 loss would compare the output with labels
-        that do not depend on it at all (the reference's example uses ``torch.randn(output.size())``)."""
-        if (self.loss_func is not None or not isinstance(output, torch.Tensor) or not label.is_floating_point()
-                or label.shape != output.shape or output.numel() < 8):
-            return None
-        pair = torch.stack([output.detach().flatten().double(), label.detach().flatten().double()])
-        correlation = float(torch.corrcoef(pair)[0, 1])
-        if math.isnan(correlation):
-            return None  # constant output or labels: the zero-gradient check decides
-        if abs(correlation) < UNRELATED_LABEL_CORRELATION:
-            return (f"the labels look unrelated to the model's outputs (correlation {correlation:+.3f}, e.g. "
-                    "random labels as in the reference's example), so an L1 loss against them ranks channels on "
-                    "noise")
-        return None
+                raise DataError(f"the gradient on the calibration data is NaN or Inf at {name}; the model's "
+                                "forward pass is not differentiable there on this data (e.g. sqrt or log of 0, a "
+                                "division by 0); fix the model or the data, or pick a gradient-free sensitivity "
+                                "such as BalancedL2NormSensitivity")
 
     def _slices(self, record: SearchRecord) -> list[tuple[ParamSlice, torch.nn.Parameter]]:
         """The group's parameter slices that exist (a layer without bias has no bias slice)."""
@@ -178,74 +330,122 @@ class TaylorLossSensitivity(SensitivityBase):
                 found.append((piece, param))
         return found
 
-    def _contribution(self, group: list[tuple[ParamSlice, torch.nn.Parameter]], grad_of: dict[int, Any],
-                      channels: int) -> torch.Tensor:
-        """Per channel: ``sum(w * dL/dw)`` over the group's parameter slices (signed), or ``sum(|w * dL/dw|)``
-        when ``elementwise``."""
-        total = torch.zeros(channels, dtype=torch.float64)
-        for piece, param in group:
-            grad = grad_of.get(id(param))
+    def _terms(self, uses: _Uses, params: list[torch.nn.Parameter],
+               grads: tuple[Any, ...]) -> dict[int, torch.Tensor]:
+        """Each group's per-channel ``sum(w * g)`` over its parameter slices (signed), or ``sum(|w * g|)`` when
+        ``elementwise`` (float64 on the CPU; nothing where ``g`` is ``None``)."""
+        terms = {group: torch.zeros(channels, dtype=torch.float64) for group, channels in uses.channels.items()}
+        for param, grad in zip(params, grads):
             if grad is None:
                 continue
-            product = param.detach() * grad
-            total += piece.per_channel(product.abs() if self.elementwise else product, channels).double().cpu()
-        return total
+            product = param.detach() * grad  # once per parameter, for every slice that reads it
+            if self.elementwise:
+                product = product.abs()
+            reduced: dict[tuple[int, int], torch.Tensor] = {}
+            for group, piece in uses.of[id(param)]:
+                key = (piece.dim, piece.groups)
+                if key not in reduced:
+                    reduced[key] = _reduced(product, piece)
+                terms[group] += piece.per_channel(reduced[key], uses.channels[group]).double().cpu()
+        return terms
 
-    def _output_change_scores(self, records: list[SearchRecord],
-                              slices: dict[int, list[tuple[ParamSlice, torch.nn.Parameter]]],
-                              params: list[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
-        """Label-free scores: ``sqrt(E_r[(r . J w_c)^2])``, the expected first-order change of the output
-        along a random direction ``r`` when channel ``c`` is removed."""
-        assert self.model is not None
-        comm = Communicator.current()
-        # Each rank draws its own projections (seeded by its rank): across ranks the score is the same estimate
-        # from other random directions, not bit for bit the single-process one.
-        generator = torch.Generator().manual_seed(self.seed + 7919 * comm.rank)
-        squares = {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in records}
-        for index, (data, _) in enumerate(self.calibration_batches()):
 
-            def projections(data: Any = data) -> tuple[list[dict[int, torch.Tensor]], int]:
-                """This rank's signed terms for each random projection of one pass, and its sample count."""
-                assert self.model is not None
-                with torch.enable_grad():
-                    output = forward(self.model, data)
-                    if not isinstance(output, torch.Tensor):
-                        raise DataError("the label-free fallback needs a model that returns one tensor")
-                    found = []
-                    for k in range(FALLBACK_PROJECTIONS):
-                        direction = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
-                        projected = (output * direction).sum() / output.shape[0]
-                        grads = torch.autograd.grad(projected, params, allow_unused=True,
-                                                    retain_graph=k < FALLBACK_PROJECTIONS - 1)
-                        grad_of = {id(p): g for p, g in zip(params, grads)}
-                        found.append({r.group_id: self._contribution(slices[r.group_id], grad_of, r.channels)
-                                      for r in records})
-                return found, int(output.shape[0])
+class _Uses:
+    """Which channel groups each parameter is tied to, and by which slice."""
 
-            # The forward and backward passes may fail on one rank: every rank learns it before any collective.
-            found, samples = comm.run(f"{type(self).__name__}: label-free pass {index}", projections)
-            share = _share(comm, samples)
-            for terms in found:
-                for record in records:
-                    squares[record.group_id] += _union_mean(comm, terms[record.group_id], share).pow(2)
-        return {g: s.sqrt() for g, s in squares.items()}
+    def __init__(self, records: list[SearchRecord], slices: Slices) -> None:
+        self.channels = {r.group_id: r.channels for r in records}
+        self.of: dict[int, list[tuple[int, ParamSlice]]] = {}
+        self.params: list[torch.nn.Parameter] = []
+        for record in records:
+            for piece, param in slices[record.group_id]:
+                if id(param) not in self.of:
+                    self.of[id(param)] = []
+                    self.params.append(param)
+                self.of[id(param)].append((record.group_id, piece))
+
+
+class _Pass:
+    """One calibration pass as one process would see it: the union of every rank's part of it, in rank order.
+
+    Knows this rank's place in the union and the chunks of the label-free estimate (ranges of the union's
+    sample indices, so that they do not depend on how the samples are spread over the ranks).
+    """
+
+    def __init__(self, comm: Communicator, index: int, samples: int) -> None:
+        counts = [int(row[0]) for row in comm.each([float(samples)])]
+        self.index = index
+        self.samples = samples
+        self.total = sum(counts)
+        self.offset = sum(counts[:comm.rank])
+        chunks = max(1, min(FALLBACK_CHUNKS, self.total))
+        self.bounds = [chunk * self.total // chunks for chunk in range(chunks + 1)]
+
+    @property
+    def share(self) -> float:
+        """This rank's share of the pass's samples (1 in a single process)."""
+        return self.samples / self.total if self.total else 1.0
+
+    def local_chunks(self) -> list[tuple[int, int, int]]:
+        """``(chunk, start, stop)`` for each chunk holding samples of this rank: its rows ``start:stop``."""
+        found = []
+        for chunk, (low, high) in enumerate(zip(self.bounds, self.bounds[1:])):
+            start, stop = max(low, self.offset), min(high, self.offset + self.samples)
+            if start < stop:
+                found.append((chunk, start - self.offset, stop - self.offset))
+        return found
+
+
+def _reduced(product: torch.Tensor, piece: ParamSlice) -> torch.Tensor:
+    """``product`` summed over the dimensions a slice's per-channel sums add up anyway (keeping them, of size 1):
+    the same per-channel sums, without copying the parameter-sized tensor into the slice's layout."""
+    if piece.groups > 1:  # the sums of a grouped input need the output and input dimensions as they are
+        kept = {0, 1}
+    else:
+        kept = {piece.dim}
+    dims = [d for d in range(product.dim()) if d not in kept]
+    return product.sum(dim=dims, keepdim=True) if dims else product
+
+
+def _zeros(records: list[SearchRecord]) -> dict[int, torch.Tensor]:
+    return {r.group_id: torch.zeros(r.channels, dtype=torch.float64) for r in records}
 
 
 def _samples(label: torch.Tensor) -> int:
     return int(label.shape[0]) if label.dim() else 1
 
 
-def _share(comm: Communicator, samples: int) -> float:
-    """This rank's share of the pass's samples over all ranks (1 in a single process)."""
+def _rows(data: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a pass's data: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(data, torch.Tensor):
+        return data[start:stop] if data.dim() else data
+    if isinstance(data, (tuple, list)):
+        return type(data)(_rows(item, start, stop) for item in data)
+    if isinstance(data, dict):
+        return {key: _rows(value, start, stop) for key, value in data.items()}
+    return data
+
+
+def _generator(seed: int, index: int, sample: int) -> torch.Generator:
+    """The generator of one sample's random direction: from the seed, the pass and the sample's index in the
+    union of the ranks' samples (the same on every rank, whichever rank holds the sample)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 1_000_000_007 + sample) % 2 ** 63)
+
+
+def _summed(comm: Communicator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over the ranks, with one all-reduce for them all."""
+    if not tensors:
+        return []
+    flat = comm.sum(torch.cat([t.reshape(-1) for t in tensors]))
+    return [piece.reshape(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _summed_gradients(comm: Communicator, params: list[torch.nn.Parameter], grads: tuple[Any, ...],
+                      weight: float) -> tuple[Any, ...]:
+    """The ranks' gradients, each weighted by ``weight``, summed over the ranks (as they are in one process)."""
     if not comm.distributed:
-        return 1.0
-    return samples / float(comm.sum(torch.tensor([float(samples)], dtype=torch.float64)).item())
-
-
-def _union_mean(comm: Communicator, term: torch.Tensor, share: float) -> torch.Tensor:
-    """A pass's per-rank term (from a loss averaged over this rank's samples) as the term of the loss averaged
-    over every rank's samples: the sum over ranks of the terms weighted by their share of the samples."""
-    return comm.sum(term * share) if comm.distributed else term
+        return grads
+    return tuple(comm.sum((g if g is not None else torch.zeros_like(p)) * weight) for p, g in zip(params, grads))
 
 
 class FisherSensitivity(TaylorLossSensitivity):
@@ -287,8 +487,8 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
     even when their effects happen to offset. With ``GlobalRankSearch`` and the re-fit, ``bench/quality.py``
     measures it at or above every other method after fine-tuning, within the noise, in all its rows, and below
     ``GroupMagnitudeSensitivity`` before fine-tuning at 2x and 3x (see the README).
-    Across ``torch.distributed`` ranks the gradients themselves are summed before the absolute values, so the
-    scores equal those of one process on the union of the shards.
+    Across ``torch.distributed`` ranks the gradients themselves are summed before the absolute values (on the
+    label-free path, each chunk's), so the scores equal those of one process on the union of the shards.
     """
 
     elementwise = True
@@ -333,18 +533,22 @@ def _is_dense(module: torch.nn.Module) -> bool:
 
 class OutputChangeSensitivity(TaylorLossSensitivity):
     """Label-free channel importance: the expected first-order change of the model's output along a random
-    direction when the channel goes, ``sqrt(E_r[(r . J w_c)^2])`` over random output projections ``r`` (the score
+    direction when the channel goes, ``sqrt(E_r[(r . J w_c)^2])`` over random output projections ``r``, estimated
+    with one random direction per sample in up to 8 chunks per pass (see the module docs; the score
     :class:`TaylorLossSensitivity` falls back to when the loss gives nothing). It measures how much the channel
     moves the output, whatever the labels, so it does not fade when the model already fits the calibration data.
+    It costs about one forward and backward pass over the calibration data.
     """
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the class docs)."""
         assert self.model is not None and self.graph is not None, "setup_initialization was not called"
-        slices = {r.group_id: self._slices(r) for r in search_records}
-        params = list({id(p): p for group in slices.values() for _, p in group}.values())
-        for param in params:
-            param.requires_grad_(True)  # frozen layers are scored too; the core restores the flags
-        scores = self._output_change_scores(search_records, slices, params)
+        uses, params = self._prepare(search_records)
+        comm = Communicator.current()
+        squares = _zeros(search_records)
+        batches = self.calibration_batches()
+        for index, (data, label) in enumerate(progress(batches, f"{type(self).__name__}: label-free passes",
+                                                       len(batches))):
+            self._add_label_free(squares, uses, params, _Pass(comm, index, _samples(label)), data, None)
         for record in search_records:
-            record.sensitivity = scores[record.group_id]
+            record.sensitivity = squares[record.group_id].sqrt()

@@ -294,3 +294,119 @@ def test_output_change_ignores_the_labels_and_equals_the_label_free_fallback() -
         own = model(data)
     fallback, _ = score(model, data, own, test_iteration=2)  # zero loss: Taylor falls back to the same score
     torch.testing.assert_close(results[0], fallback["0"])
+
+
+def hand_label_free_scores(model, data, seed=0) -> torch.Tensor:
+    """The first group's label-free score of one pass, from the module docs: the samples split into min(8, N)
+    consecutive chunks, each sample projected on its own random direction, each chunk's term squared."""
+    from acps_sensitivity_taylor.taylor import _generator
+
+    params = [model[0].weight, model[0].bias, model[1].weight, model[1].bias, model[3].weight]
+    samples = data.shape[0]
+    chunks = min(8, samples)
+    bounds = [k * samples // chunks for k in range(chunks + 1)]
+    total = torch.zeros(6, dtype=torch.float64)
+    for start, stop in zip(bounds, bounds[1:]):
+        output = model(data[start:stop])
+        directions = torch.stack([torch.randn(5, generator=_generator(seed, 0, n)) for n in range(start, stop)])
+        grads = torch.autograd.grad((output * directions).sum() / samples, params)
+        w0, b0, g1, b1, w3 = (p.detach() * g for p, g in zip(params, grads))
+        term = (w0.sum(dim=(1, 2, 3)) + b0 + g1 + b1 + w3.sum(dim=(0, 2, 3))).double()
+        total += term.pow(2)
+    return total.sqrt()
+
+
+def test_label_free_scores_project_each_sample_on_its_own_direction_in_eight_chunks() -> None:
+    from acps_sensitivity_taylor import OutputChangeSensitivity
+
+    model = tiny_model()
+    data = torch.randn(10, 3, 8, 8)  # chunks of 1 and 2 samples
+    records = scored_records(OutputChangeSensitivity(), model, data, torch.randint(0, 5, (10,)), 1)
+    torch.testing.assert_close(records[0].sensitivity, hand_label_free_scores(model, data), rtol=1e-4, atol=1e-9)
+    other = scored_records(OutputChangeSensitivity(seed=1), model, data, torch.randint(0, 5, (10,)), 1)
+    assert not torch.allclose(other[0].sensitivity, records[0].sensitivity)  # the seed picks the directions
+
+
+class CountingForward(nn.Module):
+    """Wraps a model and counts the samples it runs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.samples = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.samples += x.shape[0]
+        return self.inner(x)
+
+
+def test_the_fallback_on_random_labels_runs_each_sample_through_the_model_once() -> None:
+    model = tiny_model()
+    data = torch.randn(12, 3, 8, 8)
+    counting = CountingForward(model).eval()
+    graph = build_channel_graph(counting, data)
+    counting.samples = 0
+    method = TaylorLossSensitivity()
+    method.setup_initialization((counting, graph), [data, torch.randn(12, 5)], 2)
+    method.get_sensitivity(records_for(graph))
+    assert method.notes and "look unrelated" in method.notes[0]
+    assert counting.samples == 12  # one forward per chunk, its graph reused by the label-free backward
+
+
+def test_one_hot_labels_that_do_not_follow_the_outputs_fall_back_and_labels_near_the_outputs_count_as_them() -> None:
+    model = tiny_model()
+    data = torch.randn(16, 3, 8, 8)
+    one_hot = F.one_hot(torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(1)), 5).float()
+    _, method = score(model, data, one_hot)
+    assert method.notes and "look unrelated" in method.notes[0]  # a random model's logits ignore the classes
+    with torch.no_grad():
+        own = model(data)
+    # The model's own outputs computed in other batches differ by rounding, which leaves an L1 gradient of noise
+    scores, method = score(model, data, own * (1 + 1e-6 * torch.randn(16, 5)))
+    assert method.notes and "own outputs" in method.notes[0]
+    zero_loss, _ = score(model, data, own)
+    torch.testing.assert_close(scores["0"], zero_loss["0"])
+    _, method = score(model, data, own + 0.05 * own.std() * torch.randn(16, 5))  # a close fit is a fit
+    assert not method.notes
+
+
+def test_group_taylor_falls_back_to_element_wise_label_free_terms() -> None:
+    from acps_sensitivity_taylor import GroupTaylorSensitivity
+
+    model = tiny_model()
+    data = torch.randn(8, 3, 8, 8)
+    records = scored_records(GroupTaylorSensitivity(terms="all"), model, data, torch.randn(8, 5), 1)
+    params = [model[0].weight, model[0].bias, model[1].weight, model[1].bias, model[3].weight]
+    from acps_sensitivity_taylor.taylor import _generator
+
+    total = torch.zeros(6, dtype=torch.float64)
+    for n in range(8):  # 8 samples: 8 chunks of one
+        direction = torch.randn(5, generator=_generator(0, 0, n))
+        grads = torch.autograd.grad((model(data[n:n + 1]) * direction).sum() / 8, params)
+        w0, b0, g1, b1, w3 = ((p.detach() * g).abs() for p, g in zip(params, grads))
+        total += (w0.sum(dim=(1, 2, 3)) + b0 + g1 + b1 + w3.sum(dim=(0, 2, 3))).double().pow(2)
+    expected = total.sqrt()
+    torch.testing.assert_close(records[0].sensitivity, expected / expected.mean(), rtol=1e-4, atol=1e-8)
+
+
+def test_a_model_returning_a_dict_is_checked_and_projected_on_its_logits() -> None:
+    class DictOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, x: torch.Tensor) -> dict:
+            return {"hidden": x.mean((1, 2, 3)), "logits": self.inner(x)}
+
+    wrapped = DictOutput().eval()
+    data = torch.randn(8, 3, 8, 8)
+    graph = build_channel_graph(wrapped, data)
+    method = TaylorLossSensitivity()
+    method.setup_initialization((wrapped, graph), [data, torch.randn(8, 5)], 1)
+    records = records_for(graph)
+    method.get_sensitivity(records)
+    assert method.notes and "look unrelated" in method.notes[0]
+    from acps_sensitivity_taylor import OutputChangeSensitivity
+
+    plain = scored_records(OutputChangeSensitivity(), wrapped.inner, data, torch.randint(0, 5, (8,)), 1)
+    torch.testing.assert_close(records[0].sensitivity, plain[0].sensitivity)
