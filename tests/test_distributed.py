@@ -87,9 +87,9 @@ def test_two_ranks_reach_the_single_process_scores_and_decision_with_every_metho
 
 @pytest.mark.slow
 def test_three_ranks_reach_the_single_process_scores_and_decision(tmp_path) -> None:
-    scenarios = [("fisher", "class"), ("taylor", "random"), ("grouptaylor", "onehot"), ("measured", "class"),
-                 ("outchange", "class")]
-    sizes = [10, 6, 8]  # two label-free chunks straddle two ranks in each pass
+    scenarios = [("fisher", "class"), ("taylor", "random"), ("grouptaylor", "random"), ("normalized", "own"),
+                 ("measured", "class"), ("outchange", "class")]
+    sizes = [7, 4, 10]  # two label-free chunks straddle two ranks in each pass
     check_against_one_process(tmp_path, scenarios, sizes, run_ranks(tmp_path, 3, scenarios, sizes))
 
 

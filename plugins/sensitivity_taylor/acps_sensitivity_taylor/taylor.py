@@ -17,14 +17,16 @@ cause (a label-free, Fisher-style criterion), and says so in ``notes``.
 
 The label-free estimate. Each sample ``n`` of a pass gets its own random direction ``r_n`` (standard normal,
 shaped like its output), drawn from a generator seeded by ``seed``, the pass and the sample's index in the pass.
-The pass's ``N`` samples are split into ``K = min(8, N)`` consecutive chunks; each chunk runs one forward and one
-backward of ``sum_n r_n . f_n / N`` over its samples, which gives ``t_kc = sum_(n in chunk k) r_n . J_n w_c / N``
-for every channel ``c`` (``J_n w_c``: the first-order change of sample ``n``'s output when channel ``c`` goes).
-As ``E[t_kc^2] = sum_(n in chunk k) |J_n w_c|^2 / N^2``, the sum of ``t_kc^2`` over the chunks has the
-expectation of the square of one random projection of the whole pass, ``E_r[(r . J w_c)^2]``, with ``K``
-degrees of freedom, like ``K`` such projections, for the cost of one forward and backward pass over the
-samples. The channel's score is the square root of those sums over the passes. Output-shaped labels make every
-pass run its forward in these chunks, so a pass whose labels turn out degenerate is scored from that forward.
+The pass's ``N`` samples are split into ``K = min(8, ceil(N / 2))`` consecutive chunks (of two samples or more
+where the pass has them: on a CPU a batch of one costs about a quarter more per sample than a batch of eight);
+each chunk runs one forward and one backward of ``sum_n r_n . f_n / N`` over its samples, which gives
+``t_kc = sum_(n in chunk k) r_n . J_n w_c / N`` for every channel ``c`` (``J_n w_c``: the first-order change of
+sample ``n``'s output when channel ``c`` goes). As ``E[t_kc^2] = sum_(n in chunk k) |J_n w_c|^2 / N^2``, the sum
+of ``t_kc^2`` over the chunks has the expectation of the square of one random projection of the whole pass,
+``E_r[(r . J w_c)^2]``, with ``K`` degrees of freedom, like ``K`` such projections, for the cost of one forward
+and backward pass over the samples. The channel's score is the square root of those sums over the passes.
+Output-shaped labels make every pass run its forward in these chunks, so a pass whose labels turn out
+degenerate is scored from that forward.
 
 Across ``torch.distributed`` ranks a pass is the union of every rank's part of it, in rank order (see
 :mod:`acps_core.distributed`): the label checks use sums over the union, the sample indices, chunks and random
@@ -55,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 #: Chunks per calibration pass of the label-free estimate (each chunk's samples have their own random directions).
 FALLBACK_CHUNKS = 8
+#: The fewest samples a chunk holds where the pass has enough (a batch of one runs slower per sample).
+CHUNK_SAMPLES = 2
 #: Below this absolute correlation between outputs and output-shaped labels, the labels are taken as noise.
 UNRELATED_LABEL_CORRELATION = 0.1
 #: Output-shaped labels within this relative RMS distance of the outputs are taken as the model's own outputs.
@@ -131,7 +135,7 @@ class TaylorLossSensitivity(SensitivityBase):
             self.notes.append(
                 f"{why}; channels were scored instead by the first-order change of the model output they cause, "
                 "estimated with a random projection of each sample's output, in up to "
-                f"{FALLBACK_CHUNKS} chunks per pass (label-free)")
+                f"{FALLBACK_CHUNKS} chunks of samples per pass (label-free)")
             logger.warning(self.notes[-1])
             missing = [(i, batch) for i, batch in enumerate(batches) if i not in label_free]
             for index, (data, label) in progress(missing, f"{name}: label-free passes", len(missing)):
@@ -335,18 +339,26 @@ class TaylorLossSensitivity(SensitivityBase):
         """Each group's per-channel ``sum(w * g)`` over its parameter slices (signed), or ``sum(|w * g|)`` when
         ``elementwise`` (float64 on the CPU; nothing where ``g`` is ``None``)."""
         terms = {group: torch.zeros(channels, dtype=torch.float64) for group, channels in uses.channels.items()}
+        # Every product goes into one buffer: on a CPU a fresh parameter-sized tensor for each costs about as much
+        # as the product itself, and this runs once per pass (the label-free estimate: once per chunk).
+        buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for param, grad in zip(params, grads):
             if grad is None:
                 continue
-            product = param.detach() * grad  # once per parameter, for every slice that reads it
+            if (grad.dtype, grad.device) not in buffers:
+                buffers[grad.dtype, grad.device] = torch.empty(uses.largest, dtype=grad.dtype, device=grad.device)
+            product = buffers[grad.dtype, grad.device][:param.numel()].view(param.shape)
+            torch.mul(param.detach(), grad, out=product)  # once per parameter, for every slice that reads it
             if self.elementwise:
-                product = product.abs()
-            reduced: dict[tuple[int, int], torch.Tensor] = {}
+                product.abs_()
+            # First the sums over the dimensions no slice keeps (a kernel's), then each slice's own.
+            product = _sum_all_but(product, uses.kept[id(param)])
+            reduced: dict[frozenset[int], torch.Tensor] = {}
             for group, piece in uses.of[id(param)]:
-                key = (piece.dim, piece.groups)
-                if key not in reduced:
-                    reduced[key] = _reduced(product, piece)
-                terms[group] += piece.per_channel(reduced[key], uses.channels[group]).double().cpu()
+                kept = _kept(piece)
+                if kept not in reduced:
+                    reduced[kept] = _sum_all_but(product, kept)
+                terms[group] += piece.per_channel(reduced[kept], uses.channels[group]).double().cpu()
         return terms
 
 
@@ -356,13 +368,18 @@ class _Uses:
     def __init__(self, records: list[SearchRecord], slices: Slices) -> None:
         self.channels = {r.group_id: r.channels for r in records}
         self.of: dict[int, list[tuple[int, ParamSlice]]] = {}
+        #: The dimensions of each parameter that some slice's per-channel sums keep apart.
+        self.kept: dict[int, frozenset[int]] = {}
         self.params: list[torch.nn.Parameter] = []
         for record in records:
             for piece, param in slices[record.group_id]:
                 if id(param) not in self.of:
                     self.of[id(param)] = []
+                    self.kept[id(param)] = frozenset()
                     self.params.append(param)
                 self.of[id(param)].append((record.group_id, piece))
+                self.kept[id(param)] |= _kept(piece)
+        self.largest = max((p.numel() for p in self.params), default=0)
 
 
 class _Pass:
@@ -378,7 +395,7 @@ class _Pass:
         self.samples = samples
         self.total = sum(counts)
         self.offset = sum(counts[:comm.rank])
-        chunks = max(1, min(FALLBACK_CHUNKS, self.total))
+        chunks = max(1, min(FALLBACK_CHUNKS, -(-self.total // CHUNK_SAMPLES)))
         self.bounds = [chunk * self.total // chunks for chunk in range(chunks + 1)]
 
     @property
@@ -396,14 +413,15 @@ class _Pass:
         return found
 
 
-def _reduced(product: torch.Tensor, piece: ParamSlice) -> torch.Tensor:
-    """``product`` summed over the dimensions a slice's per-channel sums add up anyway (keeping them, of size 1):
-    the same per-channel sums, without copying the parameter-sized tensor into the slice's layout."""
-    if piece.groups > 1:  # the sums of a grouped input need the output and input dimensions as they are
-        kept = {0, 1}
-    else:
-        kept = {piece.dim}
-    dims = [d for d in range(product.dim()) if d not in kept]
+def _kept(piece: ParamSlice) -> frozenset[int]:
+    """The dimensions of its parameter that a slice's per-channel sums keep apart (the rest they add up)."""
+    return frozenset({0, 1}) if piece.groups > 1 else frozenset({piece.dim})  # a grouped input: both
+
+
+def _sum_all_but(product: torch.Tensor, kept: frozenset[int]) -> torch.Tensor:
+    """``product`` summed over every dimension but ``kept`` (keeping them, of size 1): the per-channel sums of a
+    slice are the same from it, without copying the parameter-sized tensor into the slice's layout."""
+    dims = [d for d in range(product.dim()) if d not in kept and product.shape[d] > 1]
     return product.sum(dim=dims, keepdim=True) if dims else product
 
 
@@ -534,10 +552,10 @@ def _is_dense(module: torch.nn.Module) -> bool:
 class OutputChangeSensitivity(TaylorLossSensitivity):
     """Label-free channel importance: the expected first-order change of the model's output along a random
     direction when the channel goes, ``sqrt(E_r[(r . J w_c)^2])`` over random output projections ``r``, estimated
-    with one random direction per sample in up to 8 chunks per pass (see the module docs; the score
-    :class:`TaylorLossSensitivity` falls back to when the loss gives nothing). It measures how much the channel
-    moves the output, whatever the labels, so it does not fade when the model already fits the calibration data.
-    It costs about one forward and backward pass over the calibration data.
+    with one random direction per sample in up to 8 chunks per pass, of two samples or more (see the module docs;
+    it is the score :class:`TaylorLossSensitivity` falls back to when the loss gives nothing). It measures how
+    much the channel moves the output, whatever the labels, so it does not fade when the model already fits the
+    calibration data. It costs about one forward and backward pass over the calibration data.
     """
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:

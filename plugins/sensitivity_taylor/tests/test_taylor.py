@@ -297,13 +297,14 @@ def test_output_change_ignores_the_labels_and_equals_the_label_free_fallback() -
 
 
 def hand_label_free_scores(model, data, seed=0) -> torch.Tensor:
-    """The first group's label-free score of one pass, from the module docs: the samples split into min(8, N)
-    consecutive chunks, each sample projected on its own random direction, each chunk's term squared."""
+    """The first group's label-free score of one pass, from the module docs: the samples split into
+    min(8, ceil(N / 2)) consecutive chunks, each sample projected on its own random direction, each chunk's term
+    squared."""
     from acps_sensitivity_taylor.taylor import _generator
 
     params = [model[0].weight, model[0].bias, model[1].weight, model[1].bias, model[3].weight]
     samples = data.shape[0]
-    chunks = min(8, samples)
+    chunks = min(8, -(-samples // 2))
     bounds = [k * samples // chunks for k in range(chunks + 1)]
     total = torch.zeros(6, dtype=torch.float64)
     for start, stop in zip(bounds, bounds[1:]):
@@ -320,10 +321,13 @@ def test_label_free_scores_project_each_sample_on_its_own_direction_in_eight_chu
     from acps_sensitivity_taylor import OutputChangeSensitivity
 
     model = tiny_model()
-    data = torch.randn(10, 3, 8, 8)  # chunks of 1 and 2 samples
-    records = scored_records(OutputChangeSensitivity(), model, data, torch.randint(0, 5, (10,)), 1)
+    data = torch.randn(19, 3, 8, 8)  # 8 chunks of 2 and 3 samples
+    records = scored_records(OutputChangeSensitivity(), model, data, torch.randint(0, 5, (19,)), 1)
     torch.testing.assert_close(records[0].sensitivity, hand_label_free_scores(model, data), rtol=1e-4, atol=1e-9)
-    other = scored_records(OutputChangeSensitivity(seed=1), model, data, torch.randint(0, 5, (10,)), 1)
+    few = data[:5]  # 3 chunks: 1, 2 and 2 samples
+    records = scored_records(OutputChangeSensitivity(), model, few, torch.randint(0, 5, (5,)), 1)
+    torch.testing.assert_close(records[0].sensitivity, hand_label_free_scores(model, few), rtol=1e-4, atol=1e-9)
+    other = scored_records(OutputChangeSensitivity(seed=1), model, few, torch.randint(0, 5, (5,)), 1)
     assert not torch.allclose(other[0].sensitivity, records[0].sensitivity)  # the seed picks the directions
 
 
@@ -380,9 +384,9 @@ def test_group_taylor_falls_back_to_element_wise_label_free_terms() -> None:
     from acps_sensitivity_taylor.taylor import _generator
 
     total = torch.zeros(6, dtype=torch.float64)
-    for n in range(8):  # 8 samples: 8 chunks of one
-        direction = torch.randn(5, generator=_generator(0, 0, n))
-        grads = torch.autograd.grad((model(data[n:n + 1]) * direction).sum() / 8, params)
+    for n in range(0, 8, 2):  # 8 samples: 4 chunks of two
+        directions = torch.stack([torch.randn(5, generator=_generator(0, 0, n + i)) for i in range(2)])
+        grads = torch.autograd.grad((model(data[n:n + 2]) * directions).sum() / 8, params)
         w0, b0, g1, b1, w3 = ((p.detach() * g).abs() for p, g in zip(params, grads))
         total += (w0.sum(dim=(1, 2, 3)) + b0 + g1 + b1 + w3.sum(dim=(0, 2, 3))).double().pow(2)
     expected = total.sqrt()
