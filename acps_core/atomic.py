@@ -76,12 +76,24 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-def _target_path(path: StrPath, what: str) -> Path:
-    """The absolute file to replace for ``path`` (a symlink is followed: the link stays a link).
+def _example(what: str) -> str:
+    """A file name that fits the role ``what``, for messages."""
+    for word, name in (("onnx", "model.onnx"), ("save_path", "model.onnx"), ("record", "prune.record"),
+                       ("save", "pruned.pt"),
+                       ("figure", "prune.cfg.report.png"), ("report", "prune.cfg.report.json")):
+        if word in what.lower():
+            return name
+    return "channel_prune.cfg"
+
+
+def _target_path(path: StrPath, what: str, follow_link: bool = True) -> Path:
+    """The file to replace for ``path``: its folder as the file system names it (symbolic links and ``..``
+    resolved), and a symlinked file followed to its target (so the link stays a link) unless ``follow_link`` is
+    False (a file to delete: the link itself goes).
 
     Raises:
-        OutputPathError: ``path`` is empty, holds a NUL character, has a name too long for the file system, is a
-            directory or something other than a regular file, or its folder is missing or not a folder.
+        OutputPathError: ``path`` is empty, holds a NUL character, names a folder, has a name too long for the
+            file system, is something other than a regular file, or its folder is missing or not a folder.
     """
     text = os.fspath(path)
     if isinstance(text, bytes):
@@ -91,20 +103,27 @@ def _target_path(path: StrPath, what: str) -> Path:
     if "\x00" in text:
         raise OutputPathError(f"{what}={text!r} holds a NUL character, which no file name can; give another path")
     given = Path(text)
-    if given.name in ("", ".", "..") or text.endswith(os.sep):
+    if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
+        raise OutputPathError(f"{what}={text!r} ends with a slash, so it names a folder; give a file path, e.g. "
+                              f"{os.path.join(text.rstrip(os.sep), _example(what))!r}")
+    if given.name in ("", ".", ".."):
         raise OutputPathError(f"{what}={text!r} is a directory, not a file; give a file path inside it, "
-                              f"e.g. {os.fspath(given / 'channel_prune.cfg')!r}")
+                              f"e.g. {os.fspath(given / _example(what))!r}")
     try:
-        # Replacing a symlink would turn it into a regular file; write through it instead, like an editor does.
-        target = Path(os.path.realpath(given)) if given.is_symlink() else given.absolute()
-        if target.is_dir():
+        target = Path(os.path.realpath(given.parent)) / given.name
+        if follow_link and target.is_symlink():
+            # Replacing a symlink would turn it into a regular file; write through it, like an editor does.
+            target = Path(os.path.realpath(target))
+        if target.is_dir() and not (target.is_symlink() and not follow_link):
             raise OutputPathError(
                 f"{what}={text!r} is a directory, not a file; give a file path inside it, "
-                f"e.g. {os.fspath(given / 'channel_prune.cfg')!r}")
-        if target.exists() and not target.is_file():
+                f"e.g. {os.fspath(given / _example(what))!r}")
+        if target.exists() and not target.is_file() and not target.is_symlink():
             raise OutputPathError(
                 f"{what}={text!r} exists but is not a regular file (a device, socket or pipe); give the path of "
                 "a regular file")
+    except OutputPathError:
+        raise
     except OSError as exc:  # a name too long, a loop of links, ...
         raise _os_error(exc, f"{what}={text!r} cannot be used as a file path", "give a shorter or plainer path") \
             from exc
@@ -191,7 +210,7 @@ def _write_temp(target: Path, data: bytes, what: str) -> Path:
             if target.exists():
                 os.chmod(temp, target.stat().st_mode & 0o7777)
         except OSError as exc:
-            raise _os_error(exc, f"cannot write {what} ({os.fspath(target)})",
+            raise _os_error(exc, f"cannot write {what}",
                             "check the free disk space and the folder's permissions") from exc
     except BaseException:
         remove_quietly(temp)
@@ -212,16 +231,17 @@ def _second_name(target: Path) -> Path:
     while True:
         old = target.parent / f".{target.name}.{secrets.token_hex(4)}{OLD_SUFFIX}"
         try:
-            os.link(target, old)
+            os.link(target, old, follow_symlinks=False)  # a symbolic link about to be deleted: the link itself
             return old
         except FileExistsError:
             continue
         except OSError:
             break  # no hard links here (some file systems): copy
-    fd, old = open_new(target.parent, target.name, OLD_SUFFIX)
+    fd, old = open_new(target.parent, target.name, OLD_SUFFIX)  # the name is reserved, then copied onto
     os.close(fd)
     try:
-        shutil.copy2(target, old)
+        os.remove(old)
+        shutil.copy2(target, old, follow_symlinks=False)
     except BaseException:
         remove_quietly(old)  # a partial copy must not stay behind
         raise
@@ -261,7 +281,7 @@ def atomic_write_many(contents: Mapping[StrPath, str | bytes | None], encoding: 
     """
     targets: dict[Path, bytes | None] = {}
     for path, text in contents.items():
-        target = _target_path(path, "output file")
+        target = _target_path(path, "output file", follow_link=text is not None)
         if target in targets or os.path.realpath(target) in {os.path.realpath(t) for t in targets}:
             raise OutputPathError(f"two outputs name the same file {os.fspath(target)}; give distinct paths")
         # Encode everything first, so an unencodable text fails before any file is touched.

@@ -114,7 +114,7 @@ API_COLLISIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "save: save_path is '.'": (("save_path='.'", "is a directory"),
                                lambda f: acps.save_prune_retrain_model(model(), ".", data()[0][:2])),
     "save: save_path is a folder with a slash": (
-        ("save_path=", "is a directory"), lambda f: acps.save_prune_retrain_model(model(), str(f) + "/", data()[0])),
+        ("save_path=", "ends with a slash, so it names a folder", "model.onnx"), lambda f: acps.save_prune_retrain_model(model(), str(f) + "/", data()[0])),
     "search: output_cfg holds a NUL character": (("output_cfg=", "NUL character"),
                                                  lambda f: search(f, str(f / "a\x00b.cfg"))),
     "search: output_cfg's name is too long": (("output_cfg=", "bytes long", "choose a shorter name"),
@@ -439,11 +439,15 @@ def test_a_search_without_the_figure_removes_the_figure_of_an_earlier_one(tmp_pa
     assert ids.pop("prune.cfg.report.png") is None and set(ids.values()) == {result.output_set}
 
 
-def _journal(folder: Path, steps: list[dict[str, Any]], name: str = ".a.cfg.feedbeef.acps-journal") -> None:
-    for step in steps:
-        step["temp_inode"] = inode(step["temp"]) if step["temp"] else None
-        step.setdefault("old", None)
-    (folder / name).write_text(json.dumps({"acps_journal": 1, "steps": steps}))
+def _journal(copies: dict[Path, list[dict[str, Any]]], folders: list[Path] | None = None,
+             name: str = ".a.cfg.feedbeef.acps-journal") -> None:
+    """Write the journal copies a killed write would have left: per folder, its own steps by file name."""
+    every = [os.path.realpath(f) for f in (folders or list(copies))]
+    for folder, steps in copies.items():
+        for step in steps:
+            step.setdefault("old", None)
+            step["temp_inode"] = inode(folder / step["temp"]) if step.get("temp") else None
+        (folder / name).write_text(json.dumps({"acps_journal": 2, "folders": every, "steps": steps}))
 
 
 def test_leftovers_of_a_killed_write_are_cleaned_and_a_committed_journal_finished(tmp_path: Path) -> None:
@@ -453,17 +457,16 @@ def test_leftovers_of_a_killed_write_are_cleaned_and_a_committed_journal_finishe
     (tmp_path / ".b.cfg.4567cdef.acps-tmp").write_text("new b\n")
     os.link(tmp_path / "a.cfg", tmp_path / ".a.cfg.89abcdef.acps-old")
     (tmp_path / ".x.cfg.00000000.acps-tmp").write_text("a temporary file of a write that never committed\n")
-    _journal(tmp_path, [{"target": str(tmp_path / "a.cfg"), "temp": str(tmp_path / ".a.cfg.0123abcd.acps-tmp"),
-                         "old": str(tmp_path / ".a.cfg.89abcdef.acps-old")},
-                        {"target": str(tmp_path / "b.cfg"), "temp": str(tmp_path / ".b.cfg.4567cdef.acps-tmp")}])
+    _journal({tmp_path: [{"target": "a.cfg", "temp": ".a.cfg.0123abcd.acps-tmp", "old": ".a.cfg.89abcdef.acps-old"},
+                         {"target": "b.cfg", "temp": ".b.cfg.4567cdef.acps-tmp"}]})
     os.replace(tmp_path / ".a.cfg.0123abcd.acps-tmp", tmp_path / "a.cfg")  # killed after the first step
     recover(tmp_path)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.cfg": "new a\n", "b.cfg": "new b\n"}
 
 
 def test_a_journal_whose_files_were_cleaned_elsewhere_is_undone_not_half_finished(tmp_path: Path) -> None:
-    """A kill between the journal copies of two folders: the folder without a copy lost its temporary files to a
-    later cleanup, so the write cannot be finished; the done steps get their old files back."""
+    """A kill between the journal copies of two folders (no file was replaced yet): the folder without a copy
+    lost its temporary files to a later cleanup, so the write cannot be finished, and it is dropped."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
@@ -472,15 +475,62 @@ def test_a_journal_whose_files_were_cleaned_elsewhere_is_undone_not_half_finishe
     os.link(one / "r.record", one / ".r.record.89abcdef.acps-old")
     (two / ".p.pt.4567cdef.acps-tmp").write_text("new model\n")
     (two / "p.pt").write_text("old model\n")
-    _journal(one, [{"target": str(one / "r.record"), "temp": str(one / ".r.record.0123abcd.acps-tmp"),
-                    "old": str(one / ".r.record.89abcdef.acps-old")},
-                   {"target": str(two / "p.pt"), "temp": str(two / ".p.pt.4567cdef.acps-tmp")}],
-             ".r.record.feedbeef.acps-journal")
-    os.replace(one / ".r.record.0123abcd.acps-tmp", one / "r.record")
+    _journal({one: [{"target": "r.record", "temp": ".r.record.0123abcd.acps-tmp",
+                     "old": ".r.record.89abcdef.acps-old"}]}, [one, two], ".r.record.feedbeef.acps-journal")
     recover(two)  # no journal copy there: its temporary file looks like any leftover
     recover(one)
     assert (one / "r.record").read_text() == "old record\n" and (two / "p.pt").read_text() == "old model\n"
     assert litter(one) == [] and litter(two) == []
+
+
+def test_a_folder_copied_after_a_kill_recovers_itself_and_leaves_the_original_alone(tmp_path: Path) -> None:
+    import shutil
+
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("a.cfg", "b.cfg"):
+        (first / name).write_text(f"old {name}\n")
+        (first / f".{name}.0123abcd.acps-tmp").write_text(f"new {name}\n")
+    _journal({first: [{"target": "a.cfg", "temp": ".a.cfg.0123abcd.acps-tmp"},
+                      {"target": "b.cfg", "temp": ".b.cfg.0123abcd.acps-tmp"}]})
+    shutil.copytree(first, tmp_path / "copy")
+    recover(tmp_path / "copy")
+    assert {p.name: p.read_text() for p in (tmp_path / "copy").iterdir()} == {"a.cfg": "new a.cfg\n",
+                                                                             "b.cfg": "new b.cfg\n"}
+    assert (first / "a.cfg").read_text() == "old a.cfg\n" and len(litter(first)) == 3  # untouched
+
+
+@pytest.mark.parametrize("journal", [
+    {"acps_journal": 2, "folders": ["{f}"], "steps": [{"target": "{victim}", "temp": ".x.11111111.acps-tmp",
+                                                       "old": None, "temp_inode": None}]},
+    {"acps_journal": 2, "folders": ["{f}"], "steps": [{"target": "../home/notes.txt", "temp": None, "old": None,
+                                                       "temp_inode": None}]},
+    {"acps_journal": 2, "folders": ["{f}"], "steps": [{"target": "x", "temp": "../home/notes.txt", "old": None,
+                                                       "temp_inode": None}]},
+    {"acps_journal": 2, "folders": ["{f}"], "steps": []},
+    "[" * 100000,
+], ids=["absolute target", "target outside", "temporary file outside", "no steps", "nested too deep"])
+def test_a_journal_never_touches_a_file_outside_its_folder(tmp_path: Path, journal: Any) -> None:
+    home, project = tmp_path / "home", tmp_path / "project"
+    home.mkdir()
+    project.mkdir()
+    (home / "notes.txt").write_text("mine\n")
+    (project / ".x.11111111.acps-tmp").write_text("echo pwned\n")
+    text = journal if isinstance(journal, str) else json.dumps(journal)
+    text = text.replace("{f}", str(project)).replace("{victim}", str(home / "notes.txt"))
+    (project / ".x.deadbeef.acps-journal").write_text(text)
+    (project / ".notes.acps-tmp").write_text("the user's own file, not named as acps names its files\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        search(project, project / "prune.cfg", config=_write_config(project))
+    assert (home / "notes.txt").read_text() == "mine\n"
+    assert (project / ".x.deadbeef.acps-journal").exists()  # not ours: left alone
+    assert (project / ".notes.acps-tmp").exists()
+
+
+def _write_config(folder: Path) -> Path:
+    (folder / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    return folder / "search.cfg"
 
 
 def test_a_write_spanning_a_folder_another_process_holds_waits_for_it(tmp_path: Path,
@@ -490,8 +540,9 @@ def test_a_write_spanning_a_folder_another_process_holds_waits_for_it(tmp_path: 
     one.mkdir()
     two.mkdir()
     (one / ".r.record.0123abcd.acps-tmp").write_text("new record\n")
-    _journal(one, [{"target": str(one / "r.record"), "temp": str(one / ".r.record.0123abcd.acps-tmp")},
-                   {"target": str(two / "p.pt"), "temp": None}], ".r.record.feedbeef.acps-journal")
+    (two / "p.pt").write_text("old model\n")
+    _journal({one: [{"target": "r.record", "temp": ".r.record.0123abcd.acps-tmp"}],
+              two: [{"target": "p.pt", "temp": None}]}, name=".r.record.feedbeef.acps-journal")
     holder = os.open(two, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:
@@ -502,7 +553,8 @@ def test_a_write_spanning_a_folder_another_process_holds_waits_for_it(tmp_path: 
         fcntl.flock(holder, fcntl.LOCK_UN)
         os.close(holder)
     atomic_write_many({one / "r.record": "newer\n"})  # the journal is finished first, then the new write
-    assert (one / "r.record").read_text() == "newer\n" and litter(one) == []
+    assert (one / "r.record").read_text() == "newer\n" and not (two / "p.pt").exists()
+    assert litter(one) == [] and litter(two) == []
 
 
 def test_a_write_meets_no_leftovers_of_other_writes_and_leaves_none(tmp_path: Path) -> None:
