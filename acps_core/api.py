@@ -63,6 +63,7 @@ from acps_core.selection import (
     build_selection,
     format_selection,
     new_output_set,
+    one_line,
     selection_path,
     weights_fingerprint,
 )
@@ -355,13 +356,13 @@ def _check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, 
 
 
 def _output_roles(out_path: Path, figure: bool) -> list[tuple[str, Path]]:
-    """Every file a search writes, with the role named in errors."""
+    """Every file a search writes (or, for the figure without ``figure``, removes), with the role named in
+    errors."""
     markdown, json_report = report_paths(out_path)
-    roles = [("output_cfg", out_path), ("output_cfg's selection file", selection_path(out_path)),
-             ("output_cfg's Markdown report", markdown), ("output_cfg's JSON report", json_report)]
-    if figure:
-        roles.append(("output_cfg's figure", figure_path(out_path)))
-    return roles
+    return [("output_cfg", out_path), ("output_cfg's selection file", selection_path(out_path)),
+            ("output_cfg's Markdown report", markdown), ("output_cfg's JSON report", json_report),
+            ("output_cfg's figure" if figure else "output_cfg's figure (removed, as figure=False)",
+             figure_path(out_path))]
 
 
 def _on_device(sample: Any, device: torch.device) -> Any:
@@ -587,7 +588,7 @@ def _write(out_path: Path, graph: ChannelGraph, decision: Decision, result: Sear
     selection = selection_path(out_path)
     header = (f"# Written by acps {__version__} auto_channel_prune_search: target {settings.compress_ratio:g}x, "
               f"achieved {result.achieved_ratio:.4f}x ({result.cost_unit}).\n"
-              f"# The channels the search chose are in {selection.name} beside this file.\n"
+              f"# The channels the search chose are in {one_line(selection.name)} beside this file.\n"
               f"{OUTPUT_SET_LINE}{result.output_set}\n")
     selection_text = format_selection(build_selection(graph, decision.keep), out_path.name, result.output_set,
                                       weights_fingerprint(model))

@@ -1,6 +1,6 @@
 """The ``acps`` command line.
 
-Exit codes: 0 success, 2 bad input (any acps error: config, data, model, plugin), 1 internal error.
+Exit codes: 0 success, 2 bad input (any acps error: config, data, model, plugin), 1 internal error, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +20,17 @@ from acps_core import __version__
 from acps_core.errors import AcpsError, ArgumentError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+#: Ctrl-C, as shells count it (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from acps_core.demo import run_demo
     from acps_core.figure import available
 
+    if not (math.isfinite(args.ratio) and args.ratio > 1):
+        raise ArgumentError(f"--ratio {args.ratio:g} is not a compress ratio; give a finite number greater than 1, "
+                            "e.g. 2 (the pruned model costs half as much)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ArgumentError(f"--out {out} exists and is not a folder; give a folder for the demo's files")
@@ -36,6 +42,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     figure = available()
     outcome = run_demo(out, compress_ratio=args.ratio, ascend_optimized=not args.no_align, figure=figure)
     result = outcome.result
+    if args.quiet:
+        return EXIT_OK
     print(f"Trained a small CNN on scikit-learn's digits in {outcome.train_seconds:.1f} s "
           f"(test accuracy {outcome.accuracy_before:.1%}).")
     print(f"Searched at compress_ratio {args.ratio:g} in {outcome.search_seconds:.2f} s "
@@ -146,10 +154,29 @@ def _model_file(args: argparse.Namespace) -> str | None:
     return spec if spec is not None and (Path(spec).is_file() or spec.endswith(MODEL_FILE_SUFFIXES)) else None
 
 
+def _factory_source(args: argparse.Namespace) -> str | None:
+    """The source file of the module that ``--model package.module:factory`` names (None when it has none, or
+    cannot be found without running it)."""
+    import importlib.util
+
+    spec = args.model
+    if spec is None or _model_file(args) is not None or ":" not in spec:
+        return None
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(spec.rpartition(":")[0])
+    except (ImportError, ValueError, AttributeError):
+        return None
+    origin = getattr(found, "origin", None)
+    return origin if isinstance(origin, str) and os.path.isfile(origin) else None
+
+
 def _inputs(args: argparse.Namespace, *extra: tuple[str, Any]) -> list[tuple[str, Any]]:
-    """The files a command reads, by option."""
-    return [("--model", _model_file(args)), ("--data", args.data), ("--weights", getattr(args, "weights", None)),
-            ("--base-weights", getattr(args, "base_weights", None)), *extra]
+    """The files a command reads, by option (the model's own source file among them)."""
+    return [("--model", _model_file(args)), ("--model's source file", _factory_source(args)), ("--data", args.data),
+            ("--weights", getattr(args, "weights", None)), ("--base-weights", getattr(args, "base_weights", None)),
+            *extra]
 
 
 def _model_and_data(args: argparse.Namespace, need_labels: bool, weights: str | None = "weights"
@@ -192,7 +219,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     check_paths(reads=_inputs(args, ("--config", args.config)),
                 writes=[("--output", output), ("--output's selection file", selection_path(output)),
                         ("--output's Markdown report", markdown), ("--output's JSON report", json_report),
-                        ("--output's figure", figure_path(output) if figure else None)])
+                        ("--output's figure", figure_path(output))])
     model, data = _model_and_data(args, need_labels=True)
     result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=args.sensitivity,
                                             search_alg=args.search, gain=args.gain, figure=figure)
@@ -303,11 +330,11 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import acps_core as acps
     from acps_core.paths import check_paths
+    from acps_core.prune import onnx_path
 
-    output = args.output if str(args.output).endswith(".onnx") else str(args.output) + ".onnx"
-    check_paths(reads=_inputs(args, ("--config", args.config), ("--record", args.record)),
-                writes=[("--output", args.output), ("--output (with .onnx added)", output)]
-                if output != args.output else [("--output", output)])
+    output = onnx_path(args.output)
+    role = "--output" if os.fspath(output) == args.output else "--output (with .onnx added)"
+    check_paths(reads=_inputs(args, ("--config", args.config), ("--record", args.record)), writes=[(role, output)])
     restored, data = _restored(args)
     # The batch dimension stays free: the exported model takes any batch size.
     path = acps.save_prune_retrain_model(restored.eval(), args.output, data, input_names=["input"],
@@ -504,15 +531,22 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args))
     except AcpsError as exc:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"acps: error: {exc}", file=sys.stderr)
-        print("hint: run with --debug for the full traceback", file=sys.stderr)
+        if not args.debug:
+            print("hint: run with --debug for the full traceback", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("acps: interrupted; every output is as it was before the command, or complete", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"acps: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print("hint: run with --debug for the full traceback, and report it", file=sys.stderr)
+        print("hint: run with --debug for the full traceback, and report it" if not args.debug else
+              "hint: report it, with the traceback above", file=sys.stderr)
         return EXIT_INTERNAL
 
 

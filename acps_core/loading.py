@@ -162,6 +162,7 @@ def load_tensor(path: StrPath, map_location: str | torch.device = "cpu") -> torc
     loaded = _load_saved(path, map_location, hint)
     if not isinstance(loaded, torch.Tensor):
         raise DataError(f"data file {os.fspath(path)!r} holds a {type(loaded).__name__}, not a tensor; {hint}")
+    _refuse_meta(loaded, os.fspath(path))
     return loaded
 
 
@@ -177,9 +178,20 @@ def load_data(path: StrPath, map_location: str | torch.device = "cpu") -> Any:
     if isinstance(loaded, dict) and set(loaded) == {"data", "label"}:
         loaded = [loaded["data"], loaded["label"]]
     if isinstance(loaded, torch.Tensor) or (isinstance(loaded, (list, tuple)) and len(loaded) == 2):
+        _refuse_meta(loaded, where)
         return list(loaded) if isinstance(loaded, (list, tuple)) else loaded
     raise DataError(f"data file {where!r} holds a {type(loaded).__name__}; save the model's input tensor, or "
                     "[input, labels] (a list of two tensors) with torch.save")
+
+
+def _refuse_meta(loaded: Any, where: str) -> None:
+    """Tensors on the meta device carry shapes but no values: nothing can be computed from them."""
+    from acps_core.data import tensors_in
+
+    meta = [t for t in tensors_in(loaded) if t.device.type == "meta"]
+    if meta:
+        raise DataError(f"data file {where!r} holds tensors on the meta device (shape {list(meta[0].shape)}), which "
+                        "hold no values; save real data: torch.save([images, labels], path) with tensors on the CPU")
 
 
 def load_weights(model: nn.Module, path: StrPath, what: str = "weights file", state_dict_name: str | None = None,

@@ -22,14 +22,36 @@ Role = tuple[str, Optional[StrPath]]
 
 
 def same_file(first: StrPath, second: StrPath) -> bool:
-    """Whether two paths name one file: after following links and ``..``, or as two names of one inode."""
-    a, b = os.fspath(first), os.fspath(second)
-    if os.path.realpath(a) == os.path.realpath(b):
+    """Whether two paths name one file: after following links and ``..``, as two names of one inode, or (for a
+    file not there yet) as one name in one folder reached by two paths (a bind mount, a case-insensitive name)."""
+    a, b = os.path.realpath(os.fspath(first)), os.path.realpath(os.fspath(second))
+    if a == b:
         return True
     try:
         return os.path.samefile(a, b)
     except (OSError, ValueError):
-        return False  # one of them does not exist (yet)
+        pass  # one of them does not exist (yet)
+    if os.path.lexists(a) != os.path.lexists(b):
+        return False
+    try:
+        same_folder = os.path.samefile(os.path.dirname(a), os.path.dirname(b))
+    except (OSError, ValueError):
+        return False
+    names = os.path.basename(a), os.path.basename(b)
+    return same_folder and (names[0] == names[1] or (names[0].lower() == names[1].lower()
+                                                     and _folds_case(os.path.dirname(a))))
+
+
+def _folds_case(folder: str) -> bool:
+    """Whether names in ``folder`` ignore case (macOS and Windows by default): its own name in other case is
+    the same folder."""
+    swapped = os.path.join(os.path.dirname(folder), os.path.basename(folder).swapcase())
+    if swapped == folder:
+        return False
+    try:
+        return os.path.samefile(folder, swapped)
+    except (OSError, ValueError):
+        return False
 
 
 def _shown(role: str, path: StrPath) -> str:

@@ -55,6 +55,7 @@ from acps_core.selection import (
     Selection,
     build_selection,
     format_selection,
+    one_line,
     read_header,
     read_selection,
     selection_path,
@@ -581,7 +582,8 @@ def pruned_with_record(model: nn.Module, input_data: Any, config_defination: Str
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, _ = unwrap(model)
-    config_path = Path(config_defination)
+    config_path = Path(_path_argument(config_defination, "config_defination"))
+    record_file = _path_argument(record_file, "record_file")
     selection_file = selection_path(config_path)
     record_path = check_paths(reads=[("config_defination", config_path),
                                      ("the config's selection file", selection_file)],
@@ -613,8 +615,8 @@ def pruned_with_record(model: nn.Module, input_data: Any, config_defination: Str
         pruned, graph, keep = _pruned_copy(
             model, data, lambda copy_, graph: _decide_keep(copy_, graph, cfg, config_path, removed), norm_data,
             reconstruct)
-    header = (f"# Prune record written by acps create_prune_retrain_model from {config_path.name}: the channel "
-              f"indices removed from each layer.\n{FINGERPRINT_LINE}{fingerprint}\n")
+    header = (f"# Prune record written by acps create_prune_retrain_model from {one_line(config_path.name)}: "
+              f"the channel indices removed from each layer.\n{FINGERPRINT_LINE}{fingerprint}\n")
     text = format_selection(build_selection(graph, keep), config_path.name).split("\n", 2)[2]
     logger.info("pruned %d channel groups", len(keep))
     return pruned, record_path, header + text
@@ -675,7 +677,8 @@ def restore_prune_retrain_model(model: nn.Module, input_data: Any, record_file: 
         ConfigError: a missing or invalid record or config, or a record that does not fit the model.
         DataError: a checkpoint that cannot be read or does not fit the pruned model.
     """
-    parse_prune_config(config_defination)
+    parse_prune_config(_path_argument(config_defination, "config_defination"))
+    pth_file = _path_argument(pth_file, "pth_file")
     pruned = replay_prune_record(model, input_data, record_file)
     load_weights(pruned, pth_file, "checkpoint", state_dict_name, role="pruned model")
     return pruned
@@ -693,6 +696,7 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, _ = unwrap(model)
     check_initialized(model)  # not check_weights: a fresh model awaiting a checkpoint may hold anything
+    record_file = _path_argument(record_file, "record_file")
     with reading(record_file):
         removed = read_record(record_file)
     data = _model_input(input_data, model_device(model))
@@ -720,6 +724,26 @@ def replay_prune_record(model: nn.Module, input_data: Any, record_file: StrPath)
     return pruned
 
 
+def onnx_path(save_path: StrPath) -> StrPath:
+    """The file :func:`save_prune_retrain_model` writes for ``save_path``: ``save_path`` itself when its name ends
+    in ``.onnx`` (any case), else with ``.onnx`` appended (``model`` -> ``model.onnx``, ``.onnx`` ->
+    ``.onnx.onnx``). A path that names a folder is returned as it is, for the check to refuse."""
+    text = os.fspath(save_path)
+    path = Path(text)
+    if path.name in ("", ".", "..") or text.endswith(os.sep):
+        return save_path
+    if path.name.lower().endswith(".onnx") and path.name.lower() != ".onnx":
+        return path
+    return path.with_name(path.name + ".onnx")
+
+
+def _path_argument(value: Any, parameter: str) -> str | os.PathLike[str]:
+    """``value`` when it is a file path (str or os.PathLike), else an ArgumentError naming ``parameter``."""
+    if isinstance(value, (str, os.PathLike)):
+        return value
+    raise ArgumentError(f"{parameter} must be a file path (str or pathlib.Path), got {type(value).__name__}")
+
+
 def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: Any,
                              input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                              dynamic_axes: Mapping[str, Any] | None = None) -> Path:
@@ -736,11 +760,7 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
     """
     from acps_core.errors import AcpsError
 
-    check_writable_output(save_path, "save_path")  # before the name is changed: "." or "dir/" are refused here
-    path = Path(save_path)
-    if path.suffix != ".onnx":
-        path = path.with_name(path.name + ".onnx")
-    path = check_writable_output(path, "save_path")
+    path = check_writable_output(onnx_path(_path_argument(save_path, "save_path")), "save_path")
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, _ = unwrap(model)

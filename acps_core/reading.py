@@ -87,7 +87,8 @@ def _open_descriptor(path: StrPath, what: str, error: type[AcpsError]) -> int:
         raise _error(error, f"{what} path holds a NUL character; give the path of the file", shown)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever.
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever; it stays set, so
+        # a special file that passes for a regular one but would block (/proc/kmsg) fails instead of hanging.
         fd = os.open(shown, flags)
     except FileNotFoundError as exc:
         where = "" if os.path.isabs(shown) else f" (relative to the current directory {os.getcwd()})"
@@ -103,8 +104,6 @@ def _open_descriptor(path: StrPath, what: str, error: type[AcpsError]) -> int:
         if not stat.S_ISREG(mode):
             raise _error(error, f"{what} is {_kind_of(mode)}, not a regular file, so acps does not read it (it "
                                 "could block or never end); copy the content to a regular file first", shown)
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
@@ -139,12 +138,17 @@ def read_bytes(path: StrPath, what: str, kind: str, error: type[AcpsError] = Con
                 raise _error(error, _too_large(what, kind, limit), os.fspath(path))
             while True:
                 chunk = stream.read(min(_CHUNK, limit + 1 - size))
+                if chunk is None:  # nothing to read yet, and it would wait: not a regular file's content
+                    raise BlockingIOError
                 if not chunk:
                     break
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
                     raise _error(error, _too_large(what, kind, limit), os.fspath(path))
+    except BlockingIOError as exc:
+        raise _error(error, f"{what} would block when read (it is no regular file's content); copy the content "
+                            "to a regular file first", os.fspath(path)) from exc
     except OSError as exc:
         raise _error(error, f"cannot read the {what}: {exc.strerror or exc}", os.fspath(path)) from exc
     return b"".join(chunks)

@@ -337,6 +337,13 @@ def read_report(path: StrPath) -> dict[str, Any]:
     if data["report_format"] != REPORT_FORMAT:
         raise ConfigError(f"report_format {data['report_format']!r}; this acps ({__version__}) reads format "
                           f"{REPORT_FORMAT}; read it with the acps version that wrote it", path=where)
+    for index, layer in enumerate(data["layers"]):
+        text_fields = ("name", "kind", "status")
+        if not isinstance(layer, dict) or not all(isinstance(layer.get(key), str) for key in text_fields) \
+                or not isinstance(layer.get("reason"), (str, type(None))):
+            raise ConfigError(f"layers[{index}] is not a layer entry of an acps report (it needs the texts name, "
+                              f"kind, status and reason); the report was edited or damaged: search again to write "
+                              "it anew", path=where)
     return data
 
 

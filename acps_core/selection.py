@@ -76,6 +76,11 @@ def build_selection(graph: ChannelGraph, keep: dict[int, list[int]]) -> record_p
     return record
 
 
+def one_line(name: str) -> str:
+    """``name`` fit for a comment line: control characters (a newline in a file name) written as escapes."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in name)
+
+
 def new_output_set() -> str:
     """A new id for the files one search writes together: the UTC time and 8 random hex digits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
@@ -134,7 +139,7 @@ def format_selection(record: record_pb2.ScaleOffsetRecord, config_name: str, out
                      fingerprint: str | None = None) -> str:
     """Text of a selection file, with a header saying what it is, which output set it belongs to (the id the
     config's header carries too) and the fingerprint of the weights the search ran on."""
-    header = (f"# Channels chosen by acps auto_channel_prune_search for {config_name}.\n"
+    header = (f"# Channels chosen by acps auto_channel_prune_search for {one_line(config_name)}.\n"
               "# create_prune_retrain_model removes exactly these when the config's ratios still match them.\n")
     if output_set is not None:
         header += f"{OUTPUT_SET_LINE}{output_set}\n"

@@ -228,10 +228,11 @@ def test_quiet_and_debug_work_before_and_after_the_command(tmp_path: Path, capsy
     assert main(["--quiet", *argv] if where == "before" else [*argv, "--quiet"]) == EXIT_OK
     assert capsys.readouterr().out == ""
     broken = [*argv[:-1], str(tmp_path / "missing" / "prune.cfg")]
-    from acps_core.errors import OutputPathError
-
-    with pytest.raises(OutputPathError):  # --debug: the traceback, not the one-line message
-        main(["--debug", *broken] if where == "before" else [*broken, "--debug"])
+    # --debug: the traceback before the one-line message, and still exit code 2 for bad input
+    assert main(["--debug", *broken] if where == "before" else [*broken, "--debug"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "OutputPathError" in err
+    assert err.rstrip().splitlines()[-1].startswith("acps: error:")
 
 
 def test_explain_refuses_a_random_input_that_cannot_fit_in_memory(capsys: pytest.CaptureFixture[str]) -> None:

@@ -114,7 +114,8 @@ API_COLLISIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "save: save_path is '.'": (("save_path='.'", "is a directory"),
                                lambda f: acps.save_prune_retrain_model(model(), ".", data()[0][:2])),
     "save: save_path is a folder with a slash": (
-        ("save_path=", "ends with a slash, so it names a folder", "model.onnx"), lambda f: acps.save_prune_retrain_model(model(), str(f) + "/", data()[0])),
+        ("save_path=", "ends with a slash, so it names a folder", "model.onnx"),
+        lambda f: acps.save_prune_retrain_model(model(), str(f) + "/", data()[0])),
     "search: output_cfg holds a NUL character": (("output_cfg=", "NUL character"),
                                                  lambda f: search(f, str(f / "a\x00b.cfg"))),
     "search: output_cfg's name is too long": (("output_cfg=", "bytes long", "choose a shorter name"),
@@ -378,8 +379,10 @@ def _worker(*args: str, timeout: float = 600) -> list[dict[str, Any]]:
 
 @POSIX
 @pytest.mark.slow
-def test_a_search_killed_at_any_step_leaves_a_reader_one_complete_set_and_no_litter(tmp_path: Path) -> None:
-    lines = _worker("kill", str(tmp_path), "search")
+@pytest.mark.parametrize("how", ["search", "search-through-link"])
+def test_a_search_killed_at_any_step_leaves_a_reader_one_complete_set_and_no_litter(tmp_path: Path,
+                                                                                    how: str) -> None:
+    lines = _worker("kill", str(tmp_path), how)
     kills, last = lines[:-1], lines[-1]
     assert last["steps"] == len(kills) >= 20, "the write has fewer steps than expected: is the count armed?"
     old_ids = {name for kill in kills for name in [kill["ids_before_reading"]["prune.cfg"]]}
@@ -602,3 +605,140 @@ def test_the_command_line_writes_the_figure_with_the_set(searched: Path, capsys:
     png = (searched / "cli.cfg.report.png").read_bytes()
     config_set = (searched / "cli.cfg").read_text().split("# acps output set: ")[1].split()[0]
     assert f"acps output set {config_set}".encode() in png
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Found by trying to break the guarantees above
+# ------------------------------------------------------------------------------------------------------------
+
+@POSIX
+def test_a_figure_path_that_links_to_an_input_is_refused_and_a_linked_figure_goes_by_itself(tmp_path: Path) -> None:
+    config = _write_config(tmp_path)
+    (tmp_path / "prune.cfg.report.png").symlink_to(config)
+    with pytest.raises(OutputPathError, match=r"output_cfg's figure \(removed, as figure=False\)=.* is the same "
+                                              r"file as the input config="):
+        search(tmp_path, tmp_path / "prune.cfg")
+    assert config.read_text().startswith("compress_ratio")
+    (tmp_path / "prune.cfg.report.png").unlink()
+    elsewhere = tmp_path / "thesis.png"
+    elsewhere.write_bytes(b"the user's picture")
+    (tmp_path / "prune.cfg.report.png").symlink_to(elsewhere)
+    search(tmp_path, tmp_path / "prune.cfg")  # the figure of an earlier search is removed: here, only the link
+    assert not os.path.lexists(tmp_path / "prune.cfg.report.png")
+    assert elsewhere.read_bytes() == b"the user's picture"
+
+
+@POSIX
+@pytest.mark.parametrize("kind", ["FIFO", "link to /dev/zero", "folder"])
+def test_a_file_named_like_a_journal_that_is_not_one_never_blocks_or_is_removed(tmp_path: Path, kind: str) -> None:
+    name = tmp_path / ".prune.cfg.deadbeef.acps-journal"
+    if kind == "FIFO":
+        os.mkfifo(name)
+    elif kind == "folder":
+        name.mkdir()
+    else:
+        name.symlink_to("/dev/zero")
+    started = time.monotonic()
+    search(tmp_path, tmp_path / "prune.cfg", config=_write_config(tmp_path))
+    assert time.monotonic() - started < 30 and os.path.lexists(name)
+
+
+@POSIX
+@pytest.mark.parametrize("how", ["symlinked folder", "'..'"])
+def test_outputs_reached_through_a_symlinked_folder_or_dots_are_written_and_recovered(tmp_path: Path,
+                                                                                     how: str) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (real / "sub").mkdir()
+    folder = tmp_path / "link" if how == "symlinked folder" else real / "sub" / ".."
+    config = _write_config(real)
+    search(tmp_path, folder / "prune.cfg", config=config)
+    ids = set_ids(real)
+    assert None not in ids.values() or ids["prune.cfg.report.png"] is None
+    assert litter(real) == [] and litter(real / "sub") == []
+    pruned = acps.create_prune_retrain_model(model(), data()[0][:2], folder / "prune.cfg", folder / "p.record")
+    assert (real / "p.record").is_file() and pruned.conv2.out_channels < 24
+
+
+@POSIX
+def test_the_command_line_guards_the_model_source_the_onnx_name_and_meta_data(
+        searched: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(searched)
+    (searched / "net.py").write_text("from tests.write_worker import model\n")
+    monkeypatch.syspath_prepend(str(searched))
+    source = (searched / "net.py").read_bytes()
+    argv = ["prune", "--model", "net:model", "--data", "calib.pt", "--config", "prune.cfg"]
+    assert main([*argv, "--record", "net.py"]) == EXIT_BAD_INPUT
+    assert "is the same file as the input --model's source file=" in capsys.readouterr().err
+    assert (searched / "net.py").read_bytes() == source
+    # --output .onnx writes .onnx.onnx, which is checked against the inputs
+    (searched / ".onnx.onnx").write_bytes((searched / "calib.pt").read_bytes())
+    assert main(["export", "--model", "net:model", "--data", ".onnx.onnx", "--config", "prune.cfg", "--record",
+                 "prune.cfg.selection", "--output", ".onnx"]) == EXIT_BAD_INPUT
+    assert "--output (with .onnx added)='.onnx.onnx' is the same file as the input --data" in capsys.readouterr().err
+    torch.save([torch.empty(4, 3, 8, 8, device="meta"), torch.zeros(4, dtype=torch.long)], searched / "meta.pt")
+    for command in (["search", "--output", "o.cfg", "--config", "search.cfg"],
+                    ["prune", "--record", "r.record", "--config", "prune.cfg"]):
+        assert main([command[0], "--model", "net:model", "--data", "meta.pt", *command[1:]]) == EXIT_BAD_INPUT
+        assert "meta device" in capsys.readouterr().err
+
+
+def test_the_command_line_refuses_a_damaged_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for content in ('{"report_format": 1, "layers": [5]}',
+                    '{"report_format": 1, "layers": [{"name": "a", "status": "unprunable", "reason": 5}]}'):
+        (tmp_path / "r.json").write_text(content)
+        assert main(["explain", "--report", str(tmp_path / "r.json")]) == EXIT_BAD_INPUT
+        assert "layers[0] is not a layer entry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("call", "parameter"), [
+    (lambda f: acps.create_prune_retrain_model(model(), data()[0][:2], f / "prune.cfg", None), "record_file"),
+    (lambda f: acps.create_prune_retrain_model(model(), data()[0][:2], 3, f / "r.record"), "config_defination"),
+    (lambda f: acps.save_prune_retrain_model(model(), None, data()[0][:2]), "save_path"),
+    (lambda f: acps.prune.replay_prune_record(model(), data()[0][:2], None), "record_file"),
+    (lambda f: acps.restore_prune_retrain_model(model(), data()[0][:2], f / "p", f / "prune.cfg", None), "pth_file"),
+    (lambda f: acps.restore_prune_retrain_model(model(), data()[0][:2], f / "p", None, f / "w"),
+     "config_defination"),
+], ids=["record_file None", "config 3", "save_path None", "replay record None", "pth_file None", "config None"])
+def test_a_path_argument_of_the_wrong_type_is_an_argument_error(searched: Path, call: Any, parameter: str) -> None:
+    with pytest.raises(ArgumentError, match=f"{parameter} must be a file path"):
+        call(searched)
+
+
+@POSIX
+def test_file_names_with_a_newline_keep_every_file_readable(tmp_path: Path) -> None:
+    config = _write_config(tmp_path)
+    output = tmp_path / "odd\nname.cfg"
+    search(tmp_path, output, config=config)
+    pruned = acps.create_prune_retrain_model(model(), data()[0][:2], output, tmp_path / "odd\nname.record")
+    replayed = acps.prune.replay_prune_record(model(), data()[0][:2], tmp_path / "odd\nname.record")
+    assert replayed.conv2.out_channels == pruned.conv2.out_channels < 24
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_and_exit_code_130(searched: Path, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import acps_core.api
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acps_core.api, "_score", interrupted)
+    before = folder_state(searched)
+    assert main(["search", "--model", "tests.write_worker:model", "--data", str(searched / "calib.pt"), "--config",
+                 str(searched / "search.cfg"), "--output", str(searched / "prune.cfg")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("acps: interrupted") and "Traceback" not in err
+    assert folder_state(searched) == before
+
+
+def test_nonsense_in_the_lock_timeout_or_the_demo_ratio_is_refused_up_front(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACPS_LOCK_TIMEOUT", "nan")
+    with pytest.raises(ArgumentError, match=r"ACPS_LOCK_TIMEOUT='nan' must be a number of seconds"):
+        atomic_write_many({tmp_path / "a.cfg": "a\n"})
+    monkeypatch.delenv("ACPS_LOCK_TIMEOUT")
+    started = time.monotonic()
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--ratio", "0.5"]) == EXIT_BAD_INPUT
+    assert "--ratio 0.5 is not a compress ratio" in capsys.readouterr().err
+    assert time.monotonic() - started < 5 and not (tmp_path / "demo").exists()

@@ -56,13 +56,15 @@ def data() -> list[torch.Tensor]:
     return [torch.randn(8, 3, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator)]
 
 
-def search(folder: Path, ratio: float) -> acps.SearchResult:
+def search(folder: Path, ratio: float, output: Path | None = None) -> acps.SearchResult:
+    """A search at ``ratio`` writing ``folder/prune.cfg`` (or ``output``) and its set, the figure included."""
     (folder / f"search{ratio:g}.cfg").write_text(f"compress_ratio: {ratio:g}\nascend_optimized: false\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return acps.auto_channel_prune_search(model(), str(folder / f"search{ratio:g}.cfg"), data(),
-                                              str(folder / "prune.cfg"), sensitivity="GroupMagnitudeSensitivity",
-                                              search_alg="GlobalRankSearch", figure=True)
+                                              str(output or folder / "prune.cfg"),
+                                              sensitivity="GroupMagnitudeSensitivity", search_alg="GlobalRankSearch",
+                                              figure=True)
 
 
 def set_ids(folder: Path) -> dict[str, str | None]:
@@ -126,6 +128,10 @@ def kill_each_step(folder: Path, what: str) -> None:
     work = folder / "work"
     pristine = folder / "pristine"
     work.mkdir()
+    # "search-through-link": the output named through a symbolic link to the folder
+    named = folder / "link" if what == "search-through-link" else work
+    if named != work:
+        named.symlink_to(work)
     search(work, 1.5)  # the old set
     if what.startswith("prune"):
         from acps_core.cli import main
@@ -144,8 +150,8 @@ def kill_each_step(folder: Path, what: str) -> None:
         if pid == 0:
             try:
                 arm(kill_at)
-                if what == "search":
-                    search(work, 3.0)
+                if what.startswith("search"):
+                    search(work, 3.0, named / "prune.cfg")
                 else:
                     main([*base, "--quiet"])
             finally:
@@ -153,22 +159,22 @@ def kill_each_step(folder: Path, what: str) -> None:
         _, status = os.waitpid(pid, 0)
         if not os.WIFSIGNALED(status):
             break  # every step was reached: this run finished
-        print(json.dumps({"kill_at": kill_at, **after_kill(work, what)}), flush=True)
+        print(json.dumps({"kill_at": kill_at, **after_kill(work, what, named)}), flush=True)
         shutil.rmtree(work)
         shutil.copytree(pristine, work)
         kill_at += 1
-    print(json.dumps({"steps": kill_at - 1, "finished": after_kill(work, what)}), flush=True)
+    print(json.dumps({"steps": kill_at - 1, "finished": after_kill(work, what, named)}), flush=True)
 
 
-def after_kill(work: Path, what: str) -> dict[str, Any]:
-    """What the folder holds after a kill, and what a reader then sees."""
+def after_kill(work: Path, what: str, named: Path) -> dict[str, Any]:
+    """What the folder holds after a kill, and what a reader (through ``named``) then sees."""
     raw = {"litter": litter(work)}
-    if what == "search":
+    if what.startswith("search"):
         raw["ids_before_reading"] = set_ids(work)
         record = work.parent / "reader.record"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            acps.create_prune_retrain_model(model(), data()[0][:2], work / "prune.cfg", record)  # recovers first
+            acps.create_prune_retrain_model(model(), data()[0][:2], named / "prune.cfg", record)  # recovers first
         record.unlink()
         return {**raw, "ids": set_ids(work), "litter_after_reading": litter(work)}
     from acps_core.atomic import locked_folders
