@@ -262,8 +262,10 @@ class TaylorLossSensitivity(SensitivityBase):
             for chunk in chunks:
                 held = by_chunk.pop(chunk, None)
                 grads = comm.run(step, partial(self._projection_gradients, part, held, params, True))
-                for group, term in self._terms(uses, params, _summed_gradients(comm, params, grads, 1.0)).items():
+                grads = _summed_gradients(comm, params, grads, 1.0)
+                for group, term in self._terms(uses, params, grads).items():
                     squares[group] += term.pow(2)
+                del grads  # before the next chunk's backward: one set of gradients at a time
             return
 
         def local_terms() -> list[dict[int, torch.Tensor]]:
@@ -272,6 +274,7 @@ class TaylorLossSensitivity(SensitivityBase):
             for chunk in chunks:
                 grads = self._projection_gradients(part, by_chunk.pop(chunk, None), params)
                 found.append(self._checked_terms(uses, params, grads))
+                del grads  # before the next chunk's backward: one set of gradients at a time
             return found
 
         found = comm.run(step, local_terms)
