@@ -377,8 +377,9 @@ def _on_device(sample: Any, device: torch.device) -> Any:
 
 
 def _same_scores_everywhere(comm: Communicator, records: list[SearchRecord]) -> bool:
-    """Make every rank's scores the same: methods that combine their statistics across ranks (the Taylor
-    family) give identical scores; others are averaged. Returns whether any had to be averaged."""
+    """Make every rank's scores the same: methods that combine their statistics across ranks (every built-in
+    method does) give identical scores; others (a plugin's own) are averaged. Returns whether any had to be
+    averaged."""
     if not comm.distributed:
         return False
     averaged = False

@@ -1,4 +1,4 @@
-"""How long graph building and the prune step take, in forward passes of the same model (issue 3, section 5).
+"""How long graph building and the prune step take, in forward passes of the same model.
 
 Three full-size models are built here with random weights (no downloads, no torchvision):
 
@@ -22,7 +22,7 @@ For each model it times, on CPU, ``--repeats`` runs after one warm-up run:
 - the whole public call ``create_prune_retrain_model(model, x, cfg, record)`` with a config that prunes every
   layer by 0.3 (deep copy, tracing, checks and the record file included).
 
-Targets (issue 3): graph building under 3 forward passes, the prune step under 5.
+Targets: graph building under 3 forward passes, the prune step under 5.
 
 Usage::
 

