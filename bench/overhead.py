@@ -1,4 +1,4 @@
-"""What the search costs against one plain forward+backward pass over the same calibration data (issue 7, section 3).
+"""What the search costs against one plain forward+backward pass over the same calibration data.
 
 For a ResNet-50-sized CNN (bottleneck blocks [3, 4, 6, 3], 25.6 M parameters) and a ViT-B-sized transformer
 (12 blocks of width 768, torch's ``nn.TransformerEncoderLayer``, 86 M parameters), built here with random weights,
