@@ -34,6 +34,7 @@ from acps_core.data import (
     model_device,
     primary_output,
     tensors_in,
+    to_device,
 )
 from acps_core.distributed import Communicator, using
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
@@ -143,7 +144,7 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     # The first batch's inputs trace the graph and its labels are checked against the output. Every rank traces
     # rank 0's first samples, as one process would trace the first samples of the union of the shards.
     data, label = calibration if is_reference_form(calibration) else calibration[0]
-    sample = _on_device(comm.broadcast(_on_device(trace_sample(data), torch.device("cpu"))), device)
+    sample = to_device(comm.broadcast(to_device(trace_sample(data), torch.device("cpu"))), device)
     traced = tensors_in(sample)[0].shape[0] if tensors_in(sample) and tensors_in(sample)[0].dim() else 0
 
     # acps's own methods never write to a parameter: with only them running, the parameters are checked, not
@@ -363,17 +364,6 @@ def _output_roles(out_path: Path, figure: bool) -> list[tuple[str, Path]]:
             ("output_cfg's Markdown report", markdown), ("output_cfg's JSON report", json_report),
             ("output_cfg's figure" if figure else "output_cfg's figure (removed, as figure=False)",
              figure_path(out_path))]
-
-
-def _on_device(sample: Any, device: torch.device) -> Any:
-    """A traced sample (broadcast from rank 0) on this rank's model device."""
-    if isinstance(sample, torch.Tensor):
-        return sample.to(device)
-    if isinstance(sample, (tuple, list)):
-        return type(sample)(_on_device(s, device) for s in sample)
-    if isinstance(sample, dict):
-        return {k: _on_device(v, device) for k, v in sample.items()}
-    return sample
 
 
 def _same_scores_everywhere(comm: Communicator, records: list[SearchRecord]) -> bool:

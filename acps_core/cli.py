@@ -185,7 +185,7 @@ def _model_and_data(args: argparse.Namespace, need_labels: bool, weights: str | 
     device."""
     import torch
 
-    from acps_core.data import _map_tensors, model_device, tensors_in
+    from acps_core.data import model_device, tensors_in, to_device
     from acps_core.errors import DataError
     from acps_core.loading import load_data
 
@@ -201,7 +201,7 @@ def _model_and_data(args: argparse.Namespace, need_labels: bool, weights: str | 
         if not tensors_in(inputs) or not isinstance(labels, torch.Tensor):
             raise DataError(f"--data {args.data} must hold [inputs, labels]: inputs a tensor (or a tuple of tensors) "
                             f"and labels a tensor; it holds [{type(inputs).__name__}, {type(labels).__name__}]")
-        inputs = _map_tensors(inputs, lambda t: t.to(device))
+        inputs = to_device(inputs, device)
         return model, [inputs, labels.to(device)] if need_labels else inputs
     return model, data.to(device)
 

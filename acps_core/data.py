@@ -68,6 +68,11 @@ def _map_tensors(data: Any, fn: Any) -> Any:
     return data
 
 
+def to_device(data: Any, device: torch.device) -> Any:
+    """``data`` (a tensor, or tuples, lists and dicts of them, nested) with every tensor on ``device``."""
+    return _map_tensors(data, lambda tensor: tensor.to(device))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The one device every parameter and buffer of ``model`` is on (CPU for a model without any).
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acps_core.bases import SensitivityBase
-from acps_core.data import forward, primary_output
+from acps_core.data import forward, primary_output, to_device
 from acps_core.distributed import Communicator
 from acps_core.errors import ArgumentError, DataError
 from acps_core.graph import channel_atoms, trace_sample
@@ -98,8 +98,8 @@ class MeasuredSensitivity(SensitivityBase):
             return data, label
         device = label.device
         # Each rank sends at most max_samples of its own; the union's first max_samples are among them.
-        parts = comm.gather(_to((data, label), torch.device("cpu")))
-        data, label = _to(trace_sample(_concatenated(parts), self.max_samples), device)
+        parts = comm.gather(to_device((data, label), torch.device("cpu")))
+        data, label = to_device(trace_sample(_concatenated(parts), self.max_samples), device)
         return data, label
 
     def _distance_to(self, reference: torch.Tensor, label: Any) -> Callable[[Any], float]:
@@ -124,17 +124,6 @@ def _first_tensor(output: Any) -> torch.Tensor:
         raise DataError(f"MeasuredSensitivity needs a model that returns a tensor (or a dict, ModelOutput or tuple "
                         f"holding one); this one returns a {type(output).__name__} holding none")
     return found
-
-
-def _to(data: Any, device: torch.device) -> Any:
-    """``data`` (tensors, or tuples, lists and dicts of them) on ``device``."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, (tuple, list)):
-        return type(data)(_to(item, device) for item in data)
-    if isinstance(data, dict):
-        return {key: _to(value, device) for key, value in data.items()}
-    return data
 
 
 def _concatenated(parts: list[Any]) -> Any:
