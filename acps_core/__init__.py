@@ -13,8 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from acps_core.api import PruneTargetWarning, auto_channel_prune_search
-from acps_core.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
+from acps_core import _compat
 from acps_core.errors import (
     AcpsError,
     ArgumentError,
@@ -26,16 +25,25 @@ from acps_core.errors import (
     PluginError,
     SearchError,
 )
-from acps_core.graph import ChannelGraph, ChannelGroup, LayerGeometry, build_channel_graph
-from acps_core.hookspecs import hookimpl
-from acps_core.problem import GraphInfo, PruneSearchConfig, SearchRecord
-from acps_core.prune import (
+from acps_core.graph.build import ChannelGraph, ChannelGroup, LayerGeometry, build_channel_graph
+from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
+from acps_core.methods.hookspecs import hookimpl
+from acps_core.prune.calls import (
     WeightsChangedWarning,
     create_prune_retrain_model,
     restore_prune_retrain_model,
     save_prune_retrain_model,
 )
-from acps_core.result import LayerReport, SearchResult
+from acps_core.report.result import LayerReport, SearchResult
+from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord
+from acps_core.search.run import PruneTargetWarning, auto_channel_prune_search
+
+_compat.install()  # old module names (acps_core.bases, acps_core.problem, ...) import as their new modules
+
+
+def __getattr__(name: str) -> object:
+    """``acps_core.masking`` and the other old module names, as attributes too (see :mod:`acps_core._compat`)."""
+    return _compat.old_module(__name__, name)
 
 __all__ = [
     "AcpsError",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import acps_core as acps
-from acps_core.demo import DigitsCNN, accuracy, load_digits_tensors, train
+from acps_core.cli.demo import DigitsCNN, accuracy, load_digits_tensors, train
 
 
 def build_model() -> torch.nn.Module:

@@ -54,8 +54,8 @@ def pooled_chain(width: int = 32, classes: int = 10) -> nn.Sequential:
 def assert_pruned_matches_search(model: nn.Module, pruned: nn.Module, x: torch.Tensor, result: object) -> None:
     """The physically pruned model has the kept counts the search reported and computes what the unpruned
     model computes with the removed channels masked."""
-    from acps_core.graph import build_channel_graph
-    from acps_core.masking import masked_channels
+    from acps_core.graph.build import build_channel_graph
+    from acps_core.graph.masking import masked_channels
 
     for name, layer in result.layers.items():  # type: ignore[attr-defined]
         if layer.total:

@@ -25,13 +25,13 @@ from types import TracebackType
 
 import pytest
 
-from acps_core import registry as registry_module
+from acps_core.methods import registry as registry_module
 
 
 class PluginInstaller:
     """Installs throwaway plugin distributions for one test and undoes their effects afterwards.
 
-    While active, the module-level registry cache of :mod:`acps_core.registry` starts empty, so the next
+    While active, the module-level registry cache of :mod:`acps_core.methods.registry` starts empty, so the next
     :func:`acps_core.registry.get_registry` call discovers what the test installed; on exit the cache and
     ``sys.path`` are restored and the installed modules are dropped from ``sys.modules``.
 

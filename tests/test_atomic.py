@@ -1,4 +1,4 @@
-"""Atomic output writes (acps_core.atomic): a failure never damages an existing file or leaves litter."""
+"""Atomic output writes (acps_core._util.atomic): a failure never damages an existing file or leaves litter."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from acps_core import atomic
-from acps_core.atomic import atomic_write_many, atomic_write_text, check_writable_output
+from acps_core._util import atomic
+from acps_core._util.atomic import atomic_write_many, atomic_write_text, check_writable_output
 from acps_core.errors import OutputPathError
 
 OLD = b"compress_ratio: 1.5\n"

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.attention import HeadPrunedMultiheadAttention, shrink_heads
-from acps_core.verify import verify_groups
+from acps_core.graph.verify import verify_groups
+from acps_core.layers.attention import HeadPrunedMultiheadAttention, shrink_heads
 
 MASKS = {
     "none": {},

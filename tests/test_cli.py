@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from google.protobuf import text_format
 
-from acps_core.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from acps_core.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from acps_core.proto import retrain_config_pb2
 
 
 def test_plugins_lists_the_three_built_in_methods(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins"]) == EXIT_OK
     out = capsys.readouterr().out
-    for kind, name, dist in [("sensitivity", "TaylorLossSensitivity", "acps-sensitivity-taylor"),
+    for kind, name, dist in [("sensitivity", "TaylorLossSensitivity", "acps-sensitivity-methods"),
                              ("search", "GreedySearch", "acps-search-greedy"),
-                             ("gain", "BitComplexity", "acps-gain-ascend")]:
+                             ("gain", "BitComplexity", "acps-gain-estimators")]:
         line = next(line for line in out.splitlines() if name in line)
         assert kind in line and dist in line
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from acps_core.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from acps_core.cli.loading import load_model, load_tensor
+from acps_core.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from acps_core.errors import ArgumentError, DataError
-from acps_core.loading import load_model, load_tensor
 from tests.cli_models import SmallCNN, small_cnn
 
 SPEC = "tests.cli_models:small_cnn"

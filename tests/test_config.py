@@ -1,4 +1,4 @@
-"""Reading, checking and writing the search config and the channel-prune config (acps_core.config).
+"""Reading, checking and writing the search config and the channel-prune config (acps_core.config.prune_config).
 
 Each error test asserts the error type, the ``file:line`` it points at and the words that tell the user what
 to do, because those words are the behaviour.
@@ -15,7 +15,7 @@ import pydantic
 import pytest
 from google.protobuf import text_format
 
-from acps_core.config import (
+from acps_core.config.prune_config import (
     AMCTRetrainConfig,
     LayerDecision,
     SearchSettings,

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import acps_core as acps
-from acps_core.config import parse_prune_config, resolve_layer
-from acps_core.graph import build_channel_graph
-from acps_core.problem import CostModel
+from acps_core.config.prune_config import parse_prune_config, resolve_layer
+from acps_core.graph.build import build_channel_graph
+from acps_core.search.problem import CostModel
 from acps_gain_ascend import BitComplexity
 from tests.models import ConvChain, assert_pruned_matches_search, pooled_chain, randomize_norms
 

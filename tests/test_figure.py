@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import acps_core as acps
-from acps_core.figure import figure_path, render_figure, write_figure
+from acps_core.report.figure import figure_path, render_figure, write_figure
 from tests.models import ConvChain, randomize_norms
 
 

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import acps_core as acps
-from acps_core.atomic import atomic_write_many, recover
-from acps_core.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from acps_core._util.atomic import atomic_write_many, recover
+from acps_core._util.journal import inode
+from acps_core.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from acps_core.errors import ArgumentError, ConfigError, DataError, OutputPathError
-from acps_core.journal import inode
 from tests import write_worker
 from tests.model_snapshot import ModelSnapshot
 from tests.write_worker import data, litter, model, set_ids
@@ -718,12 +718,12 @@ def test_file_names_with_a_newline_keep_every_file_readable(tmp_path: Path) -> N
 
 def test_ctrl_c_on_the_command_line_is_one_line_and_exit_code_130(searched: Path, capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import acps_core.api
+    import acps_core.search.run
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(acps_core.api, "_score", interrupted)
+    monkeypatch.setattr(acps_core.search.run, "_score", interrupted)
     before = folder_state(searched)
     assert main(["search", "--model", "tests.write_worker:model", "--data", str(searched / "calib.pt"), "--config",
                  str(searched / "search.cfg"), "--output", str(searched / "prune.cfg")]) == 130

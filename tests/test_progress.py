@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from acps_core import progress as progress_module
-from acps_core.progress import enabled, progress, stage
+from acps_core._util import progress as progress_module
+from acps_core._util.progress import enabled, progress, stage
 
 
 class Terminal(io.StringIO):
@@ -60,7 +60,7 @@ def test_silent_off_a_terminal_or_when_asked(monkeypatch: pytest.MonkeyPatch, te
 
 
 def test_quiet_command_line_turns_the_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from acps_core.cli import EXIT_OK, main
+    from acps_core.cli.main import EXIT_OK, main
 
     monkeypatch.delenv("ACPS_PROGRESS", raising=False)
     assert main(["--quiet", "plugins"]) == EXIT_OK

@@ -11,15 +11,15 @@ from google.protobuf import text_format
 from torch import nn
 
 import acps_core as acps
+from acps_core.config.selection import selection_path
 from acps_core.errors import ConfigError, DataError
 from acps_core.proto import scale_offset_record_pb2
-from acps_core.prune import (
+from acps_core.prune.calls import (
     create_prune_retrain_model,
     read_record,
     restore_prune_retrain_model,
     save_prune_retrain_model,
 )
-from acps_core.selection import selection_path
 from tests.model_snapshot import ModelSnapshot
 from tests.models import ConvChain, assert_pruned_matches_search, randomize_norms
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import acps_core
-from acps_core.prune import read_record
-from acps_core.reconstruction import fit_input_map, measure_layer_inputs
+from acps_core.prune.calls import read_record
+from acps_core.prune.reconstruction import fit_input_map, measure_layer_inputs
 from tests.model_snapshot import ModelSnapshot
 
 

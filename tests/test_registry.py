@@ -14,11 +14,11 @@ from typing import Any, cast
 import pytest
 import torch
 
-from acps_core import registry as registry_module
-from acps_core.bases import GainEstimatorBase, MethodDefinitionError, SearchChannelBase, SensitivityBase
 from acps_core.errors import PluginError
-from acps_core.hookspecs import hookimpl
-from acps_core.registry import (
+from acps_core.methods import registry as registry_module
+from acps_core.methods.bases import GainEstimatorBase, MethodDefinitionError, SearchChannelBase, SensitivityBase
+from acps_core.methods.hookspecs import hookimpl
+from acps_core.methods.registry import (
     IN_PROCESS,
     AcpsPluginWarning,
     MethodArgumentError,
@@ -409,8 +409,8 @@ def test_plugins_table_says_when_nothing_is_installed() -> None:
 # --- entry points of real installed distributions -----------------------------------------------------------
 
 SENSITIVITY_PLUGIN = """
-    from acps_core.bases import SensitivityBase
-    from acps_core.hookspecs import hookimpl
+    from acps_core.methods.bases import SensitivityBase
+    from acps_core.methods.hookspecs import hookimpl
 
 
     class {cls}(SensitivityBase):

@@ -20,10 +20,10 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 import acps_core as acps
-from acps_core.data import check_dense
+from acps_core._util.data import check_dense
+from acps_core._util.model_checks import check_initialized, check_model, check_weights, same_bits
+from acps_core._util.state import CopyOnWrite, PreservedState, preserved_model_state
 from acps_core.errors import AcpsError, ConfigError, DataError, GraphError, PluginError
-from acps_core.model_checks import check_initialized, check_model, check_weights, same_bits
-from acps_core.state import CopyOnWrite, PreservedState, preserved_model_state
 from acps_sensitivity_taylor import BalancedL2NormSensitivity
 from tests.model_snapshot import ModelSnapshot
 from tests.models import ConvChain
@@ -621,8 +621,8 @@ def test_parameters_left_alone_around_create_restores_and_names(tmp_path: Path, 
 
 def test_parameters_left_alone_lets_acps_masking_through() -> None:
     """acps's own writes (masking zeroes channels and puts them back) are not copied."""
-    from acps_core.graph import build_channel_graph
-    from acps_core.masking import masked_channels
+    from acps_core.graph.build import build_channel_graph
+    from acps_core.graph.masking import masked_channels
 
     model = chain().eval()
     x = data()[0][:2]
@@ -688,7 +688,7 @@ class RaisesValueError(ConvChain):
 
 
 def test_a_trace_failure_is_blamed_on_the_dtype_only_when_converting_fixes_it() -> None:
-    from acps_core.model_checks import explain_trace_failure
+    from acps_core._util.model_checks import explain_trace_failure
 
     error = ValueError("not today")
     complex_input = torch.randn(2, 4, dtype=torch.complex64)
@@ -699,7 +699,7 @@ def test_a_trace_failure_is_blamed_on_the_dtype_only_when_converting_fixes_it() 
 
 
 def test_an_in_place_complaint_the_model_does_not_reproduce_is_not_the_models() -> None:
-    from acps_core.model_checks import explain_in_place_failure
+    from acps_core._util.model_checks import explain_in_place_failure
 
     model = chain().eval()
     flags = [p.requires_grad for p in model.parameters()]

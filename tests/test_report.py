@@ -12,8 +12,8 @@ from torch import nn
 
 import acps_core as acps
 from acps_core.errors import AcpsError, ArgumentError, ConfigError
-from acps_core.graph import build_channel_graph
-from acps_core.report import (
+from acps_core.graph.build import build_channel_graph
+from acps_core.report.documents import (
     explain_text,
     left_alone_text,
     read_report,

@@ -12,10 +12,10 @@ from google.protobuf import text_format
 from torch import nn
 
 import acps_core as acps
-from acps_core.config import parse_prune_config
+from acps_core.config.prune_config import parse_prune_config
+from acps_core.config.selection import selection_path
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, OutputPathError, PluginError
 from acps_core.proto import retrain_config_pb2, scale_offset_record_pb2
-from acps_core.selection import selection_path
 from tests.model_snapshot import ModelSnapshot
 from tests.models import ConvChain, pooled_chain, randomize_norms
 
@@ -66,8 +66,8 @@ def test_lands_on_the_target_within_one_alignment_step(tmp_path, chain, data, ra
     assert result.cost_after <= result.cost_before / ratio
     # Undoing one step (16 channels when aligned, 1 otherwise) of any one pruned group must exceed the budget:
     # otherwise the search removed more than it had to.
-    from acps_core.graph import build_channel_graph
-    from acps_core.problem import CostModel
+    from acps_core.graph.build import build_channel_graph
+    from acps_core.search.problem import CostModel
     from acps_gain_ascend import BitComplexity
 
     graph = build_channel_graph(chain.eval(), data[0])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from acps_core._util.state import _take, preserved_model_state
 from acps_core.errors import AcpsError
-from acps_core.state import _take, preserved_model_state
 from tests.model_snapshot import ModelSnapshot
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import acps_core
-from acps_core.registry import get_registry
+from acps_core.methods.registry import get_registry
 from tests.plugin_factory import PluginInstaller
 
 THIRD_PARTY_MODULE = "acps_test_thirdparty_l1"

@@ -10,8 +10,8 @@ from torch import nn
 
 import acps_core as acps
 from acps_core.errors import GraphError
-from acps_core.graph import build_channel_graph
-from acps_core.verify import verify_groups
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.verify import verify_groups
 
 
 class CountsChannels(nn.Module):

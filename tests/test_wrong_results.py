@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import acps_core as acps
+from acps_core.cli.loading import load_weights
 from acps_core.errors import ConfigError, DataError
-from acps_core.loading import load_weights
-from acps_core.prune import read_record
+from acps_core.prune.calls import read_record
 from tests.model_snapshot import ModelSnapshot
 from tests.write_worker import data, model
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.graph import ChannelGraph, build_channel_graph
-from acps_core.masking import masked_channels
-from acps_core.prune import prune_channels, read_record
-from acps_core.reconstruction import MIN_ROWS_PER_KEPT, reconstructible
+from acps_core.graph.build import ChannelGraph, build_channel_graph
+from acps_core.graph.masking import masked_channels
+from acps_core.prune.calls import prune_channels, read_record
+from acps_core.prune.reconstruction import MIN_ROWS_PER_KEPT, reconstructible
 from tests.model_snapshot import ModelSnapshot
 from tests.models import recalibrate_in_order
 from tests.zoo import CASES, CLASSES, ZooCase, pruned_and_masked, random_keep

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from acps_core.graph import build_channel_graph
+from acps_core.graph.build import build_channel_graph
 from tests.zoo import (
     BasicBlock,
     ConvBNAct,
@@ -322,7 +322,7 @@ def test_random_networks_through_the_public_calls_succeed_exactly_or_raise_acps_
     from pathlib import Path
 
     import acps_core as acps
-    from acps_core.masking import masked_channels
+    from acps_core.graph.masking import masked_channels
 
     torch.manual_seed(seed)
     model = randomize(build(spec), seed).double().eval()

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core import atomic, journal
-from acps_core.selection import read_header
+from acps_core._util import atomic, journal
+from acps_core.config.selection import read_header
 
 STEPS = ("open", "fsync", "replace", "rename", "link", "remove", "unlink")
 SET_FILES = ("prune.cfg", "prune.cfg.selection", "prune.cfg.report.md", "prune.cfg.report.json",
@@ -134,7 +134,7 @@ def kill_each_step(folder: Path, what: str) -> None:
         named.symlink_to(work)
     search(work, 1.5)  # the old set
     if what.startswith("prune"):
-        from acps_core.cli import main
+        from acps_core.cli.main import main
 
         saved = work / "models" / "p.pt" if what == "prune-two-folders" else work / "p.pt"
         saved.parent.mkdir(exist_ok=True)
@@ -177,7 +177,7 @@ def after_kill(work: Path, what: str, named: Path) -> dict[str, Any]:
             acps.create_prune_retrain_model(model(), data()[0][:2], named / "prune.cfg", record)  # recovers first
         record.unlink()
         return {**raw, "ids": set_ids(work), "litter_after_reading": litter(work)}
-    from acps_core.atomic import locked_folders
+    from acps_core._util.atomic import locked_folders
 
     models = work / "models"
     raw["litter"] += litter(models)

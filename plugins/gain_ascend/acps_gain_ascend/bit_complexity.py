@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from acps_core.bases import GainEstimatorBase
-from acps_core.graph import LayerGeometry
+from acps_core.graph.build import LayerGeometry
+from acps_core.methods.bases import GainEstimatorBase
 
 
 def dtype_bits(dtype: torch.dtype) -> int:

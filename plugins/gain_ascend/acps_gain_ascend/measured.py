@@ -38,12 +38,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from acps_core.atomic import atomic_write_text
-from acps_core.bases import GainEstimatorBase
+from acps_core._util.atomic import atomic_write_text
+from acps_core._util.progress import progress
+from acps_core._util.reading import read_bytes
 from acps_core.errors import AcpsError, ArgumentError
-from acps_core.graph import LayerGeometry
-from acps_core.progress import progress
-from acps_core.reading import read_bytes
+from acps_core.graph.build import LayerGeometry
+from acps_core.methods.bases import GainEstimatorBase
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class MeasuredLatency(GainEstimatorBase):
         cache_dir: where the tables are kept (see the module docs); ``False`` keeps none.
         device: time on this device instead of the model's.
         progress: ``False`` never shows a progress bar while measuring; by default one shows on a terminal
-            (see :mod:`acps_core.progress`).
+            (see :mod:`acps_core._util.progress`).
         measure_rest: also time the whole model once and count what its layers' tables leave out as a fixed
             cost (see :meth:`observe_model`).
     """
@@ -357,7 +357,7 @@ class _Forward(nn.Module):
         self.inner = [model]  # not registered: .to()/.eval() here must never reach the user's model
 
     def forward(self, sample: Any) -> Any:
-        from acps_core.data import forward
+        from acps_core._util.data import forward
 
         return forward(self.inner[0], sample)
 

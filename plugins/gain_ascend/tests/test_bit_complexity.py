@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from acps_core.graph import build_channel_graph
-from acps_core.registry import get_registry
+from acps_core.graph.build import build_channel_graph
+from acps_core.methods.registry import get_registry
 from acps_gain_ascend import BitComplexity
 
 
@@ -54,4 +54,4 @@ def test_cost_grows_with_channels() -> None:
 def test_registered_by_name_from_its_distribution() -> None:
     info = get_registry(refresh=True).get("gain", "BitComplexity")
     assert info.cls is BitComplexity
-    assert info.distribution == "acps-gain-ascend"
+    assert info.distribution == "acps-gain-estimators"

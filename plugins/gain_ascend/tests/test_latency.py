@@ -12,9 +12,9 @@ from torch import nn
 
 import acps_core as acps
 from acps_core.errors import ArgumentError
-from acps_core.graph import build_channel_graph
-from acps_core.problem import CostModel
-from acps_core.registry import get_registry
+from acps_core.graph.build import build_channel_graph
+from acps_core.methods.registry import get_registry
+from acps_core.search.problem import CostModel
 from acps_gain_ascend import CHIPS, AscendLatency, MeasuredLatency
 
 
@@ -191,7 +191,7 @@ def test_cost_estimators_are_registered_by_name() -> None:
     registry = get_registry(refresh=True)
     for name, cls in (("AscendLatency", AscendLatency), ("MeasuredLatency", MeasuredLatency)):
         info = registry.get("gain", name)
-        assert info.cls is cls and info.distribution == "acps-gain-ascend"
+        assert info.cls is cls and info.distribution == "acps-gain-estimators"
 
 
 def test_cost_model_adds_the_fixed_cost_before_and_after() -> None:

@@ -8,10 +8,10 @@ import math
 import torch
 from torch import nn
 
-from acps_core.bases import GainEstimatorBase
-from acps_core.graph import LayerGeometry, build_channel_graph
-from acps_core.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
-from acps_core.registry import get_registry
+from acps_core.graph.build import LayerGeometry, build_channel_graph
+from acps_core.methods.bases import GainEstimatorBase
+from acps_core.methods.registry import get_registry
+from acps_core.search.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
 from acps_gain_ascend import BitComplexity
 from acps_search_greedy import GlobalRankSearch, GreedySearch
 

@@ -7,9 +7,9 @@ import itertools
 import torch
 from torch import nn
 
-from acps_core.graph import build_channel_graph
-from acps_core.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
-from acps_core.registry import get_registry
+from acps_core.graph.build import build_channel_graph
+from acps_core.methods.registry import get_registry
+from acps_core.search.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
 from acps_gain_ascend import BitComplexity
 from acps_search_knapsack import KnapsackSearch
 

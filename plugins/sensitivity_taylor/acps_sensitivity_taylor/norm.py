@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from acps_core.bases import SensitivityBase
 from acps_core.errors import ArgumentError
-from acps_core.graph import ChannelGraph
-from acps_core.problem import SearchRecord
+from acps_core.graph.build import ChannelGraph
+from acps_core.methods.bases import SensitivityBase
+from acps_core.search.problem import SearchRecord
 
 
 class BalancedL2NormSensitivity(SensitivityBase):

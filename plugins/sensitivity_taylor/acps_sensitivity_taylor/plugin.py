@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from acps_core import hookimpl
-from acps_core.hookspecs import Register
+from acps_core.methods.hookspecs import Register
 
 
 @hookimpl

@@ -29,7 +29,7 @@ Output-shaped labels make every pass run its forward in these chunks, so a pass 
 degenerate is scored from that forward.
 
 Across ``torch.distributed`` ranks a pass is the union of every rank's part of it, in rank order (see
-:mod:`acps_core.distributed`): the label checks use sums over the union, the sample indices, chunks and random
+:mod:`acps_core._util.distributed`): the label checks use sums over the union, the sample indices, chunks and random
 directions are the union's, each rank runs the part of each chunk it holds, and the chunks' terms (for the
 element-wise ``GroupTaylorSensitivity``, their gradients) are summed over the ranks. Every method here then
 gives the scores of one process on the union, on the loss path and on the label-free one.
@@ -45,13 +45,13 @@ from typing import Any
 
 import torch
 
-from acps_core.bases import SensitivityBase
-from acps_core.data import default_loss, forward, primary_output
-from acps_core.distributed import Communicator
+from acps_core._util.data import default_loss, forward, primary_output
+from acps_core._util.distributed import Communicator
+from acps_core._util.progress import progress
 from acps_core.errors import ArgumentError, DataError
-from acps_core.graph import ParamSlice
-from acps_core.problem import SearchRecord
-from acps_core.progress import progress
+from acps_core.graph.build import ParamSlice
+from acps_core.methods.bases import SensitivityBase
+from acps_core.search.problem import SearchRecord
 
 logger = logging.getLogger(__name__)
 

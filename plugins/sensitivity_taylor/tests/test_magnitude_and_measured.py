@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from acps_core.errors import ArgumentError
-from acps_core.graph import build_channel_graph
-from acps_core.problem import SearchRecord, allowed_kept_counts
+from acps_core.graph.build import build_channel_graph
+from acps_core.search.problem import SearchRecord, allowed_kept_counts
 from acps_sensitivity_taylor import GroupMagnitudeSensitivity, MeasuredSensitivity
 from acps_sensitivity_taylor.measured import _batch_statistics, _non_decreasing
 
@@ -82,7 +82,7 @@ def test_batch_statistics_leave_the_running_statistics_and_modes_as_they_were() 
 
 
 def test_measured_scores_follow_the_filter_norm_and_add_up_to_the_measured_change() -> None:
-    from acps_core.masking import masked_channels
+    from acps_core.graph.masking import masked_channels
 
     model = model_with_bn()
     with torch.no_grad():

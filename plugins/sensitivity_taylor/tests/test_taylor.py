@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from acps_core.errors import ArgumentError
-from acps_core.graph import build_channel_graph
-from acps_core.problem import SearchRecord
-from acps_core.registry import get_registry
+from acps_core.graph.build import build_channel_graph
+from acps_core.methods.registry import get_registry
+from acps_core.search.problem import SearchRecord
 from acps_sensitivity_taylor import TaylorLossSensitivity
 
 
@@ -146,7 +146,7 @@ def test_zero_loss_falls_back_to_output_change_scores_and_notes_it() -> None:
 def test_registered_by_name_from_its_distribution() -> None:
     info = get_registry(refresh=True).get("sensitivity", "TaylorLossSensitivity")
     assert info.cls is TaylorLossSensitivity
-    assert info.distribution == "acps-sensitivity-taylor"
+    assert info.distribution == "acps-sensitivity-methods"
 
 
 def test_fisher_squares_each_pass_instead_of_taking_its_absolute_value() -> None:
@@ -270,7 +270,7 @@ def test_balanced_l2_norm_is_the_producers_filter_norm_over_the_group_mean() -> 
 
 def test_every_method_of_the_distribution_is_registered_by_name() -> None:
     names = {m.name for m in get_registry(refresh=True).methods("sensitivity")
-             if m.distribution == "acps-sensitivity-taylor"}
+             if m.distribution == "acps-sensitivity-methods"}
     assert names == {"TaylorLossSensitivity", "NormalizedTaylorSensitivity", "FisherSensitivity",
                      "BalancedL2NormSensitivity", "OutputChangeSensitivity", "GroupMagnitudeSensitivity",
                      "GroupTaylorSensitivity", "MeasuredSensitivity"}

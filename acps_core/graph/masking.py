@@ -1,0 +1,136 @@
+"""Evaluating a pruning decision without changing the model: the removed channels are zeroed where they are read.
+
+Zeroing the input channels a consumer layer would lose makes its output exactly what the physically pruned
+layer computes, so ``masked_channels`` gives the pruned model's outputs (before fine-tuning) on the unpruned
+model. A LayerNorm over the channels is the one follower whose kept outputs depend on the removed channels (its
+mean and variance); inside the block it normalises over the kept channels only, as the pruned LayerNorm will.
+Hooks are removed on exit. The one parameter touched is the out projection of an ``nn.MultiheadAttention``, whose
+removed-head columns are zeroed inside the block (it is not called as a module, so no hook sees its input) and
+restored on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acps_core._util.data import tensors_in
+from acps_core.graph.build import LINEAR_TYPES, ChannelGraph
+
+
+def removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], followers: bool
+                       ) -> dict[str, set[int]]:
+    """Layer -> positions of its channel dimension that the decision removes (consumers' inputs, or with
+    ``followers`` the followers' channels)."""
+    positions: dict[str, set[int]] = {}
+    for group_id, kept in keep.items():
+        group = graph.group(group_id)
+        kept_set = set(kept)
+        removed = [c for c in range(group.channels) if c not in kept_set]
+        for use in group.followers if followers else group.consumers:
+            if use.kind != "Parameter":  # a bare parameter is never read as a layer's input
+                positions.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
+    return positions
+
+
+@contextmanager
+def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
+    """Within the block, ``model`` behaves as if group ``g`` kept only the channels ``keep[g]``."""
+    handles = []
+    zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its values) to put back on exit
+    for name, positions in removed_positions(graph, keep, followers=False).items():
+        module = model.get_submodule(name)
+        owner = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+            # Its out projection is applied as a function, not called as a module, so no hook sees its input:
+            # the columns of the removed heads are zeroed for the duration instead, and put back on exit.
+            weight = cast(torch.Tensor, module.weight)
+            zeroed.append((weight, weight.detach().clone()))
+            with torch.no_grad():
+                weight[:, sorted(positions)] = 0
+            continue
+        attention = isinstance(module, nn.MultiheadAttention)
+        dim = -1 if isinstance(module, LINEAR_TYPES) or attention else 1
+        if attention:
+            size = cast(torch.Tensor, module.in_proj_weight).shape[1]
+        else:
+            size = getattr(module, "in_features", getattr(module, "in_channels", 0))
+        mask = torch.ones(size).index_fill_(0, torch.tensor(sorted(positions), dtype=torch.long), 0)
+        # The inputs come positionally, or by name (layer(input=x) is traced the same way); attention reads
+        # its embed_dim channels from query, key and value.
+        names = ("query", "key", "value") if attention else ("input",)
+
+        def zero_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor = mask,
+                        dim: int = dim, names: tuple[str, ...] = names) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            positional, kwargs = list(args), dict(kwargs)
+            for position, key in enumerate(names):
+                holder: Any = positional if position < len(positional) else kwargs
+                slot: Any = position if position < len(positional) else key
+                if holder is kwargs and key not in kwargs:
+                    continue
+                x = holder[slot]
+                shape = [-1 if d == dim % x.dim() else 1 for d in range(x.dim())]
+                holder[slot] = x * mask.to(x.device, x.dtype).reshape(shape)  # one pass, no clone
+            return tuple(positional), kwargs
+
+        handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
+    for name, positions in removed_positions(graph, keep, followers=True).items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.LayerNorm):
+            continue
+        total = module.normalized_shape[0]
+        kept_index = torch.tensor([p for p in range(total) if p not in positions], dtype=torch.long)
+
+        def kept_statistics(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor,
+                            kept_index: torch.Tensor = kept_index) -> torch.Tensor:
+            norm: Any = layer
+            x = args[0] if args else kwargs["input"]
+            index = kept_index.to(output.device)
+            weight = None if norm.weight is None else norm.weight[index]
+            bias = None if norm.bias is None else norm.bias[index]
+            out = torch.zeros_like(output)
+            out[..., index] = F.layer_norm(x[..., index], (len(index),), weight, bias, norm.eps)
+            return out
+
+        handles.append(module.register_forward_hook(kept_statistics, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for weight, values in zeroed:
+                weight.copy_(values)
+
+
+def output_difference(got: Any, expected: Any) -> str | None:
+    """Why a pruned model's output differs from the masked model's beyond rounding (None when they agree)."""
+    got_tensors, expected_tensors = tensors_in(got), tensors_in(expected)
+    if len(got_tensors) != len(expected_tensors):
+        return "the pruned model returns a different number of tensors"
+    for a, b in zip(got_tensors, expected_tensors):
+        if a.shape != b.shape:
+            return f"an output changed shape from {list(b.shape)} to {list(a.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return "an integer output changed"
+            continue
+        finite = b.detach()[torch.isfinite(b.detach())]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        if not torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-4 * max(scale, 1e-6), equal_nan=True):
+            return f"an output changed by up to {float((a.double() - b.double()).abs().max()):.3g}"
+    return None
+
+
+def output_shape_difference(got: Any, expected: Any) -> str | None:
+    """Why two model outputs differ in number or shapes of tensors (None when they agree)."""
+    got_tensors, expected_tensors = tensors_in(got), tensors_in(expected)
+    if [t.shape for t in got_tensors] != [t.shape for t in expected_tensors]:
+        return (f"the outputs changed shape from {[list(t.shape) for t in expected_tensors]} to "
+                f"{[list(t.shape) for t in got_tensors]}")
+    return None
