@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.cli.loading import load_weights
+from acps_core._util.checkpoints import load_weights
 from acps_core.errors import ConfigError, DataError
 from acps_core.prune.calls import read_record
 from tests.model_snapshot import ModelSnapshot

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from acps_core._util.atomic import StrPath, atomic_write_bytes, atomic_write_text, check_writable_output, reading
+from acps_core._util.checkpoints import load_weights
 from acps_core._util.data import check_dense, forward, model_device, tensors_in
 from acps_core._util.model_checks import check_initialized, check_model
 from acps_core._util.paths import check_paths
 from acps_core._util.reading import read_bytes
 from acps_core._util.state import parameters_left_alone, preserved_model_state, preserved_modes
 from acps_core._util.wrappers import unwrap
-from acps_core.cli.loading import load_weights
 from acps_core.config.prune_config import parse_prune_config, resolve_layer, validate_override_targets
 from acps_core.config.selection import (
     FINGERPRINT_LINE,
