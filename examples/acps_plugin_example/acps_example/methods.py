@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from acps_core import GainEstimatorBase, SensitivityBase
-from acps_core._util.data import forward
-from acps_core.graph.build import LayerGeometry
-from acps_core.search.problem import SearchRecord
+from acps_core.plugin import GainEstimatorBase, LayerGeometry, SearchRecord, SensitivityBase, forward
 
 
 class ActivationSensitivity(SensitivityBase):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from acps_core import hookimpl
-from acps_core.methods.hookspecs import Register
+from acps_core.plugin import Register, hookimpl
 
 
 @hookimpl

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from acps_core.errors import ArgumentError
-from acps_core.graph.build import LayerGeometry
-from acps_core.methods.bases import GainEstimatorBase
+from acps_core import ArgumentError
+from acps_core.plugin import GainEstimatorBase, LayerGeometry
 
 #: Channels per fractal row/column (fp16), and per input column for int8 operands.
 FRACTAL = 16

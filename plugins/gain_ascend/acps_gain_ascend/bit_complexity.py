@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from acps_core.graph.build import LayerGeometry
-from acps_core.methods.bases import GainEstimatorBase
+from acps_core.plugin import GainEstimatorBase, LayerGeometry
 
 
 def dtype_bits(dtype: torch.dtype) -> int:

@@ -38,12 +38,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from acps_core._util.atomic import atomic_write_text
-from acps_core._util.progress import progress
-from acps_core._util.reading import read_bytes
-from acps_core.errors import AcpsError, ArgumentError
-from acps_core.graph.build import LayerGeometry
-from acps_core.methods.bases import GainEstimatorBase
+from acps_core import AcpsError, ArgumentError
+from acps_core.plugin import GainEstimatorBase, LayerGeometry, atomic_write_text, progress, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +353,7 @@ class _Forward(nn.Module):
         self.inner = [model]  # not registered: .to()/.eval() here must never reach the user's model
 
     def forward(self, sample: Any) -> Any:
-        from acps_core._util.data import forward
+        from acps_core.plugin import forward
 
         return forward(self.inner[0], sample)
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from acps_core.methods.bases import SearchChannelBase
-from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord, give_back, masks_for
+from acps_core.plugin import GraphInfo, PruneSearchConfig, SearchChannelBase, SearchRecord, give_back, masks_for
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acps_core._util.data import forward, primary_output, to_device
-from acps_core._util.distributed import Communicator
-from acps_core._util.progress import progress
-from acps_core.errors import ArgumentError, DataError
-from acps_core.graph.build import channel_atoms, trace_sample
-from acps_core.graph.masking import masked_channels
-from acps_core.methods.bases import SensitivityBase
-from acps_core.search.problem import SearchRecord
+from acps_core import ArgumentError, DataError
+from acps_core.plugin import (
+    Communicator,
+    SearchRecord,
+    SensitivityBase,
+    channel_atoms,
+    forward,
+    masked_channels,
+    primary_output,
+    progress,
+    to_device,
+    trace_sample,
+)
 from acps_sensitivity_taylor.norm import filter_norms
 
 #: Below this many calibration samples the batch statistics are too noisy: BatchNorm keeps its running ones.

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from acps_core.errors import ArgumentError
-from acps_core.graph.build import ChannelGraph
-from acps_core.methods.bases import SensitivityBase
-from acps_core.search.problem import SearchRecord
+from acps_core import ArgumentError
+from acps_core.plugin import ChannelGraph, SearchRecord, SensitivityBase
 
 
 class BalancedL2NormSensitivity(SensitivityBase):

@@ -45,13 +45,17 @@ from typing import Any
 
 import torch
 
-from acps_core._util.data import default_loss, forward, primary_output
-from acps_core._util.distributed import Communicator
-from acps_core._util.progress import progress
-from acps_core.errors import ArgumentError, DataError
-from acps_core.graph.build import ParamSlice
-from acps_core.methods.bases import SensitivityBase
-from acps_core.search.problem import SearchRecord
+from acps_core import ArgumentError, DataError
+from acps_core.plugin import (
+    Communicator,
+    ParamSlice,
+    SearchRecord,
+    SensitivityBase,
+    default_loss,
+    forward,
+    primary_output,
+    progress,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,64 @@
+"""Everything a plugin needs from acps, in one module.
+
+A plugin package imports ``acps_core`` (the public API and the error classes) and this module, nothing else of
+acps's, so acps can rearrange its insides without breaking plugins::
+
+    from acps_core import ArgumentError
+    from acps_core.plugin import SensitivityBase, SearchRecord, forward, hookimpl
+
+What is here:
+
+- the three bases a method subclasses (:class:`SensitivityBase`, :class:`SearchChannelBase`,
+  :class:`GainEstimatorBase`), :data:`hookimpl` and :class:`Register` for the registration hooks;
+- what the methods receive: :class:`SearchRecord` (one channel group to score or cut), :class:`GraphInfo` (the
+  model's cost for any kept counts, the budget), :class:`PruneSearchConfig`, :class:`LayerGeometry` (one layer's
+  traced shapes, for a cost model), :class:`ChannelGraph` and :class:`ParamSlice` (where a group's channels sit
+  in the parameters), and the search helpers :func:`masks_for` and :func:`give_back`;
+- running the model: :func:`forward` (any input form), :func:`trace_sample`, :func:`to_device`,
+  :func:`masked_channels` (a forward pass with channels zeroed), :func:`channel_atoms`;
+- the default loss: :func:`default_loss` and :func:`primary_output` (the tensor a dict or tuple output is
+  scored on);
+- :func:`progress` (a progress bar that ``--quiet`` turns off), :class:`Communicator` (the ranks of a
+  distributed search), :func:`read_bytes` and :func:`atomic_write_text` (a plugin's own files, read bounded
+  and written atomically).
+"""
+
+from __future__ import annotations
+
+from acps_core._util.atomic import atomic_write_text
+from acps_core._util.data import default_loss, forward, primary_output, to_device
+from acps_core._util.distributed import Communicator
+from acps_core._util.progress import progress
+from acps_core._util.reading import read_bytes
+from acps_core.graph.build import ChannelGraph, LayerGeometry, ParamSlice, channel_atoms, trace_sample
+from acps_core.graph.masking import masked_channels
+from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
+from acps_core.methods.hookspecs import Register, hookimpl
+from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord, give_back, masks_for
+
+__all__ = [
+    "ChannelGraph",
+    "Communicator",
+    "GainEstimatorBase",
+    "GraphInfo",
+    "LayerGeometry",
+    "ParamSlice",
+    "PruneSearchConfig",
+    "Register",
+    "SearchChannelBase",
+    "SearchRecord",
+    "SensitivityBase",
+    "atomic_write_text",
+    "channel_atoms",
+    "default_loss",
+    "forward",
+    "give_back",
+    "hookimpl",
+    "masked_channels",
+    "masks_for",
+    "primary_output",
+    "progress",
+    "read_bytes",
+    "to_device",
+    "trace_sample",
+]
