@@ -18,7 +18,7 @@ import torch
 from acps_core.errors import PluginError
 
 if TYPE_CHECKING:
-    from acps_core.graph.build import ChannelGraph, LayerGeometry
+    from acps_core.graph.model import ChannelGraph, LayerGeometry
     from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord
 
 
@@ -115,8 +115,8 @@ class SearchChannelBase(ABC):
 
     A subclass implements :meth:`channel_prune_search`. The problem it solves: choose, for each record (one
     channel group), a kept count from ``record.allowed_kept`` and which channels to keep, so that
-    ``graph_info.cost_model.cost(kept)`` is at most ``graph_info.budget`` while the kept sensitivity is as large
-    as possible.
+    ``graph_info.cost(kept)`` (the model's cost with the groups the search may not change at their fixed counts)
+    is at most ``graph_info.budget`` while the kept sensitivity is as large as possible.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SearchChannelBase:
@@ -129,8 +129,10 @@ class SearchChannelBase(ABC):
         """channel_prune_search(graph_info, search_records, prune_config) -> {layer_name: [0 or 1] * ori_cout}
 
         Args:
-            graph_info: ``{layer_name: {"cin", "cout", "ori_cout", "bitops"}}`` as in the reference, plus the
-                attributes ``cost_model`` (exact model cost for any kept counts), ``budget`` and ``full_cost``.
+            graph_info: ``{layer_name: {"cin", "cout", "ori_cout", "bitops"}}`` as in the reference, plus
+                ``cost(kept)`` and ``saving(kept, group_id, new_count)`` (the exact model cost for any kept counts,
+                the fixed groups included), ``budget`` (the most ``cost(kept)`` may be), ``full_cost`` and
+                ``cost_model``.
             search_records: one :class:`~acps_core.problem.SearchRecord` per searchable group, with
                 ``sensitivity`` and ``gain`` filled in.
             prune_config: ``(compress_ratio, ascend_optimized, max_prune_ratio)``.
@@ -177,3 +179,29 @@ class GainEstimatorBase(ABC):
 
         Must be finite, non-negative, and not decrease when a channel count grows.
         """
+
+
+#: The base class every method of a kind must subclass, by kind, in the order the pipeline uses them.
+METHOD_BASES: dict[str, type] = {
+    "sensitivity": SensitivityBase,
+    "search": SearchChannelBase,
+    "gain": GainEstimatorBase,
+}
+
+#: The method kinds, in pipeline order (the registry lists methods in this order).
+KINDS: tuple[str, ...] = tuple(METHOD_BASES)
+
+#: The keyword argument of the public call through which users select a method of each kind.
+PARAMETER_BY_KIND: dict[str, str] = {"sensitivity": "sensitivity", "search": "search_alg", "gain": "gain"}
+
+
+def kind_base(kind: str) -> type:
+    """The base class of a method kind.
+
+    Raises:
+        PluginError: ``kind`` is not one of :data:`KINDS`.
+    """
+    try:
+        return METHOD_BASES[kind]
+    except KeyError:
+        raise PluginError(f"unknown method kind {kind!r}; the kinds are {', '.join(KINDS)}") from None

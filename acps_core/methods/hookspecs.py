@@ -62,7 +62,7 @@ def acps_register_gain_estimators(register: Register) -> None:
     """
 
 
-#: Method kind -> (hook name, parameter name users pass it as).
+#: Method kind -> the name of the hook through which plugins register methods of that kind.
 HOOK_BY_KIND: dict[str, str] = {
     "sensitivity": "acps_register_sensitivities",
     "search": "acps_register_search_algorithms",

@@ -10,40 +10,47 @@ search         :class:`acps_core.SearchChannelBase`   ``search_alg="Name"``
 gain           :class:`acps_core.GainEstimatorBase`   ``gain="Name"``
 =============  =====================================  ==============================================
 
-Plugins are modules named by entry points in the ``acps`` group; each implements the registration hooks of
-:mod:`acps_core.methods.hookspecs` and hands its classes to ``register(name, cls)``. :func:`get_plugin_manager` loads
-them one at a time, so one broken plugin is skipped with an :class:`AcpsPluginWarning` and never takes the
-others down; :class:`Registry` calls each plugin's hooks on its own, so every method is attributed to the
-plugin and distribution that provided it, and two plugins claiming one name is an error naming both.
+A name may carry options, ``sensitivity="GroupTaylorSensitivity(terms='all')"`` (see
+:mod:`acps_core.methods.spec`). Plugins hand their classes to ``register(name, cls)`` from the registration hooks
+of :mod:`acps_core.methods.hookspecs`; :mod:`acps_core.methods.loading` finds and loads them. :class:`Registry`
+calls each plugin's hooks on its own, so every method is attributed to the plugin and distribution that provided
+it, and two plugins claiming one name is an error naming both. :func:`get_registry` keeps the registry of the
+installed plugins.
 
-The environment variable ``ACPS_DISABLE_PLUGINS`` (comma-separated entry point or distribution names) skips
-the named plugins, e.g. to choose between two plugins that register the same name.
+This module is also where the rest of acps imports the registry's neighbours from: the loader
+(:func:`get_plugin_manager`, :class:`PluginFailure`, ...), :func:`resolve_method` (:mod:`acps_core.methods.resolve`)
+and :func:`format_plugins_table` (:mod:`acps_core.methods.table`).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import os
-import re
-import sys
 import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, overload
 
 import pluggy
 
 from acps_core.errors import PluginError
 from acps_core.methods import hookspecs
-from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
-from acps_core.methods.hookspecs import ENTRY_POINT_GROUP, HOOK_BY_KIND, PROJECT_NAME
-
-if sys.version_info >= (3, 10):
-    from importlib import metadata as importlib_metadata
-else:  # the stdlib API before 3.10 cannot select entry points by group
-    import importlib_metadata
+from acps_core.methods.bases import KINDS, METHOD_BASES, PARAMETER_BY_KIND, kind_base
+from acps_core.methods.hookspecs import HOOK_BY_KIND
+from acps_core.methods.loading import (
+    DISABLE_ENV_VAR,
+    IN_PROCESS,
+    AcpsPluginManager,
+    AcpsPluginWarning,
+    PluginFailure,
+    describe_origin,
+    get_plugin_manager,
+    origin_lookup,
+    register_in_process,
+)
+from acps_core.methods.resolve import MethodArgumentError, resolve_method
+from acps_core.methods.spec import METHOD_NAME
+from acps_core.methods.table import format_plugins_table
 
 __all__ = [
     "DISABLE_ENV_VAR",
@@ -66,38 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Environment variable naming plugins (entry point or distribution names, comma-separated) not to load.
-DISABLE_ENV_VAR = "ACPS_DISABLE_PLUGINS"
-
-#: The distribution shown for a plugin registered in-process rather than installed.
-IN_PROCESS = "(in-process)"
-
-#: The base class every method of a kind must subclass.
-METHOD_BASES: dict[str, type] = {
-    "sensitivity": SensitivityBase,
-    "search": SearchChannelBase,
-    "gain": GainEstimatorBase,
-}
-
-#: The method kinds, in the order the pipeline uses them (and :meth:`Registry.methods` lists them).
-KINDS: tuple[str, ...] = tuple(HOOK_BY_KIND)
-
-#: The keyword argument of the public call through which users select a method of each kind.
-PARAMETER_BY_KIND: dict[str, str] = {"sensitivity": "sensitivity", "search": "search_alg", "gain": "gain"}
-
-_UNKNOWN_DISTRIBUTION = "(unknown distribution)"
-
-# Names users type as strings: letters, digits, '_', '-' and '.', starting with a letter or '_'.
-_METHOD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-
-
-class AcpsPluginWarning(UserWarning):
-    """A plugin was skipped because it failed to import or to register its methods."""
-
-
-class MethodArgumentError(PluginError, TypeError):
-    """A ``sensitivity=``/``search_alg=``/``gain=`` argument is neither a method name nor an instance."""
 
 
 @dataclass(frozen=True)
@@ -128,203 +103,7 @@ class MethodInfo:
     @property
     def origin(self) -> str:
         """Plugin, distribution and version in one phrase, for messages."""
-        return _describe_origin(self.plugin, self.distribution, self.version)
-
-
-@dataclass(frozen=True)
-class PluginFailure:
-    """A plugin that provides no methods because it failed to load or was disabled.
-
-    Attributes:
-        plugin: the plugin's name (its entry point name for installed plugins).
-        distribution: the distribution that installed it, or :data:`IN_PROCESS`.
-        version: that distribution's version, when known.
-        reason: why it was skipped, in a sentence a user can act on.
-        disabled: ``True`` when skipped on purpose through ``ACPS_DISABLE_PLUGINS``; ``False`` when it failed.
-    """
-
-    plugin: str
-    distribution: str
-    version: str | None
-    reason: str
-    disabled: bool = False
-
-    @property
-    def origin(self) -> str:
-        """Plugin, distribution and version in one phrase, for messages."""
-        return _describe_origin(self.plugin, self.distribution, self.version)
-
-
-@dataclass(frozen=True)
-class _PluginOrigin:
-    """Where a registered plugin came from."""
-
-    distribution: str
-    version: str | None
-
-
-def _describe_origin(plugin: str, distribution: str, version: str | None) -> str:
-    """``plugin 'x' (distribution acps-x 1.0)``, or ``plugin 'x' (in-process)``."""
-    if distribution == IN_PROCESS:
-        return f"plugin {plugin!r} {IN_PROCESS}"
-    return f"plugin {plugin!r} (distribution {distribution}{' ' + version if version else ''})"
-
-
-def _normalize(name: str) -> str:
-    """PEP 503 normalisation, so ``acps_foo``, ``acps-foo`` and ``ACPS.Foo`` name the same distribution."""
-    return re.sub(r"[-_.]+", "-", name).strip().lower()
-
-
-def _disabled_plugin_names() -> set[str]:
-    """The normalised names listed in ``ACPS_DISABLE_PLUGINS``."""
-    raw = os.environ.get(DISABLE_ENV_VAR, "")
-    return {_normalize(part) for part in raw.split(",") if part.strip()}
-
-
-def _distribution_of(entry_point: Any) -> tuple[str, str | None]:
-    """Name and version of the distribution declaring an entry point (``(unknown distribution)`` if none)."""
-    dist = getattr(entry_point, "dist", None)
-    if dist is None:
-        return _UNKNOWN_DISTRIBUTION, None
-    try:
-        name = dist.metadata["Name"]
-    except KeyError:  # newer importlib.metadata raises instead of returning None for a missing field
-        name = None
-    return (name or _UNKNOWN_DISTRIBUTION), dist.version
-
-
-def _kind_base(kind: str) -> type:
-    """The base class of a method kind; PluginError for an unknown kind."""
-    try:
-        return METHOD_BASES[kind]
-    except KeyError:
-        raise PluginError(f"unknown method kind {kind!r}; the kinds are {', '.join(KINDS)}") from None
-
-
-def _default_plugin_name(plugin: object) -> str:
-    """A readable plugin name for an in-process plugin: a module's or class's name, else its type's name."""
-    name = getattr(plugin, "__name__", None)
-    return name if isinstance(name, str) and name else type(plugin).__name__
-
-
-class AcpsPluginManager(pluggy.PluginManager):
-    """A pluggy plugin manager for acps that remembers where each plugin came from and which ones failed.
-
-    Build one with :func:`get_plugin_manager`. Plugins registered with :meth:`register` (not from an entry
-    point) count as in-process plugins.
-
-    Attributes:
-        failures: plugins that failed to import or register, or that ``ACPS_DISABLE_PLUGINS`` skipped.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(PROJECT_NAME)
-        self.add_hookspecs(hookspecs)
-        self.failures: list[PluginFailure] = []
-        self._origins: dict[str, _PluginOrigin] = {}
-
-    def origin_of(self, plugin_name: str) -> tuple[str, str | None]:
-        """``(distribution, version)`` of a registered plugin; ``(IN_PROCESS, None)`` for in-process ones."""
-        origin = self._origins.get(plugin_name)
-        return (origin.distribution, origin.version) if origin else (IN_PROCESS, None)
-
-    def unregister(self, plugin: Any | None = None, name: str | None = None) -> Any | None:
-        """Unregister a plugin object or name, forgetting where it came from (see pluggy's ``unregister``)."""
-        if name is None and plugin is not None:
-            name = self.get_name(plugin)
-        removed = super().unregister(plugin=plugin, name=name)
-        if name is not None:
-            self._origins.pop(name, None)
-        return removed
-
-    def load_entrypoints(self, group: str = ENTRY_POINT_GROUP) -> int:
-        """Load and register every plugin named by an entry point of ``group``, one at a time.
-
-        Unlike pluggy's ``load_setuptools_entrypoints``, a plugin that fails to import or register is skipped
-        with an :class:`AcpsPluginWarning` and recorded in :attr:`failures` while the others still load; a
-        plugin named in ``ACPS_DISABLE_PLUGINS`` is recorded as disabled; and an entry point seen twice
-        (its distribution found twice on ``sys.path``) is loaded once.
-
-        Returns:
-            The number of plugins registered.
-        """
-        disabled = _disabled_plugin_names()
-        seen: set[tuple[str, str, str]] = set()
-        loaded = 0
-        for entry_point in importlib_metadata.entry_points(group=group):
-            distribution, version = _distribution_of(entry_point)
-            key = (_normalize(distribution), entry_point.name, entry_point.value)
-            if key in seen:
-                logger.debug("entry point %s of %s listed twice; loading it once",
-                             entry_point.name, distribution)
-                continue
-            seen.add(key)
-            if _normalize(entry_point.name) in disabled or _normalize(distribution) in disabled:
-                logger.info("acps plugin %r (%s) disabled by %s",
-                            entry_point.name, distribution, DISABLE_ENV_VAR)
-                self.failures.append(PluginFailure(entry_point.name, distribution, version,
-                                                   f"listed in {DISABLE_ENV_VAR}", disabled=True))
-                continue
-            if self._load_one(entry_point, distribution, version):
-                loaded += 1
-        return loaded
-
-    def _load_one(self, entry_point: Any, distribution: str, version: str | None) -> bool:
-        """Import and register one entry point; on failure warn, record it, and return False."""
-        plugin_name = entry_point.name
-        try:
-            plugin = entry_point.load()
-            if self.is_registered(plugin):
-                # Two entry points naming one module: its hooks must run once, or every name would clash.
-                logger.debug("acps plugin %r (%s) is already registered", plugin_name, distribution)
-                return False
-            if self.has_plugin(plugin_name):
-                # Two distributions may pick the same entry point name; pluggy needs unique plugin names.
-                plugin_name = f"{plugin_name}@{distribution}"
-            self.register(plugin, name=plugin_name)
-        except Exception as exc:  # any error in third-party code must skip that plugin only
-            reason = f"{type(exc).__name__}: {exc}"
-            self.failures.append(PluginFailure(plugin_name, distribution, version, reason))
-            warnings.warn(
-                f"acps {_describe_origin(entry_point.name, distribution, version)}, entry point "
-                f"{entry_point.name} = {entry_point.value}, failed to load and is skipped: {reason}. Fix or "
-                f"uninstall it, or set {DISABLE_ENV_VAR}={entry_point.name} to skip it quietly.",
-                AcpsPluginWarning,
-                stacklevel=2,
-            )
-            return False
-        self._origins[plugin_name] = _PluginOrigin(distribution, version)
-        logger.debug("loaded acps plugin %r from %s %s", plugin_name, distribution, version)
-        return True
-
-
-def get_plugin_manager(load_entrypoints: bool = True) -> AcpsPluginManager:
-    """Build a plugin manager holding the acps hookspecs and, optionally, the installed plugins.
-
-    Args:
-        load_entrypoints: load the plugins named by entry points of the ``acps`` group (see
-            :meth:`AcpsPluginManager.load_entrypoints`). Tests pass ``False`` to get a clean manager and
-            register in-process plugins on it.
-    """
-    manager = AcpsPluginManager()
-    if load_entrypoints:
-        manager.load_entrypoints()
-    return manager
-
-
-def _origin_lookup(pm: pluggy.PluginManager) -> dict[str, tuple[str, str | None]]:
-    """Plugin name -> (distribution, version) for every plugin registered on ``pm``."""
-    origins: dict[str, tuple[str, str | None]] = {}
-    if not isinstance(pm, AcpsPluginManager):
-        # A plain pluggy manager knows the distributions of what load_setuptools_entrypoints loaded.
-        for plugin, dist in pm.list_plugin_distinfo():
-            name = pm.get_name(plugin)
-            if name is not None:
-                origins[name] = (dist.project_name, dist.version)
-    for name, _plugin in pm.list_name_plugin():
-        if name not in origins:
-            origins[name] = pm.origin_of(name) if isinstance(pm, AcpsPluginManager) else (IN_PROCESS, None)
-    return origins
+        return describe_origin(self.plugin, self.distribution, self.version)
 
 
 def _collect_methods(pm: pluggy.PluginManager, plugin: object, plugin_name: str, distribution: str,
@@ -332,7 +111,7 @@ def _collect_methods(pm: pluggy.PluginManager, plugin: object, plugin_name: str,
     """Call one plugin's registration hooks; return its methods and the problems found (empty if none)."""
     methods: list[MethodInfo] = []
     problems: list[str] = []
-    origin = _describe_origin(plugin_name, distribution, version)
+    origin = describe_origin(plugin_name, distribution, version)
     hook_names = {hook: kind for kind, hook in HOOK_BY_KIND.items()}
     for caller in pm.get_hookcallers(plugin) or []:
         impls = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
@@ -366,7 +145,7 @@ def _make_register(kind: str, plugin_name: str, distribution: str, version: str 
 
     def register(name: str, cls: type) -> None:
         """Record ``cls`` as the ``kind`` method called ``name`` (problems are collected, not raised)."""
-        if not isinstance(name, str) or not _METHOD_NAME.fullmatch(name):
+        if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
             problems.append(
                 f"it registered a {kind} method under the name {name!r}; a method name must be a non-empty "
                 "string of letters, digits, '_', '-' or '.', starting with a letter or '_'"
@@ -417,7 +196,7 @@ class Registry:
         self._failures = list(failures)
         conflicts: list[str] = []
         for method in methods:
-            _kind_base(method.kind)
+            kind_base(method.kind)
             key = (method.kind, method.name)
             earlier = self._methods.get(key)
             if earlier is None:
@@ -450,7 +229,7 @@ class Registry:
             PluginError: two plugins register the same name for the same kind.
         """
         failures = list(getattr(pm, "failures", ()))
-        origins = _origin_lookup(pm)
+        origins = origin_lookup(pm)
         methods: list[MethodInfo] = []
         for plugin_name, plugin in pm.list_name_plugin():
             if plugin is None:  # a name pluggy blocks has no plugin object
@@ -462,7 +241,7 @@ class Registry:
                 reason = "; ".join(problems)
                 failures.append(PluginFailure(plugin_name, distribution, version, reason))
                 warnings.warn(
-                    f"acps {_describe_origin(plugin_name, distribution, version)} is skipped: {reason}.",
+                    f"acps {describe_origin(plugin_name, distribution, version)} is skipped: {reason}.",
                     AcpsPluginWarning,
                     stacklevel=2,
                 )
@@ -481,7 +260,7 @@ class Registry:
         """
         pm = get_plugin_manager(load_entrypoints=load_entrypoints)
         for plugin in extra_plugins:
-            _register_in_process(pm, plugin)
+            register_in_process(pm, plugin)
         return cls.from_plugin_manager(pm)
 
     @property
@@ -496,7 +275,7 @@ class Registry:
             PluginError: ``kind`` is not one of :data:`KINDS`.
         """
         if kind is not None:
-            _kind_base(kind)
+            kind_base(kind)
         return sorted(
             (m for m in self._methods.values() if kind is None or m.kind == kind),
             key=lambda m: (KINDS.index(m.kind), m.name),
@@ -513,7 +292,7 @@ class Registry:
             PluginError: no such method; the message lists the installed names of that kind, a close match,
                 and any plugin that failed to load (it might have provided the name).
         """
-        _kind_base(kind)
+        kind_base(kind)
         method = self._methods.get((kind, name))
         if method is not None:
             return method
@@ -536,31 +315,6 @@ class Registry:
             sentences.append(f"Plugins disabled by {DISABLE_ENV_VAR}: "
                              + ", ".join(failure.origin for failure in disabled) + ".")
         raise PluginError(sentences[0] + ". " + " ".join(sentences[1:]))
-
-
-def _unique_plugin_name(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> str:
-    """``name`` (default: the plugin's own name), suffixed with a counter if another plugin already has it."""
-    base = name or _default_plugin_name(plugin)
-    candidate, counter = base, 1
-    while pm.has_plugin(candidate):
-        counter += 1
-        candidate = f"{base}#{counter}"
-    return candidate
-
-
-def _register_in_process(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> str:
-    """Register an in-process plugin on ``pm`` under a unique name; return the name.
-
-    Raises:
-        PluginError: pluggy rejects it (already registered, or a hook whose arguments the hookspec lacks).
-    """
-    plugin_name = _unique_plugin_name(pm, plugin, name)
-    try:
-        pm.register(plugin, name=plugin_name)
-    except Exception as exc:  # pluggy's validation errors are not acps errors; translate them
-        raise PluginError(f"cannot register {_describe_origin(plugin_name, IN_PROCESS, None)}: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    return plugin_name
 
 
 # The registry built from the installed plugins, and the manager it came from (which register_plugin extends).
@@ -610,7 +364,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
         get_registry()
         manager = _default_manager
         assert manager is not None  # get_registry() just built it
-        plugin_name = _register_in_process(manager, plugin, name)
+        plugin_name = register_in_process(manager, plugin, name)
         try:
             with warnings.catch_warnings():
                 # Raised below for this plugin; warnings about installed plugins were shown when first built.
@@ -639,88 +393,3 @@ def unregister_plugin(name: str) -> None:
             raise PluginError(f"no acps plugin named {name!r} is registered")
         _default_manager.unregister(name=name)
         _default_registry = None
-
-
-@overload
-def resolve_method(kind: Literal["sensitivity"], value: object, parameter: str,
-                   registry: Registry | None = None) -> SensitivityBase: ...
-@overload
-def resolve_method(kind: Literal["search"], value: object, parameter: str,
-                   registry: Registry | None = None) -> SearchChannelBase: ...
-@overload
-def resolve_method(kind: Literal["gain"], value: object, parameter: str,
-                   registry: Registry | None = None) -> GainEstimatorBase: ...
-@overload
-def resolve_method(kind: str, value: object, parameter: str, registry: Registry | None = None) -> object: ...
-
-
-def resolve_method(kind: str, value: object, parameter: str, registry: Registry | None = None) -> object:
-    """Turn a ``sensitivity=``/``search_alg=``/``gain=`` argument into a method instance.
-
-    Args:
-        kind: ``"sensitivity"``, ``"search"`` or ``"gain"``.
-        value: a registered method name (the class is instantiated with no arguments) or an instance of the
-            kind's base class (returned as is).
-        parameter: the argument's name, for messages.
-        registry: where to look names up (default: :func:`get_registry`).
-
-    Raises:
-        MethodArgumentError: ``value`` is a class (pass an instance) or neither a name nor an instance.
-        PluginError: the name is not installed, or the plugin's class failed to instantiate.
-    """
-    base = _kind_base(kind)
-    if isinstance(value, str):
-        method = (registry or get_registry()).get(kind, value)
-        try:
-            return method.cls()
-        except Exception as exc:  # the class is plugin code; say whose it is
-            raise PluginError(
-                f"{kind} method {value!r} ({method.class_path}, {method.origin}) could not be created with "
-                f"no arguments: {type(exc).__name__}: {exc}"
-            ) from exc
-    if isinstance(value, base):
-        return value
-    if isinstance(value, type) and issubclass(value, base):
-        raise MethodArgumentError(
-            f"{parameter}= got the class {value.__module__}.{value.__qualname__}; pass an instance instead, "
-            f"e.g. {parameter}={value.__qualname__}()"
-        )
-    try:
-        names = (registry or get_registry()).names(kind)
-        installed = ", ".join(repr(name) for name in names) or "none installed"
-    except PluginError:  # a broken installation must not hide the caller's own mistake
-        installed = "the registry could not be built"
-    hint = ""
-    for other_kind, other_base in METHOD_BASES.items():
-        if other_kind != kind and (isinstance(value, other_base) or
-                                   (isinstance(value, type) and issubclass(value, other_base))):
-            hint = f" (that is a {other_kind} method; pass it as {PARAMETER_BY_KIND[other_kind]}=)"
-    raise MethodArgumentError(
-        f"{parameter}= got {type(value).__module__}.{type(value).__qualname__} {value!r:.80}{hint}; expected "
-        f"a {kind} method name ({installed}) or an instance of a subclass of acps_core.{base.__name__}"
-    )
-
-
-def format_plugins_table(registry: Registry) -> str:
-    """The text ``acps plugins`` prints: each method with its class and distribution, then skipped plugins."""
-    header = ("kind", "name", "class", "distribution", "version")
-    rows = [(m.kind, m.name, m.class_path, m.distribution, m.version or "-") for m in registry.methods()]
-    lines: list[str] = []
-    if rows:
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip())
-        lines.append("  ".join("-" * width for width in widths))
-        lines.extend("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
-    else:
-        lines.append("No acps methods are installed.")
-    failures = registry.failures
-    if failures:
-        lines.append("")
-        lines.append("Plugins not loaded:")
-        for failure in failures:
-            status = "disabled" if failure.disabled else "failed"
-            version = f" {failure.version}" if failure.version else ""
-            reason = failure.reason.replace("\n", "\n      ")  # keep multi-line reasons inside the entry
-            lines.append(f"  {failure.plugin} ({failure.distribution}{version}): {status}: {reason}")
-    return "\n".join(lines) + "\n"
