@@ -25,15 +25,12 @@ from acps_core.errors import (
     PluginError,
     SearchError,
 )
-from acps_core.graph.build import ChannelGraph, ChannelGroup, LayerGeometry, build_channel_graph
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import ChannelGraph, ChannelGroup, LayerGeometry
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.hookspecs import hookimpl
-from acps_core.prune.calls import (
-    WeightsChangedWarning,
-    create_prune_retrain_model,
-    restore_prune_retrain_model,
-    save_prune_retrain_model,
-)
+from acps_core.prune.calls import WeightsChangedWarning, create_prune_retrain_model, restore_prune_retrain_model
+from acps_core.prune.onnx import save_prune_retrain_model
 from acps_core.report.result import LayerReport, SearchResult
 from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord
 from acps_core.search.run import PruneTargetWarning, auto_channel_prune_search

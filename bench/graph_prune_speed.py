@@ -52,8 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acps_core.graph.build import ChannelGraph, build_channel_graph
-from acps_core.prune.calls import create_prune_retrain_model, prune_channels
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import ChannelGraph
+from acps_core.prune.calls import create_prune_retrain_model
+from acps_core.prune.slicing import prune_channels
 
 GRAPH_TARGET = 3.0  # forward passes
 PRUNE_TARGET = 5.0  # forward passes

@@ -93,9 +93,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_models import DATASETS, MODELS, Dataset, accuracy, train, trained_model
 
 import acps_core
-from acps_core.graph.build import ChannelGraph, build_channel_graph
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import ChannelGraph
 from acps_core.methods.registry import get_registry, resolve_method
-from acps_core.prune.calls import prune_channels
+from acps_core.prune.slicing import prune_channels
 
 REFERENCE = ("TaylorLossSensitivity", "GreedySearch")
 #: acps's recommended configurations: for a model that is fine-tuned after pruning, and for one used without.

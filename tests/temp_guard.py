@@ -18,13 +18,15 @@ import pytest
 
 #: Entries pytest manages itself (``tmp_path`` and ``tmp_path_factory`` folders).
 PYTEST_OWN = "pytest-of-"
+#: Files libraries write into the temp folder on their own (removed with the private folder all the same).
+LIBRARY_FILES = {".ses": "onnxruntime's session marker, written when it loads"}
 
 _state: dict[str, object] = {}
 
 
 def leftovers(folder: Path) -> list[str]:
     """What a test run left in ``folder``, pytest's own ``tmp_path`` folders aside."""
-    return sorted(name for name in os.listdir(folder) if not name.startswith(PYTEST_OWN))
+    return sorted(name for name in os.listdir(folder) if not name.startswith(PYTEST_OWN) and name not in LIBRARY_FILES)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from acps_core.errors import GraphError
-from acps_core.graph.build import ChannelUse, build_channel_graph
+from acps_core.graph.build import build_channel_graph
 from acps_core.graph.masking import masked_channels
-from acps_core.prune.calls import prune_channels
+from acps_core.graph.model import ChannelUse
+from acps_core.prune.slicing import prune_channels
 from tests.models import ConvChain, pooled_chain, randomize_norms
 
 
@@ -364,7 +365,7 @@ def test_transformer_stream_heads_and_mlp_are_prunable_and_exact() -> None:
 
 
 def test_aligned_atoms_take_the_same_channel_of_every_shuffled_block() -> None:
-    from acps_core.graph.build import atom_size, channel_atoms, structure_violation
+    from acps_core.graph.model import atom_size, channel_atoms, structure_violation
 
     # 12 channels: 2 shuffled blocks of 6 (aligned), and 4 blocks of 3 that must keep equal counts.
     scores = torch.tensor([5.0, 1, 9, 2, 8, 3, 0, 7, 4, 6, 1, 2])

@@ -14,12 +14,8 @@ import acps_core as acps
 from acps_core.config.selection import selection_path
 from acps_core.errors import ConfigError, DataError
 from acps_core.proto import scale_offset_record_pb2
-from acps_core.prune.calls import (
-    create_prune_retrain_model,
-    read_record,
-    restore_prune_retrain_model,
-    save_prune_retrain_model,
-)
+from acps_core.prune.calls import create_prune_retrain_model, read_record, restore_prune_retrain_model
+from acps_core.prune.onnx import save_prune_retrain_model
 from tests.model_snapshot import ModelSnapshot
 from tests.models import ConvChain, assert_pruned_matches_search, randomize_norms
 

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.graph.build import ChannelGraph, build_channel_graph
+from acps_core.graph.build import build_channel_graph
 from acps_core.graph.masking import masked_channels
-from acps_core.prune.calls import prune_channels, read_record
+from acps_core.graph.model import ChannelGraph
+from acps_core.prune.calls import read_record
+from acps_core.prune.slicing import prune_channels
 from acps_core.prune.reconstruction import MIN_ROWS_PER_KEPT, reconstructible
 from tests.model_snapshot import ModelSnapshot
 from tests.models import recalibrate_in_order

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acps_core.graph.build import ChannelGraph
 from acps_core.graph.masking import masked_channels
-from acps_core.prune.calls import prune_channels
+from acps_core.graph.model import ChannelGraph
+from acps_core.prune.slicing import prune_channels
 from tests.models import randomize_norms
 
 CLASSES = 5

@@ -255,7 +255,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from acps_core._util.atomic import atomic_write_many
     from acps_core._util.paths import check_paths
     from acps_core.config.selection import selection_path
-    from acps_core.graph.build import trace_sample
+    from acps_core.graph.trace import trace_sample
     from acps_core.prune.calls import pruned_with_record
 
     if args.no_reconstruct and not args.calibrate:
@@ -328,7 +328,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import acps_core as acps
     from acps_core._util.paths import check_paths
-    from acps_core.prune.calls import onnx_path
+    from acps_core.prune.onnx import onnx_path
 
     output = onnx_path(args.output)
     role = "--output" if os.fspath(output) == args.output else "--output (with .onnx added)"

@@ -24,7 +24,7 @@ from google.protobuf import text_encoding, text_format
 from acps_core._util.atomic import StrPath
 from acps_core._util.reading import read_bytes
 from acps_core.errors import ConfigError
-from acps_core.graph.build import ChannelGraph, ChannelUse
+from acps_core.graph.model import ChannelGraph, ChannelUse
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
 
 SELECTION_SUFFIX = ".selection"

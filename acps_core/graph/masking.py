@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from acps_core._util.data import tensors_in
-from acps_core.graph.build import LINEAR_TYPES, ChannelGraph
+from acps_core.graph.model import ChannelGraph
+from acps_core.layers.base import adapter_for
 
 
 def removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], followers: bool
@@ -45,8 +45,8 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
     zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its values) to put back on exit
     for name, positions in removed_positions(graph, keep, followers=False).items():
         module = model.get_submodule(name)
-        owner = name.rpartition(".")[0]
-        if isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+        owner_adapter = adapter_for(model.get_submodule(name.rpartition(".")[0]))
+        if owner_adapter is not None and owner_adapter.role == "attention":
             # Its out projection is applied as a function, not called as a module, so no hook sees its input:
             # the columns of the removed heads are zeroed for the duration instead, and put back on exit.
             weight = cast(torch.Tensor, module.weight)
@@ -54,19 +54,18 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
             with torch.no_grad():
                 weight[:, sorted(positions)] = 0
             continue
-        attention = isinstance(module, nn.MultiheadAttention)
-        dim = -1 if isinstance(module, LINEAR_TYPES) or attention else 1
-        if attention:
-            size = cast(torch.Tensor, module.in_proj_weight).shape[1]
-        else:
-            size = getattr(module, "in_features", getattr(module, "in_channels", 0))
+        adapter = adapter_for(module)
+        assert adapter is not None, f"{name} reads a group's channels but has no layer adapter"
+        attention = adapter.role == "attention"
+        size = adapter.in_size(module)
         mask = torch.ones(size).index_fill_(0, torch.tensor(sorted(positions), dtype=torch.long), 0)
         # The inputs come positionally, or by name (layer(input=x) is traced the same way); attention reads
         # its embed_dim channels from query, key and value.
         names = ("query", "key", "value") if attention else ("input",)
 
-        def zero_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor = mask,
-                        dim: int = dim, names: tuple[str, ...] = names) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def zero_inputs(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor = mask,
+                        names: tuple[str, ...] = names, adapter: Any = adapter
+                        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             positional, kwargs = list(args), dict(kwargs)
             for position, key in enumerate(names):
                 holder: Any = positional if position < len(positional) else kwargs
@@ -74,30 +73,18 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
                 if holder is kwargs and key not in kwargs:
                     continue
                 x = holder[slot]
-                shape = [-1 if d == dim % x.dim() else 1 for d in range(x.dim())]
+                dim = adapter.input_dim(layer, x.dim())
+                shape = [-1 if d == dim else 1 for d in range(x.dim())]
                 holder[slot] = x * mask.to(x.device, x.dtype).reshape(shape)  # one pass, no clone
             return tuple(positional), kwargs
 
         handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
     for name, positions in removed_positions(graph, keep, followers=True).items():
         module = model.get_submodule(name)
-        if not isinstance(module, nn.LayerNorm):
-            continue
-        total = module.normalized_shape[0]
-        kept_index = torch.tensor([p for p in range(total) if p not in positions], dtype=torch.long)
-
-        def kept_statistics(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor,
-                            kept_index: torch.Tensor = kept_index) -> torch.Tensor:
-            norm: Any = layer
-            x = args[0] if args else kwargs["input"]
-            index = kept_index.to(output.device)
-            weight = None if norm.weight is None else norm.weight[index]
-            bias = None if norm.bias is None else norm.bias[index]
-            out = torch.zeros_like(output)
-            out[..., index] = F.layer_norm(x[..., index], (len(index),), weight, bias, norm.eps)
-            return out
-
-        handles.append(module.register_forward_hook(kept_statistics, with_kwargs=True))
+        follower = adapter_for(module)
+        hook = follower.masked_output(module, positions) if follower is not None else None
+        if hook is not None:  # a follower whose kept outputs depend on the removed channels (a LayerNorm)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         yield
     finally:

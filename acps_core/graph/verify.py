@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from acps_core._util.data import forward
-from acps_core.graph.build import ChannelGraph, trace_sample
 from acps_core.graph.masking import masked_channels, output_difference
-from acps_core.prune.calls import _copy_sharing_tensors, prune_channels
+from acps_core.graph.model import ChannelGraph
+from acps_core.graph.trace import trace_sample
+from acps_core.prune.copying import copy_sharing_tensors
+from acps_core.prune.slicing import prune_channels
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 def _trial(model: nn.Module, graph: ChannelGraph, sample: Any, keep: dict[int, list[int]]) -> str | None:
     """Prune a copy as ``keep`` says and compare it with the masked model; why it fails, or None."""
     try:
-        pruned = _copy_sharing_tensors(model)  # slicing makes new tensors; the others stay shared, unchanged
+        pruned = copy_sharing_tensors(model)  # slicing makes new tensors; the others stay shared, unchanged
         prune_channels(pruned, graph, keep)
         with torch.no_grad():
             got = forward(pruned, sample)

@@ -1,2 +1,56 @@
-"""What acps knows about each layer type: its geometry, where its channels sit in its parameters, and how it is
-sliced, masked and re-fitted."""
+"""What acps knows about each layer type: one :class:`LayerAdapter` per type, holding its geometry, where its
+channels sit in its parameters, and how it is sliced, masked, re-fitted and ranked.
+
+The built-in types are registered here: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``,
+``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.PReLU`` and
+``nn.MultiheadAttention``. :func:`register_layer` registers a user's own type.
+"""
+
+from torch import nn
+
+from acps_core.layers.attention import MultiheadAttentionAdapter
+from acps_core.layers.base import (
+    LayerAdapter,
+    adapter_for,
+    register_layer,
+    take,
+    take_buffer,
+    unregister_layer,
+    whole_layer,
+)
+from acps_core.layers.conv import CONV_TYPES, TRANSPOSED_CONV_TYPES, ConvAdapter, ConvTransposeAdapter
+from acps_core.layers.linear import LinearAdapter
+from acps_core.layers.norm import (
+    NORM_TYPES,
+    BatchNormAdapter,
+    FollowerAdapter,
+    GroupNormAdapter,
+    LayerNormAdapter,
+    PReLUAdapter,
+)
+
+for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, ConvTransposeAdapter()),
+                         ((nn.Linear,), LinearAdapter()), (NORM_TYPES, BatchNormAdapter()),
+                         ((nn.GroupNorm,), GroupNormAdapter()), ((nn.LayerNorm,), LayerNormAdapter()),
+                         ((nn.PReLU,), PReLUAdapter()), ((nn.MultiheadAttention,), MultiheadAttentionAdapter())):
+    for _type in _types:
+        register_layer(_type, _adapter)
+
+__all__ = [
+    "BatchNormAdapter",
+    "ConvAdapter",
+    "ConvTransposeAdapter",
+    "FollowerAdapter",
+    "GroupNormAdapter",
+    "LayerAdapter",
+    "LayerNormAdapter",
+    "LinearAdapter",
+    "MultiheadAttentionAdapter",
+    "PReLUAdapter",
+    "adapter_for",
+    "register_layer",
+    "take",
+    "take_buffer",
+    "unregister_layer",
+    "whole_layer",
+]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core.layers.base import LayerAdapter
+
 
 def plain_multihead_attention(module: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` acps can prune heads of: packed q/k/v projections, no bias_k/bias_v, no
@@ -114,3 +116,52 @@ def shrink_embed_dim(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
         module.in_proj_weight.device)), requires_grad=module.in_proj_weight.requires_grad)
     module.embed_dim = module.kdim = module.vdim = len(keep)
     make_prunable(module)
+
+
+class MultiheadAttentionAdapter(LayerAdapter):
+    """``nn.MultiheadAttention`` with packed q/k/v projections (see :func:`plain_multihead_attention`): the graph
+    maps its heads with a rule of its own (:func:`~acps_core.graph.modules.attention_module`); here, where its
+    channels sit and how it is cut. Its output channels are the width of its heads: the q, k and v rows of the
+    packed projection (three parts); its inputs are the projection's columns."""
+
+    role = "attention"
+
+    def traced_whole(self, module: nn.Module) -> bool:
+        return plain_multihead_attention(module)
+
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+        return [(name, 0, part) for part in range(3) for name in ("in_proj_weight", "in_proj_bias")]
+
+    def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+        return [("in_proj_weight", 1, 1)]
+
+    def input_dim(self, module: nn.Module, ndim: int) -> int:
+        return ndim - 1
+
+    def filter_rows(self, module: nn.Module) -> torch.Tensor:
+        """The q, k and v rows of each head channel, taken together."""
+        attention = module if isinstance(module, nn.MultiheadAttention) else None
+        assert attention is not None
+        width = attention.num_heads * attention.head_dim
+        return attention.in_proj_weight.detach().reshape(3, width, -1).transpose(0, 1).reshape(width, -1)
+
+    def out_size(self, module: nn.Module) -> int:
+        attention: Any = module
+        return int(attention.num_heads * attention.head_dim)
+
+    def in_size(self, module: nn.Module) -> int:
+        attention: Any = module
+        return int(attention.in_proj_weight.shape[1])
+
+    def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        assert isinstance(module, nn.MultiheadAttention)
+        shrink_heads(module, index)
+
+    def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        assert isinstance(module, nn.MultiheadAttention)
+        shrink_embed_dim(module, index)
+
+    def child_pruned(self, module: nn.Module, child: str) -> None:
+        """Its out projection lost outputs: the stock forward would assume ``embed_dim`` outputs."""
+        if child == "out_proj" and isinstance(module, nn.MultiheadAttention):
+            make_prunable(module)

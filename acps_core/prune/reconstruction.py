@@ -35,12 +35,14 @@ import torch
 from torch import nn
 
 from acps_core._util.data import forward, input_hooks
+from acps_core.layers.base import adapter_for
+from acps_core.layers.conv import MAX_REFIT_CHANNELS
 
 logger = logging.getLogger(__name__)
 
 #: A layer with more input channels than this is left as pruned (the fit solves a square system of the kept ones
-#: and keeps the unpruned input at up to 8 positions per channel).
-MAX_CHANNELS = 4096
+#: and keeps the unpruned input at up to 8 positions per channel); the layer adapters apply it.
+MAX_CHANNELS = MAX_REFIT_CHANNELS
 #: Positions sampled per layer: at least this many, or ``ROWS_PER_CHANNEL`` per original input channel.
 MIN_ROWS = 4096
 ROWS_PER_CHANNEL = 8
@@ -63,11 +65,10 @@ class LayerInput:
 
 
 def reconstructible(module: nn.Module) -> bool:
-    """Whether :func:`reconstructing` can re-fit ``module``: a Linear, or a Conv with one group (they mix their
-    input channels linearly at each position), with at most ``MAX_CHANNELS`` input channels."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return module.groups == 1 and module.in_channels <= MAX_CHANNELS
-    return isinstance(module, nn.Linear) and module.in_features <= MAX_CHANNELS
+    """Whether :func:`reconstructing` can re-fit ``module``: its layer adapter says it mixes its input channels
+    linearly at each position (a Linear, a Conv with one group) and is not too wide to solve for."""
+    adapter = adapter_for(module)
+    return adapter is not None and adapter.role == "layer" and adapter.refittable(module)
 
 
 def _shared_weights(model: nn.Module) -> set[str]:
@@ -81,11 +82,10 @@ def _shared_weights(model: nn.Module) -> set[str]:
 
 
 def _channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """The input as (positions, channels): a Linear's channels are its last dimension, a Conv's the second."""
-    x = x.detach()
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    """The input as (positions, channels), as the layer's adapter lays it out."""
+    adapter = adapter_for(module)
+    assert adapter is not None
+    return adapter.input_rows(module, x)
 
 
 def _row_sample(count: int, channels: int) -> torch.Tensor | None:
@@ -154,9 +154,9 @@ def fit_input_map(pruned_input: torch.Tensor, unpruned_input: torch.Tensor, remo
 
 def _folded(weight: torch.Tensor, input_map: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """The unpruned weight (kept outputs) composed with the input map: reads the kept channels."""
-    if isinstance(module, nn.Linear):
-        return weight.double() @ input_map
-    return torch.einsum("oc...,ck->ok...", weight.double(), input_map)
+    adapter = adapter_for(module)
+    assert adapter is not None
+    return adapter.fold_input_map(module, weight, input_map)
 
 
 @contextmanager

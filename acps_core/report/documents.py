@@ -20,7 +20,7 @@ from acps_core import __version__
 from acps_core._util.atomic import StrPath, atomic_write_many
 from acps_core._util.reading import read_bytes
 from acps_core.errors import ArgumentError, ConfigError
-from acps_core.graph.build import ChannelGraph
+from acps_core.graph.model import ChannelGraph
 from acps_core.report.result import SearchResult
 
 #: Version of the JSON document's layout; raised when a key changes meaning or disappears.

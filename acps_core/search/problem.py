@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from acps_core.errors import PluginError
-from acps_core.graph.build import ChannelGraph, LayerInfo, channel_atoms, structure_violation
+from acps_core.graph.model import ChannelGraph, LayerInfo, channel_atoms, structure_violation
 from acps_core.methods.bases import GainEstimatorBase
 
 #: Channel counts are kept at multiples of this when ``ascend_optimized`` (the Cube unit's 16x16 fractal).

@@ -51,12 +51,14 @@ from acps_core.config.selection import (
     weights_fingerprint,
 )
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
-from acps_core.graph.build import ChannelGraph, build_channel_graph, trace_sample
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import ChannelGraph
+from acps_core.graph.trace import trace_sample
 from acps_core.graph.verify import verify_groups
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.registry import resolve_method
 from acps_core.proto import retrain_config_pb2
-from acps_core.prune.calls import largest_norm_channels
+from acps_core.prune.keep import largest_norm_channels
 from acps_core.report.documents import render_reports, report_paths
 from acps_core.report.figure import available as figure_available
 from acps_core.report.figure import figure_path, render_figure

@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-from acps_core.graph.build import LayerGeometry, build_channel_graph
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import LayerGeometry
 from acps_core.methods.bases import GainEstimatorBase
 from acps_core.methods.registry import get_registry
 from acps_core.search.problem import CostModel, GraphInfo, PruneSearchConfig, SearchRecord, allowed_kept_counts
