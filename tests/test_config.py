@@ -15,15 +15,13 @@ import pydantic
 import pytest
 from google.protobuf import text_format
 
-from acps_core.config.prune_config import (
+from acps_core.config import (
     AMCTRetrainConfig,
     LayerDecision,
     SearchSettings,
     format_prune_config,
     load_override_config,
     load_search_config,
-    named_layers,
-    named_types,
     parse_prune_config,
     resolve_layer,
     validate_override_targets,
@@ -437,8 +435,9 @@ def test_override_file_with_skip_and_override_entries_loads(tmp_path: Path) -> N
         f'override_layer_configs {{ layer_name: "conv1" {filter_prune(0.25, False)} }}\n'
         f'override_layer_types {{ layer_type: "Conv2d" {filter_prune(0.5)} }}\n'))
     config = load_override_config(path)
-    assert named_layers(config) == {"fc", "conv1"}
-    assert named_types(config) == {"Linear", "Conv2d"}
+    assert resolve_layer(config, "fc", "Linear").source == "skip"
+    assert resolve_layer(config, "conv1", "Conv2d") == LayerDecision("override_layer", 0.25, False)
+    assert resolve_layer(config, "conv2", "Conv2d") == LayerDecision("override_type", 0.5, True)
 
 
 def test_global_prune_config_in_override_file(tmp_path: Path) -> None:
@@ -612,13 +611,6 @@ def test_precedence(layer_name: str, layer_type: str, expected: LayerDecision) -
 
 def test_no_rule_applies_without_a_global_prune_config() -> None:
     assert resolve_layer(AMCTRetrainConfig(), "conv", "Conv2d") == LayerDecision("none", None, None)
-
-
-def test_named_layers_and_types_cover_every_list() -> None:
-    config = text_format.Parse(PRECEDENCE_CONFIG, AMCTRetrainConfig())
-    assert named_layers(config) == {"named", "named_and_skipped", "named_and_type_skipped", "quant_only",
-                                    "sparse", "prune_skipped"}
-    assert named_types(config) == {"Conv2d", "ConvTranspose2d", "BatchNorm2d", "Conv1d"}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acps_core.config.prune_config import (
+from acps_core.config import (
     SearchSettings,
     format_prune_config,
     load_override_config,

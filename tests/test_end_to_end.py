@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acps_core as acps
-from acps_core.config.prune_config import parse_prune_config, resolve_layer
+from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.graph.build import build_channel_graph
 from acps_core.search.problem import CostModel
 from acps_gain_ascend import BitComplexity

@@ -3,21 +3,21 @@
 errors and written atomically."""
 
 from acps_core.config.prune_config import (
+    format_prune_config,
+    load_override_config,
+    parse_prune_config,
+    validate_override_targets,
+    write_prune_config,
+)
+from acps_core.config.search_config import load_search_config
+from acps_core.config.settings import (
     MAX_CONFIG_BYTES,
     OVERRIDE_FILE_FIELDS,
     AMCTRetrainConfig,
     LayerDecision,
     SearchSettings,
-    format_prune_config,
-    load_override_config,
-    load_search_config,
-    named_layers,
-    named_types,
-    parse_prune_config,
     proto_float,
     resolve_layer,
-    validate_override_targets,
-    write_prune_config,
 )
 
 __all__ = [
@@ -29,8 +29,6 @@ __all__ = [
     "format_prune_config",
     "load_override_config",
     "load_search_config",
-    "named_layers",
-    "named_types",
     "parse_prune_config",
     "proto_float",
     "resolve_layer",

@@ -33,14 +33,9 @@ from acps_core._util.paths import check_paths
 from acps_core._util.progress import stage
 from acps_core._util.state import preserved_model_state
 from acps_core._util.wrappers import unwrap, unwrapped_note
-from acps_core.config.prune_config import (
-    SearchSettings,
-    load_override_config,
-    load_search_config,
-    resolve_layer,
-    validate_override_targets,
-    write_prune_config,
-)
+from acps_core.config.prune_config import load_override_config, validate_override_targets, write_prune_config
+from acps_core.config.search_config import load_search_config
+from acps_core.config.settings import SearchSettings, resolve_layer
 from acps_core.config.selection import (
     OUTPUT_SET_LINE,
     build_selection,
