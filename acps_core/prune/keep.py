@@ -15,8 +15,8 @@ from torch import nn
 
 from acps_core._util.atomic import StrPath
 from acps_core.config.prune_config import validate_override_targets
-from acps_core.config.settings import resolve_layer
 from acps_core.config.selection import selection_path
+from acps_core.config.settings import resolve_layer
 from acps_core.errors import ConfigError
 from acps_core.graph.model import ChannelGraph, ChannelGroup
 from acps_core.layers.base import adapter_for

@@ -35,7 +35,6 @@ from acps_core._util.state import preserved_model_state
 from acps_core._util.wrappers import unwrap, unwrapped_note
 from acps_core.config.prune_config import load_override_config, validate_override_targets, write_prune_config
 from acps_core.config.search_config import load_search_config
-from acps_core.config.settings import SearchSettings, resolve_layer
 from acps_core.config.selection import (
     OUTPUT_SET_LINE,
     build_selection,
@@ -45,6 +44,7 @@ from acps_core.config.selection import (
     selection_path,
     weights_fingerprint,
 )
+from acps_core.config.settings import SearchSettings, resolve_layer
 from acps_core.errors import ArgumentError, ConfigError, DataError, GraphError, PluginError, SearchError
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
