@@ -10,6 +10,8 @@ What is here:
 
 - the three bases a method subclasses (:class:`SensitivityBase`, :class:`SearchChannelBase`,
   :class:`GainEstimatorBase`), :data:`hookimpl` and :class:`Register` for the registration hooks;
+- :class:`MethodOptions`, the base of a method's ``Options`` model (its options, validated, printed and
+  recorded in the report; see :mod:`acps_core.methods.options`), and :class:`MethodOptionsError`, which it raises;
 - what the methods receive: :class:`SearchRecord` (one channel group to score or cut), :class:`GraphInfo` (the
   model's cost for any kept counts, the budget), :class:`PruneSearchConfig`, :class:`LayerGeometry` (one layer's
   traced shapes, for a cost model), :class:`ChannelGraph` and :class:`ParamSlice` (where a group's channels sit
@@ -34,6 +36,7 @@ from acps_core.graph.build import ChannelGraph, LayerGeometry, ParamSlice, chann
 from acps_core.graph.masking import masked_channels
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.hookspecs import Register, hookimpl
+from acps_core.methods.options import MethodOptions, MethodOptionsError
 from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord, give_back, masks_for
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "GainEstimatorBase",
     "GraphInfo",
     "LayerGeometry",
+    "MethodOptions",
+    "MethodOptionsError",
     "ParamSlice",
     "PruneSearchConfig",
     "Register",

@@ -28,14 +28,14 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticUndefined
 
 from acps_core.errors import ArgumentError
 from acps_core.methods.bases import METHOD_BASES
-from acps_core.methods.spec import format_method_spec, format_option_value
+from acps_core.methods.spec import MethodSpec, format_method_spec, format_option_value
 
 __all__ = [
     "MethodOptions",
@@ -45,6 +45,9 @@ __all__ = [
     "options_model",
     "options_signature",
 ]
+
+
+_Options = TypeVar("_Options", bound="MethodOptions")
 
 
 class MethodOptionsError(ArgumentError):
@@ -71,7 +74,7 @@ class MethodOptions(BaseModel):
         return value
 
     @classmethod
-    def checked(cls, method: object, /, **given: Any) -> MethodOptions:
+    def checked(cls: type[_Options], method: object, /, **given: Any) -> _Options:
         """The options ``given`` validated through this model, for the method ``method`` (an instance, a class or
         a name, used in messages).
 
@@ -88,7 +91,7 @@ class MethodOptions(BaseModel):
         return self.model_dump(mode="json")
 
     def __str__(self) -> str:
-        return ", ".join(f"{name}={format_option_value(value)}" for name, value in self.to_json().items())
+        return MethodSpec(type(self).__qualname__, self.to_json()).arguments
 
     def __repr_name__(self) -> str:
         # Every Options class is called "Options": name its method too.
@@ -102,14 +105,15 @@ def options_model(cls: type) -> type[MethodOptions] | None:
 
 
 def options_signature(model: type[MethodOptions]) -> str:
-    """Each option with its type, bounds and default: ``levels: int >= 1 = 4, max_samples: int >= 1 = 128``."""
+    """Each option with its type, bounds and default: ``levels: int (>= 1) = 4, max_samples: int (>= 1) = 128``."""
     parts = []
     for name, info in model.model_fields.items():
         text = f"{name}: {_type_text(info.annotation)}"
-        for bound in info.metadata:
-            for attribute, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-                if getattr(bound, attribute, None) is not None:
-                    text += f" {symbol} {getattr(bound, attribute)}"
+        bounds = [f"{symbol} {getattr(bound, attribute)}" for bound in info.metadata
+                  for attribute, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                  if getattr(bound, attribute, None) is not None]
+        if bounds:
+            text += f" ({', '.join(bounds)})"
         if info.default is not PydanticUndefined:
             text += f" = {format_option_value(info.default)}"
         parts.append(text)
@@ -143,17 +147,19 @@ def _explain(model: type[MethodOptions], method: str, error: ValidationError) ->
     problems = []
     for item in error.errors():
         location = item["loc"]
-        option = str(location[0]) if location else "(options)"
+        option = str(location[0]) if location else ""
         where = option + "".join(f"[{part}]" for part in location[1:])
-        if item["type"] == "extra_forbidden":
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if not location:  # a check of the options together: its message says which
+            problems.append(message)
+        elif item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
             problems.append(f"unknown option {option!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         elif item["type"] == "literal_error":
             problems.append(f"{where} must be {item['ctx']['expected']}, got {item['input']!r}")
         else:
-            message = str(item["msg"]).removeprefix("Value error, ")
             problems.append(f"{where}={item['input']!r} is invalid: {message[:1].lower()}{message[1:]}")
-    takes = f"its options are {options_signature(model)}" if known else "it takes no options"
+    takes = f"takes {options_signature(model)}" if known else "takes no options"
     return f"{method}: {'; '.join(problems)}. {method} {takes}"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from acps_core.errors import ArgumentError
 
 __all__ = ["MAX_SPEC_LENGTH", "METHOD_NAME", "MethodSpec", "MethodSpecError", "format_method_spec",
-           "format_option_value", "parse_method_spec"]
+           "format_option_value", "parse_method_spec", "split_method_spec"]
 
 #: Longer specs are refused before they are read (a method's options fit in far less).
 MAX_SPEC_LENGTH = 2000
@@ -55,8 +55,23 @@ class MethodSpec:
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def arguments(self) -> str:
+        """The options as they go between the parentheses: ``key=value, ...`` (empty without options)."""
+        return ", ".join(f"{key}={format_option_value(value)}" for key, value in self.options.items())
+
     def __str__(self) -> str:
         return format_method_spec(self.name, self.options)
+
+
+def split_method_spec(text: str) -> tuple[str, str]:
+    """A spec's name and its options as text (:attr:`MethodSpec.arguments`), for showing it; a text that is not a
+    spec (a report edited by hand) comes back whole, with no options."""
+    try:
+        spec = parse_method_spec(text)
+    except MethodSpecError:
+        return text, ""
+    return spec.name, spec.arguments
 
 
 def format_method_spec(name: str, options: Mapping[str, Any] | None = None) -> str:
@@ -65,9 +80,7 @@ def format_method_spec(name: str, options: Mapping[str, Any] | None = None) -> s
     Tuples and lists keep their brackets, strings their quotes, so :func:`parse_method_spec` reads the text back
     to the same name and options.
     """
-    if not options:
-        return name
-    return f"{name}({', '.join(f'{key}={format_option_value(value)}' for key, value in options.items())})"
+    return f"{name}({MethodSpec(name, options).arguments})" if options else name
 
 
 def format_option_value(value: Any) -> str:

@@ -3,17 +3,36 @@
 ``ActivationSensitivity`` scores a channel by how large its producers' outputs are on the calibration data (the
 mean absolute activation, label-free), divided by the group's mean. ``ParameterCount`` makes the search's cost
 the number of weights, so ``compress_ratio: 2`` asks for half the parameters instead of half the bit-operations.
+
+``ActivationSensitivity`` declares its one option in an ``Options`` model, so acps checks it, ``acps plugins`` lists
+it, ``"ActivationSensitivity(normalize=none)"`` selects it by name and the report records it; ``ParameterCount``
+takes no options and declares none, as a plain class may.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from acps_core.plugin import GainEstimatorBase, LayerGeometry, SearchRecord, SensitivityBase, forward
+from acps_core.plugin import GainEstimatorBase, LayerGeometry, MethodOptions, SearchRecord, SensitivityBase, forward
 
 
 class ActivationSensitivity(SensitivityBase):
-    """Mean absolute output of each channel over the calibration data, over the group's mean."""
+    """Mean absolute output of each channel over the calibration data, over the group's mean.
+
+    Args:
+        normalize: ``"mean"`` divides each group's scores by their mean (the default), ``"none"`` leaves them.
+    """
+
+    class Options(MethodOptions):
+        """The options of :class:`ActivationSensitivity`."""
+
+        normalize: Literal["none", "mean"] = "mean"
+
+    def __init__(self, normalize: Literal["none", "mean"] = "mean") -> None:
+        super().__init__()
+        self.options = self.Options.checked(self, normalize=normalize)  # an unknown value raises, naming it
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         assert self.model is not None, "acps calls setup_initialization first"
@@ -40,7 +59,7 @@ class ActivationSensitivity(SensitivityBase):
         for record in search_records:
             scores = sums[record.group_id]
             mean = float(scores.mean())
-            record.sensitivity = scores / mean if mean > 0 else scores
+            record.sensitivity = scores / mean if mean > 0 and self.options.normalize == "mean" else scores
 
 
 class ParameterCount(GainEstimatorBase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from acps_example import ActivationSensitivity, ParameterCount
 from torch import nn
@@ -45,3 +46,16 @@ def test_parameter_count_follows_the_channel_counts() -> None:
     geometry = acps.build_channel_graph(model(), torch.randn(2, 3, 8, 8)).layers["2"].geometry
     assert ParameterCount().layer_cost(geometry, 16, 32) == 32 * 16 * 9 + 32
     assert ParameterCount().layer_cost(geometry, 8, 32) == 32 * 8 * 9 + 32
+
+
+def test_activation_sensitivity_takes_its_option_by_name_and_the_result_records_it(tmp_path) -> None:
+    from acps_core.methods.options import describe_method
+    from acps_core.methods.registry import resolve_method
+
+    method = resolve_method("sensitivity", "ActivationSensitivity(normalize=none)", "sensitivity")
+
+    assert isinstance(method, ActivationSensitivity) and method.options.normalize == "none"
+    assert describe_method(method).spec == "ActivationSensitivity(normalize='none')"
+    assert describe_method(ParameterCount()).options is None  # a plain class: options not known
+    with pytest.raises(acps.ArgumentError, match="normalize must be 'none' or 'mean', got 'median'"):
+        ActivationSensitivity(normalize="median")  # type: ignore[arg-type]

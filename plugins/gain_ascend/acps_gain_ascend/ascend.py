@@ -19,13 +19,13 @@ keyword arguments, or pass a :class:`Chip` of your own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import torch
+from pydantic import Field, model_validator
 
-from acps_core import ArgumentError
-from acps_core.plugin import GainEstimatorBase, LayerGeometry
+from acps_core.plugin import GainEstimatorBase, LayerGeometry, MethodOptions
 
 #: Channels per fractal row/column (fp16), and per input column for int8 operands.
 FRACTAL = 16
@@ -74,6 +74,10 @@ CHIPS: dict[str, Chip] = {
 }
 
 _INT8 = {torch.int8, torch.uint8, torch.qint8, torch.quint8}
+#: The figures of a :class:`Chip` an option may override (every field but its name).
+FIGURES = tuple(f.name for f in fields(Chip) if f.name != "name")
+#: The figures a chip of one's own must give (the others have defaults).
+REQUIRED_FIGURES = ("fp16_tflops", "int8_tops", "bandwidth_gbs", "overhead_us")
 
 
 def _up(value: float, multiple: int) -> int:
@@ -84,27 +88,55 @@ class AscendLatency(GainEstimatorBase):
     """Predicted latency of each layer on an Ascend chip, in microseconds (see the module docs).
 
     Args:
-        chip: a name from :data:`CHIPS` (``Ascend910``, ``AtlasA2``, ``Ascend310``, ``Ascend310P``) or a
-            :class:`Chip`.
+        chip: a name from :data:`CHIPS` (``Ascend910``, ``AtlasA2``, ``Ascend310``, ``Ascend310P``), a
+            :class:`Chip`, or the name of a chip of one's own whose figures ``fp16_tflops``, ``int8_tops``,
+            ``bandwidth_gbs`` and ``overhead_us`` are all given.
         batch: samples per inference.
-        **overrides: replace figures of the chip, e.g. ``bandwidth_gbs=900`` or ``overhead_us=0``.
+        **overrides: replace figures of the chip (:data:`FIGURES`), e.g. ``bandwidth_gbs=900`` or ``overhead_us=0``.
+
+    Raises:
+        MethodOptionsError: an unknown chip or figure, or a figure out of range (an ``ArgumentError``).
     """
+
+    class Options(MethodOptions):
+        """The options of :class:`AscendLatency`: the chip by name, the batch, and any figures that replace the
+        chip's (None: the chip's own). A :class:`Chip` object is recorded as its name and the figures that differ
+        from the chip of that name (all of them for a chip of one's own)."""
+
+        chip: str = "Ascend910"
+        batch: int = Field(default=1, ge=1)
+        # Optional[...] rather than "X | None": pydantic evaluates these annotations at runtime on Python 3.9 too.
+        fp16_tflops: Optional[float] = Field(default=None, gt=0)  # noqa: UP045
+        int8_tops: Optional[float] = Field(default=None, gt=0)  # noqa: UP045
+        bandwidth_gbs: Optional[float] = Field(default=None, gt=0)  # noqa: UP045
+        overhead_us: Optional[float] = Field(default=None, ge=0)  # noqa: UP045
+        vector_share: Optional[float] = Field(default=None, gt=0)  # noqa: UP045
+        source: Optional[str] = None  # noqa: UP045
+
+        @model_validator(mode="after")
+        def _known_chip_or_every_figure(self) -> AscendLatency.Options:
+            missing = [figure for figure in REQUIRED_FIGURES if getattr(self, figure) is None]
+            if self.chip not in CHIPS and missing:
+                raise ValueError(f"unknown Ascend chip {self.chip!r}; known: {', '.join(CHIPS)} (or, for a chip of "
+                                 f"your own, also give {', '.join(missing)})")
+            return self
 
     unit = "us (Ascend model)"
 
-    def __init__(self, chip: str | Chip = "Ascend910", batch: int = 1, **overrides: Any) -> None:
-        if isinstance(chip, str):
-            if chip not in CHIPS:
-                raise ArgumentError(f"unknown Ascend chip {chip!r}; known: {', '.join(CHIPS)} (or pass a Chip)")
-            chip = CHIPS[chip]
-        unknown = set(overrides) - {f for f in Chip.__dataclass_fields__ if f != "name"}
-        if unknown:
-            raise ArgumentError(f"unknown chip figure(s) {', '.join(sorted(unknown))}; known: "
-                                f"{', '.join(f for f in Chip.__dataclass_fields__ if f != 'name')}")
-        if batch < 1:
-            raise ArgumentError(f"batch must be at least 1, got {batch}")
-        self.chip = replace(chip, **overrides)
-        self.batch = batch
+    def __init__(self, chip: str | Chip = "Ascend910", batch: int = 1, **overrides: float | str) -> None:
+        if isinstance(chip, Chip):
+            known = CHIPS.get(chip.name)
+            figures = {figure: getattr(chip, figure) for figure in FIGURES
+                       if known is None or getattr(chip, figure) != getattr(known, figure)}
+            chip, overrides = chip.name, {**figures, **overrides}
+        self.options = self.Options.checked(self, chip=chip, batch=batch, **overrides)
+        given = {figure: getattr(self.options, figure) for figure in FIGURES
+                 if getattr(self.options, figure) is not None}
+        base = CHIPS.get(self.options.chip)
+        if base is None:  # a chip of one's own: every required figure is given (the Options check it)
+            base = Chip(self.options.chip, **{figure: given[figure] for figure in REQUIRED_FIGURES})
+        self.chip = replace(base, **given)
+        self.batch = self.options.batch
 
     def layer_cost(self, layer: LayerGeometry, in_channels: int, out_channels: int) -> float:
         """The layer's predicted time in microseconds at the given channel counts."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from acps_core.plugin import GainEstimatorBase, LayerGeometry
+from acps_core.plugin import GainEstimatorBase, LayerGeometry, MethodOptions
 
 
 def dtype_bits(dtype: torch.dtype) -> int:
@@ -23,6 +23,9 @@ def dtype_bits(dtype: torch.dtype) -> int:
 
 class BitComplexity(GainEstimatorBase):
     """Cost = MACs(in_channels, out_channels) x activation bits x weight bits, per sample."""
+
+    class Options(MethodOptions):
+        """:class:`BitComplexity` takes no options."""
 
     unit = "bit-ops"
 

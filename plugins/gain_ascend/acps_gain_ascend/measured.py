@@ -32,14 +32,22 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from acps_core import AcpsError, ArgumentError
-from acps_core.plugin import GainEstimatorBase, LayerGeometry, atomic_write_text, progress, read_bytes
+from acps_core.plugin import (
+    GainEstimatorBase,
+    LayerGeometry,
+    MethodOptions,
+    atomic_write_text,
+    progress,
+    read_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,23 +74,63 @@ class MeasuredLatency(GainEstimatorBase):
             (see :mod:`acps_core._util.progress`).
         measure_rest: also time the whole model once and count what its layers' tables leave out as a fixed
             cost (see :meth:`observe_model`).
+
+    Raises:
+        MethodOptionsError: an option out of range (``warmup`` below 0, ``repeats`` or ``batch`` below 1, a grid
+            share outside (0, 1]) or a device torch does not know (an ``ArgumentError``).
     """
+
+    class Options(MethodOptions):
+        """The options of :class:`MeasuredLatency` (see its arguments). The grid is kept sorted, with 1.0 in it (the
+        traced count is always measured); a path is kept as a string and a device as its name."""
+
+        warmup: int = Field(default=3, ge=0)
+        repeats: int = Field(default=15, ge=1)
+        grid: tuple[float, ...] = Field(default=GRID, min_length=1)
+        batch: int = Field(default=1, ge=1)
+        # Optional/Union rather than "X | None": pydantic evaluates these annotations at runtime on Python 3.9 too.
+        cache_dir: Union[bool, str, None] = None  # noqa: UP007
+        device: Optional[str] = None  # noqa: UP045
+        progress: Optional[bool] = None  # noqa: UP045
+        measure_rest: bool = True
+
+        @field_validator("grid")
+        @classmethod
+        def _shares_with_the_whole(cls, grid: tuple[float, ...]) -> tuple[float, ...]:
+            outside = [share for share in grid if not 0 < share <= 1]
+            if outside:
+                raise ValueError(f"grid shares must be in (0, 1], got {list(grid)}")
+            return tuple(sorted(set(grid) | {1.0}))
+
+        @field_validator("cache_dir", mode="before")
+        @classmethod
+        def _path_as_text(cls, value: Any) -> Any:
+            return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+        @field_validator("device", mode="before")
+        @classmethod
+        def _known_device(cls, value: Any) -> Any:
+            if isinstance(value, (str, torch.device)):
+                try:
+                    return str(torch.device(value))
+                except RuntimeError as exc:
+                    raise ValueError(f"torch does not know the device {str(value)!r} ({exc})") from None
+            return value
 
     unit = "ms (measured)"
 
     def __init__(self, warmup: int = 3, repeats: int = 15, grid: Sequence[float] = GRID, batch: int = 1,
                  cache_dir: str | os.PathLike[str] | bool | None = None, device: str | torch.device | None = None,
                  progress: bool | None = None, measure_rest: bool = True) -> None:
-        if warmup < 0 or repeats < 1 or batch < 1:
-            raise ArgumentError("warmup must be >= 0, repeats >= 1 and batch >= 1")
-        if not grid or any(not 0 < share <= 1 for share in grid):
-            raise ArgumentError(f"grid shares must be in (0, 1], got {list(grid)}")
-        self.warmup, self.repeats, self.batch = warmup, repeats, batch
-        self.grid = tuple(sorted(set(grid) | {1.0}))
+        self.options = self.Options.checked(self, warmup=warmup, repeats=repeats, grid=grid, batch=batch,
+                                            cache_dir=cache_dir, device=device, progress=progress,
+                                            measure_rest=measure_rest)
+        self.warmup, self.repeats, self.batch = self.options.warmup, self.options.repeats, self.options.batch
+        self.grid = self.options.grid
         self.cache_dir = cache_dir
-        self.device = torch.device(device) if device is not None else None
-        self.progress = progress
-        self.measure_rest = measure_rest
+        self.device = torch.device(self.options.device) if self.options.device is not None else None
+        self.progress = self.options.progress
+        self.measure_rest = self.options.measure_rest
         self.tables: dict[str, LatencyTable] = {}
         self.measured = 0  # layers timed (not found in the cache) by the last prepare()
         self.model_ms = 0.0  # the whole model's measured latency (observe_model)

@@ -68,7 +68,7 @@ def test_ascend_depthwise_runs_on_the_vector_unit_and_bad_chips_are_refused() ->
     assert estimator.layer_cost(geometry, 48, 48) < estimator.layer_cost(geometry, 49, 49)
     with pytest.raises(ArgumentError, match="unknown Ascend chip 'Ascend999'; known: Ascend910"):
         AscendLatency("Ascend999")
-    with pytest.raises(ArgumentError, match="unknown chip figure"):
+    with pytest.raises(ArgumentError, match="unknown option 'tflops' \\(did you mean 'fp16_tflops'\\?\\)"):
         AscendLatency("Ascend910", tflops=1.0)
 
 

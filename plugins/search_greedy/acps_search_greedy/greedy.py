@@ -15,7 +15,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from acps_core.plugin import GraphInfo, PruneSearchConfig, SearchChannelBase, SearchRecord, give_back, masks_for
+from acps_core.plugin import (
+    GraphInfo,
+    MethodOptions,
+    PruneSearchConfig,
+    SearchChannelBase,
+    SearchRecord,
+    give_back,
+    masks_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,9 @@ class _Cut:
 
 class GreedySearch(SearchChannelBase):
     """Remove the lowest sensitivity-per-cost cuts first until the cost budget is met (see module docs)."""
+
+    class Options(MethodOptions):
+        """:class:`GreedySearch` takes no options."""
 
     def channel_prune_search(self, graph_info: GraphInfo, search_records: list[SearchRecord],
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import logging
 
-from acps_core.plugin import GraphInfo, PruneSearchConfig, SearchChannelBase, SearchRecord, give_back, masks_for
+from acps_core.plugin import (
+    GraphInfo,
+    MethodOptions,
+    PruneSearchConfig,
+    SearchChannelBase,
+    SearchRecord,
+    give_back,
+    masks_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +31,9 @@ logger = logging.getLogger(__name__)
 class GlobalRankSearch(SearchChannelBase):
     """Remove the channels with the lowest sensitivity across all groups first until the cost budget is met (see
     the module docs)."""
+
+    class Options(MethodOptions):
+        """:class:`GlobalRankSearch` takes no options."""
 
     def channel_prune_search(self, graph_info: GraphInfo, search_records: list[SearchRecord],
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:

@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import logging
 
-from acps_core.plugin import GraphInfo, PruneSearchConfig, SearchChannelBase, SearchRecord, give_back, masks_for
+from acps_core.plugin import (
+    GraphInfo,
+    MethodOptions,
+    PruneSearchConfig,
+    SearchChannelBase,
+    SearchRecord,
+    give_back,
+    masks_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,9 @@ BISECTION_STEPS = 60
 class KnapsackSearch(SearchChannelBase):
     """Minimise the sensitivity lost under the cost budget over every group's allowed counts at once (see the
     module docs)."""
+
+    class Options(MethodOptions):
+        """:class:`KnapsackSearch` takes no options."""
 
     def channel_prune_search(self, graph_info: GraphInfo, search_records: list[SearchRecord],
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:

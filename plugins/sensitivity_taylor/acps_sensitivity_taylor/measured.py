@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from acps_core import ArgumentError, DataError
+from acps_core import DataError
 from acps_core.plugin import (
     Communicator,
+    MethodOptions,
     SearchRecord,
     SensitivityBase,
     channel_atoms,
@@ -58,17 +60,25 @@ class MeasuredSensitivity(SensitivityBase):
 
     Args:
         loss_func: ``loss_func(output, label) -> scalar``; by default the distance to the unpruned output.
-        levels: how many cut depths are measured per group.
-        max_samples: calibration samples used for each measurement (the first ones).
+        levels: how many cut depths are measured per group (at least 1).
+        max_samples: calibration samples used for each measurement (the first ones; at least 1).
+
+    Raises:
+        MethodOptionsError: ``levels`` or ``max_samples`` is not an integer of at least 1 (an ``ArgumentError``).
     """
+
+    class Options(MethodOptions):
+        """The options of :class:`MeasuredSensitivity` (see its arguments)."""
+
+        levels: int = Field(default=4, ge=1)
+        max_samples: int = Field(default=128, ge=1)
 
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, levels: int = 4,
                  max_samples: int = 128) -> None:
         super().__init__(loss_func)
-        if levels < 1 or max_samples < 1:
-            raise ArgumentError("MeasuredSensitivity: levels and max_samples must be at least 1")
-        self.levels = levels
-        self.max_samples = max_samples
+        self.options = self.Options.checked(self, levels=levels, max_samples=max_samples)
+        self.levels = self.options.levels
+        self.max_samples = self.options.max_samples
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the module docs)."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from acps_core import ArgumentError
-from acps_core.plugin import ChannelGraph, SearchRecord, SensitivityBase
+from acps_core.plugin import ChannelGraph, MethodOptions, SearchRecord, SensitivityBase
+from acps_sensitivity_taylor.options import Normalize
 
 
 class BalancedL2NormSensitivity(SensitivityBase):
     """Channel importance = filter L2 norm over the group's producers, divided by the group's mean (label-free)."""
+
+    class Options(MethodOptions):
+        """:class:`BalancedL2NormSensitivity` takes no options."""
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the module docs)."""
@@ -37,14 +40,22 @@ class GroupMagnitudeSensitivity(SensitivityBase):
     BatchNorm scales to almost nothing, or that the next layer barely reads. The median is not pulled up by a
     group's few very large channels, so a group whose typical channel is small is cut more; ``bench/quality.py``
     measured it ahead of the mean on MobileNetV2 and level on ResNet-20. With ``GlobalRankSearch`` it is acps's
-    recommended configuration for a model used without fine-tuning (see the README's benchmark).
+    recommended configuration for a model used without fine-tuning (see the README's benchmark). ``normalize=
+    "none"`` leaves the importances undivided.
+
+    Raises:
+        MethodOptionsError: ``normalize`` is not ``"none"``, ``"mean"`` or ``"median"`` (an ``ArgumentError``).
     """
 
-    def __init__(self, normalize: str = "median") -> None:
+    class Options(MethodOptions):
+        """The options of :class:`GroupMagnitudeSensitivity`: what each group's importances are divided by."""
+
+        normalize: Normalize = "median"
+
+    def __init__(self, normalize: Normalize = "median") -> None:
         super().__init__()
-        if normalize not in ("median", "mean"):
-            raise ArgumentError(f"GroupMagnitudeSensitivity: normalize must be 'median' or 'mean', got {normalize!r}")
-        self.normalize = normalize
+        self.options = self.Options.checked(self, normalize=normalize)
+        self.normalize = self.options.normalize
 
     def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
         """Set ``record.sensitivity`` for every record (see the class docs)."""
@@ -56,6 +67,9 @@ class GroupMagnitudeSensitivity(SensitivityBase):
                 if isinstance(param, torch.Tensor):
                     parts.append(piece.per_channel(param.detach().double().pow(2), record.channels).cpu())
             importance = torch.stack(parts).mean(dim=0) if parts else torch.ones(record.channels, dtype=torch.float64)
+            if self.normalize == "none":
+                record.sensitivity = importance
+                continue
             scale = float(importance.median() if self.normalize == "median" else importance.mean())
             record.sensitivity = importance / scale if scale > 0 else importance
 

@@ -41,13 +41,14 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from acps_core import ArgumentError, DataError
+from acps_core import DataError
 from acps_core.plugin import (
     Communicator,
+    MethodOptions,
     ParamSlice,
     SearchRecord,
     SensitivityBase,
@@ -56,6 +57,7 @@ from acps_core.plugin import (
     primary_output,
     progress,
 )
+from acps_sensitivity_taylor.options import Normalize, bool_normalize_alias
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +80,21 @@ class TaylorLossSensitivity(SensitivityBase):
         loss_func: ``loss_func(output, label) -> scalar``. By default the reference's L1 between output and
             label, or cross-entropy when the labels are integer class indices.
         seed: seed of the random directions used by the label-free fallback (results are reproducible).
-        normalize: divide each group's scores by their mean (off by default, as in the reference).
+        normalize: divide each group's scores by their ``"mean"``, or by their ``"median"`` (after the mean), or
+            leave them as they are (``"none"``, the default, as in the reference). ``True`` and ``False``, the old
+            spellings, still mean ``"mean"`` and ``"none"``, with a DeprecationWarning.
+
+    Raises:
+        MethodOptionsError: an option does not fit (an :class:`~acps_core.ArgumentError`).
     """
+
+    class Options(MethodOptions):
+        """The options of :class:`TaylorLossSensitivity` (see its arguments)."""
+
+        seed: int = 0
+        normalize: Normalize = "none"
+
+        _normalize_alias = bool_normalize_alias()
 
     uses_default_loss = True
     #: Whether a channel's per-pass term sums the absolute value of each weight's term (``GroupTaylorSensitivity``)
@@ -87,10 +102,30 @@ class TaylorLossSensitivity(SensitivityBase):
     elementwise = False
 
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 normalize: bool = False) -> None:
+                 normalize: Normalize | bool = "none") -> None:
+        self._configure(loss_func, seed=seed, normalize=normalize)
+
+    def _configure(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None, **options: Any) -> None:
+        """Validate ``options`` through the class's Options model and keep them (``self.options``, and each as an
+        attribute of the same name)."""
         super().__init__(loss_func)
-        self.seed = seed
-        self.normalize = normalize
+        self.options = self.Options.checked(self, **options)
+        self.seed = self.options.seed
+        self.normalize = self.options.normalize
+
+    def _normalized(self, score: torch.Tensor) -> torch.Tensor:
+        """A group's scores divided as ``normalize`` says (a group whose mean or median is 0 is left as it is)."""
+        if self.normalize == "none":
+            return score
+        if float(score.mean()) > 0:
+            # Groups of very different size and depth give scores of very different scale; dividing by the
+            # group's mean makes them comparable, so the search spreads the cuts by relative importance.
+            score = score / score.mean()
+        if self.normalize == "median":
+            median = float(score.median())
+            if median > 0:  # mean-normalised already: rescale by the median of those values
+                score = score / median
+        return score
 
     @staticmethod
     def _accumulate(contribution: torch.Tensor) -> torch.Tensor:
@@ -146,12 +181,7 @@ class TaylorLossSensitivity(SensitivityBase):
                 self._add_label_free(squares, uses, params, _Pass(comm, index, _samples(label)), data, None)
             scores = {group: square.sqrt() for group, square in squares.items()}
         for record in search_records:
-            score = scores[record.group_id]
-            if self.normalize and float(score.mean()) > 0:
-                # Groups of very different size and depth give scores of very different scale; dividing by the
-                # group's mean makes them comparable, so the search spreads the cuts by relative importance.
-                score = score / score.mean()
-            record.sensitivity = score
+            record.sensitivity = self._normalized(scores[record.group_id])
 
     def _prepare(self, records: list[SearchRecord]) -> tuple[_Uses, list[torch.nn.Parameter]]:
         """Where each parameter is tied to a channel group, and every such parameter, set to require gradients."""
@@ -488,18 +518,25 @@ class FisherSensitivity(TaylorLossSensitivity):
 
 class NormalizedTaylorSensitivity(TaylorLossSensitivity):
     """:class:`TaylorLossSensitivity` with each group's scores divided by their mean, so groups of different size
-    and depth compare on relative importance."""
+    and depth compare on relative importance (``normalize="mean"`` by default)."""
 
-    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> None:
-        super().__init__(loss_func, seed, normalize=True)
+    class Options(TaylorLossSensitivity.Options):
+        """The options of :class:`NormalizedTaylorSensitivity`: those of :class:`TaylorLossSensitivity`, with
+        ``normalize="mean"``."""
+
+        normalize: Normalize = "mean"
+
+    def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 normalize: Normalize | bool = "mean") -> None:
+        super().__init__(loss_func, seed, normalize)
 
 
 class GroupTaylorSensitivity(TaylorLossSensitivity):
     """Channel importance ``sum(|w * dL/dw|)`` over the parameters tied to the channel (``terms``, below),
     accumulated over the calibration passes and divided by the group's mean: the group Taylor importance of
     Torch-Pruning (Fang et al., "DepGraph", CVPR 2023; its ``GroupTaylorImportance`` with the mean normaliser).
-    ``normalize="median"`` divides by the group's median instead, as ``GroupMagnitudeSensitivity`` does by
-    default.
+    ``normalize="median"`` then divides by the group's median instead, as ``GroupMagnitudeSensitivity`` does by
+    default; ``normalize="none"`` leaves the sums as they are.
 
     ``terms`` picks the parameters: ``"dense"`` (the default) takes only the weights of the dense (``groups=1``)
     Conv, ConvTranspose and Linear layers tied to the channel (the producers' filters and the consumers' columns),
@@ -516,17 +553,20 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
     label-free path, each chunk's), so the scores equal those of one process on the union of the shards.
     """
 
+    class Options(TaylorLossSensitivity.Options):
+        """The options of :class:`GroupTaylorSensitivity`: ``seed``, ``normalize`` (``"mean"`` by default) and
+        ``terms`` (see the class docs)."""
+
+        normalize: Normalize = "mean"
+        terms: Literal["all", "dense"] = "dense"
+
+    options: GroupTaylorSensitivity.Options
     elementwise = True
 
     def __init__(self, loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 normalize: str = "mean", terms: str = "dense") -> None:
-        if normalize not in ("mean", "median"):
-            raise ArgumentError(f"GroupTaylorSensitivity: normalize must be 'mean' or 'median', got {normalize!r}")
-        if terms not in ("all", "dense"):
-            raise ArgumentError(f"GroupTaylorSensitivity: terms must be 'all' or 'dense', got {terms!r}")
-        super().__init__(loss_func, seed, normalize=True)
-        self.divide_by = normalize
-        self.terms = terms
+                 normalize: Normalize | bool = "mean", terms: Literal["all", "dense"] = "dense") -> None:
+        self._configure(loss_func, seed=seed, normalize=normalize, terms=terms)
+        self.terms = self.options.terms
 
     def _slices(self, record: SearchRecord) -> list[tuple[ParamSlice, torch.nn.Parameter]]:
         """The group's parameter slices: all of them, or with ``terms="dense"`` the dense layers' weights."""
@@ -538,16 +578,6 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
                  if piece.param == "weight" and _is_dense(self.model.get_submodule(piece.module))]
         return dense or found
 
-    def get_sensitivity(self, search_records: list[SearchRecord]) -> None:
-        """Set ``record.sensitivity`` for every record (see the class docs); ``normalize="median"`` divides each
-        group's scores by their median instead of their mean."""
-        super().get_sensitivity(search_records)
-        if self.divide_by == "median":
-            for record in search_records:
-                scores = torch.as_tensor(record.sensitivity)
-                median = float(scores.median())
-                if median > 0:  # mean-normalised already: rescale by the median of those values
-                    record.sensitivity = scores / median
 
 
 def _is_dense(module: torch.nn.Module) -> bool:
@@ -576,4 +606,4 @@ class OutputChangeSensitivity(TaylorLossSensitivity):
                                                        len(batches))):
             self._add_label_free(squares, uses, params, _Pass(comm, index, _samples(label)), data, None)
         for record in search_records:
-            record.sensitivity = squares[record.group_id].sqrt()
+            record.sensitivity = self._normalized(squares[record.group_id].sqrt())

@@ -52,6 +52,8 @@ def test_group_magnitude_is_the_mean_over_every_tied_weight_divided_by_the_group
     assert float(first.sensitivity.median()) == pytest.approx(1.0)
     by_mean = scored(GroupMagnitudeSensitivity(normalize="mean"), model, data, torch.randint(0, 5, (4,)))[0]
     torch.testing.assert_close(by_mean.sensitivity, expected / expected.mean())
+    unscaled = scored(GroupMagnitudeSensitivity(normalize="none"), model, data, torch.randint(0, 5, (4,)))[0]
+    torch.testing.assert_close(unscaled.sensitivity, expected)
     with pytest.raises(ArgumentError, match="normalize must be"):
         GroupMagnitudeSensitivity(normalize="max")
     assert int(first.sensitivity.argmin()) == 3 or float(first.sensitivity[3]) < float(first.sensitivity.mean())

@@ -414,3 +414,42 @@ def test_a_model_returning_a_dict_is_checked_and_projected_on_its_logits() -> No
 
     plain = scored_records(OutputChangeSensitivity(), wrapped.inner, data, torch.randint(0, 5, (8,)), 1)
     torch.testing.assert_close(records[0].sensitivity, plain[0].sensitivity)
+
+
+def test_the_old_bool_normalize_gives_the_same_scores_as_its_unified_spelling_with_a_deprecation_warning() -> None:
+    from acps_sensitivity_taylor import NormalizedTaylorSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    with pytest.warns(DeprecationWarning, match="normalize=True is deprecated; write normalize='mean'"):
+        old, method = score(model, data, label, normalize=True)
+    unified, _ = score(model, data, label, normalize="mean")
+    with pytest.warns(DeprecationWarning, match="write normalize='none'"):
+        off, _ = score(model, data, label, normalize=False)
+    plain, _ = score(model, data, label)
+    assert method.options.normalize == "mean" and method.normalize == "mean"
+    for name in plain:
+        torch.testing.assert_close(old[name], unified[name], rtol=0, atol=0)
+        torch.testing.assert_close(off[name], plain[name], rtol=0, atol=0)
+    normalized = {r.name: r.sensitivity for r in scored_records(NormalizedTaylorSensitivity(), model, data, label, 1)}
+    torch.testing.assert_close(normalized["0"], unified["0"], rtol=0, atol=0)
+
+
+def test_group_taylor_normalize_none_keeps_the_raw_sums() -> None:
+    from acps_sensitivity_taylor import GroupTaylorSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    records = scored_records(GroupTaylorSensitivity(normalize="none", terms="all"), model, data, label, 1)
+    torch.testing.assert_close(records[0].sensitivity, elementwise_hand_scores(model, data, label), rtol=1e-4,
+                               atol=1e-8)
+
+
+def test_output_change_honours_normalize() -> None:
+    from acps_sensitivity_taylor import OutputChangeSensitivity
+
+    model = tiny_model()
+    data, label = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    raw = scored_records(OutputChangeSensitivity(), model, data, label, 1)[0].sensitivity
+    by_mean = scored_records(OutputChangeSensitivity(normalize="mean"), model, data, label, 1)[0].sensitivity
+    torch.testing.assert_close(by_mean, raw / raw.mean())
