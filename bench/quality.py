@@ -28,9 +28,10 @@ Methods:
   lists the names), by default acps's two recommended configurations, ``GroupTaylorSensitivity:GlobalRankSearch``
   (for a model fine-tuned after pruning) and ``GroupMagnitudeSensitivity:GlobalRankSearch`` (without). Several
   comma-separated configurations give one row each, each checked against the other methods (not against each
-  other); a sensitivity may take keyword arguments, ``GroupTaylorSensitivity(normalize=median)`` (several
-  separated by ``;``), and a third field picks what follows the search (below): ``refit`` (the default),
-  ``norms`` or ``none``. When they are the reference's with ``none``, its row repeats the reference's numbers.
+  other); a method may take options as everywhere in acps, ``GroupTaylorSensitivity(normalize=median, terms=all)``
+  (``;`` between options, the older form, is read as ``,``), and a third field picks what follows the search
+  (below): ``refit`` (the default), ``norms`` or ``none``. When they are the reference's with ``none``, its row
+  repeats the reference's numbers.
 
 Cost: acps's ``compress_ratio`` counts bit-operations of Conv/Linear layers (MACs x 32 x 32 in fp32), so every
 method's cost is measured the same way here: Conv/Linear MACs per sample, counted with forward hooks.
@@ -69,7 +70,6 @@ steps.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import logging
 import math
@@ -277,7 +277,7 @@ def acps_search(ctx: Context, ratio: float, sensitivity: str, search: str, max_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         acps_core.auto_channel_prune_search(ctx.model, config, [ctx.calib_x, ctx.calib_y],
-                                            ctx.workdir / f"prune_{tag}.cfg", sensitivity=method_from(sensitivity),
+                                            ctx.workdir / f"prune_{tag}.cfg", sensitivity=sensitivity,
                                             search_alg=search)
     pruned = acps_core.create_prune_retrain_model(ctx.model, ctx.calib_x[:2], ctx.workdir / f"prune_{tag}.cfg",
                                                   ctx.workdir / f"prune_{tag}.record",
@@ -310,31 +310,14 @@ class Row:
     tuned_by_base: list[float] = field(default_factory=list)
 
 
-def method_from(spec: str) -> object:
-    """A sensitivity named ``Name`` (returned as is) or ``Name(key=value;key=value)``: an instance of the
-    registered class with those keyword arguments (values read as Python literals, else as strings)."""
-    match = re.fullmatch(r"(\w+)\((.*)\)", spec)
-    if not match:
-        return spec
-    kwargs: dict[str, object] = {}
-    for pair in filter(None, match.group(2).split(";")):
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"{spec!r}: arguments are key=value pairs separated by ';'")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
-    return get_registry().get("sensitivity", match.group(1)).cls(**kwargs)
-
-
 def parse_best(text: str) -> list[tuple[str, str, str]]:
-    """``SENSITIVITY:SEARCH[:STEP][,...]``: one acps best row per configuration; a sensitivity may carry keyword
-    arguments, ``GroupTaylorSensitivity(normalize=median)``; STEP is one of :data:`PRUNE_STEPS` (default
-    ``refit``)."""
+    """``SENSITIVITY:SEARCH[:STEP][,...]``: one acps best row per configuration; a method may carry options,
+    ``GroupTaylorSensitivity(normalize=median, terms=all)`` (acps's method spec, checked in :func:`main`; the older
+    ``;`` between options is read as ``,``); STEP is one of :data:`PRUNE_STEPS` (default ``refit``)."""
     configurations = []
-    for item in re.split(r",(?![^()]*\))", text):
-        parts = item.split(":")
+    for item in re.split(r",(?![^()]*\))", text):  # commas outside a method's parentheses
+        parts = [re.sub(r";\s*", ", ", part) if "(" in part else part
+                 for part in re.split(r":(?![^()]*\))", item)]
         if len(parts) not in (2, 3) or not all(parts):
             raise argparse.ArgumentTypeError(f"--acps-best takes SENSITIVITY:SEARCH[:STEP] items, comma-separated "
                                              f"(names from `acps plugins`), got {item!r} in {text!r}")
@@ -630,11 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
     for configuration in args.acps_best:
         for kind, name in zip(("sensitivity", "search"), configuration[:2]):
-            try:
-                resolve_method(kind, name.split("(")[0], f"--acps-best {kind}")
-                if kind == "sensitivity":
-                    method_from(name)
-            except (acps_core.AcpsError, TypeError, ValueError) as exc:
+            try:  # the names and their options, checked before any model is trained
+                resolve_method(kind, name, f"--acps-best {kind}")
+            except acps_core.AcpsError as exc:
                 parser.error(f"--acps-best {name}: {exc}")
     if args.timing_repeats is None:
         args.timing_repeats = 1 if args.quick else 3

@@ -208,6 +208,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     import acps_core as acps
     from acps_core._util.paths import check_paths
     from acps_core.config.selection import selection_path
+    from acps_core.methods.registry import resolve_method
     from acps_core.report.documents import report_paths
     from acps_core.report.figure import available, figure_path
 
@@ -218,9 +219,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                 writes=[("--output", output), ("--output's selection file", selection_path(output)),
                         ("--output's Markdown report", markdown), ("--output's JSON report", json_report),
                         ("--output's figure", figure_path(output))])
+    # The methods and their options are checked before the model is built, which may take long.
+    methods = {kind: resolve_method(kind, spec, option) for kind, spec, option in (
+        ("sensitivity", args.sensitivity, "--sensitivity"), ("search", args.search, "--search"),
+        ("gain", args.gain, "--gain"))}
     model, data = _model_and_data(args, need_labels=True)
-    result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=args.sensitivity,
-                                            search_alg=args.search, gain=args.gain, figure=figure)
+    result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=methods["sensitivity"],
+                                            search_alg=methods["search"], gain=methods["gain"], figure=figure)
     if not args.quiet:
         print(result.summary())
         print(f"\nWrote {result.output_cfg}, {result.selection_file} and the reports {result.output_cfg}.report.md "

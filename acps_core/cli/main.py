@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_help = ("calibration data saved with torch.save: [input, labels] (a list of two tensors) or, where labels "
                  "are not needed, the input tensor; loaded with weights_only=True, so no code in it runs")
     pickle_help = "allow loading a .pt model file: unpickling runs any code it contains, so only for files you trust"
-    methods = "acps plugins lists the installed names"
+    methods = "acps plugins lists the installed names and their options; with options: Name(option=value, ...)"
     weights_help = ("the trained weights: a state dict (torch.save(model.state_dict(), path)) loaded into the model "
                     "--model builds, with weights_only=True; without it a factory's own weights are used, so give "
                     "the same file to search and prune")
@@ -116,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the search config (AutoChannelPruneConfig, protobuf text format)")
     search.add_argument("--output", required=True, metavar="PRUNE.cfg", help="the channel-prune config to write")
     search.add_argument("--sensitivity", default="TaylorLossSensitivity",
-                        help=f"sensitivity method (default: the reference's TaylorLossSensitivity; {methods})")
+                        help=f"sensitivity method (default: the reference's TaylorLossSensitivity; {methods}, e.g. "
+                             "\"GroupTaylorSensitivity(terms=all)\")")
     search.add_argument("--search", default="GreedySearch",
                         help=f"search method (default: the reference's GreedySearch; {methods})")
     search.add_argument("--gain", default="BitComplexity",
-                        help=f"cost model (default: the reference's BitComplexity; {methods})")
+                        help=f"cost model (default: the reference's BitComplexity; {methods}, e.g. "
+                             "\"AscendLatency(chip=Ascend310, batch=8)\")")
     search.add_argument("--allow-pickle", action="store_true", help=pickle_help)
     search.set_defaults(func=cmd_search)
 
@@ -182,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", parents=[common],
                                   help="list installed methods and plugins that failed to load",
                                   description="List every sensitivity, search and gain method installed "
-                                              "(kind, name, class, distribution, version) and plugins that "
-                                              "failed to load, with why.")
+                                              "(kind, name, class, distribution, version), the options each "
+                                              "takes (name, type, default) and plugins that failed to load, "
+                                              "with why.")
     plugins.set_defaults(func=cmd_plugins)
     return parser
 

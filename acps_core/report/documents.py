@@ -21,6 +21,7 @@ from acps_core._util.atomic import StrPath, atomic_write_many
 from acps_core._util.reading import read_bytes
 from acps_core.errors import ArgumentError, ConfigError
 from acps_core.graph.model import ChannelGraph
+from acps_core.methods.spec import split_method_spec
 from acps_core.report.result import SearchResult
 
 #: Version of the JSON document's layout; raised when a key changes meaning or disappears.
@@ -192,7 +193,8 @@ def report_json(result: SearchResult, settings: Mapping[str, Any] | None = None,
 
 def report_markdown(result: SearchResult, settings: Mapping[str, Any] | None = None, *,
                     graph: ChannelGraph | None = None) -> str:
-    """The human-readable report: a summary, the configuration, a table of every layer and the layers left alone.
+    """The human-readable report: a summary, the methods with their options, the configuration, a table of every
+    layer and the layers left alone.
 
     Arguments as for :func:`report_data`.
     """
@@ -221,12 +223,17 @@ def _markdown(data: Mapping[str, Any]) -> str:
                     f"{_si(totals['weights_before'])} -> {_si(totals['weights_after'])}")
     summary += (f". {totals['layers_pruned']} of {totals['layers']} Conv/Linear layers lose channels; "
                 f"{totals['layers_left_alone']} left alone.")
-    methods = {kind: name for kind, name in data["methods"].items() if kind != "cost_unit"}
+    methods = {kind: split_method_spec(spec) for kind, spec in data["methods"].items() if kind != "cost_unit"}
     if methods:
-        summary += " Methods: " + ", ".join(f"{kind} {name}" for kind, name in methods.items()) + "."
+        summary += " Methods: " + ", ".join(f"{kind} {name}" for kind, (name, _) in methods.items()) + "."
     lines += [summary, ""]
     if data["notes"]:
         lines += ["Notes:", ""] + [f"- {note}" for note in data["notes"]] + [""]
+    if methods:
+        lines += ["## Methods", "", "| kind | method | options |", "|---|---|---|"]
+        lines += [f"| {kind} | {_cell(name)} | {f'`{_cell(options)}`' if options else '-'} |"
+                  for kind, (name, options) in methods.items()]
+        lines.append("")
 
     if data["configuration"]:
         lines += ["## Configuration", "", "| setting | value |", "|---|---|"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -53,7 +54,10 @@ class SearchResult:
         compress_ratio: the target (cost before / cost after) from the config.
         target_reached: whether ``cost_after <= cost_before / compress_ratio``.
         kept_channels: for each group that loses channels (by group name), the indices it keeps.
-        methods: the sensitivity, search and gain methods used, by kind.
+        methods: the sensitivity, search and gain methods used, by kind, each as the spec that selects it again
+            with the same options (``"GroupTaylorSensitivity(seed=0, normalize='mean', terms='dense')"``; the bare
+            name for a method without options, see :func:`acps_core.methods.options.describe_method`), and the
+            gain method's ``cost_unit``.
         notes: remarks the methods made (fallbacks taken, targets missed).
         output_cfg: the channel-prune config written.
         selection_file: the file beside it holding the chosen channels.
@@ -65,6 +69,8 @@ class SearchResult:
             ``scoring``, ``searching``, ``writing``.
         output_set: the id written into the config, its selection file and the reports, which says they were
             written together (``# acps output set: ...``).
+        method_options: the options of each method, by kind, as JSON-ready dicts (``{}`` for a method that takes
+            none; None where they are not known: an object of a class that declares no Options model).
     """
 
     layers: dict[str, LayerReport]
@@ -82,6 +88,7 @@ class SearchResult:
     scores: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     output_set: str | None = None
+    method_options: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     @property
     def achieved_ratio(self) -> float:
