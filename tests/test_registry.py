@@ -510,3 +510,25 @@ def test_a_distribution_found_twice_on_sys_path_is_loaded_once(installer: Plugin
     twice = [m.name for m in registry.methods("sensitivity") if m.distribution == "acps-test-twice"]
     assert twice == ["TwiceSens"]
     assert not [f for f in registry.failures if f.distribution == "acps-test-twice"]
+
+
+# --- the registry's modules ------------------------------------------------------------------------------------
+
+
+def test_the_registry_module_still_offers_every_name_other_code_imports_from_it() -> None:
+    from acps_core.methods import loading, resolve, table
+
+    names = ["get_registry", "resolve_method", "register_plugin", "unregister_plugin", "format_plugins_table",
+             "Registry", "MethodInfo", "PluginFailure", "AcpsPluginWarning", "MethodArgumentError",
+             "AcpsPluginManager", "get_plugin_manager", "DISABLE_ENV_VAR", "IN_PROCESS", "KINDS", "METHOD_BASES",
+             "PARAMETER_BY_KIND"]
+    assert all(hasattr(registry_module, name) for name in names)
+    assert registry_module.resolve_method is resolve.resolve_method
+    assert registry_module.format_plugins_table is table.format_plugins_table
+    assert registry_module.AcpsPluginManager is loading.AcpsPluginManager
+
+
+def test_each_module_of_the_methods_package_stays_readable_in_one_sitting() -> None:
+    folder = Path(registry_module.__file__).parent
+    lengths = {path.name: len(path.read_text().splitlines()) for path in folder.glob("*.py")}
+    assert {name: length for name, length in lengths.items() if length > 400} == {}
