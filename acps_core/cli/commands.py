@@ -220,12 +220,12 @@ def cmd_search(args: argparse.Namespace) -> int:
                         ("--output's Markdown report", markdown), ("--output's JSON report", json_report),
                         ("--output's figure", figure_path(output))])
     # The methods and their options are checked before the model is built, which may take long.
-    methods = {kind: resolve_method(kind, spec, option) for kind, spec, option in (
-        ("sensitivity", args.sensitivity, "--sensitivity"), ("search", args.search, "--search"),
-        ("gain", args.gain, "--gain"))}
+    sensitivity = resolve_method("sensitivity", args.sensitivity, "--sensitivity")
+    search = resolve_method("search", args.search, "--search")
+    gain = resolve_method("gain", args.gain, "--gain")
     model, data = _model_and_data(args, need_labels=True)
-    result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=methods["sensitivity"],
-                                            search_alg=methods["search"], gain=methods["gain"], figure=figure)
+    result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=sensitivity,
+                                            search_alg=search, gain=gain, figure=figure)
     if not args.quiet:
         print(result.summary())
         print(f"\nWrote {result.output_cfg}, {result.selection_file} and the reports {result.output_cfg}.report.md "

@@ -4,6 +4,9 @@ The method names and argument shapes follow the reference (AMCT's ``SensitivityB
 ``SearchChannelBase``), so a class written for the reference keeps working; acps adds
 :class:`GainEstimatorBase`, for which the reference has no extension point. A subclass that misses a required
 method fails when it is instantiated, with an error naming the method to add or rename.
+
+A method class may declare its options as a nested ``Options`` model (see :mod:`acps_core.methods.options`):
+acps then checks the options of ``Name(option=value, ...)`` before building it, and the report records them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticUndefined
 
 from acps_core.errors import ArgumentError
@@ -66,11 +66,14 @@ class MethodOptions(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
-        """pydantic reads ``True`` as 1 for an int; for an option that is surely a mistake."""
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation in (int, float):
-            raise ValueError(f"expected {annotation.__name__}, got {value!r}")
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``True`` as 1 for an int or a float; for an option that is surely a mistake."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) if get_origin(annotation) is Union or _is_union(annotation) \
+                else {annotation}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"expected {_type_text(annotation)}, got {value!r}")
         return value
 
     @classmethod
@@ -125,7 +128,7 @@ def _type_text(annotation: Any) -> str:
     origin = get_origin(annotation)
     if origin is Literal:
         return " | ".join(repr(choice) for choice in get_args(annotation))
-    if origin is Union or type(annotation).__name__ == "UnionType":
+    if origin is Union or _is_union(annotation):
         return " | ".join(_type_text(arg) for arg in get_args(annotation))
     if annotation is type(None):
         return "None"
@@ -133,6 +136,11 @@ def _type_text(annotation: Any) -> str:
         args = ", ".join("..." if arg is Ellipsis else _type_text(arg) for arg in get_args(annotation))
         return f"{getattr(origin, '__name__', str(origin))}[{args}]"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _is_union(annotation: Any) -> bool:
+    """``X | Y`` written with the operator (Python 3.10+), which ``get_origin`` does not call ``Union``."""
+    return type(annotation).__name__ == "UnionType"
 
 
 def _method_label(method: object) -> str:
