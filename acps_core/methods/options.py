@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from acps_core.errors import ArgumentError
 from acps_core.methods.bases import METHOD_BASES
@@ -118,7 +118,7 @@ def options_signature(model: type[MethodOptions]) -> str:
         if bounds:
             text += f" ({', '.join(bounds)})"
         if info.default is not PydanticUndefined:
-            text += f" = {format_option_value(info.default)}"
+            text += f" = {format_option_value(to_jsonable_python(info.default))}"  # as specs and reports show it
         parts.append(text)
     return ", ".join(parts)
 
