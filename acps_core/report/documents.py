@@ -232,8 +232,7 @@ def _markdown(data: Mapping[str, Any]) -> str:
     if methods:
         lines += ["## Methods", "", "| kind | method | options |", "|---|---|---|"]
         lines += [f"| {kind} | {_cell(name)} | {f'`{_cell(options)}`' if options else '-'} |"
-                  for kind, (name, options) in methods.items()]
-        lines.append("")
+                  for kind, (name, options) in methods.items()] + [""]
 
     if data["configuration"]:
         lines += ["## Configuration", "", "| setting | value |", "|---|---|"]
