@@ -27,6 +27,7 @@ from acps_core.errors import (
 )
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph, ChannelGroup, LayerGeometry
+from acps_core.layers import LayerAdapter, register_layer, unregister_layer
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.hookspecs import hookimpl
 from acps_core.prune.calls import WeightsChangedWarning, create_prune_retrain_model, restore_prune_retrain_model
@@ -53,6 +54,7 @@ __all__ = [
     "GainEstimatorBase",
     "GraphError",
     "GraphInfo",
+    "LayerAdapter",
     "LayerGeometry",
     "LayerReport",
     "OutputPathError",
@@ -70,6 +72,8 @@ __all__ = [
     "build_channel_graph",
     "create_prune_retrain_model",
     "hookimpl",
+    "register_layer",
     "restore_prune_retrain_model",
     "save_prune_retrain_model",
+    "unregister_layer",
 ]

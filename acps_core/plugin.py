@@ -15,7 +15,8 @@ What is here:
 - what the methods receive: :class:`SearchRecord` (one channel group to score or cut), :class:`GraphInfo` (the
   model's cost for any kept counts, the budget), :class:`PruneSearchConfig`, :class:`LayerGeometry` (one layer's
   traced shapes, for a cost model), :class:`ChannelGraph` and :class:`ParamSlice` (where a group's channels sit
-  in the parameters), and the search helpers :func:`masks_for` and :func:`give_back`;
+  in the parameters), and the search helpers: :func:`descend` (one cut at a time, see
+  :mod:`acps_core.search.descent`), :func:`give_back` and :func:`masks_for`;
 - running the model: :func:`forward` (any input form), :func:`trace_sample`, :func:`to_device`,
   :func:`masked_channels` (a forward pass with channels zeroed), :func:`channel_atoms`;
 - the default loss: :func:`default_loss` and :func:`primary_output` (the tensor a dict or tuple output is
@@ -32,16 +33,19 @@ from acps_core._util.data import default_loss, forward, primary_output, to_devic
 from acps_core._util.distributed import Communicator
 from acps_core._util.progress import progress
 from acps_core._util.reading import read_bytes
-from acps_core.graph.build import ChannelGraph, LayerGeometry, ParamSlice, channel_atoms, trace_sample
 from acps_core.graph.masking import masked_channels
+from acps_core.graph.model import ChannelGraph, LayerGeometry, ParamSlice, channel_atoms
+from acps_core.graph.trace import trace_sample
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.hookspecs import Register, hookimpl
 from acps_core.methods.options import MethodOptions, MethodOptionsError
+from acps_core.search.descent import Cut, descend, next_cut
 from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord, give_back, masks_for
 
 __all__ = [
     "ChannelGraph",
     "Communicator",
+    "Cut",
     "GainEstimatorBase",
     "GraphInfo",
     "LayerGeometry",
@@ -56,11 +60,13 @@ __all__ = [
     "atomic_write_text",
     "channel_atoms",
     "default_loss",
+    "descend",
     "forward",
     "give_back",
     "hookimpl",
     "masked_channels",
     "masks_for",
+    "next_cut",
     "primary_output",
     "progress",
     "read_bytes",

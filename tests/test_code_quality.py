@@ -1,4 +1,5 @@
-"""The linter and the type checker configured in pyproject.toml pass on the whole code base."""
+"""The linter and the type checker configured in pyproject.toml pass on the whole code base (mypy in strict mode, at
+the lowest Python it can check for)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["acps_core", *(str(p.parent) for p in sorted(ROOT.glob("plugins/*/acps_*/__init__.py")))]
+PACKAGES = ["acps_core", *(str(p.parent) for p in sorted(ROOT.glob("plugins/*/acps_*/__init__.py"))),
+            *(str(p.parent) for p in sorted(ROOT.glob("examples/*/acps_*/__init__.py")))]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -405,7 +405,7 @@ def result_of(*methods: object) -> acps.SearchResult:
     records = [describe_method(method) for method in methods]
     return acps.SearchResult(
         layers={}, cost_before=100.0, cost_after=60.0, cost_unit="us (Ascend model)", compress_ratio=1.5,
-        target_reached=True, methods={**{r.kind: r.spec for r in records}, "cost_unit": "us (Ascend model)"},
+        target_reached=True, methods={r.kind: r.spec for r in records},
         method_options={r.kind: r.options for r in records})
 
 

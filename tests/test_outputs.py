@@ -27,7 +27,7 @@ import torch
 
 import acps_core as acps
 from acps_core._util.atomic import atomic_write_many, recover
-from acps_core._util.journal import inode
+from acps_core._util.files import inode
 from acps_core.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from acps_core.errors import ArgumentError, ConfigError, DataError, OutputPathError
 from tests import write_worker
@@ -723,7 +723,7 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_exit_code_130(searched: Path
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(acps_core.search.run, "_score", interrupted)
+    monkeypatch.setattr(acps_core.search.run, "score", interrupted)
     before = folder_state(searched)
     assert main(["search", "--model", "tests.write_worker:model", "--data", str(searched / "calib.pt"), "--config",
                  str(searched / "search.cfg"), "--output", str(searched / "prune.cfg")]) == 130

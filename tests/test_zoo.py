@@ -22,8 +22,8 @@ from acps_core.graph.build import build_channel_graph
 from acps_core.graph.masking import masked_channels
 from acps_core.graph.model import ChannelGraph
 from acps_core.prune.calls import read_record
-from acps_core.prune.slicing import prune_channels
 from acps_core.prune.reconstruction import MIN_ROWS_PER_KEPT, reconstructible
+from acps_core.prune.slicing import prune_channels
 from tests.model_snapshot import ModelSnapshot
 from tests.models import recalibrate_in_order
 from tests.zoo import CASES, CLASSES, ZooCase, pruned_and_masked, random_keep

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core._util import atomic, journal
+from acps_core._util import atomic, locks
 from acps_core.config.selection import read_header
 
 STEPS = ("open", "fsync", "replace", "rename", "link", "remove", "unlink")
@@ -118,7 +118,7 @@ def arm(kill_at: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return inside
 
     atomic._transaction = counted(atomic._transaction)
-    journal.recover = counted(journal.recover)
+    locks.recover = counted(locks.recover)
     return counted
 
 

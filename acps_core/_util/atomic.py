@@ -36,20 +36,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
 
-from acps_core._util.journal import (
-    LOCKS,
-    OLD_SUFFIX,
-    TEMP_SUFFIX,
-    fsync_folder,
-    locked_folders,
-    mark_undo,
-    open_new,
-    reading,
-    recover,
-    remove_journal,
-    remove_quietly,
-    write_journal,
-)
+from acps_core._util.files import LOCKS, OLD_SUFFIX, TEMP_SUFFIX, fsync_folder, open_new, remove_quietly
+from acps_core._util.journal import mark_undo, recover, remove_journal, write_journal
+from acps_core._util.locks import locked_folders, reading
 from acps_core.errors import OutputPathError
 
 logger = logging.getLogger(__name__)

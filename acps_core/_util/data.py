@@ -217,7 +217,7 @@ def split_calibration_data(input_data: Sequence[Any], parts: int) -> list[tuple[
     """The calibration passes: ``[data, label]`` split into ``parts`` consecutive chunks along dim 0, or a list of
     ``(data, label)`` batches (from an iterable input) as it is."""
     if not is_reference_form(input_data):
-        return [tuple(batch) for batch in input_data]  # type: ignore[misc]
+        return [tuple(batch) for batch in input_data]
     data, label = input_data
     size = label.shape[0]
     bounds = [round(i * size / parts) for i in range(parts + 1)]

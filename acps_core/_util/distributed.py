@@ -110,7 +110,7 @@ class Communicator:
             return [list(values)]
         slots = torch.zeros(self.size, len(values), dtype=torch.float64)
         slots[self.rank] = torch.tensor(values, dtype=torch.float64)
-        return self.sum(slots).tolist()  # type: ignore[no-any-return]
+        return self.sum(slots).tolist()
 
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (any picklable object; tensors best on the CPU), in rank order."""

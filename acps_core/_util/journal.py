@@ -1,10 +1,11 @@
 """Folder locks, the journal of a write, and the recovery of writes a killed process left half done.
 
-:mod:`acps_core._util.atomic` writes one call's outputs as one set; this module holds what makes that safe across
-processes:
+:mod:`acps_core._util.atomic` writes one call's outputs as one set; this module and :mod:`~acps_core._util.locks`
+hold what makes that safe across processes:
 
-- **Locks.** A writer holds an advisory ``flock`` on every folder it writes in (taken in path order, so two
-  processes never wait on each other); a reader holds them too, so it never reads while a set is replaced.
+- **Locks** (:mod:`~acps_core._util.locks`). A writer holds an advisory ``flock`` on every folder it writes
+  in (taken in path order, so two processes never wait on each other); a reader holds them too, so it never
+  reads while a set is replaced.
 - **The journal.** Once every new file is written to its temporary name, the writer writes a journal into every
   folder of the set. The copy in a folder lists that folder's steps only, by bare file name (target, temporary
   file and its inode, the second name of the old file), and the folders of the whole set: from then on the set
@@ -22,235 +23,32 @@ removed; a journal that does not read as one is left alone, with a warning.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from acps_core.errors import AcpsError, ArgumentError, OutputPathError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks
-    fcntl = None  # type: ignore[assignment]
+from acps_core._util.files import (
+    JOURNAL,
+    JOURNAL_SUFFIX,
+    LEFTOVER,
+    OLD_SUFFIX,
+    TEMP_SUFFIX,
+    UNDO_SUFFIX,
+    fsync_folder,
+    inode,
+    lock_folder,
+    remove_quietly,
+    unlock_folder,
+    write_new,
+)
+from acps_core.errors import AcpsError, OutputPathError
 
 logger = logging.getLogger(__name__)
-
-TEMP_SUFFIX = ".acps-tmp"
-OLD_SUFFIX = ".acps-old"
-JOURNAL_SUFFIX = ".acps-journal"
-UNDO_SUFFIX = ".acps-undo"
-#: The names acps gives the files of a write in progress; nothing else is ever removed.
-_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.acps-(tmp|old|undo)")
-_JOURNAL = re.compile(r"\.(.+)\.([0-9a-f]{8})\.acps-journal")
-#: Seconds a writer waits for another process writing in the same folder (``ACPS_LOCK_TIMEOUT`` overrides).
-LOCK_TIMEOUT_S = 120.0
-#: Whether this system has the advisory locks the journal relies on.
-LOCKS = fcntl is not None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Small file helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-def open_new(folder: Path, name: str, suffix: str, token: str | None = None) -> tuple[int, Path]:
-    """Create a new, empty file ``.<name>.<token or random><suffix>`` in ``folder``; its descriptor and path.
-
-    ``os.open`` with mode 0o666 lets the process umask decide the permissions, as a plain ``open()`` would;
-    ``tempfile.mkstemp`` would force 0o600 on every output file.
-    """
-    while True:
-        path = folder / f".{name}.{token or secrets.token_hex(4)}{suffix}"
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            return os.open(path, flags, 0o666), path
-        except FileExistsError:
-            if token is not None:
-                raise
-            continue
-
-
-def write_new(folder: Path, name: str, suffix: str, data: bytes, token: str | None = None) -> Path:
-    """Write ``data`` to a new file made by :func:`open_new`, flushed and fsync'ed; its path."""
-    fd, path = open_new(folder, name, suffix, token)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException:
-        remove_quietly(path)
-        raise
-    return path
-
-
-def fsync_folder(folder: Path) -> None:
-    """Best effort: make renames in ``folder`` durable (POSIX only; Windows cannot open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_quietly(path: Path) -> None:
-    """Delete a file acps made; a failure is only logged, so cleanup never hides the real error."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        logger.debug("could not remove %s", path, exc_info=True)
-
-
-def inode(path: Path | str) -> list[int] | None:
-    """``[device, inode]`` of the file at ``path`` (not following a link), or None when there is none."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    return [info.st_dev, info.st_ino]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Locks
-# ----------------------------------------------------------------------------------------------------------------
-
-def _lock_timeout() -> float:
-    """Seconds to wait for a folder's lock (``ACPS_LOCK_TIMEOUT``).
-
-    Raises:
-        ArgumentError: the variable is not a finite number of seconds >= 0.
-    """
-    raw = os.environ.get("ACPS_LOCK_TIMEOUT", "")
-    if raw.strip() == "":
-        return LOCK_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ArgumentError(f"the environment variable ACPS_LOCK_TIMEOUT={raw!r} must be a number of seconds >= 0 "
-                            f"(the default is {LOCK_TIMEOUT_S:g})")
-    return value
-
-
-def _lock(folder: Path, wait: bool = True, timeout: float = LOCK_TIMEOUT_S) -> int | None:
-    """An open descriptor of ``folder`` holding its exclusive lock; None where locks are not available (or, with
-    ``wait=False``, when another process holds it).
-
-    Raises:
-        OutputPathError: another process held the lock for longer than the timeout.
-    """
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return None  # a folder acps cannot open is reported by the read or write itself
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if not wait:
-                os.close(fd)
-                return None
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise OutputPathError(
-                    f"another process has been writing in {os.fspath(folder)} for over {timeout:g} s (an acps "
-                    "search or prune with outputs in that folder); wait for it to finish or stop it, or raise "
-                    "ACPS_LOCK_TIMEOUT") from None
-            time.sleep(0.02)
-        except OSError:
-            os.close(fd)
-            return None  # the file system does not lock (some network mounts)
-        except BaseException:
-            os.close(fd)
-            raise
-
-
-def _unlock(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-class Held:
-    """The folders a process holds locked, and the targets of interrupted writes it could not finish (another
-    process holds a folder they span): a new write to one of those targets must wait."""
-
-    def __init__(self) -> None:
-        self.folders: set[Path] = set()
-        self.pending: set[Path] = set()
-
-
-def _distinct(folders: Iterable[Path]) -> list[Path]:
-    """The folders in path order, one name for each folder (two paths to one folder, a bind mount, would lock it
-    twice: a process waits on its own lock)."""
-    seen: set[tuple[int, int]] = set()
-    distinct = []
-    for folder in sorted(set(folders)):
-        try:
-            info = os.stat(folder)
-            key = (info.st_dev, info.st_ino)
-        except OSError:
-            distinct.append(folder)
-            continue
-        if key not in seen:
-            seen.add(key)
-            distinct.append(folder)
-    return distinct
-
-
-@contextlib.contextmanager
-def locked_folders(folders: Iterable[Path], exclusive: bool = True) -> Iterator[Held]:
-    """Hold the advisory lock of every folder inside the block (see the module docs), after recovering what
-    killed writes left in them. ``exclusive=False`` (readers) lets other readers in once recovered."""
-    held = Held()
-    descriptors: list[int] = []
-    try:
-        targets = _distinct(Path(os.path.realpath(f)) for f in folders)
-        timeout = _lock_timeout()
-        for folder in targets:
-            fd = _lock(folder, timeout=timeout)
-            if fd is not None:
-                descriptors.append(fd)
-                held.folders.add(folder)
-        for folder in targets:
-            if folder in held.folders:
-                held.pending |= recover(folder, held.folders)
-        if not exclusive and fcntl is not None:
-            for fd in descriptors:
-                fcntl.flock(fd, fcntl.LOCK_SH)  # recovered: other readers may read beside this one
-        yield held
-    finally:
-        for fd in reversed(descriptors):
-            _unlock(fd)
-
-
-@contextlib.contextmanager
-def reading(*paths: os.PathLike[str] | str) -> Iterator[None]:
-    """Read files that belong together (a config and its selection) inside the block: no acps process replaces
-    them meanwhile, and a set a killed process left half replaced is finished first."""
-    folders = [Path(os.path.realpath(os.fspath(path))).parent for path in paths]
-    with locked_folders(folders, exclusive=False):
-        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,7 +201,7 @@ def recover(folder: Path, held: set[Path] | None = None) -> set[Path]:
     pending: set[Path] = set()
     needed: set[str] = set()  # files of journals left for later
     for name in names:
-        if not _JOURNAL.fullmatch(name) or not os.path.isfile(own / name):
+        if not JOURNAL.fullmatch(name) or not os.path.isfile(own / name):
             continue
         try:
             journal = _Journal(own / name)
@@ -412,7 +210,7 @@ def recover(folder: Path, held: set[Path] | None = None) -> set[Path]:
             continue
         partners = _partners(journal.path, journal.folders, own) if own in journal.folders else None
         others = [copy.parent for copy in partners or []]
-        extra = [_lock(other, wait=False) for other in others if other not in held]
+        extra = [lock_folder(other, wait=False) for other in others if other not in held]
         try:
             if None in extra:  # another process holds a folder of this write: it is finished later
                 pending |= {s["target"] for s in journal.steps}
@@ -426,10 +224,10 @@ def recover(folder: Path, held: set[Path] | None = None) -> set[Path]:
         finally:
             for fd in extra:
                 if fd is not None:
-                    _unlock(fd)
+                    unlock_folder(fd)
     for name in names:
         path = own / name
-        if _LEFTOVER.fullmatch(name) and name not in needed and os.path.lexists(path) and not os.path.isdir(path):
+        if LEFTOVER.fullmatch(name) and name not in needed and os.path.lexists(path) and not os.path.isdir(path):
             remove_quietly(path)
             logger.debug("removed %s, left by an interrupted write", path)
     return pending

@@ -252,7 +252,7 @@ def explain_in_place_failure(model: nn.Module, sample: Any, error: Exception) ->
     try:
         for param in params:
             param.requires_grad_(True)
-        with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+        with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.autograd.detect_anomaly(check_nan=False):
                 outputs = [t for t in tensors_in(forward(model, sample)) if t.requires_grad]

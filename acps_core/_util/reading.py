@@ -60,7 +60,7 @@ def size_limit(kind: str) -> int:
 def _error(error: type[AcpsError], message: str, path: str) -> AcpsError:
     """``error`` for ``path``: a ConfigError carries the path itself, other errors name it in the message."""
     if issubclass(error, ConfigError):
-        return error(message, path=path)  # type: ignore[call-arg]
+        return error(message, path=path)
     return error(f"{path}: {message}")
 
 

@@ -50,7 +50,8 @@ class DigitsCNN(nn.Module):
             nn.Flatten(), nn.Linear(2 * width * 4 * 4, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        logits: torch.Tensor = self.classifier(self.features(x))
+        return logits
 
 
 @dataclass

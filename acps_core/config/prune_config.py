@@ -271,7 +271,7 @@ def format_prune_config(cfg: AMCTRetrainConfig) -> str:
 
     The same message always gives the same text, so outputs can be compared and diffed.
     """
-    return text_format.MessageToString(cfg)
+    return str(text_format.MessageToString(cfg))
 
 
 def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,

@@ -116,7 +116,8 @@ class Recorder(TorchFunctionMode):
                           self.param_names.get(id(tensor)))
 
     def value_of(self, tensor: torch.Tensor) -> int | None:
-        return self._value_of.get(tensor)
+        value: int | None = self._value_of.get(tensor)
+        return value
 
     def _record(self, name: str, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                 out: Any, location: str) -> None:

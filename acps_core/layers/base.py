@@ -121,7 +121,8 @@ class LayerAdapter:
         channel choice ranks."""
         name, dim, _ = self.output_parameters(module)[0]
         weight = getattr(module, name).detach()
-        return weight.movedim(dim, 0).reshape(weight.shape[dim], -1)
+        rows: torch.Tensor = weight.movedim(dim, 0).reshape(weight.shape[dim], -1)
+        return rows
 
     # -- pruning ---------------------------------------------------------------------------------------------
     def out_size(self, module: nn.Module) -> int:

@@ -16,35 +16,12 @@ from torch import nn
 from acps_core._util.atomic import StrPath
 from acps_core.config.prune_config import validate_override_targets
 from acps_core.config.selection import selection_path
-from acps_core.config.settings import resolve_layer
 from acps_core.errors import ConfigError
 from acps_core.graph.model import ChannelGraph, ChannelGroup
 from acps_core.layers.base import adapter_for
-from acps_core.search.problem import kept_from_ratio
+from acps_core.search.overrides import group_setting
 
 logger = logging.getLogger(__name__)
-
-
-def _group_kept_count(graph: ChannelGraph, group: ChannelGroup, cfg: Any, config_path: str) -> int | None:
-    """How many channels the config keeps in ``group`` (None: not pruned), from its producers' entries."""
-    members = group.producers + [u.layer for u in group.followers if u.layer in graph.layers]
-    decisions = {name: resolve_layer(cfg, name, graph.module_type(name)) for name in members}
-    if any(d.source == "skip" for d in decisions.values()):
-        return None
-    # An entry without ascend_optimized takes the schema's default, true.
-    counts = {name: kept_from_ratio(group.channels, float(d.prune_ratio), d.ascend_optimized is not False,
-                                    group.atom)
-              for name, d in decisions.items()
-              if d.source != "none" and d.prune_ratio is not None and name in group.producers}
-    if not counts:
-        return None
-    if len(set(counts.values())) > 1:
-        given = ", ".join(f"{name} keeps {count}" for name, count in counts.items())
-        raise ConfigError(f"layers {', '.join(counts)} share their output channels (one channel group) but the "
-                          f"config keeps different counts of them ({given}); give them the same prune_ratio and "
-                          "ascend_optimized", path=config_path)
-    kept = next(iter(counts.values()))
-    return kept if kept < group.channels else None
 
 
 def check_indices(removed: Mapping[str, Sequence[int]], producers: Mapping[str, ChannelGroup], path: StrPath,
@@ -101,9 +78,10 @@ def decide_keep(model: nn.Module, graph: ChannelGraph, cfg: Any, config_path: Pa
     for group in graph.groups:
         if not group.prunable:
             continue
-        count = _group_kept_count(graph, group, cfg, str(config_path))
-        if count is None:
+        setting = group_setting(graph, group, cfg, str(config_path))
+        if setting is None or setting.kept >= group.channels:
             continue
+        count = setting.kept
         chosen = [selection[p] for p in group.producers if p in selection]
         if chosen and all(c == chosen[0] for c in chosen) and group.channels - len(chosen[0]) == count:
             removed = set(chosen[0])

@@ -149,7 +149,9 @@ def fit_input_map(pruned_input: torch.Tensor, unpruned_input: torch.Tensor, remo
     # fit does not depend on the channels' scales; a silent channel (energy 0) keeps its selection exactly.
     energy = gram.diagonal()
     weight = torch.where(energy > 0, (PRIOR_STRENGTH * kept / pruned.shape[0]) * energy, torch.ones_like(energy))
-    return torch.linalg.solve(gram + torch.diag(weight), pruned.T @ unpruned + weight[:, None] * selection).T
+    solved: torch.Tensor = torch.linalg.solve(gram + torch.diag(weight),
+                                              pruned.T @ unpruned + weight[:, None] * selection)
+    return solved.T
 
 
 def _folded(weight: torch.Tensor, input_map: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -193,7 +195,7 @@ def reconstructing(pruned: nn.Module, unpruned_weights: Mapping[str, torch.Tenso
         weight = cast(torch.Tensor, module.weight)
         try:
             input_map = fit_input_map(values.float().cpu(), measured.values, removed)
-        except torch.linalg.LinAlgError:
+        except torch.linalg.LinAlgError:  # type: ignore[attr-defined]
             input_map = None
         if input_map is None or not torch.isfinite(input_map).all():
             logger.warning("layer %r: no finite least-squares fit of its input on calibration_data; left as pruned",

@@ -223,6 +223,7 @@ def _markdown(data: Mapping[str, Any]) -> str:
                     f"{_si(totals['weights_before'])} -> {_si(totals['weights_after'])}")
     summary += (f". {totals['layers_pruned']} of {totals['layers']} Conv/Linear layers lose channels; "
                 f"{totals['layers_left_alone']} left alone.")
+    # Reports of acps 0.1.0 also listed the cost unit among the methods; it is in the totals.
     methods = {kind: split_method_spec(spec) for kind, spec in data["methods"].items() if kind != "cost_unit"}
     if methods:
         summary += " Methods: " + ", ".join(f"{kind} {name}" for kind, (name, _) in methods.items()) + "."

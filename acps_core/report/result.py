@@ -56,8 +56,7 @@ class SearchResult:
         kept_channels: for each group that loses channels (by group name), the indices it keeps.
         methods: the sensitivity, search and gain methods used, by kind, each as the spec that selects it again
             with the same options (``"GroupTaylorSensitivity(seed=0, normalize='mean', terms='dense')"``; the bare
-            name for a method without options, see :func:`acps_core.methods.options.describe_method`), and the
-            gain method's ``cost_unit``.
+            name for a method without options, see :func:`acps_core.methods.options.describe_method`).
         notes: remarks the methods made (fallbacks taken, targets missed).
         output_cfg: the channel-prune config written.
         selection_file: the file beside it holding the chosen channels.

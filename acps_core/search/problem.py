@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from acps_core.errors import PluginError
-from acps_core.graph.model import ChannelGraph, LayerInfo, channel_atoms, structure_violation
+from acps_core.graph.model import ChannelGraph, ChannelGroup, LayerInfo, channel_atoms, structure_violation
 from acps_core.methods.bases import GainEstimatorBase
 
 #: Channel counts are kept at multiples of this when ``ascend_optimized`` (the Cube unit's 16x16 fractal).
@@ -97,6 +97,14 @@ class SearchRecord:
     aligned: int = 1
     _order: list[int] | None = field(default=None, repr=False, compare=False)
     _cumulative: list[float] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def for_group(cls, group: ChannelGroup, allowed_kept: list[int]) -> SearchRecord:
+        """The record of a channel group of the graph, to be searched over ``allowed_kept``."""
+        return cls(group_id=group.id, name=group.name, producers=list(group.producers),
+                   followers=[use.layer for use in group.followers], consumers=[use.layer for use in group.consumers],
+                   channels=group.channels, allowed_kept=list(allowed_kept), unit=group.unit, blocks=group.blocks,
+                   aligned=group.aligned)
 
     def atoms(self) -> list[list[int]]:
         """The channels in the steps a search removes them, least sensitive first: one whole unit from every

@@ -11,7 +11,7 @@ takes no options and declares none, as a plain class may.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -42,7 +42,8 @@ class ActivationSensitivity(SensitivityBase):
             for producer in record.producers:
                 module = self.model.get_submodule(producer)
 
-                def hook(_module, _inputs, output, record=record):
+                def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor,
+                         record: SearchRecord = record) -> None:
                     # Channels are dim 1 for convs, the last dim for Linear layers.
                     channel_dim = output.dim() - 1 if isinstance(_module, torch.nn.Linear) else 1
                     values = output.detach().abs().movedim(channel_dim, 0).reshape(record.channels, -1)

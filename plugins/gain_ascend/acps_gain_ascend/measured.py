@@ -195,7 +195,7 @@ class MeasuredLatency(GainEstimatorBase):
         own_dispatch = (op_ms + module_ms) * len(self.tables)  # inside the layers' tables already
         if small_ms is not None:
             # The time that does not shrink with the image: T = a + b * pixels, measured at two sizes.
-            area = SHRINK ** (small.dim() - 2)  # type: ignore[union-attr]
+            area = SHRINK ** (small.dim() - 2)
             constant = max(0.0, (area * small_ms - self.model_ms) / (area - 1))
             calls = constant - own_dispatch
         else:

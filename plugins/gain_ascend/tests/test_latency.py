@@ -177,7 +177,7 @@ def test_measured_latency_really_times_layers_and_leaves_the_model_alone(tmp_pat
         warnings.simplefilter("ignore", acps.PruneTargetWarning)
         result = acps.auto_channel_prune_search(model, str(tmp_path / "search.cfg"), [x, torch.randint(0, 10, (4,))],
                                                 str(tmp_path / "prune.cfg"), gain=estimator)
-    assert result.methods["cost_unit"] == "ms (measured)"
+    assert result.cost_unit == "ms (measured)" and result.methods["gain"].startswith("MeasuredLatency")
     assert estimator.measured == 4 and estimator.model_ms > 0
     assert all(t.values[-1][-1] > 0 for t in estimator.tables.values())
     # The layers' tables plus the rest the whole model's timing leaves: the model's measured latency.

@@ -13,31 +13,20 @@ undone without exceeding it. Cuts that save nothing are never taken.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from acps_core.plugin import (
+    Cut,
     GraphInfo,
     MethodOptions,
     PruneSearchConfig,
     SearchChannelBase,
     SearchRecord,
+    descend,
     give_back,
     masks_for,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Cut:
-    group_id: int
-    new_count: int
-    lost: float      # sensitivity of the channels removed
-    saved: float     # exact cost saved
-
-    @property
-    def density(self) -> float:
-        return self.lost / self.saved
 
 
 class GreedySearch(SearchChannelBase):
@@ -49,40 +38,24 @@ class GreedySearch(SearchChannelBase):
     def channel_prune_search(self, graph_info: GraphInfo, search_records: list[SearchRecord],
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:
         """Greedy search; returns a keep mask per producer of every group that loses channels."""
-        records = {r.group_id: r for r in search_records}
-        kept = {g: r.channels for g, r in records.items()}
-        cost = graph_info.cost(kept)
-        budget = graph_info.budget
+        kept = {r.group_id: r.channels for r in search_records}
+        cost, budget = graph_info.cost(kept), graph_info.budget
 
-        def next_cut(group_id: int) -> _Cut | None:
-            record = records[group_id]
-            for new_count in record.allowed_kept:
-                if new_count >= kept[group_id]:
-                    continue
-                saved = graph_info.saving(kept, group_id, new_count)
-                if saved <= 0:
-                    continue  # a cut that saves nothing is never worth accuracy; look one step further
-                return _Cut(group_id, new_count, record.lost(new_count) - record.lost(kept[group_id]), saved)
-            return None
+        def choose(cuts: list[Cut]) -> Cut:
+            finishing = [c for c in cuts if cost - c.saved <= budget]
+            if finishing:
+                return min(finishing, key=lambda c: (c.lost, -c.saved))
+            return min(cuts, key=lambda c: (c.density, c.group_id))
 
-        cuts = {g: next_cut(g) for g in records}
-        while cost > budget:
-            available = [c for c in cuts.values() if c is not None]
-            if not available:
+        if cost > budget:
+            for _ in descend(graph_info, search_records, kept, choose):
+                cost = graph_info.cost(kept)
+                if cost <= budget:
+                    break
+            else:
                 # The core warns the user (for any search method) and notes it in the result.
                 logger.info("GreedySearch: budget %.6g not reachable; every group is at its smallest allowed "
                             "size (cost %.6g)", budget, cost)
-                break
-            finishing = [c for c in available if cost - c.saved <= budget]
-            if finishing:
-                cut = min(finishing, key=lambda c: (c.lost, -c.saved))
-            else:
-                cut = min(available, key=lambda c: (c.density, c.group_id))
-            kept[cut.group_id] = cut.new_count
-            cost = graph_info.cost(kept)
-            for group_id in graph_info.cost_model.neighbours(cut.group_id) | {cut.group_id}:
-                if group_id in records:
-                    cuts[group_id] = next_cut(group_id)
         if cost <= budget:
             give_back(graph_info, search_records, kept)
         logger.debug("GreedySearch: cost %.6g of budget %.6g", graph_info.cost(kept), budget)

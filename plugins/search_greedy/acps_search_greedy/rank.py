@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 
 from acps_core.plugin import (
+    Cut,
     GraphInfo,
     MethodOptions,
     PruneSearchConfig,
     SearchChannelBase,
     SearchRecord,
+    descend,
     give_back,
     masks_for,
 )
@@ -38,32 +40,20 @@ class GlobalRankSearch(SearchChannelBase):
     def channel_prune_search(self, graph_info: GraphInfo, search_records: list[SearchRecord],
                              prune_config: PruneSearchConfig) -> dict[str, list[int]]:
         """Global ranking search; returns a keep mask per producer of every group that loses channels."""
-        records = {r.group_id: r for r in search_records}
-        kept = {g: r.channels for g, r in records.items()}
+        kept = {r.group_id: r.channels for r in search_records}
         cost = graph_info.cost(kept)
 
-        def next_cut(group_id: int) -> tuple[float, int, int] | None:
-            """(sensitivity per removed channel, group, new count) of the group's next step that saves cost."""
-            record = records[group_id]
-            for new_count in record.allowed_kept:
-                if new_count < kept[group_id] and graph_info.saving(kept, group_id, new_count) > 0:
-                    lost = record.lost(new_count) - record.lost(kept[group_id])
-                    return lost / (kept[group_id] - new_count), group_id, new_count
-            return None
+        def cheapest_channels(cuts: list[Cut]) -> Cut:
+            return min(cuts, key=lambda c: (c.per_channel, c.group_id))
 
-        cuts = {g: next_cut(g) for g in records}
-        while cost > graph_info.budget:
-            available = [c for c in cuts.values() if c is not None]
-            if not available:
+        if cost > graph_info.budget:
+            for _ in descend(graph_info, search_records, kept, cheapest_channels):
+                cost = graph_info.cost(kept)
+                if cost <= graph_info.budget:
+                    break
+            else:
                 logger.info("GlobalRankSearch: budget %.6g not reachable; every group is at its smallest allowed "
                             "size (cost %.6g)", graph_info.budget, cost)
-                break
-            _, group_id, new_count = min(available)
-            kept[group_id] = new_count
-            cost = graph_info.cost(kept)
-            for neighbour in graph_info.cost_model.neighbours(group_id) | {group_id}:
-                if neighbour in records:
-                    cuts[neighbour] = next_cut(neighbour)
         if cost <= graph_info.budget:
             give_back(graph_info, search_records, kept)
         return masks_for(search_records, kept)

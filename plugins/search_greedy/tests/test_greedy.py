@@ -33,8 +33,7 @@ def problem(ratio: float, aligned: bool, max_prune: float = 1.0, estimator: Gain
     records = []
     generator = torch.Generator().manual_seed(0)
     for group in graph.prunable_groups:
-        record = SearchRecord(group.id, group.name, group.producers, [], [], group.channels,
-                              allowed_kept_counts(group.channels, aligned, max_prune))
+        record = SearchRecord.for_group(group, allowed_kept_counts(group.channels, aligned, max_prune))
         record.sensitivity = (scores or {}).get(group.name, torch.rand(group.channels, generator=generator))
         records.append(record)
     return info, records, PruneSearchConfig(ratio, aligned, max_prune)

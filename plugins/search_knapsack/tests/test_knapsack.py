@@ -29,8 +29,7 @@ def problem(seed: int, ratio: float, aligned: bool = True, max_prune: float = 1.
     generator = torch.Generator().manual_seed(seed)
     records = []
     for group in GRAPH.prunable_groups:
-        record = SearchRecord(group.id, group.name, group.producers, [], [], group.channels,
-                              allowed_kept_counts(group.channels, aligned, max_prune))
+        record = SearchRecord.for_group(group, allowed_kept_counts(group.channels, aligned, max_prune))
         record.sensitivity = torch.rand(group.channels, generator=generator) ** 4
         records.append(record)
     return GraphInfo(GRAPH, COST, {}, COST.full_cost / ratio), records, PruneSearchConfig(ratio, aligned, max_prune)

@@ -29,4 +29,4 @@ def bool_normalize_alias() -> Any:
             return unified
         return value
 
-    return field_validator("normalize", mode="before")(classmethod(read_bool))  # type: ignore[arg-type]
+    return field_validator("normalize", mode="before")(classmethod(read_bool))

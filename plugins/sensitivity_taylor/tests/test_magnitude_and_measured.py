@@ -31,8 +31,7 @@ def model_with_bn() -> nn.Sequential:
 def scored(method, model, data, label) -> list[SearchRecord]:
     graph = build_channel_graph(model, data)
     method.setup_initialization((model, graph), [data, label], 1)
-    records = [SearchRecord(g.id, g.name, g.producers, [u.layer for u in g.followers], [u.layer for u in g.consumers],
-                            g.channels, allowed_kept_counts(g.channels, False, 1.0)) for g in graph.prunable_groups]
+    records = [SearchRecord.for_group(g, allowed_kept_counts(g.channels, False, 1.0)) for g in graph.prunable_groups]
     method.get_sensitivity(records)
     return records
 

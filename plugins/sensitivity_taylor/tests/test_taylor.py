@@ -26,8 +26,7 @@ def tiny_model() -> nn.Sequential:
 
 
 def records_for(graph) -> list[SearchRecord]:
-    return [SearchRecord(g.id, g.name, g.producers, [u.layer for u in g.followers],
-                         [u.layer for u in g.consumers], g.channels, [g.channels]) for g in graph.prunable_groups]
+    return [SearchRecord.for_group(g, [g.channels]) for g in graph.prunable_groups]
 
 
 def scored_records(method, model, data, label, test_iteration) -> list[SearchRecord]:
