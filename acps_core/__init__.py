@@ -11,9 +11,8 @@ Methods come from plugins registered under the ``acps`` entry-point group; ``acp
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from acps_core import _compat
+from acps_core._version import __version__
 from acps_core.errors import (
     AcpsError,
     ArgumentError,

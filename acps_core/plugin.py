@@ -18,6 +18,7 @@ What is here:
   in the parameters), and the search helpers: :func:`descend` (one cut at a time, see
   :mod:`acps_core.search.descent`), :func:`give_back` and :func:`masks_for`;
 - running the model: :func:`forward` (any input form), :func:`trace_sample`, :func:`to_device`,
+  :func:`tensors_in` and :func:`map_tensors` (the tensors of any nested input or output),
   :func:`masked_channels` (a forward pass with channels zeroed), :func:`channel_atoms`;
 - the default loss: :func:`default_loss` and :func:`primary_output` (the tensor a dict or tuple output is
   scored on);
@@ -33,6 +34,7 @@ from acps_core._util.data import default_loss, forward, primary_output, to_devic
 from acps_core._util.distributed import Communicator
 from acps_core._util.progress import progress
 from acps_core._util.reading import read_bytes
+from acps_core._util.tensors import map_tensors, tensors_in
 from acps_core.graph.masking import masked_channels
 from acps_core.graph.model import ChannelGraph, LayerGeometry, ParamSlice, channel_atoms
 from acps_core.graph.trace import trace_sample
@@ -64,12 +66,14 @@ __all__ = [
     "forward",
     "give_back",
     "hookimpl",
+    "map_tensors",
     "masked_channels",
     "masks_for",
     "next_cut",
     "primary_output",
     "progress",
     "read_bytes",
+    "tensors_in",
     "to_device",
     "trace_sample",
 ]

@@ -105,8 +105,8 @@ COMPARED_SENSITIVITIES = ("TaylorLossSensitivity", "GroupMagnitudeSensitivity")
 COMPARED_SEARCHES = ("GreedySearch", "KnapsackSearch", "GlobalRankSearch")
 METHOD_KEYS = ("uniform", "tp-taylor", "tp-magnitude", "acps-reference", "acps-best")
 CALIBRATION_SAMPLES = 256
-#: Calibration images acps best passes as ``calibration_data`` (re-fit and BatchNorm correction; the README's
-#: table: 64 do about as well as 256, at a quarter of the time).
+#: Calibration images acps best passes as ``calibration_data`` (re-fit and BatchNorm correction): 64 do about as
+#: well as 256, at a quarter of the time (docs/calibration-data.md).
 NORM_SAMPLES = 64
 #: What acps best does after the search, per configuration (``--acps-best SENSITIVITY:SEARCH:STEP``):
 #: ``create_prune_retrain_model`` given ``calibration_data`` (re-fit and BatchNorm statistics), given it with

@@ -532,3 +532,18 @@ def test_each_module_of_the_methods_package_stays_readable_in_one_sitting() -> N
     folder = Path(registry_module.__file__).parent
     lengths = {path.name: len(path.read_text().splitlines()) for path in folder.glob("*.py")}
     assert {name: length for name, length in lengths.items() if length > 400} == {}
+
+
+def test_a_missing_built_in_method_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACPS_DISABLE_PLUGINS", "acps-search-knapsack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        registry = Registry.build()
+    with pytest.raises(PluginError) as caught:
+        registry.get("search", "KnapsackSearch")
+    message = str(caught.value)
+    assert "from the distribution acps-search-knapsack" in message
+    assert "pip install 'acps-core[all]'" in message
+    with pytest.raises(PluginError) as caught:
+        registry.get("search", "MySearch")
+    assert "pip install" not in str(caught.value)

@@ -22,7 +22,6 @@ from acps_core.report.documents import (
     report_json,
     report_markdown,
     report_paths,
-    write_report,
 )
 from tests.cli_models import small_cnn
 
@@ -185,10 +184,11 @@ def test_render_reports_gives_both_texts_at_their_paths(result: acps.SearchResul
         render_reports(dataclasses.replace(result, output_cfg=None))
 
 
-def test_write_report_writes_both_files_and_explain_reads_the_json_back(tmp_path: Path,
-                                                                         result: acps.SearchResult) -> None:
+def test_explain_reads_a_written_json_report_back(tmp_path: Path, result: acps.SearchResult) -> None:
     moved = dataclasses.replace(result, output_cfg=tmp_path / "prune.cfg")
-    markdown_path, json_path = write_report(moved, SETTINGS)
+    for path, text in render_reports(moved, SETTINGS).items():
+        path.write_text(text)
+    markdown_path, json_path = report_paths(tmp_path / "prune.cfg")
     assert markdown_path.read_text() == report_markdown(moved, SETTINGS)
     assert read_report(json_path) == report_data(moved, SETTINGS)
     text = left_alone_text(read_report(json_path))

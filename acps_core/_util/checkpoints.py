@@ -18,6 +18,7 @@ from torch import nn
 
 from acps_core._util.atomic import StrPath
 from acps_core._util.reading import open_limited
+from acps_core._util.tensors import tensors_in
 from acps_core.errors import AcpsError, DataError
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ def load_saved(path: StrPath, map_location: str | torch.device, hint: str, what:
 
 def refuse_meta(loaded: Any, where: str) -> None:
     """Tensors on the meta device carry shapes but no values: nothing can be computed from them."""
-    from acps_core._util.data import tensors_in
-
     meta = [t for t in tensors_in(loaded) if t.device.type == "meta"]
     if meta:
         raise DataError(f"data file {where!r} holds tensors on the meta device (shape {list(meta[0].shape)}), which "

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core._util.tensors import map_tensors, tensors_in
 from acps_core.errors import DataError
 
 
@@ -47,30 +48,9 @@ def input_hooks(model: nn.Module, names: Set[str],
             handle.remove()
 
 
-def tensors_in(data: Any) -> list[torch.Tensor]:
-    """Every tensor in ``data``: a tensor, or tuples, lists and dicts of them (nested)."""
-    if isinstance(data, torch.Tensor):
-        return [data]
-    if isinstance(data, (tuple, list)):
-        return [t for d in data for t in tensors_in(d)]
-    if isinstance(data, dict):
-        return [t for d in data.values() for t in tensors_in(d)]
-    return []
-
-
-def _map_tensors(data: Any, fn: Any) -> Any:
-    if isinstance(data, torch.Tensor):
-        return fn(data)
-    if isinstance(data, (tuple, list)):
-        return type(data)(_map_tensors(d, fn) for d in data)
-    if isinstance(data, dict):
-        return {k: _map_tensors(v, fn) for k, v in data.items()}
-    return data
-
-
 def to_device(data: Any, device: torch.device) -> Any:
     """``data`` (a tensor, or tuples, lists and dicts of them, nested) with every tensor on ``device``."""
-    return _map_tensors(data, lambda tensor: tensor.to(device))
+    return map_tensors(data, lambda tensor: tensor.to(device))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -181,7 +161,7 @@ def check_input_data(input_data: Any, test_iteration: int, device: torch.device,
         raise DataError(f"test_iteration is {test_iteration} but input_data holds only {batch} samples; each "
                         "calibration pass needs at least one sample: lower test_iteration or pass more data")
     move = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
-    return _map_tensors(data, move), move(label)
+    return map_tensors(data, move), move(label)
 
 
 def check_dense(data: Any, what: str = "input_data") -> None:
@@ -221,10 +201,12 @@ def split_calibration_data(input_data: Sequence[Any], parts: int) -> list[tuple[
     data, label = input_data
     size = label.shape[0]
     bounds = [round(i * size / parts) for i in range(parts + 1)]
-    batches = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        batches.append((_map_tensors(data, lambda t, a=start, b=stop: t[a:b]), label[start:stop]))
-    return batches
+    return [(_rows(data, start, stop), label[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def _rows(data: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` (along the batch dim) of every tensor in ``data``."""
+    return map_tensors(data, lambda tensor: tensor[start:stop])
 
 
 def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:

@@ -24,7 +24,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import is_lazy
 
 from acps_core._util import ACPS_DIR
-from acps_core._util.data import _map_tensors, forward, tensors_in
+from acps_core._util.data import forward
+from acps_core._util.tensors import map_tensors, tensors_in
 from acps_core.errors import AcpsError, DataError, GraphError
 
 #: What autograd says when a tensor it saved for the backward pass was modified in place.
@@ -34,6 +35,18 @@ IN_PLACE_MESSAGE = "modified by an inplace operation"
 # ----------------------------------------------------------------------------------------------------------------
 # Up-front checks of the model's state
 # ----------------------------------------------------------------------------------------------------------------
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> the names of every module that holds it directly, in ``named_modules`` order (tied
+    weights, a module registered under two names)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            names = owners.setdefault(id(param), [])
+            if name not in names:
+                names.append(name)
+    return owners
+
 
 def check_model(model: nn.Module) -> None:
     """Both checks below: the model is initialised and its weights are usable.
@@ -203,7 +216,7 @@ def explain_trace_failure(model: nn.Module, sample: Any, error: Exception) -> Ac
     if not foreign:
         return fallback
     chosen = {id(t) for _, t in foreign}
-    converted = _map_tensors(sample, lambda t: _as_dtype(t, dtype) if id(t) in chosen else t)
+    converted = map_tensors(sample, lambda t: _as_dtype(t, dtype) if id(t) in chosen else t)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -259,7 +272,7 @@ def explain_in_place_failure(model: nn.Module, sample: Any, error: Exception) ->
                 if not outputs or not params:
                     return None
                 total = sum(t.real.sum() for t in outputs)
-                torch.autograd.grad(total, params, allow_unused=True)  # type: ignore[arg-type]
+                torch.autograd.grad(total, params, allow_unused=True)
     except Exception as again:  # a Ctrl-C still stops everything
         if not isinstance(again, RuntimeError) or IN_PLACE_MESSAGE not in str(again):
             return None

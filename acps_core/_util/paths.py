@@ -70,7 +70,7 @@ def check_paths(reads: Sequence[Role], writes: Sequence[Role]) -> list[Path]:
 
     Raises:
         OutputPathError: an output cannot be written (see
-            :func:`~acps_core.atomic.check_writable_output`), is the same file as an input, or is the same file as
+            :func:`~acps_core._util.atomic.check_writable_output`), is the same file as an input, or is the same file as
             another output; naming both roles and paths.
     """
     outputs = [(role, path) for role, path in writes if path is not None]

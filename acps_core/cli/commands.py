@@ -183,7 +183,8 @@ def _model_and_data(args: argparse.Namespace, need_labels: bool, weights: str | 
     device."""
     import torch
 
-    from acps_core._util.data import model_device, tensors_in, to_device
+    from acps_core._util.data import model_device, to_device
+    from acps_core._util.tensors import tensors_in
     from acps_core.cli.loading import load_data
     from acps_core.errors import DataError
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from acps_core import __version__
+from acps_core._version import __version__
 from acps_core.cli.commands import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,

@@ -279,7 +279,7 @@ def write_prune_config(path: StrPath, cfg: AMCTRetrainConfig,
     """Check a channel-prune config and write it, with any sidecar files, atomically.
 
     Every file is written to a temporary file first; the targets are replaced only once all of them are
-    written (see :func:`acps_core.atomic.atomic_write_many`).
+    written (see :func:`acps_core._util.atomic.atomic_write_many`).
 
     Args:
         path: the config file to write.

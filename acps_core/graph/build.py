@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from acps_core._util.data import forward
-from acps_core._util.model_checks import explain_trace_failure
+from acps_core._util.model_checks import explain_trace_failure, parameter_owners
+from acps_core._util.tensors import tensors_in
 from acps_core.graph.functions import DTYPE_ONLY, EXPANDS, FUNCTION_RULES, UNARY_ELEMENTWISE
 from acps_core.graph.model import ChannelGraph, ChannelGroup, ChannelUse, LayerInfo, structure_problem
 from acps_core.graph.modules import module_op
 from acps_core.graph.shapes import requested_sizes
 from acps_core.graph.spaces import Spaces, Tag
-from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, tensors_in, trace_sample
+from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, refs_in, trace_sample
 from acps_core.layers.base import adapter_for, whole_layer
 
 
@@ -60,7 +61,7 @@ class GroupBuilder(Spaces):
                 else:
                     self.function_op(op)
             except Exception as exc:  # an op acps fails to analyse must block its groups, never crash
-                refs = list(tensors_in((op.args, op.kwargs)))
+                refs = list(refs_in((op.args, op.kwargs)))
                 self.block_tags([t for r in refs for t in self.tags_of(r)],
                                 f"acps could not analyse '{op.name}' at {op.location} ({type(exc).__name__}: {exc})")
         # A sliced parameter must not be used anywhere acps did not map (g.sum() would change with its slice).
@@ -74,7 +75,7 @@ class GroupBuilder(Spaces):
     def function_op(self, op: Op) -> None:
         """A torch function: its channel rule from :data:`~acps_core.graph.functions.FUNCTION_RULES`, or, for a
         function acps does not know, every space it touches blocked."""
-        refs = list(tensors_in((op.args, op.kwargs)))
+        refs = list(refs_in((op.args, op.kwargs)))
         for ref in refs:
             origin = self.origin(ref)
             if origin is not None:
@@ -170,7 +171,7 @@ class GroupBuilder(Spaces):
         if self._readers is None:
             self._readers = {}
             for op in self.recorder.ops:
-                for ref in tensors_in((op.args, op.kwargs)):
+                for ref in refs_in((op.args, op.kwargs)):
                     if ref.value is not None:
                         self._readers.setdefault(ref.value, []).append(op)
         return self._readers.get(value, [])
@@ -178,12 +179,7 @@ class GroupBuilder(Spaces):
 
 def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> dict[str, str]:
     """Layers and norms whose parameters also belong to another module: name -> the other module(s)."""
-    owners: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), [])
-            if module_name not in owners[id(param)]:
-                owners[id(param)].append(module_name)
+    owners = parameter_owners(model)
     shared = {}
     for module, name in names.items():
         if adapter_for(module) is not None:

@@ -18,24 +18,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from acps_core._util.data import tensors_in
+from acps_core._util.tensors import tensors_in
 from acps_core.graph.model import ChannelGraph
+from acps_core.graph.removal import removal
 from acps_core.layers.base import adapter_for
-
-
-def removed_positions(graph: ChannelGraph, keep: Mapping[int, Sequence[int]], followers: bool
-                       ) -> dict[str, set[int]]:
-    """Layer -> positions of its channel dimension that the decision removes (consumers' inputs, or with
-    ``followers`` the followers' channels)."""
-    positions: dict[str, set[int]] = {}
-    for group_id, kept in keep.items():
-        group = graph.group(group_id)
-        kept_set = set(kept)
-        removed = [c for c in range(group.channels) if c not in kept_set]
-        for use in group.followers if followers else group.consumers:
-            if use.kind != "Parameter":  # a bare parameter is never read as a layer's input
-                positions.setdefault(use.layer, set()).update(use.positions(removed, group.channels))
-    return positions
 
 
 @contextmanager
@@ -43,7 +29,8 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
     """Within the block, ``model`` behaves as if group ``g`` kept only the channels ``keep[g]``."""
     handles = []
     zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its values) to put back on exit
-    for name, positions in removed_positions(graph, keep, followers=False).items():
+    removed = removal(graph, keep)
+    for name, positions in removed.inputs.items():
         module = model.get_submodule(name)
         owner_adapter = adapter_for(model.get_submodule(name.rpartition(".")[0]))
         if owner_adapter is not None and owner_adapter.role == "attention":
@@ -79,7 +66,7 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
             return tuple(positional), kwargs
 
         handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
-    for name, positions in removed_positions(graph, keep, followers=True).items():
+    for name, positions in removed.followers.items():
         module = model.get_submodule(name)
         follower = adapter_for(module)
         hook = follower.masked_output(module, positions) if follower is not None else None

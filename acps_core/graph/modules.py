@@ -12,7 +12,7 @@ from torch import nn
 
 from acps_core.graph.model import ChannelUse, LayerGeometry
 from acps_core.graph.spaces import Tag
-from acps_core.graph.trace import Op, TensorRef, first_tensor, tensors_in
+from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
 from acps_core.layers.base import LayerAdapter
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.MultiheadAttentio
     where = f"nn.MultiheadAttention {name} at {op.location}"
     inputs = call_inputs(op)
     query = inputs[0]
-    others = [r for r in tensors_in((op.args, op.kwargs)) if all(r is not i for i in inputs)]
+    others = [r for r in refs_in((op.args, op.kwargs)) if all(r is not i for i in inputs)]
     builder.block_tags([t for r in others for t in builder.tags_of(r)],
                     f"{where} reads these channels as a mask, which acps does not map")
     if query is None or not op.outputs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from acps_core._util import ACPS_DIR
+from acps_core._util.tensors import map_tensors, tensors_in
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -58,6 +59,11 @@ class TensorRef:
     param: str | None = None  # the qualified name, when the tensor is one of the model's parameters
 
 
+def refs_in(obj: Any) -> list[Any]:
+    """Every tensor reference (and tensor) in a recorded op's arguments, in order."""
+    return tensors_in(obj, (torch.Tensor, TensorRef))
+
+
 @dataclass
 class Op:
     name: str                      # function name, or the module's name for leaf modules
@@ -66,27 +72,6 @@ class Op:
     kwargs: dict[str, Any]
     outputs: list[int]             # value ids of the tensor outputs
     location: str
-
-
-def _replace_tensors(obj: Any, ref: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return ref(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_replace_tensors(o, ref) for o in obj) if not hasattr(obj, "_fields") else obj
-    if isinstance(obj, dict):
-        return {k: _replace_tensors(v, ref) for k, v in obj.items()}
-    return obj
-
-
-def tensors_in(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, (torch.Tensor, TensorRef)):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from tensors_in(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from tensors_in(o)
 
 
 class Recorder(TorchFunctionMode):
@@ -121,9 +106,9 @@ class Recorder(TorchFunctionMode):
 
     def _record(self, name: str, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                 out: Any, location: str) -> None:
-        out_tensors = [t for t in tensors_in(out) if isinstance(t, torch.Tensor)]
-        in_refs = _replace_tensors(args, self.ref), _replace_tensors(kwargs, self.ref)
-        touches_trace = any(r.value is not None for r in tensors_in(in_refs))
+        out_tensors = tensors_in(out)
+        in_refs = map_tensors(args, self.ref), map_tensors(kwargs, self.ref)
+        touches_trace = any(r.value is not None for r in refs_in(in_refs))
         if not out_tensors:
             if touches_trace and name in SIZE_QUERIES:
                 # Remembered so that a reshape to a size computed from x.shape is not mistaken for a constant.
@@ -171,17 +156,10 @@ class Recorder(TorchFunctionMode):
 
 def first_tensor(args: Any) -> TensorRef | None:
     """The first tensor reference in a recorded op's arguments (None when there is none)."""
-    for ref in tensors_in(args):
-        return ref  # type: ignore[no-any-return]
-    return None
+    refs = refs_in(args)
+    return refs[0] if refs else None
 
 
 def trace_sample(data: Any, samples: int = 2) -> Any:
     """The first ``samples`` entries (along dim 0) of every tensor in ``data``: enough to trace shapes."""
-    if isinstance(data, torch.Tensor):
-        return data[:samples]
-    if isinstance(data, (tuple, list)):
-        return type(data)(trace_sample(d, samples) for d in data)
-    if isinstance(data, dict):
-        return {k: trace_sample(v, samples) for k, v in data.items()}
-    return data
+    return map_tensors(data, lambda tensor: tensor[:samples])

@@ -61,7 +61,7 @@ class SensitivityBase(ABC):
             (L1 between output and label; see the method's own docs for how it treats class labels).
     """
 
-    #: True for methods that fall back to :func:`acps_core.data.default_loss` when ``loss_func`` is None: the
+    #: True for methods that fall back to :func:`acps_core._util.data.default_loss` when ``loss_func`` is None: the
     #: core then checks that the labels fit the model output before any heavy work.
     uses_default_loss: bool = False
 
@@ -84,7 +84,7 @@ class SensitivityBase(ABC):
         """setup_initialization(graph_tuple, input_data, test_iteration, output_nodes=None): store the inputs.
 
         Args:
-            graph_tuple: ``(model, graph)``: the user's model and its :class:`~acps_core.graph.ChannelGraph`.
+            graph_tuple: ``(model, graph)``: the user's model and its :class:`~acps_core.graph.model.ChannelGraph`.
             input_data: ``[data, label]`` on the model's device, as the user passed them; or, when the user
                 passed an iterable of batches (a DataLoader), the list of the ``test_iteration`` batches used.
             test_iteration: number of calibration passes; :meth:`calibration_batches` splits the data into them.
@@ -136,7 +136,7 @@ class SearchChannelBase(ABC):
                 ``cost(kept)`` and ``saving(kept, group_id, new_count)`` (the exact model cost for any kept counts,
                 the fixed groups included), ``budget`` (the most ``cost(kept)`` may be), ``full_cost`` and
                 ``cost_model``.
-            search_records: one :class:`~acps_core.problem.SearchRecord` per searchable group, with
+            search_records: one :class:`~acps_core.search.problem.SearchRecord` per searchable group, with
                 ``sensitivity`` and ``gain`` filled in.
             prune_config: ``(compress_ratio, ascend_optimized, max_prune_ratio)``.
 

@@ -51,6 +51,16 @@ IN_PROCESS = "(in-process)"
 
 _UNKNOWN_DISTRIBUTION = "(unknown distribution)"
 
+#: acps's own methods and the distribution that holds each (``pip install 'acps-core[all]'`` installs them all).
+BUILT_IN_METHODS = {
+    **dict.fromkeys(("TaylorLossSensitivity", "NormalizedTaylorSensitivity", "FisherSensitivity",
+                     "GroupTaylorSensitivity", "OutputChangeSensitivity", "BalancedL2NormSensitivity",
+                     "GroupMagnitudeSensitivity", "MeasuredSensitivity"), "acps-sensitivity-methods"),
+    **dict.fromkeys(("GreedySearch", "GlobalRankSearch"), "acps-search-greedy"),
+    "KnapsackSearch": "acps-search-knapsack",
+    **dict.fromkeys(("BitComplexity", "AscendLatency", "MeasuredLatency"), "acps-gain-estimators"),
+}
+
 
 class AcpsPluginWarning(UserWarning):
     """A plugin was skipped because it failed to import or to register its methods."""

@@ -38,6 +38,7 @@ from acps_core.methods import hookspecs
 from acps_core.methods.bases import KINDS, METHOD_BASES, PARAMETER_BY_KIND, kind_base
 from acps_core.methods.hookspecs import HOOK_BY_KIND
 from acps_core.methods.loading import (
+    BUILT_IN_METHODS,
     DISABLE_ENV_VAR,
     IN_PROCESS,
     AcpsPluginManager,
@@ -298,6 +299,9 @@ class Registry:
             return method
         installed = self.names(kind)
         sentences = [f"no {kind} method named {name!r} is installed"]
+        if name in BUILT_IN_METHODS:
+            sentences.append(f"It is one of acps's own methods, from the distribution {BUILT_IN_METHODS[name]}: "
+                             "pip install 'acps-core[all]' installs them all.")
         close = difflib.get_close_matches(name, installed, n=1, cutoff=0.6)
         # difflib misses abbreviations ("Taylor" for "TaylorLossSensitivity"); a substring match catches them.
         close += [other for other in installed

@@ -22,7 +22,7 @@ _EXPORTS = {
     **dict.fromkeys(("WeightsChangedWarning", "create_prune_retrain_model", "pruned_with_record", "read_record",
                      "replay_prune_record", "restore_prune_retrain_model"), "acps_core.prune.calls"),
     **dict.fromkeys(("onnx_path", "save_prune_retrain_model"), "acps_core.prune.onnx"),
-    **dict.fromkeys(("dropped_positions", "prune_channels"), "acps_core.prune.slicing"),
+    "prune_channels": "acps_core.prune.slicing",
     "largest_norm_channels": "acps_core.prune.keep",
 }
 

@@ -28,11 +28,12 @@ from torch import nn
 
 from acps_core._util.atomic import StrPath, atomic_write_text, reading
 from acps_core._util.checkpoints import load_weights
-from acps_core._util.data import check_dense, model_device, tensors_in
+from acps_core._util.data import check_dense, model_device
 from acps_core._util.model_checks import check_initialized, check_model
 from acps_core._util.paths import check_paths
 from acps_core._util.reading import read_bytes
 from acps_core._util.state import parameters_left_alone
+from acps_core._util.tensors import tensors_in
 from acps_core._util.wrappers import unwrap
 from acps_core.config.prune_config import parse_prune_config
 from acps_core.config.selection import (

@@ -12,16 +12,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from acps_core._util.data import forward, tensors_in
+from acps_core._util.data import forward
 from acps_core._util.state import preserved_modes
+from acps_core._util.tensors import tensors_in
 from acps_core.errors import ArgumentError, DataError, GraphError
 from acps_core.graph.build import build_channel_graph
-from acps_core.graph.masking import masked_channels, output_difference, output_shape_difference, removed_positions
+from acps_core.graph.masking import masked_channels, output_difference, output_shape_difference
 from acps_core.graph.model import ChannelGraph
+from acps_core.graph.removal import removal
 from acps_core.graph.trace import trace_sample
 from acps_core.prune.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
 from acps_core.prune.reconstruction import LayerInput, reconstructing, recording_layer_inputs
-from acps_core.prune.slicing import dropped_positions, prune_channels
+from acps_core.prune.slicing import prune_channels
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
         removed_outputs: dict[str, set[int]] = {}
         removed_inputs: dict[str, set[int]] = {}
         if norm_data is not None:  # one pass measures the norms' inputs and those of the layers to re-fit
-            removed_outputs, removed_inputs, _ = dropped_positions(graph, keep)
+            removed = removal(graph, keep)
+            removed_outputs, removed_inputs = removed.outputs, removed.inputs
             with recording_layer_inputs(pruned, set(removed_inputs) if reconstruct else set()) as unpruned_inputs:
                 unpruned_norms = _measure_norms(pruned, norm_data)
             _check_layer_inputs(unpruned_inputs)
@@ -117,7 +120,7 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
                 with reconstructing(pruned, unpruned_weights, unpruned_inputs, removed_inputs,
                                     removed_outputs) as refitted:
                     changed = correct_norm_statistics(pruned, unpruned_norms,
-                                                      removed_positions(graph, keep, followers=True), norm_data)
+                                                      removal(graph, keep).followers, norm_data)
             except Exception as exc:
                 raise GraphError(f"the pruned model raised on calibration_data: {type(exc).__name__}: {exc}") from exc
         logger.info("corrected the running statistics of %d BatchNorm layers for the removed channels", len(changed))

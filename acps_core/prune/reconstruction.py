@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from acps_core._util.data import forward, input_hooks
+from acps_core._util.model_checks import parameter_owners
 from acps_core.layers.base import adapter_for
 from acps_core.layers.conv import MAX_REFIT_CHANNELS
 
@@ -71,16 +72,6 @@ def reconstructible(module: nn.Module) -> bool:
     return adapter is not None and adapter.role == "layer" and adapter.refittable(module)
 
 
-def _shared_weights(model: nn.Module) -> set[str]:
-    """Layers whose weight is also another module's (re-fitting one would change the other)."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            owners.setdefault(id(weight), []).append(name)
-    return {name for names in owners.values() if len(names) > 1 for name in names}
-
-
 def _channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """The input as (positions, channels), as the layer's adapter lays it out."""
     adapter = adapter_for(module)
@@ -104,8 +95,10 @@ def recording_layer_inputs(model: nn.Module, layers: Set[str]) -> Iterator[dict[
     :func:`reconstructible`, whose weight is their own and which the pass called exactly once. Lets the
     measurement share a forward pass with another one (the BatchNorm statistics')."""
     seen: dict[str, list[LayerInput]] = {}
-    shared = _shared_weights(model)
-    names = {name for name in layers if name not in shared and reconstructible(model.get_submodule(name))}
+    # A weight another module holds too (tied weights) is left alone: re-fitting it would change the other.
+    owners = parameter_owners(model)
+    names = {name for name in layers if reconstructible(model.get_submodule(name))
+             and len(owners.get(id(model.get_submodule(name).weight), [])) < 2}
 
     def record(name: str, module: nn.Module, x: torch.Tensor) -> None:
         values = _channels_last(x, module)

@@ -14,7 +14,6 @@ from acps_core.report.documents import (
     report_json,
     report_markdown,
     report_paths,
-    write_report,
 )
 
 __all__ = [
@@ -30,5 +29,4 @@ __all__ = [
     "report_json",
     "report_markdown",
     "report_paths",
-    "write_report",
 ]

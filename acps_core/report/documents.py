@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from acps_core import __version__
-from acps_core._util.atomic import StrPath, atomic_write_many
+from acps_core._util.atomic import StrPath
 from acps_core._util.reading import read_bytes
+from acps_core._version import __version__
 from acps_core.errors import ArgumentError, ConfigError
 from acps_core.graph.model import ChannelGraph
 from acps_core.methods.spec import split_method_spec
@@ -288,7 +288,7 @@ def render_reports(result: SearchResult, settings: Mapping[str, Any] | None = No
                    graph: ChannelGraph | None = None) -> dict[Path, str]:
     """Both reports of a search, keyed by the path each belongs at beside ``result.output_cfg``.
 
-    Hand the dict to :func:`acps_core.atomic.atomic_write_many` (with the config itself) to write all at once.
+    Hand the dict to :func:`acps_core._util.atomic.atomic_write_many` (with the config itself) to write all at once.
 
     Raises:
         ArgumentError: the result names no ``output_cfg``, or ``graph`` does not fit it (see :func:`report_data`).
@@ -300,22 +300,6 @@ def render_reports(result: SearchResult, settings: Mapping[str, Any] | None = No
     markdown_path, json_path = report_paths(result.output_cfg)
     return {markdown_path: _markdown(data),
             json_path: json.dumps(data, indent=2, allow_nan=False) + "\n"}
-
-
-def write_report(result: SearchResult, settings: Mapping[str, Any] | None = None, *,
-                 graph: ChannelGraph | None = None) -> tuple[Path, Path]:
-    """Write both reports beside ``result.output_cfg``, atomically, and return their paths (Markdown, JSON).
-
-    Raises:
-        ArgumentError: as :func:`render_reports`.
-        OutputPathError: a report cannot be written (nothing is half-written; see :mod:`acps_core._util.atomic`).
-    """
-    reports = render_reports(result, settings, graph=graph)
-    # Mapping keys are invariant, so the Path keys are widened to StrPath one by one.
-    contents: dict[StrPath, str] = {path: text for path, text in reports.items()}
-    atomic_write_many(contents)
-    markdown_path, json_path = reports
-    return markdown_path, json_path
 
 
 def read_report(path: StrPath) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from acps_core import __version__
+from acps_core._version import __version__
 from acps_core.config.prune_config import write_prune_config
 from acps_core.config.selection import (
     OUTPUT_SET_LINE,

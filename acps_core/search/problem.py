@@ -214,7 +214,7 @@ class GraphInfo(dict):  # type: ignore[type-arg]
     search needs to respect the exact cost.
 
     Attributes:
-        graph: the :class:`~acps_core.graph.ChannelGraph`.
+        graph: the :class:`~acps_core.graph.model.ChannelGraph`.
         cost_model: the :class:`CostModel`.
         fixed_kept: kept counts of groups the search must not change (user overrides and skips).
         full_cost: cost of the unpruned model.

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from acps_core._util.data import is_reference_form, label_kind, primary_output, tensors_in, to_device
+from acps_core._util.data import is_reference_form, label_kind, primary_output, to_device
 from acps_core._util.distributed import Communicator, using
 from acps_core._util.model_checks import check_weights
 from acps_core._util.progress import stage
 from acps_core._util.state import preserved_model_state
+from acps_core._util.tensors import tensors_in
 from acps_core._util.wrappers import unwrapped_note
 from acps_core.config.selection import new_output_set
 from acps_core.errors import AcpsError, DataError, PluginError

@@ -34,7 +34,7 @@ def test_the_search_halves_the_parameters_and_drops_the_quiet_channels(tmp_path)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     result = acps.auto_channel_prune_search(net, str(tmp_path / "search.cfg"), [x, y], str(tmp_path / "prune.cfg"),
                                             sensitivity="ActivationSensitivity", gain="ParameterCount")
-    assert result.methods["cost_unit"] == "parameters"
+    assert result.cost_unit == "parameters"
     pruned = acps.create_prune_retrain_model(net, x[:2], tmp_path / "prune.cfg", tmp_path / "prune.record")
     weights = sum(p.numel() for n, p in pruned.named_parameters() if not n.startswith("6."))
     assert weights <= sum(p.numel() for n, p in net.named_parameters() if not n.startswith("6.")) / 2 + 200

@@ -45,6 +45,7 @@ from acps_core.plugin import (
     LayerGeometry,
     MethodOptions,
     atomic_write_text,
+    map_tensors,
     progress,
     read_bytes,
 )
@@ -414,14 +415,11 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _batch_of(sample: Any, batch: int) -> Any:
     """``sample`` with its batch dim (dim 0) repeated or cut to ``batch``."""
-    if isinstance(sample, torch.Tensor):
-        repeats = -(-batch // max(1, sample.shape[0]))
-        return sample.repeat(repeats, *([1] * (sample.dim() - 1)))[:batch]
-    if isinstance(sample, (list, tuple)):
-        return type(sample)(_batch_of(s, batch) for s in sample)
-    if isinstance(sample, dict):
-        return {k: _batch_of(v, batch) for k, v in sample.items()}
-    return sample
+    def resized(tensor: torch.Tensor) -> torch.Tensor:
+        repeats = -(-batch // max(1, tensor.shape[0]))
+        return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:batch]
+
+    return map_tensors(sample, resized)
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:

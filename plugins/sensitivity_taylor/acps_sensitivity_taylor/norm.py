@@ -40,7 +40,7 @@ class GroupMagnitudeSensitivity(SensitivityBase):
     BatchNorm scales to almost nothing, or that the next layer barely reads. The median is not pulled up by a
     group's few very large channels, so a group whose typical channel is small is cut more; ``bench/quality.py``
     measured it ahead of the mean on MobileNetV2 and level on ResNet-20. With ``GlobalRankSearch`` it is acps's
-    recommended configuration for a model used without fine-tuning (see the README's benchmark). ``normalize=
+    recommended configuration for a model used without fine-tuning (see docs/benchmarks/quality.md). ``normalize=
     "none"`` leaves the importances undivided.
 
     Raises:

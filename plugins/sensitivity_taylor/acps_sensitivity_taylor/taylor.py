@@ -54,6 +54,7 @@ from acps_core.plugin import (
     SensitivityBase,
     default_loss,
     forward,
+    map_tensors,
     primary_output,
     progress,
 )
@@ -472,13 +473,7 @@ def _samples(label: torch.Tensor) -> int:
 
 def _rows(data: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of a pass's data: a tensor, or tuples, lists and dicts of them."""
-    if isinstance(data, torch.Tensor):
-        return data[start:stop] if data.dim() else data
-    if isinstance(data, (tuple, list)):
-        return type(data)(_rows(item, start, stop) for item in data)
-    if isinstance(data, dict):
-        return {key: _rows(value, start, stop) for key, value in data.items()}
-    return data
+    return map_tensors(data, lambda tensor: tensor[start:stop] if tensor.dim() else tensor)
 
 
 def _generator(seed: int, index: int, sample: int) -> torch.Generator:
@@ -548,7 +543,7 @@ class GroupTaylorSensitivity(TaylorLossSensitivity):
     change, terms of opposite sign do not cancel: a channel whose weights each matter to the loss scores high
     even when their effects happen to offset. With ``GlobalRankSearch`` and the re-fit, ``bench/quality.py``
     measures it at or above every other method after fine-tuning, within the noise, in all its rows, and below
-    ``GroupMagnitudeSensitivity`` before fine-tuning at 2x and 3x (see the README).
+    ``GroupMagnitudeSensitivity`` before fine-tuning at 2x and 3x (see docs/benchmarks/quality.md).
     Across ``torch.distributed`` ranks the gradients themselves are summed before the absolute values (on the
     label-free path, each chunk's), so the scores equal those of one process on the union of the shards.
     """
