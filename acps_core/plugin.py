@@ -22,6 +22,7 @@ What is here:
   :func:`masked_channels` (a forward pass with channels zeroed), :func:`channel_atoms`;
 - the default loss: :func:`default_loss` and :func:`primary_output` (the tensor a dict or tuple output is
   scored on);
+- :func:`get_registry` (which methods are installed, from which distribution: for a plugin's tests);
 - :func:`progress` (a progress bar that ``--quiet`` turns off), :class:`Communicator` (the ranks of a
   distributed search), :func:`read_bytes` and :func:`atomic_write_text` (a plugin's own files, read bounded
   and written atomically).
@@ -41,6 +42,7 @@ from acps_core.graph.trace import trace_sample
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.hookspecs import Register, hookimpl
 from acps_core.methods.options import MethodOptions, MethodOptionsError
+from acps_core.methods.registry import get_registry
 from acps_core.search.descent import Cut, descend, next_cut
 from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord, give_back, masks_for
 
@@ -64,6 +66,7 @@ __all__ = [
     "default_loss",
     "descend",
     "forward",
+    "get_registry",
     "give_back",
     "hookimpl",
     "map_tensors",

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import acps_core
 from acps_core.graph.build import build_channel_graph
 from acps_gain_ascend import AscendLatency, MeasuredLatency
-from tests.zoo import BasicBlock, ConvBNAct, MBConv
+from testing.zoo import BasicBlock, ConvBNAct, MBConv
 
 
 def resnet() -> nn.Module:

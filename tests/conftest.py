@@ -1,6 +1,6 @@
 """Shared set-up of the test suite: the run must leave the system temp folder as it found it
-(:mod:`tests.temp_guard`)."""
+(:mod:`tests.support.temp_guard`)."""
 
-from tests.temp_guard import pytest_configure, pytest_sessionfinish, pytest_unconfigure
+from tests.support.temp_guard import pytest_configure, pytest_sessionfinish, pytest_unconfigure
 
 __all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_unconfigure"]

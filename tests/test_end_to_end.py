@@ -21,7 +21,7 @@ from acps_core.config import parse_prune_config, resolve_layer
 from acps_core.graph.build import build_channel_graph
 from acps_core.search.problem import CostModel
 from acps_gain_ascend import BitComplexity
-from tests.models import ConvChain, assert_pruned_matches_search, pooled_chain, randomize_norms
+from testing.models import ConvChain, assert_pruned_matches_search, pooled_chain, randomize_norms
 
 
 class Residual(nn.Module):

@@ -6,7 +6,7 @@
 
 The sources are ``proto/*.proto`` at the repository root; ``python proto/generate.py`` regenerates these
 modules with a pinned protoc whose output imports under protobuf 4.21 through 7.x, and
-``tests/test_proto_schema.py`` fails when they drift from the sources.
+``tests/config/test_proto_schema.py`` fails when they drift from the sources.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from acps_example import ActivationSensitivity, ParameterCount
 from torch import nn
 
 import acps_core as acps
-from acps_core.methods.registry import get_registry
+from acps_core.plugin import get_registry
 
 
 def model() -> nn.Module:
