@@ -20,13 +20,16 @@ import pytest
 PYTEST_OWN = "pytest-of-"
 #: Files libraries write into the temp folder on their own (removed with the private folder all the same).
 LIBRARY_FILES = {".ses": "onnxruntime's session marker, written when it loads"}
+#: Folders libraries make there on their own, by name prefix (the rest of the name is the user's).
+LIBRARY_FOLDERS = {"torchinductor_": "torch's compile cache, which torch.optim's first step makes"}
 
 _state: dict[str, object] = {}
 
 
 def leftovers(folder: Path) -> list[str]:
     """What a test run left in ``folder``, pytest's own ``tmp_path`` folders aside."""
-    return sorted(name for name in os.listdir(folder) if not name.startswith(PYTEST_OWN) and name not in LIBRARY_FILES)
+    return sorted(name for name in os.listdir(folder)
+                  if not name.startswith((PYTEST_OWN, *LIBRARY_FOLDERS)) and name not in LIBRARY_FILES)
 
 
 def pytest_configure(config: pytest.Config) -> None:

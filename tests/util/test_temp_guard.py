@@ -42,3 +42,13 @@ def test_a_run_that_leaks_a_temporary_folder_fails_and_the_temp_folder_stays_as_
     else:
         assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(os.listdir(temp)) == ["someone-elses-file"]
+
+
+def test_what_libraries_make_on_their_own_is_no_leak(tmp_path: Path) -> None:
+    from tests.support.temp_guard import leftovers
+
+    for name in ("pytest-of-someone", "torchinductor_someone", "leaked-folder"):
+        (tmp_path / name).mkdir()
+    for name in (".ses", "leaked.txt"):
+        (tmp_path / name).write_text("")
+    assert leftovers(tmp_path) == ["leaked-folder", "leaked.txt"]
