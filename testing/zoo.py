@@ -992,14 +992,14 @@ def _cases() -> list[ZooCase]:
         ZooCase(
             "convnext", ConvNeXt, (3, 16, 16),
             # torchvision/timm's LayerNorm2d subclasses LayerNorm with its own (permuting) forward: acps traces it
-            # function by function, cannot map its layer_norm, and so leaves stage 1 alone; stage 2 (after the
-            # downsampling conv) is prunable, its layer scale sliced with it.
-            groups=[{"stem"}, {"block1.pwconv1"}, {"block1.pwconv2"}, {"down", "block2.pwconv2"},
+            # function by function and maps its layer_norm over the channels by what it computes, so the module
+            # follows stage 1's channels (and is masked over the kept channels); stage 2's layer scale is sliced.
+            groups=[{"stem", "block1.pwconv2"}, {"block1.pwconv1"}, {"down", "block2.pwconv2"},
                     {"block2.pwconv1"}, {"head"}],
-            blocked={"stem": ("layer_norm",), "block1.dwconv": ("no prunable layer",),
-                     "block1.pwconv2": ("no prunable layer produces",), "head": OUTPUT},
-            followers={"down": {"block2.dwconv", "block2.norm", "block2.gamma", "norm"}},
-            consumers={"block1.pwconv1": {("block1.pwconv2", 0, 1)},
+            blocked={"head": OUTPUT},
+            followers={"stem": {"stem_norm", "block1.dwconv", "block1.norm", "down_norm"},
+                       "down": {"block2.dwconv", "block2.norm", "block2.gamma", "norm"}},
+            consumers={"block1.pwconv1": {("block1.pwconv2", 0, 1)}, "stem": {("block1.pwconv1", 0, 1), ("down", 0, 1)},
                        "down": {("block2.pwconv1", 0, 1), ("head", 0, 1)}},
         ),
         ZooCase(

@@ -18,7 +18,7 @@ Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023 (Torch-Prunin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any
 
 import torch
@@ -27,10 +27,11 @@ from torch import nn
 from acps_core._util.data import forward
 from acps_core._util.model_checks import explain_trace_failure, parameter_owners
 from acps_core._util.tensors import tensors_in
+from acps_core.graph.functional import LAYER_FUNCTIONS, computed_macs, functional_layer, why_not_layer
 from acps_core.graph.functions import DTYPE_ONLY, EXPANDS, FUNCTION_RULES, UNARY_ELEMENTWISE
 from acps_core.graph.model import ChannelGraph, ChannelGroup, ChannelUse, LayerInfo, structure_problem
 from acps_core.graph.modules import module_op
-from acps_core.graph.shapes import requested_sizes
+from acps_core.graph.shapes import RESHAPES, requested_sizes
 from acps_core.graph.spaces import Spaces, Tag
 from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, refs_in, trace_sample
 from acps_core.layers.base import adapter_for, whole_layer
@@ -39,10 +40,17 @@ from acps_core.layers.base import adapter_for, whole_layer
 class GroupBuilder(Spaces):
     """Walks the recorded ops in order, carrying each producer's channels forward (see the module docs)."""
 
-    def __init__(self, recorder: Recorder, shared_weights: Mapping[str, str]) -> None:
+    def __init__(self, recorder: Recorder, shared_weights: Mapping[str, str],
+                 modules: Mapping[str, nn.Module] | None = None, buffers: Set[str] = frozenset()) -> None:
         super().__init__()
         self.recorder = recorder
         self.shared_weights = shared_weights
+        self.modules = dict(modules or {})  # every module of the model by name
+        self.buffers = buffers  # names of the model's buffers (a bare buffer is sliced as one, not as a parameter)
+        # Norm weights (qualified names) whose norm's statistics run over the channels -> the function
+        # ("layer_norm", "rms_norm"): masking recomputes those calls over the kept channels.
+        self.norms_over_channels: dict[str, str] = {}
+        self.other_macs = 0.0  # multiply-accumulates of the traced functions no layer accounts for (whole batch)
         self.layers: dict[str, dict[str, Any]] = {}  # per traced layer: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
@@ -82,6 +90,13 @@ class GroupBuilder(Spaces):
                 self.param_ops.setdefault(origin[0], []).append(op)
         self.check_sizes(op, refs)
         tagged = [r for r in refs if self.tags_of(r)]
+        where = f"torch function '{op.name}' at {op.location}"
+        if op.name in LAYER_FUNCTIONS:
+            if not functional_layer(self, op, refs, where):
+                self.other_macs += computed_macs(op, self.recorder.shapes)
+                self.block_tags([t for r in tagged for t in self.tags_of(r)], why_not_layer(self, op, where))
+            return
+        self.other_macs += computed_macs(op, self.recorder.shapes)
         if not tagged:
             self.track_parameter(op, refs)
             return
@@ -94,7 +109,6 @@ class GroupBuilder(Spaces):
             tagged = [r for r in refs if self.tags_of(r)]
             if not tagged:
                 return
-        where = f"torch function '{name}' at {op.location}"
         rule = FUNCTION_RULES.get(name)
         if rule is None:
             self.block_tags([t for r in tagged for t in self.tags_of(r)],
@@ -118,7 +132,7 @@ class GroupBuilder(Spaces):
         name, added = origin
         if ref_dim - added < 0:
             return False
-        use = ChannelUse(name, "Parameter", tag.offset, 1, tag.start,
+        use = ChannelUse(name, "Buffer" if name in self.buffers else "Parameter", tag.offset, 1, tag.start,
                          None if tag.start == 0 and tag.stop == self.spaces[tag.space].channels else tag.stop,
                          dim=ref_dim - added)
         earlier = self.param_space.get(name)
@@ -138,9 +152,21 @@ class GroupBuilder(Spaces):
     def track_parameter(self, op: Op, refs: list[TensorRef]) -> None:
         """Follow a parameter through an expand or cast, so that a class token expanded to the batch and then
         concatenated with the tokens is still known to be the parameter."""
-        if not refs or not op.outputs or op.name not in UNARY_ELEMENTWISE | EXPANDS:
+        if not refs or not op.outputs:
             return
         origin = self.origin(refs[0])
+        if origin is not None and op.name in RESHAPES | {"getitem"}:
+            # A per-channel vector given singleton dims (gamma.view(1, -1, 1, 1), w[:, None, None]): its
+            # entries sit along the one dim that is not 1.
+            before = [d for d, size in enumerate(refs[0].shape) if size != 1]
+            after = [d for d, size in enumerate(self.recorder.shapes[op.outputs[0]]) if size != 1]
+            if (len(before) == len(after) == 1 and before[0] == origin[1]
+                    and refs[0].shape[before[0]] == self.recorder.shapes[op.outputs[0]][after[0]]):
+                self.param_origin[op.outputs[0]] = (origin[0], after[0])
+                self.param_mapped.setdefault(origin[0], set()).add(id(op))
+            return
+        if op.name not in UNARY_ELEMENTWISE | EXPANDS:
+            return
         if origin is not None:
             added = len(self.recorder.shapes[op.outputs[0]]) - len(refs[0].shape)
             self.param_origin[op.outputs[0]] = (origin[0], origin[1] + added)
@@ -208,6 +234,9 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     leaf_names = {m: n for m, n in module_names.items() if whole_layer(m) is not None}
 
     param_names = {id(p): n for n, p in model.named_parameters()}
+    buffer_names = {id(b): n for n, b in model.named_buffers()}
+    for key, name in buffer_names.items():
+        param_names.setdefault(key, name)
     recorder = Recorder(leaf_names, param_names)
     sample = trace_sample(data)
     for tensor in tensors_in(sample):
@@ -230,7 +259,8 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         # Explained once the hooks are gone: a DataError when the data's dtype is at fault, else a GraphError.
         raise explain_trace_failure(model, sample, failure) from failure
 
-    builder = GroupBuilder(recorder, _shared_weights(model, module_names))
+    named = {name: module for module, name in module_names.items()}
+    builder = GroupBuilder(recorder, _shared_weights(model, module_names), named, set(buffer_names.values()))
     builder.run()
     output_layers: list[str] = []
     for tensor in tensors_in(output):
@@ -242,6 +272,9 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
                 output_layers.append(producer)
     graph = _assemble(model, builder, output_layers, module_types)
     graph.output = output
+    first = next(iter(tensors_in(sample)), None)
+    batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
+    graph.other_macs = builder.other_macs / batch
     return graph
 
 
@@ -297,4 +330,6 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
         layers[name] = LayerInfo(name, type(module).__name__, entry["geometry"], out_group, in_uses, reason)
     slots = {name: (adapter.output_parameters(module), adapter.input_parameters(module))
              for name, module in model.named_modules() if (adapter := adapter_for(module)) is not None}
-    return ChannelGraph(layers, groups, output_layers, module_types, slots=slots)
+    graph = ChannelGraph(layers, groups, output_layers, module_types, slots=slots)
+    graph.norms_over_channels = dict(builder.norms_over_channels)
+    return graph

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from acps_core.graph.functional import NORM_ARGUMENTS, functional_norm
 from acps_core.graph.shapes import PERMUTES, RESHAPES, channel_shuffle, index_dims, permute, reshape
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor
@@ -208,8 +209,11 @@ def concat(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list[Te
 
 def chunk(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list[TensorRef],
           where: str) -> None:
-    """chunk/split: along another dim the channels pass to every part; along the channels, only an even
-    ``chunk`` of one whole group is mapped (its parts then keep equal counts)."""
+    """chunk/split/tensor_split: along another dim the channels pass to every part. Along the channels, a split
+    into a number of equal parts (``chunk(n)``, ``tensor_split(n)``) makes each part its own range of one whole
+    group of channels, and the group keeps equal counts in its parts, so that the parts stay equal once pruned. A
+    split at sizes written as constants (``split(x, 26)``) is not mapped: the sizes would not follow a pruned
+    channel count."""
     x = tagged[0]
     tags = builder.tags_of(x)
     dim = op.kwargs.get("dim", op.args[2] if len(op.args) > 2 else (0 if op.name != "unbind" else None))
@@ -221,25 +225,32 @@ def chunk(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list[Ten
     dim %= len(x.shape)
     across = [t for t in tags if t.dim == dim]
     passing = [t for t in tags if t.dim != dim]
-    parts = len(op.outputs)
     if across:
         tag = across[0]
         size = x.shape[dim]
-        even = op.name == "chunk" and size % parts == 0 and all(
-            builder.recorder.shapes[v][dim] == size // parts for v in op.outputs)
-        if (len(across) != 1 or not even or tag.offset or tag.block != 1 or tag.unit != 1 or not tag.contiguous
-                or tag.length != size or tag.start or tag.stop != builder.spaces[tag.space].channels):
-            builder.block_tags(across, f"{where} splits these channels in a way acps does not map (only an even "
-                                    "chunk of one whole group of channels is)")
+        sizes = [builder.recorder.shapes[v][dim] for v in op.outputs]
+        sections = op.args[1] if len(op.args) > 1 else op.kwargs.get("chunks", op.kwargs.get("sections"))
+        by_count = op.name == "chunk" or (op.name == "tensor_split" and isinstance(sections, int))
+        if not by_count and op.name != "unbind":
+            builder.block_tags(across, f"{where} splits these channels at sizes written as constants, which would "
+                                    "not follow a pruned channel count (chunk(x, n) would)")
+            across = []
+        elif (len(across) != 1 or op.name == "unbind" or len(set(sizes)) != 1 or sum(sizes) != size or tag.offset
+                or tag.block != 1 or tag.unit != 1 or not tag.contiguous or tag.length != size or tag.start
+                or tag.stop != builder.spaces[tag.space].channels):
+            builder.block_tags(across, f"{where} splits these channels in a way acps does not map (only equal parts "
+                                    "of one whole group of channels are)")
             across = []
         else:
-            builder.require(tag.space, blocks=parts)
-    for index, value in enumerate(op.outputs):
+            builder.require(tag.space, blocks=len(sizes))
+    first = 0
+    for value in op.outputs:
         shift = -1 if op.name == "unbind" else 0
         out_tags = [t.moved(t.dim + (shift if t.dim > dim else 0)) for t in passing]
         if across:
-            part = across[0].stop // parts
-            out_tags.append(replace(across[0], start=index * part, stop=(index + 1) * part))
+            part = builder.recorder.shapes[value][dim]
+            out_tags.append(replace(across[0], start=first, stop=first + part))
+            first += part
         builder.tags[value] = out_tags
 
 
@@ -350,7 +361,7 @@ def _table() -> dict[str, Rule]:
                         ({"channel_shuffle", "native_channel_shuffle"}, channel_shuffle),
                         ({"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}, chunk),
                         ({"getitem"}, getitem), (MATMULS, matmul), ({"scaled_dot_product_attention"}, attention),
-                        ({"multi_head_attention_forward"}, multi_head_attention)):
+                        ({"multi_head_attention_forward"}, multi_head_attention), (NORM_ARGUMENTS, functional_norm)):
         for name in names:
             rules[name] = rule
     return rules

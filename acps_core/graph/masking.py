@@ -17,10 +17,11 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from acps_core._util.tensors import tensors_in
 from acps_core.graph.model import ChannelGraph
-from acps_core.graph.removal import removal
+from acps_core.graph.removal import Removal, removal
 from acps_core.layers.base import adapter_for
 
 
@@ -67,13 +68,20 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
 
         handles.append(module.register_forward_pre_hook(zero_inputs, with_kwargs=True))
     for name, positions in removed.followers.items():
+        if f"{name}.weight" in graph.norms_over_channels:
+            continue  # called as a function: masked by _KeptChannelNorms below
         module = model.get_submodule(name)
         follower = adapter_for(module)
         hook = follower.masked_output(module, positions) if follower is not None else None
         if hook is not None:  # a follower whose kept outputs depend on the removed channels (a LayerNorm)
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    norms = _norms_over_kept_channels(model, graph, removed)
     try:
-        yield
+        if norms:
+            with _KeptChannelNorms(norms):
+                yield
+        else:
+            yield
     finally:
         for handle in handles:
             handle.remove()
@@ -108,3 +116,49 @@ def output_shape_difference(got: Any, expected: Any) -> str | None:
         return (f"the outputs changed shape from {[list(t.shape) for t in expected_tensors]} to "
                 f"{[list(t.shape) for t in got_tensors]}")
     return None
+
+
+def _norms_over_kept_channels(model: nn.Module, graph: ChannelGraph, removed: Removal) -> dict[int, torch.Tensor]:
+    """For every norm called as a function over channels that lose some: id(its weight) -> the kept positions."""
+    norms = {}
+    for name in graph.norms_over_channels:
+        owner = name.rpartition(".")[0]
+        positions = removed.followers.get(owner) or removed.parameters.get((name, 0))
+        if not positions:
+            continue
+        weight = model.get_parameter(name)
+        kept = [p for p in range(weight.shape[0]) if p not in positions]
+        norms[id(weight)] = torch.tensor(kept, dtype=torch.long)
+    return norms
+
+
+_NORM_SIGNATURES = {"layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+                    "rms_norm": ("input", "normalized_shape", "weight", "eps")}
+
+
+class _KeptChannelNorms(TorchFunctionMode):
+    """Computes the ``layer_norm`` / ``rms_norm`` calls of known weights over their kept channels only (the last
+    dim), as the pruned norm will; the removed positions come out zero."""
+
+    def __init__(self, kept: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.kept = kept
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        names = _NORM_SIGNATURES.get(getattr(func, "__name__", ""))
+        if names is not None:
+            bound = {**dict(zip(names, args)), **kwargs}
+            index = self.kept.get(id(bound.get("weight")))
+            if index is not None:
+                x = bound.pop("input")
+                index = index.to(x.device)
+                out = torch.zeros_like(x)
+                bound["normalized_shape"] = (len(index),)
+                for key in ("weight", "bias"):
+                    if bound.get(key) is not None:
+                        bound[key] = bound[key].index_select(0, index)
+                out[..., index] = func(x.index_select(-1, index), **bound)
+                return out
+        return func(*args, **kwargs)

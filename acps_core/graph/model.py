@@ -303,6 +303,12 @@ class ChannelGraph:
         #: Per traced layer or follower: where its output (or per-channel) and input channels sit in its
         #: parameters, as its layer adapter says.
         self.slots = dict(slots or {})
+        #: Multiply-accumulates per sample of the traced computations no layer accounts for (attention matmuls,
+        #: convs with a computed weight, ...): a cost that pruning does not change.
+        self.other_macs = 0.0
+        #: Weights (qualified names) of norms called as a function whose statistics run over the channels (a
+        #: ``layer_norm`` over a channels-first map) -> the function; masking recomputes them over kept channels.
+        self.norms_over_channels: dict[str, str] = {}
 
     def group(self, group_id: int) -> ChannelGroup:
         return self.groups[group_id]
@@ -323,6 +329,8 @@ class ChannelGraph:
             for param, dim, part in self.slots.get(name, ([], []))[0]:
                 slices.append(ParamSlice(name, param, dim, ChannelUse(name, kind, offset=part * group.channels)))
         for use in group.followers:
+            if use.kind == "Buffer":
+                continue  # a statistic, not a weight
             if use.kind == "Parameter":
                 owner, _, attr = use.layer.rpartition(".")
                 slices.append(ParamSlice(owner, attr, use.dim, use))

@@ -49,7 +49,7 @@ def removal(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Removal:
             removed.producers.setdefault(name, set()).update(dropped)
         for use in group.followers:
             positions = use.positions(dropped, group.channels)
-            if use.kind == "Parameter":
+            if use.kind in ("Parameter", "Buffer"):
                 removed.parameters.setdefault((use.layer, use.dim), set()).update(positions)
             else:
                 removed.followers.setdefault(use.layer, set()).update(positions)

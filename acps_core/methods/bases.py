@@ -176,6 +176,13 @@ class GainEstimatorBase(ABC):
         model's cost before and after; 0 by default)."""
         return 0.0
 
+    def computation_cost(self, macs: float, dtype: torch.dtype) -> float:
+        """Cost of the matrix products outside the Conv/Linear layers, which pruning does not change: attention
+        products, convs whose weight the forward pass computes (weight standardisation), einsums. ``macs`` is
+        their multiply-accumulates per sample, ``dtype`` the model's activation dtype. 0 by default (an
+        estimator that measures the whole model, like ``MeasuredLatency``, has them in :meth:`fixed_cost`)."""
+        return 0.0
+
     @abstractmethod
     def layer_cost(self, layer: LayerGeometry, in_channels: int, out_channels: int) -> float:
         """layer_cost(layer, in_channels, out_channels) -> float: the layer's cost at these channel counts.

@@ -47,8 +47,12 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
     for (name, dim), drop in removed.parameters.items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        param = getattr(owner, attr)
-        setattr(owner, attr, take(param, dim, _kept(param.shape[dim], drop)))
+        tensor = getattr(owner, attr)
+        index = _kept(tensor.shape[dim], drop)
+        if attr in owner._buffers:
+            owner._buffers[attr] = tensor.index_select(dim, index.to(tensor.device))
+        else:
+            setattr(owner, attr, take(tensor, dim, index))
 
 
 def _kept(size: int, dropped: set[int]) -> torch.Tensor:

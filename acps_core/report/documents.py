@@ -105,6 +105,7 @@ def report_data(result: SearchResult, settings: Mapping[str, Any] | None = None,
         "target_ratio": result.compress_ratio,
         "achieved_ratio": _finite(result.achieved_ratio),
         "target_reached": result.target_reached,
+        "prunable_share": result.prunable_share,
         "layers": len(layers),
         "layers_pruned": sum(1 for layer in result.layers.values() if layer.kept < layer.total),
         "layers_left_alone": sum(1 for layer in result.layers.values() if layer.status in LEFT_ALONE_STATUSES),
@@ -154,8 +155,10 @@ def _geometry_counts(result: SearchResult, graph: ChannelGraph
             weights_before += before / positions
             weights_after += after / positions
     totals = {
-        "macs_before": sum(before for before, _ in per_layer.values()),
-        "macs_after": sum(after for _, after in per_layer.values()),
+        # With the matrix products outside the layers (attention products, ...), which pruning does not change:
+        # the model's MACs as a FLOP counter sees them.
+        "macs_before": sum(before for before, _ in per_layer.values()) + graph.other_macs,
+        "macs_after": sum(after for _, after in per_layer.values()) + graph.other_macs,
         "weights_before": round(weights_before),
         "weights_after": round(weights_after),
     }
@@ -223,6 +226,8 @@ def _markdown(data: Mapping[str, Any]) -> str:
                     f"{_si(totals['weights_before'])} -> {_si(totals['weights_after'])}")
     summary += (f". {totals['layers_pruned']} of {totals['layers']} Conv/Linear layers lose channels; "
                 f"{totals['layers_left_alone']} left alone.")
+    if totals.get("prunable_share") is not None:
+        summary += f" {totals['prunable_share']:.1%} of the cost is in layers acps can prune."
     # Reports of acps 0.1.0 also listed the cost unit among the methods; it is in the totals.
     methods = {kind: split_method_spec(spec) for kind, spec in data["methods"].items() if kind != "cost_unit"}
     if methods:

@@ -68,6 +68,8 @@ class SearchResult:
             ``scoring``, ``searching``, ``writing``.
         output_set: the id written into the config, its selection file and the reports, which says they were
             written together (``# acps output set: ...``).
+        prunable_share: the share of the cost before in layers that touch a prunable channel group (what pruning
+            can act on; the rest is in layers left alone and in computations pruning does not change).
         method_options: the options of each method, by kind, as JSON-ready dicts (``{}`` for a method that takes
             none; None where they are not known: an object of a class that declares no Options model).
     """
@@ -88,6 +90,7 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     output_set: str | None = None
     method_options: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    prunable_share: float | None = None
 
     @property
     def achieved_ratio(self) -> float:

@@ -72,10 +72,17 @@ def target_note(result: SearchResult, graph_info: GraphInfo, records: list[Searc
     if smallest <= graph_info.budget * (1 + 1e-9):
         return (f"compress_ratio {settings.compress_ratio:g} was not reached: search method {method} stopped at "
                 f"{result.achieved_ratio:.3f}x although the constraints allow up to {best_ratio:.3f}x")
+    share = graph_info.cost_model.prunable_share
+    if share < 1 - 1 / settings.compress_ratio:
+        return (f"compress_ratio {settings.compress_ratio:g} cannot be reached: only {share:.1%} of the model's cost "
+                f"is in layers acps can prune (the rest is in layers the report lists with their reasons, and in "
+                f"computations no pruning changes), so even removing all of it would give "
+                f"{1 / max(1 - share, 1e-12):.3f}x; the search got to {result.achieved_ratio:.3f}x")
     return (f"compress_ratio {settings.compress_ratio:g} cannot be reached: at most {best_ratio:.3f}x is possible "
             f"within max_prune_ratio {settings.max_prune_ratio:g}, ascend_optimized "
-            f"{str(settings.ascend_optimized).lower()} and the layers that cannot be pruned (the search got to "
-            f"{result.achieved_ratio:.3f}x); raise max_prune_ratio or lower compress_ratio")
+            f"{str(settings.ascend_optimized).lower()} and the layers that cannot be pruned ({share:.1%} of the "
+            f"cost is in layers acps can prune; the search got to {result.achieved_ratio:.3f}x); raise "
+            "max_prune_ratio or lower compress_ratio")
 
 
 def searched_config(graph: ChannelGraph, result: SearchResult, override: AMCTRetrainConfig | None,

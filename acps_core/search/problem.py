@@ -144,7 +144,8 @@ class CostModel:
             estimator.prepare([layer.geometry for layer in self.layers])  # type: ignore[misc]
             if model is not None:
                 estimator.observe_model(model, sample)
-            self.fixed = float(estimator.fixed_cost())
+            dtype = self.layers[0].geometry.dtype if self.layers else torch.float32  # type: ignore[union-attr]
+            self.fixed = float(estimator.fixed_cost()) + float(estimator.computation_cost(graph.other_macs, dtype))
         except Exception as exc:
             raise PluginError(f"gain estimator {type(estimator).__name__} raised {type(exc).__name__} in "
                               f"prepare(): {exc}") from exc
@@ -160,6 +161,14 @@ class CostModel:
             for group_id in touched:
                 self._layers_of_group.setdefault(group_id, []).append(layer)
         self.full_cost = self.cost({})
+        fixed_layers = sum(self.layer_cost(layer, {}) for layer in self.layers
+                           if not any(graph.group(g).prunable for g in self._touched(layer)))
+        #: The share of the model's cost in layers that touch a prunable group: what pruning can act on.
+        self.prunable_share = 1.0 - (fixed_layers + self.fixed) / self.full_cost if self.full_cost > 0 else 0.0
+
+    @staticmethod
+    def _touched(layer: LayerInfo) -> set[int]:
+        return set(layer.in_groups) | ({layer.out_group} if layer.out_group is not None else set())
 
     def layer_cost(self, layer: LayerInfo, kept: Mapping[int, int]) -> float:
         cin, cout = self.graph.channel_counts(layer, kept)

@@ -179,6 +179,7 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
         if count < graph.group(group_id).channels and group_id not in decision.keep:
             decision.keep[group_id] = largest_norm_channels(model, graph.group(group_id), count)
     result = build_result(graph, cost_model, decision, fixed, settings, call.out_path)
+    result.prunable_share = cost_model.prunable_share
     sensitivity_story(result, graph_info, records, decision)
     used_methods = [describe_method(method) for method in (call.sensitivity, call.search, call.gain)]
     result.methods = {record.kind: record.spec for record in used_methods}

@@ -138,6 +138,11 @@ class AscendLatency(GainEstimatorBase):
         self.chip = replace(base, **given)
         self.batch = self.options.batch
 
+    def computation_cost(self, macs: float, dtype: torch.dtype) -> float:
+        """The matrix products outside the layers on the Cube at its peak rate, in microseconds."""
+        rate = (self.chip.int8_tops if dtype in _INT8 else self.chip.fp16_tflops) * 1e12 / 2
+        return macs * self.batch / rate * 1e6
+
     def layer_cost(self, layer: LayerGeometry, in_channels: int, out_channels: int) -> float:
         """The layer's predicted time in microseconds at the given channel counts."""
         return self.layer_time(layer, in_channels, out_channels)[0]

@@ -29,6 +29,10 @@ class BitComplexity(GainEstimatorBase):
 
     unit = "bit-ops"
 
+    def computation_cost(self, macs: float, dtype: torch.dtype) -> float:
+        """The bit-operations of the matrix products outside the layers (weights taken at the activations' width)."""
+        return macs * dtype_bits(dtype) ** 2
+
     def layer_cost(self, layer: LayerGeometry, in_channels: int, out_channels: int) -> float:
         """The layer's bit-operations per sample at the given channel counts."""
         return layer.macs(in_channels, out_channels) * dtype_bits(layer.dtype) * dtype_bits(layer.weight_dtype)
