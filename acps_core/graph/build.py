@@ -51,6 +51,7 @@ class GroupBuilder(Spaces):
         # ("layer_norm", "rms_norm"): masking recomputes those calls over the kept channels.
         self.norms_over_channels: dict[str, str] = {}
         self.other_macs = 0.0  # multiply-accumulates of the traced functions no layer accounts for (whole batch)
+        self.batch = 1  # samples in the traced batch
         self.layers: dict[str, dict[str, Any]] = {}  # per traced layer: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
@@ -261,6 +262,8 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
 
     named = {name: module for module, name in module_names.items()}
     builder = GroupBuilder(recorder, _shared_weights(model, module_names), named, set(buffer_names.values()))
+    first = next(iter(tensors_in(sample)), None)
+    builder.batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
     builder.run()
     output_layers: list[str] = []
     for tensor in tensors_in(output):
@@ -272,9 +275,7 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
                 output_layers.append(producer)
     graph = _assemble(model, builder, output_layers, module_types)
     graph.output = output
-    first = next(iter(tensors_in(sample)), None)
-    batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
-    graph.other_macs = builder.other_macs / batch
+    graph.other_macs = builder.other_macs / builder.batch
     return graph
 
 

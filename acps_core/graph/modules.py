@@ -81,7 +81,9 @@ def layer_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: Laye
     weight_dtype = next((p.dtype for p in module.parameters(recurse=False)), None)
     dtype = x.dtype if x is not None else weight_dtype
     assert dtype is not None, f"{name} has no parameter and no input"
-    geometry = adapter.geometry(name, module, _per_sample(in_shape), _per_sample(out_shape), dtype)
+    in_dim = adapter.input_dim(module, len(in_shape)) if in_shape else 1
+    geometry = adapter.geometry(name, module, _per_sample(in_shape, builder.batch, in_dim),
+                                _per_sample(out_shape, builder.batch, channel_dim), dtype)
     entry = builder.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                        "reason": None, "location": op.location})
     groups = geometry.groups
@@ -132,8 +134,21 @@ def layer_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: Laye
     builder.tags[out_value] = [builder.whole(space, channel_dim)]
 
 
-def _per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (1, *shape[1:]) if shape else shape
+def _per_sample(shape: tuple[int, ...], batch: int, channel_dim: int) -> tuple[int, ...]:
+    """A layer's input or output shape for one sample: batch 1. When the leading dim holds several rows per sample
+    (windows of a Swin block, patches of a MobileViT block: ``batch * k`` rows), the ``k`` goes into the first
+    dim after it that is not the channel dim, so that the layer's positions per sample stay right."""
+    if not shape:
+        return shape
+    rows = shape[0] // batch if batch and shape[0] % batch == 0 else 1
+    out = [1, *shape[1:]]
+    if rows > 1:
+        if len(out) == 2:
+            out.insert(1, rows)  # (batch * k, C) -> (1, k, C)
+        else:
+            position = 2 if channel_dim == 1 else 1
+            out[position] *= rows
+    return tuple(out)
 
 
 def follow(builder: GroupBuilder, op: Op, name: str, kind: str, in_tags: list[Tag], channel_dim: int,
