@@ -13,7 +13,8 @@ For each model (random weights, built by ``testing/timm_models.py``; nothing is 
 Printed per model and tool: the prunable channel groups, the FLOPs ratio reached (the FLOPs of one image before /
 after, counted by ``torch.utils.flop_counter.FlopCounterMode``, the CPU attention kernel included), whether
 attention heads were pruned (models with attention only), whether the pruned model ran with the original output
-shape, and the seconds taken. "end to end" means it ran and reached at least 1.45x. Totals at the end.
+shape, and the seconds taken. "end to end" means it ran and reached at least 1.45x. A tool gets 300 s per
+model; one that raises or runs out of time scores nothing there (the errors are listed). Totals at the end.
 
 Usage::
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 import tempfile
 import time
@@ -39,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import acps_core
 from acps_core.graph.build import build_channel_graph
-from testing.timm_models import BY_MODEL, CASES, TimmCase, build, counted_flops, images
+from testing.timm_models import BY_MODEL, CASES, TimmCase, build, counted_flops, head_counts, images
 
 TARGET = 1.5
+#: Seconds each tool gets per model.
+LIMIT_S = 300
 
 
 @dataclass
@@ -56,11 +60,6 @@ class Outcome:
     @property
     def end_to_end(self) -> bool:
         return self.ran and self.ratio is not None and self.ratio >= TARGET - 0.05
-
-
-def head_counts(model: nn.Module) -> dict[str, int]:
-    return {name: int(m.num_heads) for name, m in model.named_modules()
-            if isinstance(getattr(m, "num_heads", None), int)}
 
 
 def measure(model: nn.Module, pruned: nn.Module, x: torch.Tensor, before_heads: dict[str, int]) -> Outcome:
@@ -125,11 +124,21 @@ def run_tp(case: TimmCase) -> Outcome:
     return outcome
 
 
+def _out_of_time(signum: int, frame: Any) -> None:
+    raise TimeoutError(f"no result within {LIMIT_S} s")
+
+
 def attempt(run: Any, case: TimmCase) -> Outcome:
+    """One tool on one model, given at most ``LIMIT_S`` seconds."""
+    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(LIMIT_S)
     try:
         return run(case)  # type: ignore[no-any-return]
     except Exception as exc:  # a tool that fails on a model scores nothing there
         return Outcome(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def cells(outcome: Outcome) -> list[str]:

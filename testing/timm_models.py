@@ -23,6 +23,8 @@ class TimmCase:
     size: int
     #: Why acps cannot reach a 1.5x target on it (None: it must).
     limit: str | None = None
+    #: Whether acps prunes its attention heads.
+    heads: bool = False
 
 
 #: Models acps cannot prune to 1.5x fewer FLOPs, and why (the README repeats these).
@@ -55,9 +57,9 @@ CASES: list[TimmCase] = [
     TimmCase("convnextv2", "convnextv2_atto", 128),
     TimmCase("efficientformer", "efficientformer_l1", 224),
     TimmCase("levit", "levit_128s", 224, LEVIT_LIMIT),
-    TimmCase("mobilevit", "mobilevit_xxs", 256),
-    TimmCase("deit", "deit_tiny_patch16_224", 224),
-    TimmCase("vit", "vit_tiny_patch16_224", 224),
+    TimmCase("mobilevit", "mobilevit_xxs", 256, heads=True),
+    TimmCase("deit", "deit_tiny_patch16_224", 224, heads=True),
+    TimmCase("vit", "vit_tiny_patch16_224", 224, heads=True),
     TimmCase("swin", "swin_tiny_patch4_window7_224", 224),
     TimmCase("pvt_v2", "pvt_v2_b0", 128, PVT_LIMIT),
     TimmCase("poolformer", "poolformer_s12", 128),
@@ -86,6 +88,12 @@ def build(case: TimmCase, seed: int = 0) -> nn.Module:
                 module.running_mean.normal_(0, 0.1, generator=generator)
                 module.running_var.uniform_(0.5, 1.5, generator=generator)
     return model.eval()
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """``num_heads`` of every module that has one."""
+    return {name: int(m.num_heads) for name, m in model.named_modules()
+            if isinstance(getattr(m, "num_heads", None), int)}
 
 
 def images(case: TimmCase, count: int, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import acps_core as acps
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.verify import verify_groups
-from testing.timm_models import CASES, TimmCase, build, counted_flops, images
+from testing.timm_models import CASES, TimmCase, build, counted_flops, head_counts, images
 from testing.zoo import pruned_and_masked, random_keep
 
 IDS = [case.model for case in CASES]
@@ -36,8 +36,10 @@ def test_random_pruning_computes_what_masking_computes(case: TimmCase) -> None:
     assert verify_groups(model, graph, x) == [], "a group the graph calls prunable broke the check by execution"
     keep = random_keep(graph, seed=1)
     assert keep, f"{case.model}: nothing prunable"
-    out, expected, _ = pruned_and_masked(model, x, graph, keep)
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    before, after = head_counts(model), head_counts(pruned)
+    assert any(after[name] < count for name, count in before.items()) == case.heads
 
 
 def search(tmp_path: Path, case: TimmCase, model: torch.nn.Module, x: torch.Tensor) -> acps.SearchResult:

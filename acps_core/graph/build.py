@@ -34,7 +34,9 @@ from acps_core.graph.modules import module_op
 from acps_core.graph.shapes import RESHAPES, requested_sizes
 from acps_core.graph.spaces import Spaces, Tag
 from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, refs_in, trace_sample
-from acps_core.layers.base import adapter_for, whole_layer
+from acps_core.layers.attention import AttentionAdapter
+from acps_core.layers.base import adapter_for, by_pattern, whole_layer
+from acps_core.layers.fused_attention import FusedAttentionAdapter
 
 
 class GroupBuilder(Spaces):
@@ -216,6 +218,45 @@ def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> dict[st
     return shared
 
 
+def _record(model: nn.Module, sample: Any, leaf_names: dict[nn.Module, str], param_names: dict[int, str]
+            ) -> tuple[Recorder, Any, set[nn.Module]]:
+    """One traced forward pass: the recorder, the model's output, and the layers recognised by a pattern (not
+    their type) whose first call the adapter could not confirm (:meth:`~acps_core.layers.LayerAdapter.confirm`)."""
+    recorder = Recorder(leaf_names, param_names)
+    for tensor in tensors_in(sample):
+        recorder.add_value(tensor)
+    calls: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.setdefault(module, (args, kwargs))
+
+    # Hooks with kwargs on the leaf modules only: a layer called as conv(input=x) is recorded too.
+    handles = []
+    for module in leaf_names:
+        handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
+        if by_pattern(module):
+            handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))
+    failure: Exception | None = None
+    try:
+        with torch.no_grad(), recorder:
+            output = forward(model, sample)
+    except Exception as exc:
+        failure = exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    if failure is not None:
+        # Explained once the hooks are gone: a DataError when the data's dtype is at fault, else a GraphError.
+        raise explain_trace_failure(model, sample, failure) from failure
+    unconfirmed = set()
+    for module, (args, kwargs) in calls.items():
+        adapter = adapter_for(module)
+        if adapter is None or not adapter.confirm(module, args, kwargs):
+            unconfirmed.add(module)
+    return recorder, output, unconfirmed
+
+
 def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     """Trace ``model`` on ``data`` (a tensor, or a tuple of the forward's arguments) and find its channel groups.
 
@@ -238,27 +279,11 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     buffer_names = {id(b): n for n, b in model.named_buffers()}
     for key, name in buffer_names.items():
         param_names.setdefault(key, name)
-    recorder = Recorder(leaf_names, param_names)
     sample = trace_sample(data)
-    for tensor in tensors_in(sample):
-        recorder.add_value(tensor)
-    # Hooks with kwargs on the leaf modules only: a layer called as conv(input=x) is recorded too.
-    handles = []
-    for module in leaf_names:
-        handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
-        handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
-    failure: Exception | None = None
-    try:
-        with torch.no_grad(), recorder:
-            output = forward(model, sample)
-    except Exception as exc:
-        failure = exc
-    finally:
-        for handle in handles:
-            handle.remove()
-    if failure is not None:
-        # Explained once the hooks are gone: a DataError when the data's dtype is at fault, else a GraphError.
-        raise explain_trace_failure(model, sample, failure) from failure
+    recorder, output, unconfirmed = _record(model, sample, leaf_names, param_names)
+    if unconfirmed:  # layers recognised by their parts whose forward is not what their adapter assumes
+        leaf_names = {m: n for m, n in leaf_names.items() if m not in unconfirmed}
+        recorder, output, _ = _record(model, sample, leaf_names, param_names)
 
     named = {name: module for module, name in module_names.items()}
     builder = GroupBuilder(recorder, _shared_weights(model, module_names), named, set(buffer_names.values()))
@@ -305,17 +330,22 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
                 group.consumers.append(use)
 
     layers: dict[str, LayerInfo] = {}
-    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    attention = {f"{name}.{adapter.out_projection}": name for name, module in model.named_modules()
+                 if isinstance(adapter := adapter_for(module), AttentionAdapter)}
+    fused = {f"{name}.qkv": name for name, module in model.named_modules()
+             if isinstance(adapter_for(module), FusedAttentionAdapter) and name in builder.layers}
     for name, module in model.named_modules():
         adapter = adapter_for(module)
         if adapter is None or adapter.role == "follower" or name in layers:
             continue
         entry = builder.layers.get(name)
-        owner = name.rpartition(".")[0]
-        if entry is None and owner in attention and name.endswith("out_proj"):
+        if name in fused or (entry is None and by_pattern(module)):
+            continue  # part of an attention module traced whole; or such a module traced function by function
+        if entry is None and name in attention:
+            owner = attention[name]
             layers[name] = LayerInfo(name, type(module).__name__, None,
-                                     reason=f"the out projection of nn.MultiheadAttention {owner}, which acps "
-                                            f"could not trace as a whole (see {owner})")
+                                     reason=f"the out projection of attention {owner}, which acps could not trace "
+                                            f"as a whole (see {owner})")
             continue
         if entry is None:
             reason = ("not called in the forward pass on the calibration data" if adapter.traced_whole(module) else

@@ -42,6 +42,9 @@ class LayerGeometry:
     output_shape: tuple[int, ...]
     dtype: torch.dtype
     weight_dtype: torch.dtype
+    #: For attention: how many independent sequences of ``input_shape[1]`` tokens it attends over per sample (the
+    #: patches of a MobileViT block); 1 otherwise.
+    rows: int = 1
 
     @property
     def depthwise(self) -> bool:
@@ -73,7 +76,7 @@ class LayerGeometry:
         cout = self.out_channels if out_channels is None else out_channels
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
-            return float(tokens * (3 * cin * cout + 2 * tokens * cout))
+            return float(self.rows * tokens * (3 * cin * cout + 2 * tokens * cout))
         # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
         inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups
         return float(self.output_positions * cout * inputs_per_output * math.prod(self.kernel_size))
@@ -327,7 +330,8 @@ class ChannelGraph:
         for name in group.producers:
             kind = self.module_type(name)
             for param, dim, part in self.slots.get(name, ([], []))[0]:
-                slices.append(ParamSlice(name, param, dim, ChannelUse(name, kind, offset=part * group.channels)))
+                owner, attr = _child(name, param)
+                slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind, offset=part * group.channels)))
         for use in group.followers:
             if use.kind == "Buffer":
                 continue  # a statistic, not a weight
@@ -338,7 +342,7 @@ class ChannelGraph:
                 slices += [ParamSlice(use.layer, param, dim, use)
                            for param, dim, _ in self.slots.get(use.layer, ([], []))[0]]
         for use in group.consumers:
-            slices += [ParamSlice(use.layer, param, dim, use, groups)
+            slices += [ParamSlice(*_child(use.layer, param), dim, use, groups)
                        for param, dim, groups in self.slots.get(use.layer, ([], []))[1]]
         return slices
 
@@ -371,3 +375,9 @@ class ChannelGraph:
             else:
                 out[name] = layer.reason or "not prunable"
         return out
+
+
+def _child(module: str, param: str) -> tuple[str, str]:
+    """A parameter slot named through a child (``qkv.weight`` of an attention module) as (that child, its name)."""
+    path, _, attr = param.rpartition(".")
+    return (f"{module}.{path}" if path else module), attr

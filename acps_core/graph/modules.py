@@ -13,6 +13,7 @@ from torch import nn
 from acps_core.graph.model import ChannelUse, LayerGeometry
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
+from acps_core.layers.attention import AttentionAdapter
 from acps_core.layers.base import LayerAdapter
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ def module_op(builder: GroupBuilder, op: Op, adapter: LayerAdapter) -> None:
         # Slicing its inputs (or, for a norm, its parameters) would unshare the weights.
         builder.block_tags(in_tags, f"{name}'s parameters are shared with {shared}")
     if adapter.role == "attention":
-        assert isinstance(module, nn.MultiheadAttention)
-        attention_module(builder, op, module, touched)
+        assert isinstance(adapter, AttentionAdapter)
+        attention_module(builder, op, module, adapter, touched)
     elif adapter.role == "follower":
         follower_module(builder, op, module, adapter, in_tags, x)
     else:
@@ -188,8 +189,9 @@ def spread_over_groups(builder: GroupBuilder, tag: Tag, geometry: LayerGeometry)
     return all((tag.offset + k * step) // per_group == k // share for k in range(channels))
 
 
-def attention_module(builder: GroupBuilder, op: Op, module: nn.MultiheadAttention, touched: list[int]) -> None:
-    """nn.MultiheadAttention, three layers in one module:
+def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: AttentionAdapter,
+                     touched: list[int]) -> None:
+    """nn.MultiheadAttention (or self-attention with a fused qkv Linear), three layers in one module:
 
     - its packed q/k/v projection consumes the embed_dim channels of query, key and value, which share the
       projection's columns, so they must be the same channels (or channels pruned alike);
@@ -199,8 +201,8 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.MultiheadAttentio
       stream by the add that follows).
     """
     name = op.name
-    where = f"nn.MultiheadAttention {name} at {op.location}"
-    inputs = call_inputs(op)
+    where = f"{type(module).__name__} {name} at {op.location}"
+    inputs = [first_tensor((op.args, op.kwargs)), None, None] if adapter.self_attention() else call_inputs(op)
     query = inputs[0]
     others = [r for r in refs_in((op.args, op.kwargs)) if all(r is not i for i in inputs)]
     builder.block_tags([t for r in others for t in builder.tags_of(r)],
@@ -209,12 +211,15 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.MultiheadAttentio
         builder.block_tags([t for r in inputs for t in builder.tags_of(r)], f"{where} could not be traced")
         return
     channel_dim = len(query.shape) - 1
-    tokens = query.shape[1] if (module.batch_first and len(query.shape) == 3) else query.shape[0]
-    width = module.num_heads * module.head_dim
-    out_proj = module.out_proj
+    tokens = query.shape[1] if (adapter.batch_first(module) and len(query.shape) == 3) else query.shape[0]
+    num_heads, head_dim = adapter.heads(module)
+    width = num_heads * head_dim
+    out_proj = module.get_submodule(adapter.out_projection)
+    assert isinstance(out_proj, nn.Linear)
+    weight_dtype = next(p.dtype for p in module.parameters())
+    rows = max(1, (query.shape[0] if adapter.batch_first(module) else query.shape[1]) // builder.batch)
     geometry = LayerGeometry(name, "MultiheadAttention", query.shape[-1], width, 1, (1,), (1,),
-                             (1, tokens, query.shape[-1]), (1, tokens, width), query.dtype,
-                             module.in_proj_weight.dtype)
+                             (1, tokens, query.shape[-1]), (1, tokens, width), query.dtype, weight_dtype, rows)
     entry = builder.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                           "reason": None, "location": op.location})
     embed_inputs(builder, op, name, inputs, channel_dim, entry, where)
@@ -223,14 +228,14 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.MultiheadAttentio
     touched.append(heads)
     entry["spaces"].append(heads)
     entry["out"] = heads
-    builder.require(heads, unit=module.head_dim)
-    projection = f"{name}.out_proj"
+    builder.require(heads, unit=head_dim)
+    projection = f"{name}.{adapter.out_projection}"
     use = ChannelUse(projection, "Linear")
     builder.spaces[heads].consumers.append(use)
 
     out_geometry = LayerGeometry(projection, "Linear", width, out_proj.out_features, 1, (1,),
-                                 (1,), (1, tokens, width), (1, tokens, out_proj.out_features), query.dtype,
-                                 out_proj.weight.dtype)
+                                 (1,), (1, rows * tokens, width), (1, rows * tokens, out_proj.out_features),
+                                 query.dtype, out_proj.weight.dtype)
     out_entry = builder.layers.setdefault(projection, {"geometry": out_geometry, "spaces": [], "in": [],
                                                     "out": None, "reason": entry["reason"],
                                                     "location": op.location})

@@ -3,22 +3,25 @@ channels sit in its parameters, and how it is sliced, masked, re-fitted and rank
 
 The built-in types are registered here: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``,
 ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.PReLU`` and
-``nn.MultiheadAttention``. :func:`register_layer` registers a user's own type.
+``nn.MultiheadAttention``, and self-attention with a fused ``qkv`` Linear (recognised by its parts).
+:func:`register_layer` registers a user's own type.
 """
 
 from torch import nn
 
-from acps_core.layers.attention import MultiheadAttentionAdapter
+from acps_core.layers.attention import AttentionAdapter, MultiheadAttentionAdapter
 from acps_core.layers.base import (
     LayerAdapter,
     adapter_for,
     register_layer,
+    register_pattern,
     take,
     take_buffer,
     unregister_layer,
     whole_layer,
 )
 from acps_core.layers.conv import CONV_TYPES, TRANSPOSED_CONV_TYPES, ConvAdapter, ConvTransposeAdapter
+from acps_core.layers.fused_attention import FusedAttentionAdapter, fused_qkv_attention
 from acps_core.layers.linear import LinearAdapter
 from acps_core.layers.norm import (
     NORM_TYPES,
@@ -35,12 +38,15 @@ for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, Co
                          ((nn.PReLU,), PReLUAdapter()), ((nn.MultiheadAttention,), MultiheadAttentionAdapter())):
     for _type in _types:
         register_layer(_type, _adapter)
+register_pattern(fused_qkv_attention, FusedAttentionAdapter())
 
 __all__ = [
+    "AttentionAdapter",
     "BatchNormAdapter",
     "ConvAdapter",
     "ConvTransposeAdapter",
     "FollowerAdapter",
+    "FusedAttentionAdapter",
     "GroupNormAdapter",
     "LayerAdapter",
     "LayerNormAdapter",

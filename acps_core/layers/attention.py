@@ -118,13 +118,37 @@ def shrink_embed_dim(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
     make_prunable(module)
 
 
-class MultiheadAttentionAdapter(LayerAdapter):
+class AttentionAdapter(LayerAdapter):
+    """Attention whose heads the graph maps with a rule of its own
+    (:func:`~acps_core.graph.modules.attention_module`): its output channels are the width of its heads, consumed
+    by its out projection (the child :attr:`out_projection`), which produces the module's output channels."""
+
+    role = "attention"
+    #: The child Linear that reads the heads.
+    out_projection = "out_proj"
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        """``(num_heads, head_dim)``."""
+        attention: Any = module
+        return int(attention.num_heads), int(attention.head_dim)
+
+    def batch_first(self, module: nn.Module) -> bool:
+        """Whether its inputs are (batch, tokens, channels) rather than (tokens, batch, channels)."""
+        return bool(getattr(module, "batch_first", True))
+
+    def self_attention(self) -> bool:
+        """Whether it takes one input (x) rather than query, key and value."""
+        return False
+
+    def input_dim(self, module: nn.Module, ndim: int) -> int:
+        return ndim - 1
+
+
+class MultiheadAttentionAdapter(AttentionAdapter):
     """``nn.MultiheadAttention`` with packed q/k/v projections (see :func:`plain_multihead_attention`): the graph
     maps its heads with a rule of its own (:func:`~acps_core.graph.modules.attention_module`); here, where its
     channels sit and how it is cut. Its output channels are the width of its heads: the q, k and v rows of the
     packed projection (three parts); its inputs are the projection's columns."""
-
-    role = "attention"
 
     def traced_whole(self, module: nn.Module) -> bool:
         return plain_multihead_attention(module)
@@ -134,9 +158,6 @@ class MultiheadAttentionAdapter(LayerAdapter):
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
         return [("in_proj_weight", 1, 1)]
-
-    def input_dim(self, module: nn.Module, ndim: int) -> int:
-        return ndim - 1
 
     def filter_rows(self, module: nn.Module) -> torch.Tensor:
         """The q, k and v rows of each head channel, taken together."""

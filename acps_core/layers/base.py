@@ -159,12 +159,25 @@ class LayerAdapter:
         channels x kept input channels): the weight that reads the kept channels."""
         raise NotImplementedError(f"{type(self).__name__} must implement fold_input_map() to be re-fitted")
 
+    def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """For an adapter registered for a pattern of parts rather than a type (:func:`register_pattern`):
+        whether the module computes what the adapter assumes, tried on its first traced call's arguments. A module
+        it cannot confirm is traced function by function instead. True by default."""
+        return True
+
     def child_pruned(self, module: nn.Module, child: str) -> None:
         """Called on a module after its child ``child`` was pruned (``nn.MultiheadAttention`` changes its forward
         once its out projection loses outputs). Nothing by default."""
 
 
 _ADAPTERS: dict[type, LayerAdapter] = {}
+# Layers recognised by their parts rather than their class (self-attention with a fused qkv Linear).
+_PATTERNS: list[tuple[Callable[[nn.Module], bool], LayerAdapter]] = []
+
+
+def register_pattern(matches: Callable[[nn.Module], bool], adapter: LayerAdapter) -> None:
+    """Use ``adapter`` for modules of no registered type for which ``matches(module)`` is true."""
+    _PATTERNS.append((matches, adapter))
 
 
 def register_layer(module_type: type, adapter: LayerAdapter) -> None:
@@ -195,13 +208,24 @@ def unregister_layer(module_type: type) -> None:
 
 
 def adapter_for(module: nn.Module | type) -> LayerAdapter | None:
-    """The adapter of a module (or module class): the one registered for its class or the nearest base class."""
+    """The adapter of a module (or module class): the one registered for its class or the nearest base class, or
+    for a module of no registered type, the first pattern it matches (see :func:`register_pattern`)."""
     cls = module if isinstance(module, type) else type(module)
     for base in cls.__mro__:
         adapter = _ADAPTERS.get(base)
         if adapter is not None:
             return adapter
+    if not isinstance(module, type):
+        for matches, adapter in _PATTERNS:
+            if matches(module):
+                return adapter
     return None
+
+
+def by_pattern(module: nn.Module) -> bool:
+    """Whether the module's adapter comes from a pattern of parts rather than its type."""
+    return not any(base in _ADAPTERS for base in type(module).__mro__) and any(
+        matches(module) for matches, _ in _PATTERNS)
 
 
 def whole_layer(module: nn.Module) -> LayerAdapter | None:

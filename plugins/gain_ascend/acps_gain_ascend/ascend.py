@@ -163,8 +163,8 @@ class AscendLatency(GainEstimatorBase):
         if attention:
             tokens = _up(positions, FRACTAL)
             width = _up(out_channels, FRACTAL)
-            # q, k and v projections, then the two attention products (self-attention)
-            macs = 3 * tokens * width * _up(in_channels, k_fractal) + 2 * tokens * tokens * width
+            # q, k and v projections, then the two attention products (self-attention), for each of its rows
+            macs = layer.rows * (3 * tokens * width * _up(in_channels, k_fractal) + 2 * tokens * tokens * width)
             weights = 3 * _up(in_channels, FRACTAL) * width
             compute = macs / rate
         elif layer.depthwise:

@@ -345,7 +345,7 @@ def _standalone(layer: LayerGeometry, cin: int, cout: int, batch: int) -> tuple[
         return module, torch.randn(batch, cin, *spatial_in)
     tokens = tuple(layer.input_shape[1:-1])
     if layer.kind == "MultiheadAttention":  # its q, k and v projections in one Linear
-        return nn.Linear(cin, 3 * cout), torch.randn(batch, *tokens, cin)
+        return nn.Linear(cin, 3 * cout), torch.randn(batch * layer.rows, *tokens, cin)
     return nn.Linear(cin, cout), torch.randn(batch, *tokens, cin)
 
 
