@@ -10,7 +10,11 @@ latency (cuts there save nothing measured).
 
 Tables are cached on disk, one JSON file per layer geometry, keyed by the device (its name), torch version,
 thread count, dtype, kind, kernel, stride, groups, input size, traced channel counts and the grid, so a second
-search on the same model and device measures nothing. The cache folder is ``cache_dir``, else
+search on the same model and device measures nothing; each table also records the spread of the repeats that
+timed the full-size layer (their interquartile range over their median). Tables timed while the machine was busy
+would mislead every later search, so when the model is timed whole, the layers' tables must not add up to more
+than it (15 % allowed): cached ones that do are timed again, and fresh ones that do give a warning. The cache
+folder is ``cache_dir``, else
 ``$ACPS_CACHE_DIR/latency``, else ``~/.cache/acps/latency``. The user's model is never changed: only the
 standalone layers are timed at other sizes, and the whole model is timed once (in eval mode, without gradients)
 to count what its layers leave out (pools, residual adds, the forward pass's own Python) as a fixed cost, which
@@ -30,6 +34,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: Shares of the traced channel count measured on each axis.
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
+#: The layers' tables may add up to at most this much more than the whole model's time before they count as stale.
+STALE = 1.15
 _CONVS: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d,
     "ConvTranspose1d": nn.ConvTranspose1d, "ConvTranspose2d": nn.ConvTranspose2d,
@@ -134,6 +141,8 @@ class MeasuredLatency(GainEstimatorBase):
         self.measure_rest = self.options.measure_rest
         self.tables: dict[str, LatencyTable] = {}
         self.measured = 0  # layers timed (not found in the cache) by the last prepare()
+        self.cached: dict[str, LayerGeometry] = {}  # layers whose table came from the cache, by name
+        self.last_spread: float | None = None  # relative spread of the repeats of the last timing
         self.model_ms = 0.0  # the whole model's measured latency (observe_model)
         self.rest_ms = 0.0   # the part of the rest that pruning does not shrink (fixed_cost)
         self.rest_per_output = 0.0  # the rest that shrinks, per output element of a layer
@@ -143,13 +152,15 @@ class MeasuredLatency(GainEstimatorBase):
     def prepare(self, layers: Sequence[LayerGeometry]) -> None:
         """Build (or load) the latency table of every layer."""
         device = self.device or self.model_device
-        self.tables, self.measured = {}, 0
+        self.tables, self.measured, self.cached = {}, 0, {}
         folder = self._cache_folder()
         shown = layers if self.progress is False else progress(layers, "MeasuredLatency: timing layers", len(layers))
         for layer in shown:
             key = self._key(layer, device)
             table = _load(folder, key) if folder is not None else None
-            if table is None:
+            if table is not None:
+                self.cached[layer.name] = layer
+            else:
                 table = self._measure(layer, device, key)
                 self.measured += 1
                 if folder is not None:
@@ -191,7 +202,7 @@ class MeasuredLatency(GainEstimatorBase):
                     small_ms = statistics.median(self.timer(_Forward(model), small) for _ in range(3))
                 except Exception:  # the model does not take a smaller image (a flatten into a Linear)
                     small_ms = None
-        layers = sum(table.at(*table.key["channels"]) for table in self.tables.values())
+        layers = self._check_tables(device)
         rest = max(0.0, self.model_ms - layers)
         own_dispatch = (op_ms + module_ms) * len(self.tables)  # inside the layers' tables already
         if small_ms is not None:
@@ -206,6 +217,36 @@ class MeasuredLatency(GainEstimatorBase):
         self.rest_ms = min(rest, max(0.0, calls))
         volume = sum(table.key["channels"][1] * _positions(table.key) for table in self.tables.values())
         self.rest_per_output = (rest - self.rest_ms) / volume if volume else 0.0
+
+    def _check_tables(self, device: torch.device) -> float:
+        """The layers' tables against the whole model just timed: together they cannot take longer than the model.
+        When they do (tables timed while the machine was busy, then cached), the cached ones are timed again and
+        rewritten; when fresh tables still do, a warning says the predictions are unreliable. Returns the layers'
+        summed full-size time."""
+        def total() -> float:
+            return sum(table.at(*table.key["channels"]) for table in self.tables.values())
+
+        layers = total()
+        if layers <= self.model_ms * STALE or not self.model_ms:
+            return layers
+        if self.cached:
+            logger.warning("MeasuredLatency: the cached latency tables add up to %.3g ms, more than the whole "
+                           "model's %.3g ms: timing %d cached layer(s) again", layers, self.model_ms,
+                           len(self.cached))
+            folder = self._cache_folder()
+            for name, layer in self.cached.items():
+                self.tables[name] = self._measure(layer, device, self._key(layer, device))
+                self.measured += 1
+                if folder is not None:
+                    _store(folder, self.tables[name])
+            self.cached = {}
+            layers = total()
+        if layers > self.model_ms * STALE:
+            warnings.warn(f"MeasuredLatency: the layers' latency tables add up to {layers:.3g} ms, more than the "
+                          f"{self.model_ms:.3g} ms the whole model takes; the machine was probably busy while "
+                          "timing, so the predicted speedups are unreliable: search again on a quiet machine",
+                          stacklevel=2)
+        return layers
 
     def fixed_cost(self) -> float:
         """The part of the model's time outside its Conv/Linear layers that pruning does not shrink: the
@@ -242,7 +283,8 @@ class MeasuredLatency(GainEstimatorBase):
                 module, x = module.to(device, dtype).eval(), x.to(device, dtype)
                 row.append(self.timer(module, x))
             values.append(row)
-        return LatencyTable(key, ins, outs, values, depthwise=layer.depthwise)
+        # The spread of the last timing, the layer at its full size.
+        return LatencyTable(key, ins, outs, values, depthwise=layer.depthwise, spread=self.last_spread)
 
     def _time(self, module: nn.Module, x: Any) -> float:
         sync = _synchronizer(x.device if isinstance(x, torch.Tensor) else self.device or self.model_device)
@@ -256,7 +298,11 @@ class MeasuredLatency(GainEstimatorBase):
                 module(x)
                 sync()
                 times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        median = statistics.median(times)
+        if len(times) >= 4 and median > 0:
+            quartiles = statistics.quantiles(times, n=4)
+            self.last_spread = (quartiles[2] - quartiles[0]) / median
+        return median * 1e3
 
     def _key(self, layer: LayerGeometry, device: torch.device) -> dict[str, Any]:
         return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -279,8 +325,10 @@ class LatencyTable:
     """Measured latencies (ms) of one layer on a grid of input x output channel counts."""
 
     def __init__(self, key: dict[str, Any], ins: list[int], outs: list[int], values: list[list[float]],
-                 depthwise: bool = False) -> None:
+                 depthwise: bool = False, spread: float | None = None) -> None:
         self.key, self.ins, self.outs, self.depthwise = key, ins, outs, depthwise
+        #: The spread of the repeats timing the full-size layer: their interquartile range over their median.
+        self.spread = spread
         # Non-decreasing along both axes: timing noise must not make a smaller layer look slower.
         grid = [list(row) for row in values]
         for i in range(len(ins)):
@@ -305,7 +353,7 @@ class LatencyTable:
 
     def to_json(self) -> str:
         return json.dumps({"key": self.key, "in": self.ins, "out": self.outs, "ms": self.values,
-                           "depthwise": self.depthwise}, sort_keys=True)
+                           "depthwise": self.depthwise, "spread": self.spread}, sort_keys=True)
 
 
 def _locate(points: list[int], value: int) -> tuple[int, float]:
@@ -454,7 +502,8 @@ def _load(folder: Path, key: dict[str, Any]) -> LatencyTable | None:
         if data["key"] != key:
             return None
         return LatencyTable(key, [int(c) for c in data["in"]], [int(c) for c in data["out"]],
-                            [[float(v) for v in row] for row in data["ms"]], bool(data.get("depthwise")))
+                            [[float(v) for v in row] for row in data["ms"]], bool(data.get("depthwise")),
+                            None if data.get("spread") is None else float(data["spread"]))
     except (AcpsError, OSError, ValueError, KeyError, TypeError):
         return None  # missing, unreadable or not a regular file: measured again and rewritten
 

@@ -247,3 +247,53 @@ def test_ascend_counts_a_transposed_convs_larger_output_in_its_memory_traffic() 
     _, _, memory = AscendLatency("Ascend910").layer_time(geometry, 64, 64)
     elements = 64 * 14 * 14 + 64 * 28 * 28 + 64 * 64 * 4  # input, the 28x28 output, weights
     assert memory == pytest.approx(elements * 2 / 1200e9 * 1e6)
+
+
+class SlowTables(FakeTimer):
+    """Layers timed ``factor`` times slower than the whole model allows (a busy machine), the whole model 1 ms."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def __call__(self, module: nn.Module, x) -> float:
+        value = super().__call__(module, x)
+        return value * self.factor if isinstance(module, (nn.Conv2d, nn.Linear)) else value
+
+
+def test_stale_cached_tables_are_timed_again_and_fresh_disagreeing_ones_warned_about(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x = torch.randn(1, 3, 8, 8)
+    geometries = [layer.geometry for layer in build_channel_graph(model, x).layers.values()]
+    busy = measured(tmp_path, timer=SlowTables(1000.0), measure_rest=True)
+    busy.prepare(geometries)  # timed on a busy machine: the tables add up to far more than the model's 1 ms
+    with pytest.warns(UserWarning, match="machine was probably busy"):
+        busy.observe_model(model, x)
+    stored = [json.loads(f.read_text()) for f in (tmp_path / "cache").glob("*.json")]
+    assert stored and all("spread" in data for data in stored)
+
+    quiet = measured(tmp_path, timer=SlowTables(1e-3), measure_rest=True)
+    quiet.prepare(geometries)
+    assert quiet.measured == 0 and len(quiet.cached) == len(geometries)  # the busy tables, from the cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timed again, the tables agree with the model: no warning
+        quiet.observe_model(model, x)
+    assert quiet.measured == len(geometries) and not quiet.cached
+    full = sum(quiet.tables[g.name].at(g.in_channels, g.out_channels) for g in geometries)
+    assert full <= quiet.model_ms
+    again = measured(tmp_path, timer=SlowTables(1e-3), measure_rest=True)
+    again.prepare(geometries)  # the cache now holds the quiet tables
+    assert again.measured == 0
+    assert all(again.tables[g.name].values == quiet.tables[g.name].values for g in geometries)
+
+
+def test_the_spread_of_the_repeats_is_recorded_with_the_table(tmp_path) -> None:
+    estimator = MeasuredLatency(cache_dir=tmp_path / "cache", measure_rest=False, repeats=8, warmup=1,
+                                grid=(0.5, 1.0))
+    geometry = conv_geometry(8, 8, size=4)
+    estimator.prepare([geometry])
+    spread = estimator.tables[geometry.name].spread
+    assert spread is not None and spread >= 0
+    data = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert data["spread"] == spread
