@@ -60,7 +60,7 @@ CASES: list[TimmCase] = [
     TimmCase("mobilevit", "mobilevit_xxs", 256, heads=True),
     TimmCase("deit", "deit_tiny_patch16_224", 224, heads=True),
     TimmCase("vit", "vit_tiny_patch16_224", 224, heads=True),
-    TimmCase("swin", "swin_tiny_patch4_window7_224", 224),
+    TimmCase("swin", "swin_tiny_patch4_window7_224", 224, heads=True),
     TimmCase("pvt_v2", "pvt_v2_b0", 128, PVT_LIMIT),
     TimmCase("poolformer", "poolformer_s12", 128),
     TimmCase("coat", "coat_lite_tiny", 224),

@@ -10,8 +10,9 @@ The head count is a constant the forward reads from the module, so the graph can
 what the module computes is known instead, and it is pruned like ``nn.MultiheadAttention``: whole heads (the q, k
 and v rows of a head in ``qkv`` and the matching columns of ``proj``), with ``num_heads`` (and ``attn_dim``) set to
 what is kept. A module is recognised by its parts, not its class: a ``qkv`` Linear ``3 * num_heads * head_dim``
-wide, a ``proj`` Linear, integer ``num_heads`` and ``head_dim``, and no other
-parameter of its own and no child with parameters but per-head norms over ``head_dim``. Whether its forward is
+wide (``head_dim`` read from the module or derived from ``qkv``), a ``proj`` Linear, an integer ``num_heads``, own
+parameters only with one dim of ``num_heads`` entries (Swin's relative-position bias table, sliced with the heads),
+and no child with parameters but per-head norms over ``head_dim``. Whether its forward is
 the one above is proven, like every mapping, by the check by execution (:mod:`acps_core.graph.verify`).
 """
 
@@ -30,17 +31,43 @@ from acps_core.layers.base import take
 HEAD_NORMS = frozenset({"q_norm", "k_norm"})
 
 
+def head_size(module: nn.Module) -> int | None:
+    """The module's ``head_dim``, or, without one, ``qkv``'s width over three times ``num_heads``."""
+    head_dim, heads, qkv = getattr(module, "head_dim", None), getattr(module, "num_heads", None), getattr(
+        module, "qkv", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    if isinstance(heads, int) and heads > 0 and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
+        return qkv.out_features // (3 * heads)
+    return None
+
+
+def head_parameters(module: nn.Module) -> list[tuple[str, int]] | None:
+    """The module's own parameters, each with the one dim that holds its heads (a relative-position bias table
+    of ``(positions, num_heads)``); None when one of them has no such dim, or several."""
+    heads = getattr(module, "num_heads", None)
+    found = []
+    for name, param in module._parameters.items():
+        if param is None:
+            continue
+        dims = [d for d, size in enumerate(param.shape) if size == heads]
+        if len(dims) != 1:
+            return None
+        found.append((name, dims[0]))
+    return found
+
+
 def fused_qkv_attention(module: nn.Module) -> bool:
     """Whether ``module`` is self-attention with a fused ``qkv`` Linear that acps prunes heads of (see the module
     docs)."""
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    heads, head_dim = getattr(module, "num_heads", None), head_size(module)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)
-            and isinstance(head_dim, int)):
+            and head_dim is not None):
         return False
     width = heads * head_dim
     # (proj's width is not checked: while the prune step slices a model, proj loses its columns after qkv its rows)
-    if qkv.out_features != 3 * width or module._parameters:
+    if qkv.out_features != 3 * width or head_parameters(module) is None:
         return False
     if getattr(module, "attn_dim", width) != width:
         return False
@@ -69,7 +96,7 @@ class FusedAttentionAdapter(AttentionAdapter):
 
     def heads(self, module: nn.Module) -> tuple[int, int]:
         attention: Any = module
-        return int(attention.num_heads), int(attention.head_dim)
+        return int(attention.num_heads), int(head_size(module) or 0)
 
     def batch_first(self, module: nn.Module) -> bool:
         return True
@@ -101,13 +128,17 @@ class FusedAttentionAdapter(AttentionAdapter):
     def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
         """Keep the heads of the head channels ``index`` (whole heads, as the graph made sure)."""
         attention: Any = module
-        width = self.out_size(module)
+        heads, head_dim = self.heads(module)
+        width = heads * head_dim
         rows = torch.cat([index + part * width for part in range(3)])
+        kept_heads = index[::head_dim] // head_dim
+        for name, dim in head_parameters(module) or []:
+            setattr(module, name, take(getattr(module, name), dim, kept_heads))
         qkv = attention.qkv
         qkv.weight = take(qkv.weight, 0, rows)
         qkv.bias = take(qkv.bias, 0, rows)
         qkv.out_features = len(rows)
-        attention.num_heads = len(index) // attention.head_dim
+        attention.num_heads = len(index) // head_dim
         if hasattr(attention, "attn_dim"):
             attention.attn_dim = len(index)
 
@@ -118,6 +149,8 @@ class FusedAttentionAdapter(AttentionAdapter):
         heads, head_dim = self.heads(module)
         if heads < 2:
             return True  # no head can go; nothing to prove
+        if module.training:
+            return False  # dropout would make the two calls differ
         keep = torch.arange(head_dim, heads * head_dim)
         trial: Any = copy.deepcopy(module)
         reference: Any = copy.deepcopy(module)
