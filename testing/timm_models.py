@@ -30,10 +30,6 @@ class TimmCase:
 #: Models acps cannot prune to 1.5x fewer FLOPs, and why (the README repeats these).
 NFNET_LIMIT = ("every convolution is weight-standardised: its weight is normalised over each filter's inputs in the "
                "forward pass, so removing an input channel changes the mean and variance, hence every kept weight")
-LEVIT_LIMIT = ("its attention is written with reshape_as and per-head biases indexed by head, and its norms follow "
-               "Linear layers on flattened tokens, which acps does not map yet: 3 groups are prunable")
-PVT_LIMIT = ("its attention reshapes with constant head counts and reduces keys through a conv acps leaves alone, so "
-             "most of its cost is in groups acps does not map yet")
 
 CASES: list[TimmCase] = [
     TimmCase("resnet", "resnet18", 128),
@@ -56,12 +52,12 @@ CASES: list[TimmCase] = [
     TimmCase("convnext", "convnext_atto", 128),
     TimmCase("convnextv2", "convnextv2_atto", 128),
     TimmCase("efficientformer", "efficientformer_l1", 224),
-    TimmCase("levit", "levit_128s", 224, LEVIT_LIMIT),
+    TimmCase("levit", "levit_128s", 224),
     TimmCase("mobilevit", "mobilevit_xxs", 256, heads=True),
     TimmCase("deit", "deit_tiny_patch16_224", 224, heads=True),
     TimmCase("vit", "vit_tiny_patch16_224", 224, heads=True),
     TimmCase("swin", "swin_tiny_patch4_window7_224", 224, heads=True),
-    TimmCase("pvt_v2", "pvt_v2_b0", 128, PVT_LIMIT),
+    TimmCase("pvt_v2", "pvt_v2_b0", 128),
     TimmCase("poolformer", "poolformer_s12", 128),
     TimmCase("coat", "coat_lite_tiny", 224),
     TimmCase("edgenext", "edgenext_xx_small", 128),

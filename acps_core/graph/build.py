@@ -54,6 +54,7 @@ class GroupBuilder(Spaces):
         self.norms_over_channels: dict[str, str] = {}
         self.other_macs = 0.0  # multiply-accumulates of the traced functions no layer accounts for (whole batch)
         self.batch = 1  # samples in the traced batch
+        self.last_read: dict[int, int] = {}  # a size read from a tensor's shape -> the space it was the count of
         self.layers: dict[str, dict[str, Any]] = {}  # per traced layer: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
@@ -108,7 +109,7 @@ class GroupBuilder(Spaces):
             self.size_query(op, refs[0])
             return
         if name in DTYPE_ONLY:
-            refs = refs[:1]  # x.to(y) / x.type_as(y): y only gives a dtype and device
+            refs = refs[:1]  # x.to(y), x.type_as(y), x.reshape_as(y): y only gives a dtype, device or shape
             tagged = [r for r in refs if self.tags_of(r)]
             if not tagged:
                 return
@@ -178,15 +179,17 @@ class GroupBuilder(Spaces):
     def check_sizes(self, op: Op, refs: list[TensorRef]) -> None:
         """A view/reshape asking for a size equal to a channel count the model read (``B, N, C = x.shape``) of a
         group the reshaped tensor does not hold: after pruning that group the size would change while the
-        tensor does not, so the group is left alone."""
+        tensor does not, so the group is left alone. The count is taken to come from the latest read of that
+        value (a later block reading its own count of the same size is not mistaken for an earlier one)."""
         sizes = requested_sizes(op)
-        if not sizes or not self.queried or not refs:
+        if not sizes or not self.last_read or not refs:
             return
         held = {self.find(t.space) for t in self.tags_of(refs[0])}
-        for root in {self.find(s) for s in self.queried}:
-            if root not in held and self.spaces[root].channels in sizes:
-                self.block(root, f"its channel count, read from a tensor's shape, sizes the reshape "
-                                 f"'{op.name}' at {op.location} of a tensor that does not hold these channels")
+        for size in set(sizes):
+            space = self.last_read.get(size)
+            if space is not None and self.find(space) not in held:
+                self.block(space, f"its channel count, read from a tensor's shape, sizes the reshape "
+                                  f"'{op.name}' at {op.location} of a tensor that does not hold these channels")
 
     def size_query(self, op: Op, x: TensorRef) -> None:
         """x.shape / x.size(d): remember spaces whose channel count the model read."""
@@ -194,6 +197,8 @@ class GroupBuilder(Spaces):
         for tag in self.tags_of(x):
             if dim is None or (isinstance(dim, int) and dim % len(x.shape) == tag.dim):
                 self.queried.add(self.find(tag.space))
+                if tag.length == self.spaces[tag.space].channels:  # the read size is the channel count
+                    self.last_read[x.shape[tag.dim]] = tag.space
 
     def readers(self, value: int) -> list[Op]:
         """The recorded ops that read a traced value."""

@@ -53,8 +53,8 @@ REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "prod", "std", "var", "lo
 ALONG_DIM = frozenset({"softmax", "log_softmax", "cumsum", "cumprod", "normalize"})
 MATMULS = frozenset({"matmul", "bmm", "rmatmul"})
 EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
-#: Functions whose further tensor arguments only give a dtype or device.
-DTYPE_ONLY = frozenset({"to", "type_as"})
+#: Functions whose further tensor arguments only give a dtype, a device or a shape.
+DTYPE_ONLY = frozenset({"to", "type_as", "view_as", "reshape_as", "expand_as"})
 
 
 def elementwise(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list[TensorRef],
