@@ -6,6 +6,7 @@ spaces flow through it.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -136,11 +137,16 @@ def layer_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: Laye
 
 
 def _per_sample(shape: tuple[int, ...], batch: int, channel_dim: int) -> tuple[int, ...]:
-    """A layer's input or output shape for one sample: batch 1. When the leading dim holds several rows per sample
-    (windows of a Swin block, patches of a MobileViT block: ``batch * k`` rows), the ``k`` goes into the first
-    dim after it that is not the channel dim, so that the layer's positions per sample stay right."""
-    if not shape:
-        return shape
+    """A layer's input or output shape for one sample: batch 1. When the leading dim is not the batch (windows of
+    a Swin block or patches of a MobileViT block, ``batch * k`` rows; a sequence-first ``(tokens, batch,
+    channels)`` tensor), the layer's positions per sample are kept right: with the channels last, all positions of
+    a sample go into one dim, ``(1, positions, channels)``; otherwise the ``k`` goes into the first dim after the
+    leading one that is not the channel dim."""
+    if not shape or shape[0] == batch:
+        return (1, *shape[1:]) if shape else shape
+    positions = math.prod(shape[:-1])
+    if channel_dim == len(shape) - 1 and batch and positions % batch == 0:
+        return (1, positions // batch, shape[-1])
     rows = shape[0] // batch if batch and shape[0] % batch == 0 else 1
     out = [1, *shape[1:]]
     if rows > 1:

@@ -460,3 +460,29 @@ def test_an_unsqueeze_transpose_flatten_round_trip_stays_prunable_channel_by_cha
     graph = build_channel_graph(RoundTrip().eval(), torch.randn(2, 4))
     group = group_of(graph, "fc")
     assert group.prunable and group.aligned == 1 and group.atom == 1
+
+
+def test_layers_on_sequence_first_or_windowed_tokens_count_their_positions_per_sample() -> None:
+    # A sequence-first encoder layer (tokens, batch, channels) and a Linear on windows (batch * windows, tokens, C):
+    # the positions per sample are the tokens of one sample, whichever dim holds the batch.
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, channels)
+            return self.encoder(x.transpose(0, 1)).transpose(0, 1)
+
+    graph = build_channel_graph(SequenceFirst().eval(), torch.randn(2, 5, 8))
+    assert graph.layers["encoder.linear1"].geometry.output_positions == 5
+
+    class Windows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(-1, 4, 8)).reshape(x.shape)  # 3 windows of 4 tokens per sample
+
+    graph = build_channel_graph(Windows().eval(), torch.randn(2, 12, 8))
+    assert graph.layers["fc"].geometry.output_positions == 12
