@@ -54,7 +54,7 @@ class GroupBuilder(Spaces):
         self.norms_over_channels: dict[str, str] = {}
         self.other_macs = 0.0  # multiply-accumulates of the traced functions no layer accounts for (whole batch)
         self.batch = 1  # samples in the traced batch
-        self.last_read: dict[int, int] = {}  # a size read from a tensor's shape -> the space it was the count of
+        self.read_sizes: dict[int, set[int]] = {}  # a size read from a tensor's shape -> the spaces it counted
         self.layers: dict[str, dict[str, Any]] = {}  # per traced layer: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
@@ -179,17 +179,20 @@ class GroupBuilder(Spaces):
     def check_sizes(self, op: Op, refs: list[TensorRef]) -> None:
         """A view/reshape asking for a size equal to a channel count the model read (``B, N, C = x.shape``) of a
         group the reshaped tensor does not hold: after pruning that group the size would change while the
-        tensor does not, so the group is left alone. The count is taken to come from the latest read of that
-        value (a later block reading its own count of the same size is not mistaken for an earlier one)."""
+        tensor does not, so the group is left alone. When the reshaped tensor holds a group whose count of that
+        size was read, the size is taken to be that one (each block of a model reading its own width of the same
+        size does not blame the others)."""
         sizes = requested_sizes(op)
-        if not sizes or not self.last_read or not refs:
+        if not sizes or not self.read_sizes or not refs:
             return
         held = {self.find(t.space) for t in self.tags_of(refs[0])}
         for size in set(sizes):
-            space = self.last_read.get(size)
-            if space is not None and self.find(space) not in held:
-                self.block(space, f"its channel count, read from a tensor's shape, sizes the reshape "
-                                  f"'{op.name}' at {op.location} of a tensor that does not hold these channels")
+            roots = {self.find(space) for space in self.read_sizes.get(size, ())}
+            if roots & held:
+                continue
+            for root in roots:
+                self.block(root, f"its channel count, read from a tensor's shape, sizes the reshape "
+                                 f"'{op.name}' at {op.location} of a tensor that does not hold these channels")
 
     def size_query(self, op: Op, x: TensorRef) -> None:
         """x.shape / x.size(d): remember spaces whose channel count the model read."""
@@ -198,7 +201,7 @@ class GroupBuilder(Spaces):
             if dim is None or (isinstance(dim, int) and dim % len(x.shape) == tag.dim):
                 self.queried.add(self.find(tag.space))
                 if tag.length == self.spaces[tag.space].channels:  # the read size is the channel count
-                    self.last_read[x.shape[tag.dim]] = tag.space
+                    self.read_sizes.setdefault(x.shape[tag.dim], set()).add(tag.space)
 
     def readers(self, value: int) -> list[Op]:
         """The recorded ops that read a traced value."""

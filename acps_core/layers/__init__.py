@@ -55,6 +55,7 @@ __all__ = [
     "PReLUAdapter",
     "adapter_for",
     "register_layer",
+    "register_pattern",
     "take",
     "take_buffer",
     "unregister_layer",

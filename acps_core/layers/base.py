@@ -176,7 +176,16 @@ _PATTERNS: list[tuple[Callable[[nn.Module], bool], LayerAdapter]] = []
 
 
 def register_pattern(matches: Callable[[nn.Module], bool], adapter: LayerAdapter) -> None:
-    """Use ``adapter`` for modules of no registered type for which ``matches(module)`` is true."""
+    """Use ``adapter`` for modules of no registered type for which ``matches(module)`` is true; the adapter's
+    :meth:`LayerAdapter.confirm` must hold on each such module's first traced call for it to be traced whole.
+
+    Raises:
+        ArgumentError: ``matches`` is not callable, or ``adapter`` is no ``LayerAdapter``.
+    """
+    if not callable(matches):
+        raise ArgumentError(f"register_pattern needs a callable that takes a module, got {matches!r}")
+    if not isinstance(adapter, LayerAdapter):
+        raise ArgumentError(f"register_pattern needs a LayerAdapter instance, got {type(adapter).__name__}")
     _PATTERNS.append((matches, adapter))
 
 

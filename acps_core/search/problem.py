@@ -148,7 +148,7 @@ class CostModel:
             self.fixed = float(estimator.fixed_cost()) + float(estimator.computation_cost(graph.other_macs, dtype))
         except Exception as exc:
             raise PluginError(f"gain estimator {type(estimator).__name__} raised {type(exc).__name__} in "
-                              f"prepare(): {exc}") from exc
+                              f"prepare(), observe_model(), fixed_cost() or computation_cost(): {exc}") from exc
         if not math.isfinite(self.fixed) or self.fixed < 0:
             raise PluginError(f"gain estimator {type(estimator).__name__} returned a fixed cost of {self.fixed}; it "
                               "must be finite and non-negative")

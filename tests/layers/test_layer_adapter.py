@@ -202,3 +202,12 @@ def test_register_layer_rejects_what_it_cannot_use() -> None:
 
     with pytest.raises(ArgumentError, match="role is 'mixer'"):
         acps.register_layer(LoRALinear, Odd())
+
+
+def test_bad_pattern_registrations_are_argument_errors() -> None:
+    from acps_core.layers import register_pattern
+
+    with pytest.raises(acps.ArgumentError, match="callable that takes a module"):
+        register_pattern("qkv", LinearAdapter())  # type: ignore[arg-type]
+    with pytest.raises(acps.ArgumentError, match="LayerAdapter instance"):
+        register_pattern(lambda module: False, object())  # type: ignore[arg-type]
