@@ -51,8 +51,8 @@ CASES: list[TimmCase] = [
     TimmCase("repvgg", "repvgg_a0", 128),
     TimmCase("convnext", "convnext_atto", 128),
     TimmCase("convnextv2", "convnextv2_atto", 128),
-    TimmCase("efficientformer", "efficientformer_l1", 224),
-    TimmCase("levit", "levit_128s", 224),
+    TimmCase("efficientformer", "efficientformer_l1", 224, heads=True),
+    TimmCase("levit", "levit_128s", 224, heads=True),
     TimmCase("mobilevit", "mobilevit_xxs", 256, heads=True),
     TimmCase("deit", "deit_tiny_patch16_224", 224, heads=True),
     TimmCase("vit", "vit_tiny_patch16_224", 224, heads=True),
@@ -66,8 +66,8 @@ CASES: list[TimmCase] = [
     TimmCase("inception_v4", "inception_v4", 160),
     TimmCase("xception", "xception41", 160),
     TimmCase("nfnet", "nfnet_l0", 128, NFNET_LIMIT),
-    TimmCase("botnet", "botnet26t_256", 256),
-    TimmCase("maxvit", "maxvit_nano_rw_256", 256),
+    TimmCase("botnet", "botnet26t_256", 256, heads=True),
+    TimmCase("maxvit", "maxvit_nano_rw_256", 256, heads=True),
     TimmCase("vgg", "vgg11", 64),
 ]
 BY_MODEL = {case.model: case for case in CASES}

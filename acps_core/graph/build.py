@@ -307,9 +307,22 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
             if producer not in output_layers:
                 output_layers.append(producer)
     graph = _assemble(model, builder, output_layers, module_types)
+    for module in unconfirmed:
+        _explain_unconfirmed(graph, module, module_names[module])
     graph.output = output
     graph.other_macs = builder.other_macs / builder.batch
     return graph
+
+
+def _explain_unconfirmed(graph: ChannelGraph, module: nn.Module, name: str) -> None:
+    """Say why, in the reasons of the unprunable groups produced inside a module its pattern's adapter refused."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        return
+    reason = adapter.unconfirmed(module, name)
+    for group in graph.groups:
+        if not group.prunable and any(p.startswith(f"{name}.") for p in group.producers):
+            group.reasons.insert(0, reason)
 
 
 def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
@@ -338,10 +351,13 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
                 group.consumers.append(use)
 
     layers: dict[str, LayerInfo] = {}
-    attention = {f"{name}.{adapter.out_projection}": name for name, module in model.named_modules()
-                 if isinstance(adapter := adapter_for(module), AttentionAdapter)}
-    fused = {f"{name}.qkv": name for name, module in model.named_modules()
-             if isinstance(adapter_for(module), FusedAttentionAdapter) and name in builder.layers}
+    attention = {f"{name}.{path}": name for name, module in model.named_modules()
+                 if isinstance(adapter := adapter_for(module), AttentionAdapter)
+                 and (path := adapter.projection(module)) is not None}
+    # The layers inside a fused attention module traced whole (its qkv projection) but its out projection.
+    fused = {f"{name}.{path}" for name, module in model.named_modules()
+             if isinstance(adapter := adapter_for(module), FusedAttentionAdapter) and name in builder.layers
+             for path, _ in module.named_modules() if path and path != adapter.projection(module)}
     for name, module in model.named_modules():
         adapter = adapter_for(module)
         if adapter is None or adapter.role == "follower" or name in layers:

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 #: One layer's parameter slots: ``(parameter, dim, part)`` for its output channels (channel ``c`` is entry
-#: ``part * channels + c`` along ``dim``: a fused q/k/v projection has three parts) and ``(parameter, dim,
-#: groups)`` for its input positions.
-OutputSlot = tuple[str, int, int]
+#: ``part * channels + c`` along ``dim``: a fused q/k/v projection has three parts; or ``part`` is a tuple
+#: giving the channel of each entry along ``dim``, for heads laid out otherwise) and ``(parameter, dim, groups)``
+#: for its input positions.
+OutputSlot = tuple[str, int, "int | tuple[int, ...]"]
 InputSlot = tuple[str, int, int]
 
 
@@ -45,6 +46,8 @@ class LayerGeometry:
     #: For attention: how many independent sequences of ``input_shape[1]`` tokens it attends over per sample (the
     #: patches of a MobileViT block); 1 otherwise.
     rows: int = 1
+    #: For attention: the width of each head's queries and keys over the width of its values (its channels).
+    key_share: float = 1.0
 
     @property
     def depthwise(self) -> bool:
@@ -69,14 +72,16 @@ class LayerGeometry:
         """Multiply-accumulates per sample at the given channel counts (the traced ones by default).
 
         For ``MultiheadAttention`` the input channels are its embed_dim and the output channels the width of its
-        heads: the q/k/v projections and the two attention products (self-attention, as many keys as queries);
-        its out projection is a Linear layer of its own.
+        heads' values: the q/k/v projections and the two attention products (self-attention, as many keys as
+        queries), with queries and keys ``key_share`` times as wide as the values; its out projection is a
+        Linear layer of its own.
         """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
-            return float(self.rows * tokens * (3 * cin * cout + 2 * tokens * cout))
+            projections = (2 * self.key_share + 1) * cin * cout
+            return float(self.rows * tokens * (projections + (self.key_share + 1) * tokens * cout))
         # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
         inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups
         return float(self.output_positions * cout * inputs_per_output * math.prod(self.kernel_size))
@@ -266,6 +271,9 @@ class ParamSlice:
     dim: int
     use: ChannelUse
     groups: int = 1
+    #: The group channel of each entry along ``dim``, when they are not laid out as ``use`` says (the rows of a
+    #: fused q/k/v projection laid out head by head).
+    channel_of: tuple[int, ...] | None = None
 
     def per_channel(self, tensor: torch.Tensor, channels: int) -> torch.Tensor:
         """Sum ``tensor`` (shaped like the parameter) over everything but the group's channels: shape
@@ -276,6 +284,9 @@ class ParamSlice:
             position_sums = per_group.sum(dim=(1, 3)).reshape(-1)
         else:
             position_sums = tensor.movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)
+        if self.channel_of is not None:
+            index = torch.tensor(self.channel_of, dtype=torch.long, device=tensor.device)
+            return torch.zeros(channels, dtype=tensor.dtype, device=tensor.device).index_add_(0, index, position_sums)
         span = self.use.span(channels)
         if self.use.stride is None:
             covered = position_sums.narrow(0, self.use.offset, len(span) * self.use.block)
@@ -331,7 +342,10 @@ class ChannelGraph:
             kind = self.module_type(name)
             for param, dim, part in self.slots.get(name, ([], []))[0]:
                 owner, attr = _child(name, param)
-                slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind, offset=part * group.channels)))
+                if isinstance(part, tuple):
+                    slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind), channel_of=part))
+                else:
+                    slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind, offset=part * group.channels)))
         for use in group.followers:
             if use.kind == "Buffer":
                 continue  # a statistic, not a weight

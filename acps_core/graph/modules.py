@@ -197,14 +197,15 @@ def spread_over_groups(builder: GroupBuilder, tag: Tag, geometry: LayerGeometry)
 
 def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: AttentionAdapter,
                      touched: list[int]) -> None:
-    """nn.MultiheadAttention (or self-attention with a fused qkv Linear), three layers in one module:
+    """nn.MultiheadAttention (or self-attention with a fused qkv projection), three layers in one module:
 
     - its packed q/k/v projection consumes the embed_dim channels of query, key and value, which share the
       projection's columns, so they must be the same channels (or channels pruned alike);
     - its heads form a group of their own: the q/k/v projection rows of each head and the out projection's
       matching inputs, pruned in whole heads;
     - its out projection produces the output channels, a space of its own (usually joined to the residual
-      stream by the add that follows).
+      stream by the add that follows), with the norms over them that the module holds as followers. Without
+      an out projection (BoTNet), the heads are the module's output channels.
     """
     name = op.name
     where = f"{type(module).__name__} {name} at {op.location}"
@@ -216,16 +217,20 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     if query is None or not op.outputs:
         builder.block_tags([t for r in inputs for t in builder.tags_of(r)], f"{where} could not be traced")
         return
-    channel_dim = len(query.shape) - 1
-    tokens = query.shape[1] if (adapter.batch_first(module) and len(query.shape) == 3) else query.shape[0]
+    channel_dim = adapter.input_dim(module, len(query.shape))
+    # Tokens per sequence: every dim but the batch (or, sequence-first, the sequence's) and the channels.
+    batch_dim = 0 if adapter.batch_first(module) else 1
+    if len(query.shape) == 2:  # one unbatched sequence
+        tokens, rows = query.shape[0], 1
+    else:
+        tokens = math.prod(s for d, s in enumerate(query.shape) if d not in (batch_dim, channel_dim))
+        rows = max(1, query.shape[batch_dim] // builder.batch)
     num_heads, head_dim = adapter.heads(module)
     width = num_heads * head_dim
-    out_proj = module.get_submodule(adapter.out_projection)
-    assert isinstance(out_proj, nn.Linear)
     weight_dtype = next(p.dtype for p in module.parameters())
-    rows = max(1, (query.shape[0] if adapter.batch_first(module) else query.shape[1]) // builder.batch)
-    geometry = LayerGeometry(name, "MultiheadAttention", query.shape[-1], width, 1, (1,), (1,),
-                             (1, tokens, query.shape[-1]), (1, tokens, width), query.dtype, weight_dtype, rows)
+    geometry = LayerGeometry(name, "MultiheadAttention", query.shape[channel_dim], width, 1, (1,), (1,),
+                             (1, tokens, query.shape[channel_dim]), (1, tokens, width), query.dtype, weight_dtype,
+                             rows, adapter.key_share(module))
     entry = builder.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                           "reason": None, "location": op.location})
     embed_inputs(builder, op, name, inputs, channel_dim, entry, where)
@@ -235,28 +240,41 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     entry["spaces"].append(heads)
     entry["out"] = heads
     builder.require(heads, unit=head_dim)
-    projection = f"{name}.{adapter.out_projection}"
-    use = ChannelUse(projection, "Linear")
-    builder.spaces[heads].consumers.append(use)
-
-    out_geometry = LayerGeometry(projection, "Linear", width, out_proj.out_features, 1, (1,),
-                                 (1,), (1, rows * tokens, width), (1, rows * tokens, out_proj.out_features),
-                                 query.dtype, out_proj.weight.dtype)
-    out_entry = builder.layers.setdefault(projection, {"geometry": out_geometry, "spaces": [], "in": [],
-                                                    "out": None, "reason": entry["reason"],
-                                                    "location": op.location})
-    out_entry["in"].append((heads, use))
-    space = builder.new_space(projection, out_proj.out_features)
-    touched.append(space)
-    out_entry["spaces"].append(space)
-    out_entry["out"] = space
+    made = [heads]
+    inner = adapter.projection(module)
+    space = heads
+    if inner is not None:
+        out_proj = module.get_submodule(inner)
+        projection = f"{name}.{inner}"
+        kind = type(out_proj).__name__ if isinstance(out_proj, nn.Conv2d) else "Linear"
+        use = ChannelUse(projection, kind)
+        builder.spaces[heads].consumers.append(use)
+        out_width = out_proj.out_features if isinstance(out_proj, nn.Linear) else out_proj.out_channels
+        assert isinstance(out_width, int)
+        out_weight = out_proj.weight
+        assert isinstance(out_weight, nn.Parameter)
+        out_geometry = LayerGeometry(projection, "Linear", width, out_width, 1, (1,), (1,),
+                                     (1, rows * tokens, width), (1, rows * tokens, out_width), query.dtype,
+                                     out_weight.dtype)
+        out_entry = builder.layers.setdefault(projection, {"geometry": out_geometry, "spaces": [], "in": [],
+                                                        "out": None, "reason": entry["reason"],
+                                                        "location": op.location})
+        out_entry["in"].append((heads, use))
+        space = builder.new_space(projection, out_width)
+        touched.append(space)
+        out_entry["spaces"].append(space)
+        out_entry["out"] = space
+        for path in adapter.projection_followers(module):
+            follower = module.get_submodule(path)
+            builder.spaces[space].followers.append(ChannelUse(f"{name}.{path}", type(follower).__name__))
+        made.append(space)
     shared = "; ".join(f"{n}'s weights are shared with {builder.shared_weights[n]}"
-                       for n in (name, projection) if n in builder.shared_weights)
-    for made in (heads, space):
+                       for n in (name, f"{name}.{inner}" if inner else name) if n in builder.shared_weights)
+    for blocked in made:
         if entry["reason"]:
-            builder.block(made, f"{name} is {entry['reason']}")
+            builder.block(blocked, f"{name} is {entry['reason']}")
         if shared:
-            builder.block(made, shared)
+            builder.block(blocked, shared)
     if shared:
         builder.block_tags([t for r in inputs for t in builder.tags_of(r)], shared)
     builder.tags[op.outputs[0]] = [builder.whole(space, channel_dim)]

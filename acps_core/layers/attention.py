@@ -128,9 +128,23 @@ class AttentionAdapter(LayerAdapter):
     out_projection = "out_proj"
 
     def heads(self, module: nn.Module) -> tuple[int, int]:
-        """``(num_heads, head_dim)``."""
+        """``(num_heads, head_dim)``: ``head_dim`` is the width of each head's values, the channels its out
+        projection reads."""
         attention: Any = module
         return int(attention.num_heads), int(attention.head_dim)
+
+    def key_share(self, module: nn.Module) -> float:
+        """The width of each head's queries and keys over the width of its values (what the cost counts)."""
+        return 1.0
+
+    def projection(self, module: nn.Module) -> str | None:
+        """The path of the Linear (or 1x1 conv) inside the module that reads the heads; None when the heads are
+        the module's output channels."""
+        return self.out_projection
+
+    def projection_followers(self, module: nn.Module) -> list[str]:
+        """Paths of norms inside the module over the projection's outputs."""
+        return []
 
     def batch_first(self, module: nn.Module) -> bool:
         """Whether its inputs are (batch, tokens, channels) rather than (tokens, batch, channels)."""
@@ -153,7 +167,7 @@ class MultiheadAttentionAdapter(AttentionAdapter):
     def traced_whole(self, module: nn.Module) -> bool:
         return plain_multihead_attention(module)
 
-    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         return [(name, 0, part) for part in range(3) for name in ("in_proj_weight", "in_proj_bias")]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:

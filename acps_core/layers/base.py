@@ -104,11 +104,12 @@ class LayerAdapter:
         return None
 
     # -- parameters ------------------------------------------------------------------------------------------
-    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         """``(parameter, dim, part)`` triples: output channel ``c`` of the layer is entry ``part * C + c`` of the
         parameter along ``dim``, for ``C`` output channels (``part`` is 0 but for fused projections: the q, k and
-        v rows of a packed attention projection are parts 0, 1 and 2). For a follower: its per-channel
-        parameters. Parameters that are None are skipped by callers."""
+        v rows of a packed attention projection are parts 0, 1 and 2). ``part`` may instead be a tuple with the
+        output channel of each entry along ``dim`` (the rows of a fused projection laid out head by head). For a
+        follower: its per-channel parameters. Parameters that are None are skipped by callers."""
         return [("weight", 0, 0), ("bias", 0, 0)]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
@@ -164,6 +165,12 @@ class LayerAdapter:
         whether the module computes what the adapter assumes, tried on its first traced call's arguments. A module
         it cannot confirm is traced function by function instead. True by default."""
         return True
+
+    def unconfirmed(self, module: nn.Module, name: str) -> str:
+        """Why acps left the channels inside a module that :meth:`confirm` refused, added to the reasons of its
+        groups that could not be pruned otherwise."""
+        return (f"{name} ({type(module).__name__}) has the parts {type(self).__name__} prunes, but its first call "
+                "did not compute what that adapter assumes, so it was traced function by function")
 
     def child_pruned(self, module: nn.Module, child: str) -> None:
         """Called on a module after its child ``child`` was pruned (``nn.MultiheadAttention`` changes its forward

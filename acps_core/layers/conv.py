@@ -94,7 +94,7 @@ class ConvTransposeAdapter(ConvAdapter):
 
     types = TRANSPOSED_CONV_TYPES
 
-    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         return [("weight", 1, 0), ("bias", 0, 0)]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:

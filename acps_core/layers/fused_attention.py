@@ -1,4 +1,4 @@
-"""Self-attention written with one fused ``qkv`` Linear, as timm's vision transformers write it::
+"""Self-attention written with one fused ``qkv`` projection, as timm's vision models write it::
 
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -8,74 +8,193 @@
 
 The head count is a constant the forward reads from the module, so the graph cannot follow it through the reshape;
 what the module computes is known instead, and it is pruned like ``nn.MultiheadAttention``: whole heads (the q, k
-and v rows of a head in ``qkv`` and the matching columns of ``proj``), with ``num_heads`` (and ``attn_dim``) set to
-what is kept. A module is recognised by its parts, not its class: a ``qkv`` Linear ``3 * num_heads * head_dim``
-wide (``head_dim`` read from the module or derived from ``qkv``), a ``proj`` Linear, an integer ``num_heads``, own
-parameters only with one dim of ``num_heads`` entries (Swin's relative-position bias table, sliced with the heads),
-and no child with parameters but per-head norms over ``head_dim``. Whether its forward is
-the one above is proven, like every mapping, by the check by execution (:mod:`acps_core.graph.verify`).
+and v rows of a head in ``qkv``, the matching inputs of ``proj``, and the per-head parameters), with
+``num_heads`` and the widths derived from it set to what is kept.
+
+A module is recognised by its parts, not its class:
+
+- ``qkv``: a Linear or a 1x1 Conv2d, or a module holding one followed by norms over its outputs (LeViT's
+  Linear + BatchNorm), ``num_heads * (2 * key_dim + value_dim)`` wide. The per-head widths are read from the module
+  (``head_dim``, ``dim_head``, ``key_dim`` or ``dim_head_qk``; ``val_dim`` or ``dim_head_v`` when the values are
+  wider than the keys, as in LeViT and EfficientFormer) or, without them, derived from ``qkv``'s width.
+- ``proj``, the projection that reads the heads (a Linear or 1x1 Conv2d, or a module holding one, after an
+  activation or before norms over its outputs), or no ``proj`` at all: then the heads are the module's output
+  channels (BoTNet).
+- an integer ``num_heads``; own parameters and children's parameters only with one dim of ``num_heads`` entries
+  (relative-position bias tables, attention biases, temperatures: sliced with the heads) or none (per-head-dim
+  position embeddings and q/k norms, which all heads share).
+
+The rows of ``qkv`` are laid out either part by part (every head's q, then every head's k, then v: ViT, BoTNet) or
+head by head (each head's q, k and v together: EfficientFormer, LeViT, MaxViT). Which one a module's forward
+assumes, and that nothing else in it depends on the head count, is proven on its first traced call
+(:meth:`FusedAttentionAdapter.confirm`): one head is pruned in a copy, and the copy's output must equal what
+masking that head computes. A module that fails is traced function by function instead.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from acps_core.layers.attention import AttentionAdapter
-from acps_core.layers.base import take
+from acps_core.layers.base import adapter_for, take
 
-#: Children that may hold parameters without changing with the heads: norms over ``head_dim`` applied to q and k.
+#: Attributes that hold the per-head width of queries and keys (the first found is taken).
+KEY_DIMS = ("head_dim", "dim_head", "key_dim", "dim_head_qk")
+#: Attributes that hold the per-head width of values, when it differs from the keys'.
+VALUE_DIMS = ("val_dim", "dim_head_v")
+#: Size attributes the forward may read that are the head count times the value width or the key width.
+VALUE_WIDTHS = ("attn_dim", "val_attn_dim", "dim_out_v")
+KEY_WIDTHS = ("key_attn_dim", "dim_out_qk")
+#: Children applied to q and k whose parameters (one per ``head_dim`` entry) all heads share.
 HEAD_NORMS = frozenset({"q_norm", "k_norm"})
 
 
-def head_size(module: nn.Module) -> int | None:
-    """The module's ``head_dim``, or, without one, ``qkv``'s width over three times ``num_heads``."""
-    head_dim, heads, qkv = getattr(module, "head_dim", None), getattr(module, "num_heads", None), getattr(
-        module, "qkv", None)
-    if isinstance(head_dim, int):
-        return head_dim
-    if isinstance(heads, int) and heads > 0 and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
-        return qkv.out_features // (3 * heads)
-    return None
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads sit in the rows of a fused ``qkv`` projection."""
+
+    heads: int
+    key_dim: int
+    value_dim: int
+    #: Each head's q, k and v rows together (else every head's q rows, then every head's k rows, then v).
+    head_major: bool
+
+    @property
+    def rows(self) -> int:
+        return self.heads * (2 * self.key_dim + self.value_dim)
+
+    def head_rows(self, kept: torch.Tensor) -> torch.Tensor:
+        """The ``qkv`` rows of the heads ``kept``, in their order in the projection."""
+        parts = (self.key_dim, self.key_dim, self.value_dim)
+        if self.head_major:
+            per_head = sum(parts)
+            return (kept[:, None] * per_head + torch.arange(per_head)).reshape(-1)
+        found, offset = [], 0
+        for width in parts:
+            found.append((offset + kept[:, None] * width + torch.arange(width)).reshape(-1))
+            offset += self.heads * width
+        return torch.cat(found)
+
+    def row_channels(self) -> tuple[int, ...]:
+        """For each ``qkv`` row, the head channel it counts with: a value row with its own channel, a query or
+        key row with a channel of its head (what matters is that each head's rows count with that head)."""
+        channel = torch.empty(self.rows, dtype=torch.long)
+        for head in range(self.heads):
+            rows = self.head_rows(torch.tensor([head]))
+            within = torch.cat([torch.arange(width) % self.value_dim
+                                for width in (self.key_dim, self.key_dim, self.value_dim)])
+            channel[rows] = head * self.value_dim + within
+        return tuple(channel.tolist())
+
+
+#: The layout each kind of module was proven to have (by its class and its ``head_first`` flag, if any), filled by
+#: :meth:`FusedAttentionAdapter.confirm`; a module is traced before it is pruned, in the same process.
+_PROVEN: dict[tuple[type, Any], bool] = {}
+
+
+def _layout_key(module: nn.Module) -> tuple[type, Any]:
+    return type(module), getattr(module, "head_first", None)
+
+
+def _is_projection(module: Any) -> bool:
+    """A Linear, or a Conv2d with a 1x1 kernel, stride 1 and no groups: one matrix over the channels."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.groups == 1 and module.padding in ((0, 0), "valid"))
+
+
+def projection_parts(module: nn.Module | None) -> tuple[str, list[str]] | None:
+    """``(layer, norms)``: the path of the one Linear/1x1 conv inside ``module`` ('' for the module itself) and
+    the paths of the norms after it (over its outputs, as the check by execution proves); None when the module
+    holds anything else with parameters."""
+    if module is None:
+        return None
+    if _is_projection(module):
+        return "", []
+    layer, norms = None, []
+    for path, child in module.named_modules():
+        if not any(True for _ in child.parameters(recurse=False)):
+            continue
+        if _is_projection(child) and layer is None:
+            layer = path
+            continue
+        adapter = adapter_for(child)
+        if adapter is None or adapter.role != "follower" or layer is None:
+            return None
+        norms.append(path)
+    # (their widths are not compared with the layer's: while the prune step slices a model, the layer loses
+    # its rows before its norms do)
+    return None if layer is None else (layer, norms)
+
+
+def _out_width(layer: nn.Module) -> int:
+    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)  # type: ignore[arg-type]
+
+
+def _in_width(layer: nn.Module) -> int:
+    return int(layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)  # type: ignore[arg-type]
+
+
+def _joined(*paths: str) -> str:
+    return ".".join(p for p in paths if p)
+
+
+def head_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(key_dim, value_dim)`` per head: read from the module's attributes, or, without them, ``qkv``'s width
+    over three times ``num_heads``."""
+    key = next((v for name in KEY_DIMS if isinstance(v := getattr(module, name, None), int)), None)
+    value = next((v for name in VALUE_DIMS if isinstance(v := getattr(module, name, None), int)), key)
+    if key is not None and value is not None:
+        return key, value
+    heads, parts = getattr(module, "num_heads", None), projection_parts(getattr(module, "qkv", None))
+    if not isinstance(heads, int) or heads <= 0 or parts is None:
+        return None
+    rows = _out_width(module.get_submodule(_joined("qkv", parts[0])))
+    return (rows // (3 * heads),) * 2 if rows % (3 * heads) == 0 else None
 
 
 def head_parameters(module: nn.Module) -> list[tuple[str, int]] | None:
-    """The module's own parameters, each with the one dim that holds its heads (a relative-position bias table
-    of ``(positions, num_heads)``); None when one of them has no such dim, or several."""
+    """The parameters of the module and its children but ``qkv`` and ``proj`` that hold one entry per head,
+    each with that dim (a relative-position bias table of ``(positions, num_heads)``); None when one of them
+    has several dims of ``num_heads`` entries."""
     heads = getattr(module, "num_heads", None)
     found = []
-    for name, param in module._parameters.items():
-        if param is None:
+    for name, param in module.named_parameters():
+        if name.split(".")[0] in ("qkv", "proj"):
             continue
         dims = [d for d, size in enumerate(param.shape) if size == heads]
-        if len(dims) != 1:
+        if len(dims) > 1:
             return None
-        found.append((name, dims[0]))
+        if dims:
+            found.append((name, dims[0]))
     return found
 
 
 def fused_qkv_attention(module: nn.Module) -> bool:
-    """Whether ``module`` is self-attention with a fused ``qkv`` Linear that acps prunes heads of (see the module
-    docs)."""
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    heads, head_dim = getattr(module, "num_heads", None), head_size(module)
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)
-            and head_dim is not None):
+    """Whether ``module`` is self-attention with a fused ``qkv`` projection that acps prunes heads of (see the
+    module docs)."""
+    heads, dims = getattr(module, "num_heads", None), head_dims(module)
+    qkv, proj = projection_parts(getattr(module, "qkv", None)), getattr(module, "proj", None)
+    if not isinstance(heads, int) or heads <= 0 or dims is None or qkv is None:
         return False
-    width = heads * head_dim
+    if proj is not None and projection_parts(proj) is None:
+        return False
+    key_dim, value_dim = dims
     # (proj's width is not checked: while the prune step slices a model, proj loses its columns after qkv its rows)
-    if qkv.out_features != 3 * width or head_parameters(module) is None:
+    if _out_width(module.get_submodule(_joined("qkv", qkv[0]))) != heads * (2 * key_dim + value_dim):
         return False
-    if getattr(module, "attn_dim", width) != width:
+    widths = [(name, value_dim) for name in VALUE_WIDTHS] + [(name, key_dim) for name in KEY_WIDTHS]
+    if any(getattr(module, name, heads * dim) != heads * dim for name, dim in widths):
         return False
-    for name, child in module.named_children():
-        if name in ("qkv", "proj") or name in HEAD_NORMS or not any(True for _ in child.parameters()):
-            continue
-        return False  # a gate, a norm over the heads' width, ...: not mapped
-    return all(_over_head_dim(getattr(module, name, None), head_dim) for name in HEAD_NORMS)
+    if head_parameters(module) is None:
+        return False
+    return all(_over_head_dim(getattr(module, name, None), key_dim) for name in HEAD_NORMS)
 
 
 def _over_head_dim(norm: Any, head_dim: int) -> bool:
@@ -86,17 +205,44 @@ def _over_head_dim(norm: Any, head_dim: int) -> bool:
 
 
 class FusedAttentionAdapter(AttentionAdapter):
-    """Heads of self-attention with a fused ``qkv`` Linear (see the module docs). Its output channels are the
-    width of its heads: the q, k and v rows of ``qkv`` (three parts); its inputs are ``qkv``'s columns."""
+    """Heads of self-attention with a fused ``qkv`` projection (see the module docs). Its output channels are
+    the width of its values, ``num_heads * value_dim``, in whole heads; its inputs are ``qkv``'s columns."""
 
     out_projection = "proj"
 
     def traced_whole(self, module: nn.Module) -> bool:
         return fused_qkv_attention(module)
 
-    def heads(self, module: nn.Module) -> tuple[int, int]:
+    # -- where its parts are ---------------------------------------------------------------------------------
+    def layout(self, module: nn.Module, head_major: bool | None = None) -> HeadLayout:
+        """The module's layout; the one its kind was proven to have unless ``head_major`` is given."""
         attention: Any = module
-        return int(attention.num_heads), int(head_size(module) or 0)
+        key_dim, value_dim = head_dims(module) or (0, 0)
+        if head_major is None:
+            head_major = _PROVEN.get(_layout_key(module), bool(getattr(module, "head_first", False)))
+        return HeadLayout(int(attention.num_heads), key_dim, value_dim, head_major)
+
+    def qkv_path(self, module: nn.Module) -> str:
+        """The path of the Linear (or 1x1 conv) inside the module that computes q, k and v."""
+        parts = projection_parts(getattr(module, "qkv", None))
+        assert parts is not None
+        return _joined("qkv", parts[0])
+
+    def projection(self, module: nn.Module) -> str | None:
+        parts = projection_parts(getattr(module, "proj", None))
+        return None if parts is None else _joined("proj", parts[0])
+
+    def projection_followers(self, module: nn.Module) -> list[str]:
+        parts = projection_parts(getattr(module, "proj", None))
+        return [] if parts is None else [_joined("proj", path) for path in parts[1]]
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        layout = self.layout(module)
+        return layout.heads, layout.value_dim
+
+    def key_share(self, module: nn.Module) -> float:
+        layout = self.layout(module)
+        return layout.key_dim / layout.value_dim
 
     def batch_first(self, module: nn.Module) -> bool:
         return True
@@ -104,71 +250,143 @@ class FusedAttentionAdapter(AttentionAdapter):
     def self_attention(self) -> bool:
         return True
 
-    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
-        return [(name, 0, part) for part in range(3) for name in ("qkv.weight", "qkv.bias")]
+    def input_dim(self, module: nn.Module, ndim: int) -> int:
+        return 1 if isinstance(module.get_submodule(self.qkv_path(module)), nn.Conv2d) else ndim - 1
+
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
+        rows = self.layout(module).row_channels()
+        qkv = self.qkv_path(module)
+        return [(f"{qkv}.weight", 0, rows), (f"{qkv}.bias", 0, rows)]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
-        return [("qkv.weight", 1, 1)]
+        return [(f"{self.qkv_path(module)}.weight", 1, 1)]
 
     def filter_rows(self, module: nn.Module) -> torch.Tensor:
-        """The q, k and v rows of each head channel, taken together."""
-        width = self.out_size(module)
-        attention: Any = module
-        weight: torch.Tensor = attention.qkv.weight.detach()
-        return weight.reshape(3, width, -1).transpose(0, 1).reshape(width, -1)
+        """Per head channel, the norm of its value row and of its share of its head's query and key rows."""
+        qkv: Any = module.get_submodule(self.qkv_path(module))
+        weight: torch.Tensor = qkv.weight.detach()
+        squares = weight.double().pow(2).reshape(weight.shape[0], -1).sum(dim=1)
+        norms = torch.zeros(self.out_size(module), dtype=torch.float64)
+        norms.index_add_(0, torch.tensor(self.layout(module).row_channels()), squares.cpu())
+        return norms.sqrt().unsqueeze(1)
 
     def out_size(self, module: nn.Module) -> int:
-        heads, head_dim = self.heads(module)
-        return heads * head_dim
+        heads, value_dim = self.heads(module)
+        return heads * value_dim
 
     def in_size(self, module: nn.Module) -> int:
-        attention: Any = module
-        return int(attention.qkv.in_features)
+        return _in_width(module.get_submodule(self.qkv_path(module)))
 
+    # -- pruning ---------------------------------------------------------------------------------------------
     def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
         """Keep the heads of the head channels ``index`` (whole heads, as the graph made sure)."""
-        attention: Any = module
-        heads, head_dim = self.heads(module)
-        width = heads * head_dim
-        rows = torch.cat([index + part * width for part in range(3)])
-        kept_heads = index[::head_dim] // head_dim
-        for name, dim in head_parameters(module) or []:
-            setattr(module, name, take(getattr(module, name), dim, kept_heads))
-        qkv = attention.qkv
-        qkv.weight = take(qkv.weight, 0, rows)
-        qkv.bias = take(qkv.bias, 0, rows)
-        qkv.out_features = len(rows)
-        attention.num_heads = len(index) // head_dim
-        if hasattr(attention, "attn_dim"):
-            attention.attn_dim = len(index)
+        layout = self.layout(module)
+        _keep_heads(module, layout, index[::layout.value_dim] // layout.value_dim)
+
+    def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        qkv: Any = module.get_submodule(self.qkv_path(module))
+        qkv.weight = take(qkv.weight, 1, index)
+        if isinstance(qkv, nn.Linear):
+            qkv.in_features = len(index)
+        else:
+            qkv.in_channels = len(index)
 
     def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Prune the first head in a copy and compare its output with the module's with that head's columns of
-        ``proj`` zeroed (what masking computes): the forward reads its head count from ``num_heads`` (and
-        ``attn_dim``) and nothing else depends on it."""
-        heads, head_dim = self.heads(module)
+        """Whether pruning a head in a copy computes what masking it computes, for either layout of ``qkv``'s
+        rows (the layout that holds is remembered for the module's kind)."""
+        heads = int(self.layout(module).heads)
         if heads < 2:
             return True  # no head can go; nothing to prove
         if module.training:
             return False  # dropout would make the two calls differ
-        keep = torch.arange(head_dim, heads * head_dim)
-        trial: Any = copy.deepcopy(module)
-        reference: Any = copy.deepcopy(module)
-        try:
-            with torch.no_grad():
-                self.keep_outputs(trial, keep)
-                trial.proj.weight = take(trial.proj.weight, 1, keep)
-                trial.proj.in_features = len(keep)
-                reference.proj.weight[:, :head_dim] = 0
-                got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
-        except Exception:
-            return False
-        if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)) or got.shape != expected.shape:
-            return False
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-        return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-6)))
+        for head_major in (False, True):
+            if _prunes_like_masking(self, module, self.layout(module, head_major), args, kwargs):
+                _PROVEN[_layout_key(module)] = head_major
+                return True
+        return False
 
-    def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
-        qkv: Any = module.qkv
-        qkv.weight = take(qkv.weight, 1, index)
-        qkv.in_features = len(index)
+    def unconfirmed(self, module: nn.Module, name: str) -> str:
+        return (f"{name} ({type(module).__name__}) is attention with a fused qkv projection, but a copy with one "
+                "head pruned (its qkv rows, per-head parameters and proj inputs, num_heads and the widths derived "
+                "from it) did not compute what masking that head computes: its forward ties the heads' width to "
+                "something the head count does not set (such as the input's channel count, or split sizes "
+                "written as constants), so its heads are left alone")
+
+
+def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> None:
+    """Slice ``module`` to the heads ``kept``: ``qkv``'s rows (and the norms over them), the per-head parameters,
+    the size attributes and any cache the forward keeps of per-head tensors."""
+    attention: Any = module
+    adapter = FusedAttentionAdapter()
+    rows = layout.head_rows(kept)
+    parts = projection_parts(attention.qkv)  # (before qkv's width changes)
+    qkv: Any = module.get_submodule(adapter.qkv_path(module))
+    qkv.weight = take(qkv.weight, 0, rows)
+    qkv.bias = take(qkv.bias, 0, rows)
+    if isinstance(qkv, nn.Linear):
+        qkv.out_features = len(rows)
+    else:
+        qkv.out_channels = len(rows)
+    for path in parts[1] if parts else []:
+        norm = attention.qkv.get_submodule(path)
+        norm_adapter = adapter_for(norm)
+        assert norm_adapter is not None
+        norm_adapter.keep_outputs(norm, rows)
+    for name, dim in head_parameters(module) or []:
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        setattr(owner, attr, take(getattr(owner, attr), dim, kept))
+    for owner in module.modules():
+        _resize(owner, layout.heads, len(kept))
+    attention.num_heads = len(kept)
+    for name in VALUE_WIDTHS:
+        if hasattr(module, name):
+            setattr(module, name, len(kept) * layout.value_dim)
+    for name in KEY_WIDTHS:
+        if hasattr(module, name):
+            setattr(module, name, len(kept) * layout.key_dim)
+
+
+def _resize(owner: nn.Module, heads: int, kept: int) -> None:
+    """Head counts a child keeps of its own (``num_heads``, a bias shape holding it) and caches of per-head
+    tensors (timm's attention-bias caches): set to the kept count, emptied."""
+    for name, value in list(vars(owner).items()):
+        if name.startswith("_") or name == "training":
+            continue
+        if name == "num_heads" and value == heads:
+            setattr(owner, name, kept)
+        elif name.endswith("_shape") and isinstance(value, tuple) and value and value[-1] == heads:
+            setattr(owner, name, (*value[:-1], kept))
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            value.clear()
+
+
+def _prunes_like_masking(adapter: FusedAttentionAdapter, module: nn.Module, layout: HeadLayout,
+                         args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Prune the first head in a copy and compare its output with the module's with that head masked: the
+    head's inputs of ``proj`` zeroed, or, without ``proj``, the head's output channels dropped."""
+    value_dim = layout.value_dim
+    keep = torch.arange(value_dim, layout.heads * value_dim)
+    trial: Any = copy.deepcopy(module)
+    reference: Any = copy.deepcopy(module)
+    projection = adapter.projection(module)
+    try:
+        with torch.no_grad():
+            _keep_heads(trial, layout, torch.arange(1, layout.heads))
+            if projection is not None:
+                trial_proj, reference_proj = trial.get_submodule(projection), reference.get_submodule(projection)
+                trial_proj.weight = take(trial_proj.weight, 1, keep)
+                if isinstance(trial_proj, nn.Linear):
+                    trial_proj.in_features = len(keep)
+                else:
+                    trial_proj.in_channels = len(keep)
+                reference_proj.weight[:, :value_dim] = 0
+            got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
+            if projection is None and isinstance(expected, torch.Tensor):
+                expected = expected.index_select(adapter.input_dim(module, expected.dim()), keep)
+    except Exception:
+        return False
+    if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)) or got.shape != expected.shape:
+        return False
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-6)))

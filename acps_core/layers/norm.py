@@ -122,7 +122,7 @@ class PReLUAdapter(FollowerAdapter):
     def follows(self, module: nn.Module) -> bool:
         return int(cast(Any, module).num_parameters) != 1
 
-    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         return [("weight", 0, 0)]
 
     def out_size(self, module: nn.Module) -> int:

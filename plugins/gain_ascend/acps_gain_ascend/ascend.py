@@ -163,9 +163,12 @@ class AscendLatency(GainEstimatorBase):
         if attention:
             tokens = _up(positions, FRACTAL)
             width = _up(out_channels, FRACTAL)
-            # q, k and v projections, then the two attention products (self-attention), for each of its rows
-            macs = layer.rows * (3 * tokens * width * _up(in_channels, k_fractal) + 2 * tokens * tokens * width)
-            weights = 3 * _up(in_channels, FRACTAL) * width
+            # q, k and v projections, then the two attention products (self-attention), for each of its rows;
+            # queries and keys are key_share times as wide as the values
+            rows_per_channel = 2 * layer.key_share + 1
+            macs = layer.rows * (rows_per_channel * tokens * width * _up(in_channels, k_fractal)
+                                 + (layer.key_share + 1) * tokens * tokens * width)
+            weights = rows_per_channel * _up(in_channels, FRACTAL) * width
             compute = macs / rate
         elif layer.depthwise:
             channels = _up(in_channels, FRACTAL)
