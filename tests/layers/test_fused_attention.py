@@ -1,0 +1,248 @@
+"""Attention with a fused qkv projection, written the ways vision libraries write it, recognised by its parts: its
+heads are pruned whole, pruned == masked, the cost counts what a FLOP counter counts, and a module whose forward
+ties its heads to something else is left alone with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import acps_core as acps
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import ChannelGraph
+from acps_core.graph.verify import verify_groups
+from acps_core.layers import FusedAttentionAdapter, adapter_for, fused_attention
+from testing.zoo import pruned_and_masked, random_keep
+
+TOKENS, DIM = 16, 32
+
+
+class PartMajor(nn.Module):
+    """ViT's attention: every head's q rows, then k, then v; a constant head count in the reshape."""
+
+    def __init__(self, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, head_dim, heads * head_dim
+        self.qkv = nn.Linear(DIM, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class HeadMajor(nn.Module):
+    """EfficientFormer's attention: each head's q, k and v rows together, values wider than keys, a bias per
+    head and position pair, and a cache of it the forward keeps in eval mode."""
+
+    def __init__(self, heads: int = 4, key_dim: int = 4, val_dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = heads, key_dim, val_dim
+        self.val_attn_dim = heads * val_dim
+        self.qkv = nn.Linear(DIM, heads * (2 * key_dim + val_dim))
+        self.proj = nn.Linear(self.val_attn_dim, DIM)
+        self.attention_biases = nn.Parameter(torch.randn(heads, TOKENS * TOKENS) * 0.1)
+        self.attention_bias_cache: dict[str, torch.Tensor] = {}
+
+    def biases(self) -> torch.Tensor:
+        if "cpu" not in self.attention_bias_cache:
+            self.attention_bias_cache["cpu"] = self.attention_biases.reshape(-1, TOKENS, TOKENS)
+        return self.attention_bias_cache["cpu"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q @ k.transpose(-2, -1) * self.key_dim ** -0.5 + self.biases()).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim))
+
+
+class LinearNorm(nn.Module):
+    """A Linear followed by a BatchNorm over its outputs (LeViT)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class NormedProjections(HeadMajor):
+    """LeViT's attention: HeadMajor with Linear + BatchNorm projections and an activation before ``proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = LinearNorm(DIM, self.num_heads * (2 * self.key_dim + self.val_dim))  # type: ignore[assignment]
+        self.proj = nn.Sequential(nn.Hardswish(), LinearNorm(self.val_attn_dim, DIM))  # type: ignore[assignment]
+
+
+class ConvHeads(nn.Module):
+    """BoTNet's attention: a 1x1-conv qkv over an NCHW map, every head's q, then k, then v, and no out
+    projection: the heads' values are the module's output channels."""
+
+    def __init__(self, channels: int = 16, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head_qk, self.dim_head_v = heads, head_dim, head_dim
+        self.dim_out_qk = self.dim_out_v = heads * head_dim
+        self.qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = torch.split(self.qkv(x), [self.dim_out_qk, self.dim_out_qk, self.dim_out_v], dim=1)
+        q = q.reshape(b * self.num_heads, self.dim_head_qk, -1).transpose(-1, -2)
+        k = k.reshape(b * self.num_heads, self.dim_head_qk, -1)
+        v = v.reshape(b * self.num_heads, self.dim_head_v, -1).transpose(-1, -2)
+        attn = (q @ k * self.dim_head_qk ** -0.5).softmax(dim=-1)
+        return (attn @ v).transpose(-1, -2).reshape(b, self.dim_out_v, h, w)
+
+
+class TiedToInput(PartMajor):
+    """EdgeNeXt's and PVT-v2's way: the heads' output is reshaped to the input's width ``C``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """A transformer block around an attention module, with an MLP."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, DIM)
+        self.attn = attention
+        self.fc1, self.fc2 = nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attn(x)
+        return self.fc2(torch.relu(self.fc1(x))).mean(dim=1)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = ConvHeads()
+        self.bn = nn.BatchNorm2d(32)
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.attn(torch.relu(self.stem(x)))))).mean(dim=(2, 3))
+
+
+def _model(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "conv":
+        return ConvBlock().eval(), torch.randn(2, 3, 4, 4)
+    attention = {"part": PartMajor, "head": HeadMajor, "normed": NormedProjections, "tied": TiedToInput}[kind]()
+    model = Block(attention).eval()
+    for module in model.modules():  # non-trivial norm statistics
+        if isinstance(module, nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(2, TOKENS, 8)
+
+
+def _heads_group(graph: ChannelGraph) -> int:
+    return next(g.id for g in graph.groups if g.producers == ["attn"])
+
+
+def _macs(graph: ChannelGraph, kept: dict[int, int]) -> float:
+    total = graph.other_macs
+    for layer in graph.layers.values():
+        if layer.geometry is not None:
+            total += layer.geometry.macs(*graph.channel_counts(layer, kept))
+    return total
+
+
+def _counted_macs(model: nn.Module, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x[:1])
+    return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("kind", ["part", "head", "normed", "conv"])
+def test_heads_are_pruned_whole_and_pruned_equals_masked(kind: str) -> None:
+    model, x = _model(kind)
+    assert isinstance(adapter_for(model.attn), FusedAttentionAdapter)
+    graph = build_channel_graph(model, x)
+    assert verify_groups(model, graph, x) == []
+    group = graph.group(_heads_group(graph))
+    heads, value_dim = FusedAttentionAdapter().heads(model.attn)
+    assert group.prunable and group.unit == value_dim and group.channels == heads * value_dim
+
+    keep = random_keep(graph, seed=2)
+    keep[group.id] = list(range(value_dim, 3 * value_dim))  # heads 1 and 2 of 4
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    attention = pruned.attn
+    assert attention.num_heads == 2
+    if kind in ("head", "normed"):
+        assert attention.val_attn_dim == 2 * value_dim and attention.attention_biases.shape[0] == 2
+    if kind == "normed":
+        assert attention.qkv.bn.num_features == attention.qkv.linear.out_features == 2 * (2 * 4 + 8)
+    if kind == "conv":
+        assert attention.dim_out_v == attention.dim_out_qk == 16 and pruned.bn.num_features == 16
+
+    # The cost the search uses is what a FLOP counter counts, before and after.
+    kept = {g: len(channels) for g, channels in keep.items()}
+    assert _macs(graph, {}) == pytest.approx(_counted_macs(model, x), rel=1e-6)
+    assert _macs(graph, kept) == pytest.approx(_counted_macs(pruned, x), rel=1e-6)
+
+
+def test_the_head_by_head_layout_is_told_apart_from_the_part_by_part_one() -> None:
+    """Both layouts have the same parts; only the check by execution tells them apart, and the rows pruned
+    must be the head's own (a wrong layout would fail pruned == masked above, this names which was taken)."""
+    model, x = _model("head")
+    graph = build_channel_graph(model, x)
+    adapter = FusedAttentionAdapter()
+    assert adapter.layout(model.attn).head_major
+    part_model, part_x = _model("part")
+    build_channel_graph(part_model, part_x)
+    assert not adapter.layout(part_model.attn).head_major
+    rows = adapter.layout(model.attn).head_rows(torch.tensor([1]))
+    assert rows.tolist() == list(range(16, 32))  # head 1's 4 + 4 + 8 rows
+    # Taylor and L2 scores count every qkv row with its own head.
+    slices = [s for s in graph.param_slices(graph.group(_heads_group(graph))) if s.module == "attn.qkv"]
+    assert {s.param for s in slices} == {"weight", "bias"}
+    per_channel = slices[0].per_channel(torch.ones(64, 32), 32)
+    assert per_channel.reshape(4, 8).sum(dim=1).tolist() == [16 * 32.0] * 4
+
+
+def test_attention_tied_to_its_input_width_is_left_alone_with_the_reason() -> None:
+    model, x = _model("tied")
+    graph = build_channel_graph(model, x)
+    qkv = next(g for g in graph.groups if "attn.qkv" in g.producers)
+    assert not qkv.prunable
+    assert "did not compute what masking that head computes" in qkv.reasons[0]
+    assert "attn (TiedToInput)" in qkv.reasons[0]
+    assert graph.group(next(g.id for g in graph.groups if "fc1" in g.producers)).prunable  # the rest still is
+    assert model.attn.num_heads == 4 and model.attn.qkv.out_features == 96  # the check pruned copies only
+
+
+def test_searched_pruned_and_restored_with_the_layout_proven_again(tmp_path: Path) -> None:
+    model, x = _model("normed")
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.4\nascend_optimized: false\n")
+    labels = torch.randint(0, 10, (2,))
+    acps.auto_channel_prune_search(model, str(tmp_path / "search.cfg"), [x, labels], str(tmp_path / "prune.cfg"),
+                                   sensitivity="GroupTaylorSensitivity")
+    pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
+    torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
+    fused_attention._PROVEN.clear()  # as in a fresh process: restoring traces the model and proves it again
+    restored = acps.restore_prune_retrain_model(_model("normed")[0], x, tmp_path / "prune.record",
+                                                tmp_path / "prune.cfg", tmp_path / "tuned.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), pruned(x), rtol=0, atol=0)
+    assert restored.attn.num_heads == pruned.attn.num_heads
