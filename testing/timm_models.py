@@ -74,11 +74,15 @@ BY_MODEL = {case.model: case for case in CASES}
 
 
 def build(case: TimmCase, seed: int = 0) -> nn.Module:
-    """The model with random weights (and random norm statistics, so that masking is tested), in eval mode."""
+    """The model with random weights (and random norm statistics, and no parameter left at zero, such as a
+    response norm's gain or an attention bias, so that masking is tested), in eval mode."""
     torch.manual_seed(seed)
     model = timm.create_model(case.model, pretrained=False, num_classes=10)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() > 1 and not param.any():
+                param.normal_(0, 0.5, generator=generator)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
                 module.running_mean.normal_(0, 0.1, generator=generator)

@@ -113,4 +113,9 @@ def load_weights(model: nn.Module, path: StrPath, what: str = "weights file", st
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
         raise DataError(f"{what} {where!r} does not fit the {role}: {exc}") from exc
+    # Modules that cache tensors computed from their weights in eval mode (timm's attention biases) drop the cache
+    # when their mode is set: the forward passes run before the load must not leave them stale.
+    modes = [(module, module.training) for module in model.modules()]
+    for module, training in modes:  # (a parent's train() sets its children's mode: each is set back after it)
+        module.train(training)
     logger.debug("loaded %s into the %s", where, role)

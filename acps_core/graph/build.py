@@ -226,10 +226,12 @@ def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> dict[st
     return shared
 
 
-def _record(model: nn.Module, sample: Any, leaf_names: dict[nn.Module, str], param_names: dict[int, str]
-            ) -> tuple[Recorder, Any, set[nn.Module]]:
-    """One traced forward pass: the recorder, the model's output, and the layers recognised by a pattern (not
-    their type) whose first call the adapter could not confirm (:meth:`~acps_core.layers.LayerAdapter.confirm`)."""
+def _record(model: nn.Module, sample: Any, leaf_names: dict[nn.Module, str], param_names: dict[int, str],
+            watched: Set[nn.Module] = frozenset()
+            ) -> tuple[Recorder, Any, set[nn.Module], dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """One traced forward pass: the recorder, the model's output, the layers recognised by a pattern (not
+    their type) whose first call the adapter could not confirm (:meth:`~acps_core.layers.LayerAdapter.confirm`),
+    and the first call's arguments of each ``watched`` module."""
     recorder = Recorder(leaf_names, param_names)
     for tensor in tensors_in(sample):
         recorder.add_value(tensor)
@@ -245,6 +247,8 @@ def _record(model: nn.Module, sample: Any, leaf_names: dict[nn.Module, str], par
         handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
         if by_pattern(module):
             handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))
+    for module in watched:
+        handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))
     failure: Exception | None = None
     try:
         with torch.no_grad(), recorder:
@@ -260,9 +264,9 @@ def _record(model: nn.Module, sample: Any, leaf_names: dict[nn.Module, str], par
     unconfirmed = set()
     for module, (args, kwargs) in calls.items():
         adapter = adapter_for(module)
-        if adapter is None or not adapter.confirm(module, args, kwargs):
+        if module not in watched and (adapter is None or not adapter.confirm(module, args, kwargs)):
             unconfirmed.add(module)
-    return recorder, output, unconfirmed
+    return recorder, output, unconfirmed, {m: calls[m] for m in watched if m in calls}
 
 
 def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
@@ -288,16 +292,19 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     for key, name in buffer_names.items():
         param_names.setdefault(key, name)
     sample = trace_sample(data)
-    recorder, output, unconfirmed = _record(model, sample, leaf_names, param_names)
+    recorder, output, unconfirmed, _ = _record(model, sample, leaf_names, param_names)
+    refused: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     if unconfirmed:  # layers recognised by their parts whose forward is not what their adapter assumes
         leaf_names = {m: n for m, n in leaf_names.items() if m not in unconfirmed}
-        recorder, output, _ = _record(model, sample, leaf_names, param_names)
+        recorder, output, _, refused = _record(model, sample, leaf_names, param_names, unconfirmed)
 
     named = {name: module for module, name in module_names.items()}
     builder = GroupBuilder(recorder, _shared_weights(model, module_names), named, set(buffer_names.values()))
     first = next(iter(tensors_in(sample)), None)
     builder.batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
     builder.run()
+    for module, call in refused.items():
+        _explain_refused(builder, module, module_names[module], call)
     output_layers: list[str] = []
     for tensor in tensors_in(output):
         value = recorder.value_of(tensor)
@@ -307,22 +314,28 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
             if producer not in output_layers:
                 output_layers.append(producer)
     graph = _assemble(model, builder, output_layers, module_types)
-    for module in unconfirmed:
-        _explain_unconfirmed(graph, module, module_names[module])
     graph.output = output
     graph.other_macs = builder.other_macs / builder.batch
     return graph
 
 
-def _explain_unconfirmed(graph: ChannelGraph, module: nn.Module, name: str) -> None:
-    """Say why, in the reasons of the unprunable groups produced inside a module its pattern's adapter refused."""
+def _explain_refused(builder: GroupBuilder, module: nn.Module, name: str,
+                     call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+    """Say why, first among the reasons of the blocked channels a module its pattern's adapter refused reads or
+    produces inside (the module was traced function by function)."""
     adapter = adapter_for(module)
     if adapter is None:
         return
     reason = adapter.unconfirmed(module, name)
-    for group in graph.groups:
-        if not group.prunable and any(p.startswith(f"{name}.") for p in group.producers):
-            group.reasons.insert(0, reason)
+    roots = set()
+    for tensor in tensors_in(call):
+        value = builder.recorder.value_of(tensor)
+        roots |= {builder.find(tag.space) for tag in builder.tags.get(value, [])} if value is not None else set()
+    roots |= {builder.find(i) for i, space in enumerate(builder.spaces) if space.producer.startswith(f"{name}.")}
+    for root in roots:
+        reasons = builder.spaces[root].reasons
+        if reasons and reason not in reasons:
+            reasons.insert(0, reason)
 
 
 def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],

@@ -3,7 +3,8 @@ channels sit in its parameters, and how it is sliced, masked, re-fitted and rank
 
 The built-in types are registered here: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``,
 ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.PReLU`` and
-``nn.MultiheadAttention``, and self-attention with a fused ``qkv`` Linear (recognised by its parts).
+``nn.MultiheadAttention``; and, recognised by their parts, self-attention with a fused ``qkv`` projection and norms
+whose statistic is a mean over the channels (a Global Response Norm, an RMS norm).
 :func:`register_layer` registers a user's own type.
 """
 
@@ -23,6 +24,7 @@ from acps_core.layers.base import (
 from acps_core.layers.conv import CONV_TYPES, TRANSPOSED_CONV_TYPES, ConvAdapter, ConvTransposeAdapter
 from acps_core.layers.fused_attention import FusedAttentionAdapter, fused_qkv_attention
 from acps_core.layers.linear import LinearAdapter
+from acps_core.layers.mean_norm import MeanNormAdapter, mean_norm
 from acps_core.layers.norm import (
     NORM_TYPES,
     BatchNormAdapter,
@@ -39,6 +41,7 @@ for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, Co
     for _type in _types:
         register_layer(_type, _adapter)
 register_pattern(fused_qkv_attention, FusedAttentionAdapter())
+register_pattern(mean_norm, MeanNormAdapter())
 
 __all__ = [
     "AttentionAdapter",
@@ -51,6 +54,7 @@ __all__ = [
     "LayerAdapter",
     "LayerNormAdapter",
     "LinearAdapter",
+    "MeanNormAdapter",
     "MultiheadAttentionAdapter",
     "PReLUAdapter",
     "adapter_for",
