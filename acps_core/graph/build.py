@@ -303,8 +303,10 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     first = next(iter(tensors_in(sample)), None)
     builder.batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
     builder.run()
-    for module, call in refused.items():
-        _explain_refused(builder, module, module_names[module], call)
+    for module, call in refused.items():  # a module its pattern's adapter refused says why on its channels
+        if (adapter := adapter_for(module)) is not None:
+            builder.explain_first(adapter.unconfirmed(module, module_names[module]),
+                                  [recorder.value_of(t) for t in tensors_in(call)], f"{module_names[module]}.")
     output_layers: list[str] = []
     for tensor in tensors_in(output):
         value = recorder.value_of(tensor)
@@ -317,25 +319,6 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
     graph.output = output
     graph.other_macs = builder.other_macs / builder.batch
     return graph
-
-
-def _explain_refused(builder: GroupBuilder, module: nn.Module, name: str,
-                     call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
-    """Say why, first among the reasons of the blocked channels a module its pattern's adapter refused reads or
-    produces inside (the module was traced function by function)."""
-    adapter = adapter_for(module)
-    if adapter is None:
-        return
-    reason = adapter.unconfirmed(module, name)
-    roots = set()
-    for tensor in tensors_in(call):
-        value = builder.recorder.value_of(tensor)
-        roots |= {builder.find(tag.space) for tag in builder.tags.get(value, [])} if value is not None else set()
-    roots |= {builder.find(i) for i, space in enumerate(builder.spaces) if space.producer.startswith(f"{name}.")}
-    for root in roots:
-        reasons = builder.spaces[root].reasons
-        if reasons and reason not in reasons:
-            reasons.insert(0, reason)
 
 
 def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],

@@ -107,6 +107,16 @@ class Spaces:
         if reason not in reasons:
             reasons.append(reason)
 
+    def explain_first(self, reason: str, values: Iterable[int | None], inside: str) -> None:
+        """Put ``reason`` first among the reasons of the blocked spaces that the traced ``values`` carry or a
+        layer whose name starts with ``inside`` produces."""
+        roots = {self.find(tag.space) for value in values if value is not None for tag in self.tags.get(value, [])}
+        roots |= {self.find(i) for i, space in enumerate(self.spaces) if space.producer.startswith(inside)}
+        for root in roots:
+            reasons = self.spaces[root].reasons
+            if reasons and reason not in reasons:
+                reasons.insert(0, reason)
+
     def block_tags(self, tags: Iterable[Tag], reason: str) -> None:
         for tag in tags:
             self.block(tag.space, reason)
