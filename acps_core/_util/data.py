@@ -209,9 +209,15 @@ def _rows(data: Any, start: int, stop: int) -> Any:
     return map_tensors(data, lambda tensor: tensor[start:stop])
 
 
+#: The label Hugging Face models ignore in their token losses (padding, the prompt).
+IGNORE_INDEX = -100
+
+
 def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
-    """Which default loss fits this label: ``"l1"`` (same shape as the output, the reference's rule) or
-    ``"cross_entropy"`` (integer class indices, one per output row). Only the per-sample shapes are compared:
+    """Which default loss fits this label: ``"l1"`` (same shape as the output, the reference's rule),
+    ``"cross_entropy"`` (integer class indices, one per output row) or ``"token_cross_entropy"`` (integer class
+    indices over the output's last dim, one per token: a language model's logits ``[batch, tokens, vocabulary]``
+    and labels ``[batch, tokens]``, where -100 marks tokens to ignore). Only the per-sample shapes are compared:
     the batch sizes are checked with the data.
 
     Raises:
@@ -230,11 +236,19 @@ def label_kind(output: torch.Tensor, label: torch.Tensor) -> str:
                 return "cross_entropy"
             raise DataError(f"the labels look like class indices but some fall outside [0, {classes}) for an "
                             f"output of shape {list(output.shape)}")
+        if label.dtype != torch.bool and output.dim() >= 3 and label.shape[1:] == output.shape[1:-1]:
+            classes = output.shape[-1]
+            counted = label[label != IGNORE_INDEX]
+            if bool((counted >= 0).all()) and bool((counted < classes).all()):
+                return "token_cross_entropy"
+            raise DataError(f"the labels look like token class indices but some fall outside [0, {classes}) (or "
+                            f"{IGNORE_INDEX}, ignored) for an output of shape {list(output.shape)}")
     if label.shape[1:] == output.shape[1:]:
         return "l1"
     message = (f"the label shape {list(label.shape)} does not fit the model output shape {list(output.shape)}: "
                "pass labels shaped like the output (the reference's L1 loss), integer class indices of shape "
-               "[batch], or a loss_func that accepts them")
+               "[batch] (or [batch, tokens] for an output [batch, tokens, classes]), or a loss_func that accepts "
+               "them")
     if indices and output.shape[1] >= 2 and _whole_numbers(label):
         # Class indices that went through a float tensor (a NumPy array, a DataFrame column, torch.tensor([1.])).
         classes = output.shape[1]
@@ -280,13 +294,17 @@ def primary_output(output: Any) -> tuple[torch.Tensor | None, str | None]:
 
 def default_loss(output: Any, label: torch.Tensor) -> torch.Tensor:
     """The loss used when the user gives none: the reference's L1 between output and label, or cross-entropy
-    when the labels are integer class indices (an L1 loss against class indices is meaningless). A model that
+    when the labels are integer class indices (an L1 loss against class indices is meaningless), per token for a
+    language model's ``[batch, tokens, vocabulary]`` logits. A model that
     returns a dict, a ``ModelOutput`` or a tuple is scored on its :func:`primary_output`."""
     tensor, _ = primary_output(output)
     if tensor is None:
         raise DataError(f"the model returns a {type(output).__name__} holding no tensor; pass "
                         "sensitivity=TaylorLossSensitivity(loss_func=...) with a loss_func that takes this output "
                         "and the label")
-    if label_kind(tensor, label) == "cross_entropy":
+    kind = label_kind(tensor, label)
+    if kind == "cross_entropy":
         return F.cross_entropy(tensor, label.long())
+    if kind == "token_cross_entropy":
+        return F.cross_entropy(tensor.flatten(0, -2), label.long().flatten(), ignore_index=IGNORE_INDEX)
     return F.l1_loss(tensor, label.to(tensor.dtype))

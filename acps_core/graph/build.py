@@ -36,7 +36,6 @@ from acps_core.graph.spaces import Spaces, Tag
 from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, refs_in, trace_sample
 from acps_core.layers.attention import AttentionAdapter
 from acps_core.layers.base import adapter_for, by_pattern, whole_layer
-from acps_core.layers.fused_attention import FusedAttentionAdapter
 
 
 class GroupBuilder(Spaces):
@@ -350,9 +349,9 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
     attention = {f"{name}.{path}": name for name, module in model.named_modules()
                  if isinstance(adapter := adapter_for(module), AttentionAdapter)
                  and (path := adapter.projection(module)) is not None}
-    # The layers inside a fused attention module traced whole (its qkv projection) but its out projection.
+    # The layers inside an attention module traced whole (its q/k/v projections) but its out projection.
     fused = {f"{name}.{path}" for name, module in model.named_modules()
-             if isinstance(adapter := adapter_for(module), FusedAttentionAdapter) and name in builder.layers
+             if isinstance(adapter := adapter_for(module), AttentionAdapter) and name in builder.layers
              for path, _ in module.named_modules() if path and path != adapter.projection(module)}
     for name, module in model.named_modules():
         adapter = adapter_for(module)

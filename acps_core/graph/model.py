@@ -48,6 +48,8 @@ class LayerGeometry:
     rows: int = 1
     #: For attention: the width of each head's queries and keys over the width of its values (its channels).
     key_share: float = 1.0
+    #: For attention: its key/value heads over its query heads (below 1 for grouped-query attention).
+    kv_share: float = 1.0
 
     @property
     def depthwise(self) -> bool:
@@ -68,19 +70,25 @@ class LayerGeometry:
             return math.prod(self.input_shape[2:])
         return math.prod(self.output_shape[2:])
 
+    @property
+    def projection_rows(self) -> float:
+        """For attention: rows of its q, k and v projections per output channel (3 for plain multi-head
+        attention)."""
+        return self.key_share + self.kv_share * (self.key_share + 1)
+
     def macs(self, in_channels: int | None = None, out_channels: int | None = None) -> float:
         """Multiply-accumulates per sample at the given channel counts (the traced ones by default).
 
         For ``MultiheadAttention`` the input channels are its embed_dim and the output channels the width of its
         heads' values: the q/k/v projections and the two attention products (self-attention, as many keys as
-        queries), with queries and keys ``key_share`` times as wide as the values; its out projection is a
-        Linear layer of its own.
+        queries), with queries and keys ``key_share`` times as wide as the values and ``kv_share`` times as many
+        key/value heads as query heads; its out projection is a Linear layer of its own.
         """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
-            projections = (2 * self.key_share + 1) * cin * cout
+            projections = self.projection_rows * cin * cout
             return float(self.rows * tokens * (projections + (self.key_share + 1) * tokens * cout))
         # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
         inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups

@@ -230,7 +230,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     weight_dtype = next(p.dtype for p in module.parameters())
     geometry = LayerGeometry(name, "MultiheadAttention", query.shape[channel_dim], width, 1, (1,), (1,),
                              (1, tokens, query.shape[channel_dim]), (1, tokens, width), query.dtype, weight_dtype,
-                             rows, adapter.key_share(module))
+                             rows, adapter.key_share(module), adapter.kv_share(module))
     entry = builder.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                           "reason": None, "location": op.location})
     embed_inputs(builder, op, name, inputs, channel_dim, entry, where)
@@ -239,7 +239,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     touched.append(heads)
     entry["spaces"].append(heads)
     entry["out"] = heads
-    builder.require(heads, unit=head_dim)
+    builder.require(heads, unit=adapter.unit(module))
     made = [heads]
     inner = adapter.projection(module)
     space = heads

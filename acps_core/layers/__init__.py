@@ -3,8 +3,9 @@ channels sit in its parameters, and how it is sliced, masked, re-fitted and rank
 
 The built-in types are registered here: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``,
 ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.PReLU`` and
-``nn.MultiheadAttention``; and, recognised by their parts, self-attention with a fused ``qkv`` projection and norms
-whose statistic is a mean over the channels (a Global Response Norm, an RMS norm).
+``nn.MultiheadAttention``; and, recognised by their parts, self-attention with a fused ``qkv`` projection or with
+separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (grouped-query attention included), and norms whose statistic
+is a mean over the channels (a Global Response Norm, an RMS norm).
 :func:`register_layer` registers a user's own type.
 """
 
@@ -33,6 +34,7 @@ from acps_core.layers.norm import (
     LayerNormAdapter,
     PReLUAdapter,
 )
+from acps_core.layers.split_attention import SplitAttentionAdapter, split_projection_attention
 
 for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, ConvTransposeAdapter()),
                          ((nn.Linear,), LinearAdapter()), (NORM_TYPES, BatchNormAdapter()),
@@ -41,6 +43,7 @@ for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, Co
     for _type in _types:
         register_layer(_type, _adapter)
 register_pattern(fused_qkv_attention, FusedAttentionAdapter())
+register_pattern(split_projection_attention, SplitAttentionAdapter())
 register_pattern(mean_norm, MeanNormAdapter())
 
 __all__ = [
@@ -57,6 +60,7 @@ __all__ = [
     "MeanNormAdapter",
     "MultiheadAttentionAdapter",
     "PReLUAdapter",
+    "SplitAttentionAdapter",
     "adapter_for",
     "register_layer",
     "register_pattern",

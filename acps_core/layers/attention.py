@@ -118,6 +118,27 @@ def shrink_embed_dim(module: nn.MultiheadAttention, keep: torch.Tensor) -> None:
     make_prunable(module)
 
 
+def stateless(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's keyword arguments without the stateful objects among them (a key/value cache the forward would
+    update), for trial calls of a copy: tensors, numbers, strings and tuples or lists of tensors stay."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (torch.Tensor, int, float, bool, str))
+
+    return {key: value for key, value in kwargs.items() if plain(value)}
+
+
+def same_output(got: Any, expected: Any) -> bool:
+    """Whether two calls' first output tensors agree (the attention output of a module that returns a tuple)."""
+    got = got[0] if isinstance(got, (tuple, list)) and got else got
+    expected = expected[0] if isinstance(expected, (tuple, list)) and expected else expected
+    if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)) or got.shape != expected.shape:
+        return False
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-6)))
+
+
 class AttentionAdapter(LayerAdapter):
     """Attention whose heads the graph maps with a rule of its own
     (:func:`~acps_core.graph.modules.attention_module`): its output channels are the width of its heads, consumed
@@ -133,8 +154,16 @@ class AttentionAdapter(LayerAdapter):
         attention: Any = module
         return int(attention.num_heads), int(attention.head_dim)
 
+    def unit(self, module: nn.Module) -> int:
+        """The channels that go together: one head (a key/value group of heads for grouped-query attention)."""
+        return self.heads(module)[1]
+
     def key_share(self, module: nn.Module) -> float:
         """The width of each head's queries and keys over the width of its values (what the cost counts)."""
+        return 1.0
+
+    def kv_share(self, module: nn.Module) -> float:
+        """Its key/value heads over its query heads (what the cost counts; below 1 for grouped-query attention)."""
         return 1.0
 
     def projection(self, module: nn.Module) -> str | None:

@@ -164,8 +164,8 @@ class AscendLatency(GainEstimatorBase):
             tokens = _up(positions, FRACTAL)
             width = _up(out_channels, FRACTAL)
             # q, k and v projections, then the two attention products (self-attention), for each of its rows;
-            # queries and keys are key_share times as wide as the values
-            rows_per_channel = 2 * layer.key_share + 1
+            # queries and keys are key_share times as wide as the values (and key/value heads fewer, kv_share)
+            rows_per_channel = layer.projection_rows
             macs = layer.rows * (rows_per_channel * tokens * width * _up(in_channels, k_fractal)
                                  + (layer.key_share + 1) * tokens * tokens * width)
             weights = rows_per_channel * _up(in_channels, FRACTAL) * width

@@ -306,7 +306,7 @@ class MeasuredLatency(GainEstimatorBase):
 
     def _key(self, layer: LayerGeometry, device: torch.device) -> dict[str, Any]:
         # (an attention's key width is in the key only where it is not its value width: older tables stay valid)
-        shape = {"key_share": layer.key_share} if layer.key_share != 1.0 else {}
+        shape = {name: getattr(layer, name) for name in ("key_share", "kv_share") if getattr(layer, name) != 1.0}
         return {**shape, "device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "dtype": str(layer.weight_dtype), "kind": layer.kind, "kernel": list(layer.kernel_size),
                 "stride": list(layer.stride), "groups": "depthwise" if layer.depthwise else layer.groups,
@@ -395,7 +395,7 @@ def _standalone(layer: LayerGeometry, cin: int, cout: int, batch: int) -> tuple[
         return module, torch.randn(batch, cin, *spatial_in)
     tokens = tuple(layer.input_shape[1:-1])
     if layer.kind == "MultiheadAttention":  # its q, k and v projections in one Linear
-        rows = max(1, round((2 * layer.key_share + 1) * cout))
+        rows = max(1, round(layer.projection_rows * cout))
         return nn.Linear(cin, rows), torch.randn(batch * layer.rows, *tokens, cin)
     return nn.Linear(cin, cout), torch.randn(batch, *tokens, cin)
 

@@ -1,0 +1,185 @@
+"""Self-attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` Linears, as Hugging Face's
+decoders write it (Llama, Qwen2, Mistral, ...), with multi-head or grouped-query attention::
+
+    q = self.q_proj(x).view(*shape, -1, self.head_dim).transpose(1, 2)      # num_heads heads
+    k = self.k_proj(x).view(*shape, -1, self.head_dim).transpose(1, 2)      # num_key_value_heads heads
+    ...  # rotary embeddings on q and k; each key/value head serves num_key_value_groups query heads
+    out = self.o_proj(attention(q, k, v).reshape(*shape, -1))
+
+Its heads are pruned a key/value group at a time: one key/value head (its ``k_proj`` and ``v_proj`` rows) with the
+``num_key_value_groups`` query heads it serves (their ``q_proj`` rows and ``o_proj`` columns). The group size, the
+head width and the rotary embedding stay as they are; ``num_heads`` and ``num_key_value_heads`` are updated where
+the module keeps them. Its channels are ``o_proj``'s inputs, in units of one key/value group.
+
+A module is recognised by its parts: the four Linears, an integer ``head_dim`` and ``num_key_value_groups`` (or
+``num_heads`` and ``num_key_value_heads``), and widths that agree. That its forward is the one above, whatever
+attention function it dispatches to (eager, SDPA, ...), is proven on its first traced call: one key/value group
+is pruned in a copy, which must compute what masking its query heads computes. A module that fails is traced
+function by function instead, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from acps_core.layers.attention import AttentionAdapter, same_output, stateless
+from acps_core.layers.base import take
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def head_counts(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(query heads, key/value heads, head_dim)`` from the module's attributes and its projections' widths."""
+    head_dim = getattr(module, "head_dim", None)
+    q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+    if not (isinstance(head_dim, int) and head_dim > 0 and isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
+        return None
+    if q.out_features % head_dim or k.out_features % head_dim:
+        return None
+    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    groups = getattr(module, "num_key_value_groups", None)
+    kv_attribute = getattr(module, "num_key_value_heads", None)
+    if groups is None and isinstance(kv_attribute, int):
+        groups = heads // max(1, kv_attribute)
+    if not isinstance(groups, int) or kv_heads == 0 or heads != kv_heads * groups:
+        return None
+    return heads, kv_heads, head_dim
+
+
+def split_projection_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is self-attention with separate q/k/v/o projections acps prunes heads of (see the
+    module docs)."""
+    if not all(isinstance(getattr(module, name, None), nn.Linear) for name in PROJECTIONS):
+        return False
+    counts = head_counts(module)
+    if counts is None:
+        return False
+    attention: Any = module
+    if attention.v_proj.out_features != attention.k_proj.out_features:
+        return False
+    own = [name for name, _ in module.named_parameters() if name.split(".")[0] not in PROJECTIONS]
+    return not own  # (q/k norms or biases per head are not mapped yet)
+
+
+class SplitAttentionAdapter(AttentionAdapter):
+    """Heads of self-attention with separate q/k/v/o projections (see the module docs)."""
+
+    out_projection = "o_proj"
+
+    def traced_whole(self, module: nn.Module) -> bool:
+        return split_projection_attention(module)
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        heads, _, head_dim = head_counts(module) or (0, 0, 0)
+        return heads, head_dim
+
+    def unit(self, module: nn.Module) -> int:
+        """Channels per key/value group: the query heads one key/value head serves."""
+        heads, kv_heads, head_dim = head_counts(module) or (1, 1, 1)
+        return heads // kv_heads * head_dim
+
+    def kv_share(self, module: nn.Module) -> float:
+        heads, kv_heads, _ = head_counts(module) or (1, 1, 1)
+        return kv_heads / heads
+
+    def batch_first(self, module: nn.Module) -> bool:
+        return True
+
+    def self_attention(self) -> bool:
+        return True
+
+    def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
+        """q rows with their own channel; a key/value head's k and v rows with the first channel of its group."""
+        heads, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
+        unit = heads // max(1, kv_heads) * head_dim
+        kv_rows = tuple(j * unit + d for j in range(kv_heads) for d in range(head_dim))
+        return [("q_proj.weight", 0, 0), ("q_proj.bias", 0, 0)] + [
+            (f"{name}.{param}", 0, kv_rows) for name in ("k_proj", "v_proj") for param in ("weight", "bias")]
+
+    def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
+        return [(f"{name}.weight", 1, 1) for name in ("q_proj", "k_proj", "v_proj")]
+
+    def filter_rows(self, module: nn.Module) -> torch.Tensor:
+        """Per channel, the norm of its q row and of its share of its group's k and v rows."""
+        attention: Any = module
+        squares = attention.q_proj.weight.detach().double().pow(2).sum(dim=1).cpu()
+        heads, kv_heads, head_dim = head_counts(module) or (1, 1, 1)
+        for name in ("k_proj", "v_proj"):
+            kv: torch.Tensor = getattr(attention, name).weight.detach().double().pow(2).sum(dim=1).cpu()
+            squares += kv.reshape(kv_heads, 1, head_dim).expand(kv_heads, heads // kv_heads, head_dim).reshape(
+                -1) / (heads // kv_heads)
+        norms: torch.Tensor = squares.sqrt().unsqueeze(1)
+        return norms
+
+    def out_size(self, module: nn.Module) -> int:
+        attention: Any = module
+        return int(attention.q_proj.out_features)
+
+    def in_size(self, module: nn.Module) -> int:
+        attention: Any = module
+        return int(attention.q_proj.in_features)
+
+    def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        """Keep the key/value groups of the channels ``index`` (whole groups, as the graph made sure)."""
+        unit = self.unit(module)
+        _keep_groups(module, index[::unit] // unit)
+
+    def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer: Any = getattr(module, name)
+            layer.weight = take(layer.weight, 1, index)
+            layer.in_features = len(index)
+
+    def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Prune the first key/value group in a copy and compare its output with the module's with that group's
+        query heads' ``o_proj`` columns zeroed."""
+        counts = head_counts(module)
+        if counts is None or module.training:
+            return False
+        heads, kv_heads, head_dim = counts
+        if kv_heads < 2:
+            return True  # no group can go; nothing to prove
+        unit = heads // kv_heads * head_dim
+        trial: Any = copy.deepcopy(module)
+        reference: Any = copy.deepcopy(module)
+        try:
+            with torch.no_grad():
+                _keep_groups(trial, torch.arange(1, kv_heads))
+                keep = torch.arange(unit, heads * head_dim)
+                trial.o_proj.weight = take(trial.o_proj.weight, 1, keep)
+                trial.o_proj.in_features = len(keep)
+                reference.o_proj.weight[:, :unit] = 0
+                kwargs = stateless(kwargs)
+                got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
+        except Exception:
+            return False
+        return same_output(got, expected)
+
+    def unconfirmed(self, module: nn.Module, name: str) -> str:
+        return (f"{name} ({type(module).__name__}) is attention with separate q/k/v/o projections, but a copy with "
+                "one key/value group pruned (its k and v rows, its query heads' q rows and o_proj inputs) did not "
+                "compute what masking those heads computes: its forward ties the heads to something their count "
+                "does not set, so its heads are left alone")
+
+
+def _keep_groups(module: nn.Module, kept: torch.Tensor) -> None:
+    """Slice ``module`` to the key/value groups ``kept``: their k/v rows and their query heads' q rows, with the
+    head counts the module keeps."""
+    heads, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
+    per_group = heads // kv_heads
+    attention: Any = module
+    kv_rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    q_heads = (kept[:, None] * per_group + torch.arange(per_group)).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        layer: Any = getattr(attention, name)
+        layer.weight = take(layer.weight, 0, rows)
+        layer.bias = take(layer.bias, 0, rows)
+        layer.out_features = len(rows)
+    for name, count in (("num_heads", len(q_heads)), ("num_key_value_heads", len(kept))):
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, count)

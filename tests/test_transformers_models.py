@@ -1,0 +1,143 @@
+"""Hugging Face decoders built from small configs (random weights, nothing downloaded): the heads of their attention
+(multi-head and grouped-query, eager and SDPA) and their MLPs are pruned whole and exactly, the cost is what a FLOP
+counter counts, and a search at a target runs through create and restore with a language model's token labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import acps_core as acps
+from acps_core.graph.build import build_channel_graph
+from acps_core.graph.model import ChannelGraph
+from acps_core.graph.verify import verify_groups
+from acps_core.layers import SplitAttentionAdapter, adapter_for
+from testing.zoo import pruned_and_masked, random_keep
+
+transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
+
+VOCAB, HIDDEN, HEADS, HEAD_DIM = 96, 64, 4, 16
+#: (name, config class, key/value heads, attention implementation)
+CASES = [
+    ("llama-mha-eager", "LlamaConfig", 4, "eager"),
+    ("llama-gqa-eager", "LlamaConfig", 2, "eager"),
+    ("llama-gqa-sdpa", "LlamaConfig", 2, "sdpa"),
+    ("qwen2-gqa-sdpa", "Qwen2Config", 2, "sdpa"),
+    ("mistral-gqa-eager", "MistralConfig", 2, "eager"),
+]
+
+
+class Logits(nn.Module):
+    """The causal LM returning its logits alone (what the masking helpers compare)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.lm = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.lm(ids).logits
+        return logits
+
+
+def causal_lm(config_name: str, kv_heads: int, attention: str, seed: int = 0) -> nn.Module:
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, max_position_embeddings=64,
+        attn_implementation=attention, use_cache=False)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # non-trivial norm gains, as after training
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def ids(count: int = 2, tokens: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, tokens), generator=torch.Generator().manual_seed(0))
+
+
+def attention_groups(graph: ChannelGraph) -> list:
+    return [g for g in graph.groups if g.producers and g.producers[0].endswith("self_attn")]
+
+
+@pytest.mark.parametrize(("name", "config", "kv_heads", "attention"), CASES, ids=[c[0] for c in CASES])
+def test_heads_and_mlp_are_pruned_whole_and_pruned_equals_masked(name, config, kv_heads, attention) -> None:
+    model = Logits(causal_lm(config, kv_heads, attention))
+    x = ids()
+    layer = model.lm.model.layers[0]
+    assert isinstance(adapter_for(layer.self_attn), SplitAttentionAdapter)
+    graph = build_channel_graph(model, x)
+    heads = attention_groups(graph)
+    assert len(heads) == 2 and all(g.prunable for g in heads)
+    assert {g.unit for g in heads} == {HEADS // kv_heads * HEAD_DIM}  # one key/value group at a time
+    mlp = [g for g in graph.groups if g.producers[:2] == ["lm.model.layers.0.mlp.gate_proj",
+                                                          "lm.model.layers.0.mlp.up_proj"]]
+    assert len(mlp) == 1 and mlp[0].prunable
+    assert verify_groups(model, graph, x) == []
+
+    keep = random_keep(graph, seed=3)
+    assert all(g.id in keep for g in heads)
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    attention_module = pruned.lm.model.layers[0].self_attn
+    kept_groups = len(keep[heads[0].id]) // (HEADS // kv_heads * HEAD_DIM)
+    assert attention_module.k_proj.out_features == kept_groups * HEAD_DIM
+    assert attention_module.q_proj.out_features == kept_groups * HEADS // kv_heads * HEAD_DIM
+
+    # The cost the search uses is what a FLOP counter counts (eager attention: its products are plain matmuls).
+    if attention == "eager":
+        kept = {g: len(channels) for g, channels in keep.items()}
+        assert _macs(graph, {}) == pytest.approx(_counted(model, x), rel=1e-6)
+        assert _macs(graph, kept) == pytest.approx(_counted(pruned, x), rel=1e-6)
+
+
+def test_one_key_value_head_leaves_no_head_to_remove_and_says_nothing_is_wrong() -> None:
+    model = Logits(causal_lm("LlamaConfig", 1, "eager"))
+    graph = build_channel_graph(model, ids())
+    for group in attention_groups(graph):
+        assert group.unit == group.channels  # multi-query attention: its one group is all its heads
+        assert len(group.atoms(torch.zeros(group.channels))) == 1
+
+
+def test_search_create_and_restore_with_token_labels(tmp_path: Path) -> None:
+    model = causal_lm("LlamaConfig", 2, "sdpa")
+    x = ids(4)
+    labels = torch.roll(x, -1, dims=1)
+    labels[:, -1] = -100  # the next token at every position; none after the last
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.25\nascend_optimized: false\n")
+    result = acps.auto_channel_prune_search(model, str(tmp_path / "search.cfg"), [x, labels],
+                                            str(tmp_path / "prune.cfg"), sensitivity="GroupTaylorSensitivity")
+    assert result.target_reached
+    pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
+    widths = [(layer.self_attn.q_proj.out_features, layer.mlp.up_proj.out_features) for layer in pruned.model.layers]
+    assert widths != [(HEADS * HEAD_DIM, 96)] * 2
+    with torch.no_grad():
+        counted = _counted(Logits(model), x) / _counted(Logits(pruned), x)
+        logits = pruned(x).logits
+    assert logits.shape == (4, 12, VOCAB)
+    assert counted == pytest.approx(result.achieved_ratio, rel=0.05)  # (SDPA's products: not in the counter)
+    torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
+    restored = acps.restore_prune_retrain_model(causal_lm("LlamaConfig", 2, "sdpa", seed=1), x,
+                                                tmp_path / "prune.record", tmp_path / "prune.cfg",
+                                                tmp_path / "tuned.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x).logits, logits, rtol=0, atol=0)
+
+
+def _macs(graph: ChannelGraph, kept: dict[int, int]) -> float:
+    total = graph.other_macs
+    for layer in graph.layers.values():
+        if layer.geometry is not None:
+            total += layer.geometry.macs(*graph.channel_counts(layer, kept))
+    return total
+
+
+def _counted(model: nn.Module, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x[:1])
+    return counter.get_total_flops() / 2
