@@ -21,13 +21,13 @@ from testing.zoo import pruned_and_masked, random_keep
 transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
 
 VOCAB, HIDDEN, HEADS, HEAD_DIM = 96, 64, 4, 16
-#: (name, config class, key/value heads, attention implementation)
+#: (name, config class, key/value heads, attention implementation, input and output embeddings tied)
 CASES = [
-    ("llama-mha-eager", "LlamaConfig", 4, "eager"),
-    ("llama-gqa-eager", "LlamaConfig", 2, "eager"),
-    ("llama-gqa-sdpa", "LlamaConfig", 2, "sdpa"),
-    ("qwen2-gqa-sdpa", "Qwen2Config", 2, "sdpa"),
-    ("mistral-gqa-eager", "MistralConfig", 2, "eager"),
+    ("llama-mha-eager", "LlamaConfig", 4, "eager", False),
+    ("llama-gqa-eager-tied", "LlamaConfig", 2, "eager", True),
+    ("llama-gqa-sdpa", "LlamaConfig", 2, "sdpa", False),
+    ("qwen2-gqa-sdpa-tied", "Qwen2Config", 2, "sdpa", True),
+    ("mistral-gqa-eager", "MistralConfig", 2, "eager", False),
 ]
 
 
@@ -43,11 +43,11 @@ class Logits(nn.Module):
         return logits
 
 
-def causal_lm(config_name: str, kv_heads: int, attention: str, seed: int = 0) -> nn.Module:
+def causal_lm(config_name: str, kv_heads: int, attention: str, seed: int = 0, tied: bool = False) -> nn.Module:
     config = getattr(transformers, config_name)(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, max_position_embeddings=64,
-        attn_implementation=attention, use_cache=False)
+        attn_implementation=attention, use_cache=False, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # non-trivial norm gains, as after training
@@ -65,9 +65,10 @@ def attention_groups(graph: ChannelGraph) -> list:
     return [g for g in graph.groups if g.producers and g.producers[0].endswith("self_attn")]
 
 
-@pytest.mark.parametrize(("name", "config", "kv_heads", "attention"), CASES, ids=[c[0] for c in CASES])
-def test_heads_and_mlp_are_pruned_whole_and_pruned_equals_masked(name, config, kv_heads, attention) -> None:
-    model = Logits(causal_lm(config, kv_heads, attention))
+@pytest.mark.parametrize(("name", "config", "kv_heads", "attention", "tied"), CASES, ids=[c[0] for c in CASES])
+def test_heads_mlp_and_hidden_width_are_pruned_and_pruned_equals_masked(name, config, kv_heads, attention,
+                                                                         tied) -> None:
+    model = Logits(causal_lm(config, kv_heads, attention, tied=tied))
     x = ids()
     layer = model.lm.model.layers[0]
     assert isinstance(adapter_for(layer.self_attn), SplitAttentionAdapter)
@@ -78,6 +79,11 @@ def test_heads_and_mlp_are_pruned_whole_and_pruned_equals_masked(name, config, k
     mlp = [g for g in graph.groups if g.producers[:2] == ["lm.model.layers.0.mlp.gate_proj",
                                                           "lm.model.layers.0.mlp.up_proj"]]
     assert len(mlp) == 1 and mlp[0].prunable
+    # The residual stream: the token embedding, every o_proj and down_proj; every RMS norm follows it.
+    hidden = next(g for g in graph.groups if "lm.model.embed_tokens" in g.producers)
+    assert hidden.prunable and len(hidden.producers) == 5
+    assert {u.layer for u in hidden.followers} >= {"lm.model.norm", "lm.model.layers.1.post_attention_layernorm"}
+    assert any(u.layer == "lm.lm_head" for u in hidden.consumers)
     assert verify_groups(model, graph, x) == []
 
     keep = random_keep(graph, seed=3)
@@ -88,6 +94,11 @@ def test_heads_and_mlp_are_pruned_whole_and_pruned_equals_masked(name, config, k
     kept_groups = len(keep[heads[0].id]) // (HEADS // kv_heads * HEAD_DIM)
     assert attention_module.k_proj.out_features == kept_groups * HEAD_DIM
     assert attention_module.q_proj.out_features == kept_groups * HEADS // kv_heads * HEAD_DIM
+    width = len(keep[hidden.id])
+    lm = pruned.lm
+    assert lm.model.embed_tokens.embedding_dim == width and lm.lm_head.weight.shape == (VOCAB, width)
+    assert lm.model.norm.weight.shape == (width,) and attention_module.q_proj.in_features == width
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == tied  # a tied head stays tied
 
     # The cost the search uses is what a FLOP counter counts (eager attention: its products are plain matmuls).
     if attention == "eager":

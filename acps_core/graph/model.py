@@ -64,7 +64,7 @@ class LayerGeometry:
     def output_positions(self) -> int:
         """How many times per sample the layer's filters are applied (output pixels, tokens for a Linear,
         input pixels for a transposed conv, which scatters each input pixel through its kernel)."""
-        if self.kind == "Linear":
+        if self.kind in ("Linear", "Embedding"):
             return math.prod(self.output_shape[1:-1])
         if self.transposed:
             return math.prod(self.input_shape[2:])
@@ -86,6 +86,8 @@ class LayerGeometry:
         """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
+        if self.kind == "Embedding":
+            return 0.0  # a lookup
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
             projections = self.projection_rows * cin * cout

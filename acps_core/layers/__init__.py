@@ -2,10 +2,10 @@
 channels sit in its parameters, and how it is sliced, masked, re-fitted and ranked.
 
 The built-in types are registered here: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``,
-``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.PReLU`` and
-``nn.MultiheadAttention``; and, recognised by their parts, self-attention with a fused ``qkv`` projection or with
-separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (grouped-query attention included), and norms whose statistic
-is a mean over the channels (a Global Response Norm, an RMS norm).
+``nn.Embedding``, ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``,
+``nn.PReLU`` and ``nn.MultiheadAttention``; and, recognised by their parts, self-attention with a fused ``qkv``
+projection or with separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (grouped-query attention included), and
+norms whose statistic is a mean over the channels (a Global Response Norm, an RMS norm).
 :func:`register_layer` registers a user's own type.
 """
 
@@ -23,6 +23,7 @@ from acps_core.layers.base import (
     whole_layer,
 )
 from acps_core.layers.conv import CONV_TYPES, TRANSPOSED_CONV_TYPES, ConvAdapter, ConvTransposeAdapter
+from acps_core.layers.embedding import EmbeddingAdapter
 from acps_core.layers.fused_attention import FusedAttentionAdapter, fused_qkv_attention
 from acps_core.layers.linear import LinearAdapter
 from acps_core.layers.mean_norm import MeanNormAdapter, mean_norm
@@ -37,7 +38,8 @@ from acps_core.layers.norm import (
 from acps_core.layers.split_attention import SplitAttentionAdapter, split_projection_attention
 
 for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, ConvTransposeAdapter()),
-                         ((nn.Linear,), LinearAdapter()), (NORM_TYPES, BatchNormAdapter()),
+                         ((nn.Linear,), LinearAdapter()), ((nn.Embedding,), EmbeddingAdapter()),
+                         (NORM_TYPES, BatchNormAdapter()),
                          ((nn.GroupNorm,), GroupNormAdapter()), ((nn.LayerNorm,), LayerNormAdapter()),
                          ((nn.PReLU,), PReLUAdapter()), ((nn.MultiheadAttention,), MultiheadAttentionAdapter())):
     for _type in _types:
@@ -51,6 +53,7 @@ __all__ = [
     "BatchNormAdapter",
     "ConvAdapter",
     "ConvTransposeAdapter",
+    "EmbeddingAdapter",
     "FollowerAdapter",
     "FusedAttentionAdapter",
     "GroupNormAdapter",

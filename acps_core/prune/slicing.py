@@ -30,6 +30,7 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
             units or blocks.
     """
     check_decision(graph, keep)
+    tied = _tied_parameters(model)
     removed = removal(graph, keep)
     for name, drop in removed.outputs.items():
         module = model.get_submodule(name)
@@ -53,6 +54,27 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
             owner._buffers[attr] = tensor.index_select(dim, index.to(tensor.device))
         else:
             setattr(owner, attr, take(tensor, dim, index))
+    _retie(tied)
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The ``(module, attribute)`` places of each parameter that several modules hold (a tied head)."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, attr))
+    return [found for found in places.values() if len(found) > 1]
+
+
+def _retie(tied: list[list[tuple[nn.Module, str]]]) -> None:
+    """Parameters tied before slicing were sliced alike in each place: make them one parameter again."""
+    for (first, first_attr), *others in tied:
+        kept = getattr(first, first_attr)
+        for module, attr in others:
+            now = getattr(module, attr)
+            if now is not kept and now.shape == kept.shape and torch.equal(now, kept):
+                setattr(module, attr, kept)
 
 
 def _kept(size: int, dropped: set[int]) -> torch.Tensor:

@@ -152,6 +152,10 @@ class AscendLatency(GainEstimatorBase):
         int8 = layer.weight_dtype in _INT8
         k_fractal = FRACTAL_INT8_K if int8 else FRACTAL
         element_bytes = 1 if int8 else 2  # fp32 models run in fp16 on the Cube
+        if layer.kind == "Embedding":  # a lookup: the rows it gathers, read and written once
+            moved = 2 * self.batch * layer.output_positions * _up(out_channels, FRACTAL) * element_bytes
+            memory_us = moved / (self.chip.bandwidth_gbs * 1e9) * 1e6
+            return memory_us + self.chip.overhead_us, 0.0, memory_us
         rate = (self.chip.int8_tops if int8 else self.chip.fp16_tflops) * 1e12 / 2  # MACs per second
         attention = layer.kind == "MultiheadAttention"
         if attention:  # tokens

@@ -280,7 +280,8 @@ class MeasuredLatency(GainEstimatorBase):
             row = []
             for cout in outs:
                 module, x = _standalone(layer, cin, cout, self.batch)
-                module, x = module.to(device, dtype).eval(), x.to(device, dtype)
+                module = module.to(device, dtype).eval()
+                x = x.to(device, dtype) if x.is_floating_point() else x.to(device)  # (an embedding's indices)
                 row.append(self.timer(module, x))
             values.append(row)
         # The spread of the last timing, the layer at its full size.
@@ -371,6 +372,8 @@ def _locate(points: list[int], value: int) -> tuple[int, float]:
 def _standalone(layer: LayerGeometry, cin: int, cout: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
     """A layer like ``layer`` with ``cin`` inputs and ``cout`` outputs, and an input for it."""
     torch.manual_seed(0)
+    if layer.kind == "Embedding":  # cin is its table's rows
+        return nn.Embedding(cin, cout), torch.randint(0, cin, (batch, *layer.input_shape[1:]))
     if layer.kind in _CONVS:
         groups = cin if layer.depthwise else layer.groups
         if layer.depthwise:
