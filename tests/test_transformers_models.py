@@ -28,6 +28,7 @@ CASES = [
     ("llama-gqa-sdpa", "LlamaConfig", 2, "sdpa", False),
     ("qwen2-gqa-sdpa-tied", "Qwen2Config", 2, "sdpa", True),
     ("mistral-gqa-eager", "MistralConfig", 2, "eager", False),
+    ("gemma-gqa-eager-tied", "GemmaConfig", 2, "eager", True),  # its RMS norms scale by 1 + weight
 ]
 
 
@@ -152,3 +153,35 @@ def _counted(model: nn.Module, x: torch.Tensor) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x[:1])
     return counter.get_total_flops() / 2
+
+
+class ClassifierLogits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.encoder = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.encoder(ids).logits
+        return logits
+
+
+def test_a_bert_encoder_has_its_heads_mlp_and_hidden_width_pruned_exactly() -> None:
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                     num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,
+                                     num_labels=3)
+    torch.manual_seed(0)
+    model = ClassifierLogits(transformers.BertForSequenceClassification(config)).eval()
+    x = ids()
+    graph = build_channel_graph(model, x)
+    prefix = "encoder.bert.encoder.layer.0"
+    heads = next(g for g in graph.groups if f"{prefix}.attention.self.query" in g.producers)
+    assert heads.prunable and heads.unit == HIDDEN // HEADS  # traced function by function: q, k and v together
+    assert {f"{prefix}.attention.self.key", f"{prefix}.attention.self.value"} <= set(heads.producers)
+    hidden = next(g for g in graph.groups if "encoder.bert.embeddings.word_embeddings" in g.producers)
+    assert hidden.prunable and {"encoder.bert.embeddings.position_embeddings",
+                                f"{prefix}.output.dense"} <= set(hidden.producers)
+    assert verify_groups(model, graph, x) == []
+    keep = random_keep(graph, seed=2)
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+    assert pruned.encoder.bert.encoder.layer[0].attention.self.query.out_features == len(keep[heads.id])

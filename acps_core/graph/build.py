@@ -224,9 +224,10 @@ def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> tuple[d
             others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
             if len(others) == 1 and isinstance(module, (nn.Linear, nn.Embedding)):
                 other = model.get_submodule(others[0])
-                pair = {type(module), type(other)} == {nn.Linear, nn.Embedding}
+                kinds = sorted(isinstance(m, nn.Embedding) for m in (module, other))
+                pair = kinds == [False, True] and isinstance(other, (nn.Linear, nn.Embedding))
                 if pair and module.weight is other.weight and set(module._parameters) - {"weight"} <= {"bias"}:
-                    head = name if isinstance(module, nn.Linear) else others[0]
+                    head = others[0] if isinstance(module, nn.Embedding) else name
                     tied[head] = others[0] if head == name else name
                     continue
             if others:

@@ -43,7 +43,7 @@ NORM_ARGUMENTS: dict[str, tuple[tuple[int, str], ...]] = {
 OVER_CHANNELS = frozenset({"layer_norm", "rms_norm"})
 #: Functions that are a layer's computation when called with a module's weight.
 LAYER_FUNCTIONS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                             "conv_transpose3d", "linear"})
+                             "conv_transpose3d", "linear", "embedding"})
 
 
 def argument(op: Op, position: int, key: str) -> Any:
@@ -155,10 +155,12 @@ def _follow_parameters(builder: GroupBuilder, op: Op, per_channel: list[tuple[st
 
 
 def functional_layer(builder: GroupBuilder, op: Op, refs: list[TensorRef], where: str) -> bool:
-    """A conv or linear called with a module's own weight: mapped as that module's call. False when the weight is
-    not a layer module's own (the caller then blocks the channels, with :func:`why_not_layer`'s reason)."""
+    """A conv, linear or embedding called with a module's own weight (an embedding that scales its output, as
+    Gemma's does): mapped as that module's call. False when the weight is not a layer module's own (the caller
+    then blocks the channels, with :func:`why_not_layer`'s reason)."""
     x = argument(op, 0, "input")
-    weight, bias = argument(op, 1, "weight"), argument(op, 2, "bias")
+    weight = argument(op, 1, "weight")
+    bias = None if op.name == "embedding" else argument(op, 2, "bias")
     if not isinstance(x, TensorRef) or not isinstance(weight, TensorRef) or weight.param is None:
         return False
     owner, attr = _owner(weight.param)

@@ -29,6 +29,14 @@ def reshape(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list[T
         return
     in_shape, out_shape = x.shape, builder.recorder.shapes[out]
     sizes = requested_sizes(op)
+    if tuple(in_shape) == tuple(out_shape):  # to the shape it has (a no-op some code paths take): nothing moves
+        constant = [t for t in tags if sizes is not None and t.dim < len(sizes) and sizes[t.dim] != -1
+                    and builder.find(t.space) not in builder.queried]
+        for tag in constant:
+            builder.block(tag.space, f"{where} reshapes to the constant size {sizes[tag.dim]} along these "  # type: ignore[index]
+                                     "channels, which would not follow a pruned channel count; write -1 there")
+        builder.tags[out] = [t for t in tags if t not in constant]
+        return
     new_tags = []
     shuffled: list[tuple[Tag, list[Tag]]] = []
     for tag in tags:

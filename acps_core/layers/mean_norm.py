@@ -9,14 +9,15 @@ the constant ``r = C / C'`` inside the mean::
     mean over C' of s  =  r * (mean over C of s, the removed s being zero)
 
 which the module absorbs exactly when its ``eps`` is multiplied by ``r`` and its ``weight`` by ``r`` (a statistic
-that divides: the response norm) or by ``sqrt(r)`` (a root of the mean: an RMS norm). So acps prunes such a norm
+that divides: the response norm) or by ``sqrt(r)`` (a root of the mean: an RMS norm; for Gemma's, which scales by
+``1 + weight``, that sum). So acps prunes such a norm
 as a follower: its weight and bias keep the kept channels, the factor is folded in, and masking zeroes the removed
 channels at its input, which is then exactly what the pruned model computes.
 
 A module is recognised by its parts (no children; a ``weight`` of one entry per channel and possibly a ``bias``;
 a float ``eps`` or ``variance_epsilon``) and confirmed on its first traced call: with random weights, the module
-pruned of one channel (for each power of ``r`` in turn) must compute what it computes with that channel zeroed.
-The power that holds is remembered for the module's class.
+pruned of one channel (for each fold in turn) must compute what it computes with that channel zeroed. The fold
+that holds is remembered for the module's class.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from acps_core.layers.base import LayerAdapter, take
 
 #: Attributes that may hold the norm's epsilon.
 EPS_NAMES = ("eps", "variance_epsilon")
-#: The powers of ``C / C'`` its weight may need: a statistic that divides (1) or a root of a mean of squares (1/2).
-POWERS = (1.0, 0.5)
+#: The folds a module may need: the power of ``C / C'`` (a statistic that divides: 1; a root of a mean of squares:
+#: 1/2) and the offset its weight is used with (``weight`` or ``1 + weight``, Gemma's RMS norm).
+FOLDS = ((1.0, 0.0), (0.5, 0.0), (0.5, 1.0))
 
-_PROVEN: dict[type, float] = {}
+_PROVEN: dict[type, tuple[float, float]] = {}
 
 
 def _eps_name(module: nn.Module) -> str | None:
@@ -92,7 +94,7 @@ class MeanNormAdapter(LayerAdapter):
         return int(_channels(module._parameters["weight"]) or 0)
 
     def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
-        _keep(module, index, _PROVEN.get(type(module), POWERS[0]))
+        _keep(module, index, _PROVEN.get(type(module), FOLDS[0]))
 
     def masked_output(self, module: nn.Module, removed: Set[int]) -> Callable[..., Any] | None:
         """Its output on its input with the removed channels zeroed: what the pruned module computes."""
@@ -114,7 +116,7 @@ class MeanNormAdapter(LayerAdapter):
 
     def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether, with random weights, pruning the first channel (with the factor folded in) computes what
-        zeroing it at the input computes, for a power of ``C / C'`` (remembered for the module's class)."""
+        zeroing it at the input computes, for one of the :data:`FOLDS` (remembered for the module's class)."""
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return False
@@ -133,27 +135,29 @@ class MeanNormAdapter(LayerAdapter):
         try:
             with torch.no_grad():
                 expected = reference(zeroed, *args[1:], **kwargs).index_select(dim, keep)
-                for power in POWERS:
+                for fold in FOLDS:
                     trial = copy.deepcopy(reference)
-                    _keep(trial, keep, power)
+                    _keep(trial, keep, fold)
                     got = trial(x.index_select(dim, keep), *args[1:], **kwargs)
                     if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-                        _PROVEN[type(module)] = power
+                        _PROVEN[type(module)] = fold
                         return True
         except Exception:
             return False
         return False
 
 
-def _keep(module: nn.Module, index: torch.Tensor, power: float) -> None:
-    """Keep the channels ``index``, folding ``(C / C') ** power`` into the weight and ``C / C'`` into eps."""
+def _keep(module: nn.Module, index: torch.Tensor, fold: tuple[float, float]) -> None:
+    """Keep the channels ``index``, folding ``(C / C') ** power`` into the weight as used (``offset + weight``)
+    and ``C / C'`` into eps."""
+    power, offset = fold
     weight = module._parameters["weight"]
     assert weight is not None
     dim = next(d for d, s in enumerate(weight.shape) if s != 1)
     ratio = _channels(weight) / len(index)  # type: ignore[operator]
     kept: Any = take(weight, dim, index)
     with torch.no_grad():
-        kept.mul_(ratio ** power)
+        kept.add_(offset).mul_(ratio ** power).sub_(offset)
     norm: Any = module
     norm.weight = kept
     bias = module._parameters.get("bias")

@@ -42,6 +42,14 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMS norm: it scales by ``1 + weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return (1 + self.weight) * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
 class CenteredNorm(RMSNorm):
     """A layer norm written by hand: it subtracts the mean, which no constant can fold."""
 
@@ -63,7 +71,7 @@ class Mlp(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("norm", [ResponseNorm, RMSNorm])
+@pytest.mark.parametrize("norm", [ResponseNorm, RMSNorm, OffsetRMSNorm])
 def test_a_mean_over_the_channels_is_pruned_exactly(norm: type[nn.Module]) -> None:
     torch.manual_seed(0)
     model = Mlp(norm).eval()
@@ -77,8 +85,9 @@ def test_a_mean_over_the_channels_is_pruned_exactly(norm: type[nn.Module]) -> No
     keep[hidden.id] = list(range(0, 24, 3))  # 8 of 24 channels: the fold's factor is 3
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    power = 1.0 if norm is ResponseNorm else 0.5
-    torch.testing.assert_close(pruned.norm.weight.detach(), model.norm.weight.detach()[::3] * 3 ** power)
+    power, offset = (1.0, 0) if norm is ResponseNorm else (0.5, 1 if norm is OffsetRMSNorm else 0)
+    torch.testing.assert_close(pruned.norm.weight.detach() + offset,
+                               (model.norm.weight.detach()[::3] + offset) * 3 ** power)
     eps = "eps" if norm is ResponseNorm else "variance_epsilon"
     assert getattr(pruned.norm, eps) == pytest.approx(getattr(model.norm, eps) * 3)
     assert getattr(model.norm, eps) in (1e-6, 1e-5)  # the user's model is untouched
