@@ -30,6 +30,7 @@ from acps_core.layers import LayerAdapter, register_layer, unregister_layer
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.hookspecs import hookimpl
 from acps_core.prune.calls import WeightsChangedWarning, create_prune_retrain_model, restore_prune_retrain_model
+from acps_core.prune.model_config import PerLayerWidthsWarning
 from acps_core.prune.onnx import save_prune_retrain_model
 from acps_core.report.result import LayerReport, SearchResult
 from acps_core.search.problem import GraphInfo, PruneSearchConfig, SearchRecord
@@ -57,6 +58,7 @@ __all__ = [
     "LayerGeometry",
     "LayerReport",
     "OutputPathError",
+    "PerLayerWidthsWarning",
     "PluginError",
     "PruneSearchConfig",
     "PruneTargetWarning",

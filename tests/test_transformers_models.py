@@ -185,3 +185,40 @@ def test_a_bert_encoder_has_its_heads_mlp_and_hidden_width_pruned_exactly() -> N
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
     assert pruned.encoder.bert.encoder.layer[0].attention.self.query.out_features == len(keep[heads.id])
+
+
+def test_uniform_widths_go_into_the_config_and_save_pretrained_loads_back(tmp_path: Path) -> None:
+    from acps_core.prune.model_config import sync_config
+    from acps_core.prune.slicing import prune_channels
+
+    model = causal_lm("LlamaConfig", 2, "eager", tied=True)
+    x = ids()
+    graph = build_channel_graph(Logits(model), x)
+    keep = {}
+    for group in graph.prunable_groups:  # the same channels go in every block: widths stay uniform
+        unit = group.unit
+        keep[group.id] = [c for c in range(group.channels) if c // unit % 2 == 0 or group.channels // unit < 2]
+    wrapped = Logits(model)
+    prune_channels(wrapped, graph, keep)
+    assert sync_config(model) is None
+    config = model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            config.intermediate_size) == (32, 2, 1, HEAD_DIM, 48)
+    model.save_pretrained(tmp_path / "pruned")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-6)  # float rounding
+
+
+def test_per_layer_widths_leave_the_config_alone_and_say_how_to_rebuild(tmp_path: Path) -> None:
+    model = causal_lm("LlamaConfig", 2, "eager")
+    x = ids(4)
+    (tmp_path / "prune.cfg").write_text("".join(
+        f'override_layer_configs {{ layer_name: "model.layers.0.mlp.{name}" prune_config {{ filter_pruner {{ '
+        'balanced_l2_norm_filter_prune { prune_ratio: 0.5 ascend_optimized: false } } } }\n'
+        for name in ("gate_proj", "up_proj")))
+    before = model.config.intermediate_size
+    with pytest.warns(acps.PerLayerWidthsWarning, match="intermediate_size"):
+        pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
+    assert pruned.config.intermediate_size == before == model.config.intermediate_size
+    assert pruned.model.layers[0].mlp.up_proj.out_features == 48

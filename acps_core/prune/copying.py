@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from typing import Any, cast
 
 import torch
@@ -21,6 +22,7 @@ from acps_core.graph.masking import masked_channels, output_difference, output_s
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.removal import removal
 from acps_core.graph.trace import trace_sample
+from acps_core.prune.model_config import PerLayerWidthsWarning, sync_config
 from acps_core.prune.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
 from acps_core.prune.reconstruction import LayerInput, reconstructing, recording_layer_inputs
 from acps_core.prune.slicing import prune_channels
@@ -127,6 +129,10 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
         if reconstruct:
             logger.info("re-fitted %d of the %d layers that read removed channels", len(refitted),
                         len(removed_inputs))
+    why_not = sync_config(pruned)
+    if why_not:
+        warnings.warn(f"the pruned model's config keeps its old widths: {why_not}", PerLayerWidthsWarning,
+                      stacklevel=4)
     return pruned, graph, keep
 
 
