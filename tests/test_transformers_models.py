@@ -15,7 +15,7 @@ import acps_core as acps
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.verify import verify_groups
-from acps_core.layers import SplitAttentionAdapter, adapter_for
+from acps_core.layers import SplitAttentionAdapter, adapter_for, prune_grouped_query_attention
 from testing.zoo import pruned_and_masked, random_keep
 
 transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
@@ -108,12 +108,36 @@ def test_heads_mlp_and_hidden_width_are_pruned_and_pruned_equals_masked(name, co
         assert _macs(graph, kept) == pytest.approx(_counted(pruned, x), rel=1e-6)
 
 
-def test_one_key_value_head_leaves_no_head_to_remove_and_says_nothing_is_wrong() -> None:
-    model = Logits(causal_lm("LlamaConfig", 1, "eager"))
-    graph = build_channel_graph(model, ids())
-    for group in attention_groups(graph):
-        assert group.unit == group.channels  # multi-query attention: its one group is all its heads
-        assert len(group.atoms(torch.zeros(group.channels))) == 1
+@pytest.fixture
+def query_heads():
+    """Grouped-query attention pruned by query heads inside its groups, for one test."""
+    prune_grouped_query_attention("query_heads")
+    yield
+    prune_grouped_query_attention("kv_groups")
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_query_heads_go_alike_in_every_group_and_the_key_value_heads_stay(kv_heads: int, request) -> None:
+    if kv_heads == 2:  # multi-query attention (one key/value head) is pruned this way without asking
+        request.getfixturevalue("query_heads")
+    model = Logits(causal_lm("LlamaConfig", kv_heads, "eager"))
+    x = ids()
+    graph = build_channel_graph(model, x)
+    heads = attention_groups(graph)
+    assert all(g.prunable and g.unit == HEAD_DIM and g.aligned == kv_heads for g in heads)
+    assert verify_groups(model, graph, x) == []
+    keep = random_keep(graph, seed=5)
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    attention_module = pruned.lm.model.layers[0].self_attn
+    kept_heads = len(keep[heads[0].id]) // HEAD_DIM
+    assert attention_module.k_proj.out_features == kv_heads * HEAD_DIM  # every key/value head stays
+    assert attention_module.num_key_value_groups == kept_heads // kv_heads < HEADS // kv_heads
+
+
+def test_the_grouped_query_setting_is_checked() -> None:
+    with pytest.raises(acps.ArgumentError, match="kv_groups"):
+        prune_grouped_query_attention("heads")
 
 
 def test_search_create_and_restore_with_token_labels(tmp_path: Path) -> None:

@@ -239,7 +239,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     touched.append(heads)
     entry["spaces"].append(heads)
     entry["out"] = heads
-    builder.require(heads, unit=adapter.unit(module))
+    builder.require(heads, unit=adapter.unit(module), aligned=adapter.aligned(module))
     made = [heads]
     inner = adapter.projection(module)
     space = heads

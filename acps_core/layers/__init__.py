@@ -35,7 +35,11 @@ from acps_core.layers.norm import (
     LayerNormAdapter,
     PReLUAdapter,
 )
-from acps_core.layers.split_attention import SplitAttentionAdapter, split_projection_attention
+from acps_core.layers.split_attention import (
+    SplitAttentionAdapter,
+    prune_grouped_query_attention,
+    split_projection_attention,
+)
 
 for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, ConvTransposeAdapter()),
                          ((nn.Linear,), LinearAdapter()), ((nn.Embedding,), EmbeddingAdapter()),
@@ -65,6 +69,7 @@ __all__ = [
     "PReLUAdapter",
     "SplitAttentionAdapter",
     "adapter_for",
+    "prune_grouped_query_attention",
     "register_layer",
     "register_pattern",
     "take",

@@ -158,6 +158,11 @@ class AttentionAdapter(LayerAdapter):
         """The channels that go together: one head (a key/value group of heads for grouped-query attention)."""
         return self.heads(module)[1]
 
+    def aligned(self, module: nn.Module) -> int:
+        """How many equal blocks of its channels must keep the same units (the query heads of each key/value group,
+        pruned alike in every group); 1 = no such constraint."""
+        return 1
+
     def key_share(self, module: nn.Module) -> float:
         """The width of each head's queries and keys over the width of its values (what the cost counts)."""
         return 1.0

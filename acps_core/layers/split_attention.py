@@ -6,10 +6,18 @@ decoders write it (Llama, Qwen2, Mistral, ...), with multi-head or grouped-query
     ...  # rotary embeddings on q and k; each key/value head serves num_key_value_groups query heads
     out = self.o_proj(attention(q, k, v).reshape(*shape, -1))
 
-Its heads are pruned a key/value group at a time: one key/value head (its ``k_proj`` and ``v_proj`` rows) with the
-``num_key_value_groups`` query heads it serves (their ``q_proj`` rows and ``o_proj`` columns). The group size, the
-head width and the rotary embedding stay as they are; ``num_heads`` and ``num_key_value_heads`` are updated where
-the module keeps them. Its channels are ``o_proj``'s inputs, in units of one key/value group.
+Its channels are ``o_proj``'s inputs. Grouped-query attention is pruned one of two ways
+(:func:`prune_grouped_query_attention`):
+
+- ``"kv_groups"`` (the default): a key/value group at a time, one key/value head (its ``k_proj`` and ``v_proj``
+  rows) with the ``num_key_value_groups`` query heads it serves (their ``q_proj`` rows and ``o_proj`` columns);
+  the group size stays;
+- ``"query_heads"``: query heads inside every group alike (the r-th query head of each group together), keeping
+  every key/value head; the group size shrinks, uniform. Multi-query attention (one key/value head) is always
+  pruned this way, since removing its one group would remove every head.
+
+The head width and the rotary embedding stay as they are; ``num_heads``, ``num_key_value_heads`` and
+``num_key_value_groups`` are updated where the module keeps them.
 
 A module is recognised by its parts: the four Linears, an integer ``head_dim`` and ``num_key_value_groups`` (or
 ``num_heads`` and ``num_key_value_heads``), and widths that agree. That its forward is the one above, whatever
@@ -26,10 +34,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from acps_core.errors import ArgumentError
 from acps_core.layers.attention import AttentionAdapter, same_output, stateless
 from acps_core.layers.base import take
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: How grouped-query attention loses heads (see the module docs and :func:`prune_grouped_query_attention`).
+GQA_MODES = ("kv_groups", "query_heads")
+_SETTINGS = {"gqa": "kv_groups"}
+
+
+def prune_grouped_query_attention(by: str) -> None:
+    """Choose how grouped-query attention loses heads from now on: ``"kv_groups"`` (whole key/value groups, the
+    default) or ``"query_heads"`` (query heads inside every group alike). Set it before the search and keep it
+    for ``create_prune_retrain_model`` and ``restore_prune_retrain_model``: the channel groups depend on it.
+
+    Raises:
+        ArgumentError: ``by`` is neither.
+    """
+    if by not in GQA_MODES:
+        raise ArgumentError(f"prune_grouped_query_attention takes 'kv_groups' or 'query_heads', got {by!r}")
+    _SETTINGS["gqa"] = by
+
+
+def by_query_heads(module: nn.Module) -> bool:
+    """Whether the module's query heads go inside its groups (the setting, or one key/value head only)."""
+    counts = head_counts(module)
+    return counts is not None and (_SETTINGS["gqa"] == "query_heads" or counts[1] == 1)
 
 
 def head_counts(module: nn.Module) -> tuple[int, int, int] | None:
@@ -78,9 +109,14 @@ class SplitAttentionAdapter(AttentionAdapter):
         return heads, head_dim
 
     def unit(self, module: nn.Module) -> int:
-        """Channels per key/value group: the query heads one key/value head serves."""
+        """Channels per key/value group (the query heads one key/value head serves), or per query head."""
         heads, kv_heads, head_dim = head_counts(module) or (1, 1, 1)
-        return heads // kv_heads * head_dim
+        return head_dim if by_query_heads(module) else heads // kv_heads * head_dim
+
+    def aligned(self, module: nn.Module) -> int:
+        """Query heads inside the groups: the r-th of every group go together."""
+        _, kv_heads, _ = head_counts(module) or (1, 1, 1)
+        return kv_heads if by_query_heads(module) else 1
 
     def kv_share(self, module: nn.Module) -> float:
         heads, kv_heads, _ = head_counts(module) or (1, 1, 1)
@@ -95,10 +131,13 @@ class SplitAttentionAdapter(AttentionAdapter):
     def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         """q rows with their own channel; a key/value head's k and v rows with the first channel of its group."""
         heads, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
+        queries: list[tuple[str, int, int | tuple[int, ...]]] = [("q_proj.weight", 0, 0), ("q_proj.bias", 0, 0)]
+        if by_query_heads(module):
+            return queries  # the key/value heads all stay
         unit = heads // max(1, kv_heads) * head_dim
         kv_rows = tuple(j * unit + d for j in range(kv_heads) for d in range(head_dim))
-        return [("q_proj.weight", 0, 0), ("q_proj.bias", 0, 0)] + [
-            (f"{name}.{param}", 0, kv_rows) for name in ("k_proj", "v_proj") for param in ("weight", "bias")]
+        return queries + [(f"{name}.{param}", 0, kv_rows) for name in ("k_proj", "v_proj")
+                          for param in ("weight", "bias")]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
         return [(f"{name}.weight", 1, 1) for name in ("q_proj", "k_proj", "v_proj")]
@@ -124,7 +163,12 @@ class SplitAttentionAdapter(AttentionAdapter):
         return int(attention.q_proj.in_features)
 
     def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
-        """Keep the key/value groups of the channels ``index`` (whole groups, as the graph made sure)."""
+        """Keep the key/value groups (or the query heads, alike in every group) of the channels ``index``, as the
+        graph made sure."""
+        _, _, head_dim = head_counts(module) or (0, 0, 0)
+        if by_query_heads(module):
+            _keep_query_heads(module, index[::head_dim] // head_dim)
+            return
         unit = self.unit(module)
         _keep_groups(module, index[::unit] // unit)
 
@@ -141,18 +185,26 @@ class SplitAttentionAdapter(AttentionAdapter):
         if counts is None or module.training:
             return False
         heads, kv_heads, head_dim = counts
-        if kv_heads < 2:
-            return True  # no group can go; nothing to prove
-        unit = heads // kv_heads * head_dim
+        per_group = heads // kv_heads
+        queries = by_query_heads(module)
+        if (per_group if queries else kv_heads) < 2:
+            return True  # nothing can go; nothing to prove
+        # The first group goes, or the first query head of every group.
+        gone = [h for h in range(heads) if (h % per_group == 0 if queries else h < per_group)]
+        kept = [h for h in range(heads) if h not in gone]
+        columns = torch.tensor([h * head_dim + d for h in kept for d in range(head_dim)])
         trial: Any = copy.deepcopy(module)
         reference: Any = copy.deepcopy(module)
         try:
             with torch.no_grad():
-                _keep_groups(trial, torch.arange(1, kv_heads))
-                keep = torch.arange(unit, heads * head_dim)
-                trial.o_proj.weight = take(trial.o_proj.weight, 1, keep)
-                trial.o_proj.in_features = len(keep)
-                reference.o_proj.weight[:, :unit] = 0
+                if queries:
+                    _keep_query_heads(trial, torch.tensor(kept))
+                else:
+                    _keep_groups(trial, torch.arange(1, kv_heads))
+                trial.o_proj.weight = take(trial.o_proj.weight, 1, columns)
+                trial.o_proj.in_features = len(columns)
+                for h in gone:
+                    reference.o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
                 kwargs = stateless(kwargs)
                 got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
         except Exception:
@@ -164,6 +216,20 @@ class SplitAttentionAdapter(AttentionAdapter):
                 "one key/value group pruned (its k and v rows, its query heads' q rows and o_proj inputs) did not "
                 "compute what masking those heads computes: its forward ties the heads to something their count "
                 "does not set, so its heads are left alone")
+
+
+def _keep_query_heads(module: nn.Module, kept: torch.Tensor) -> None:
+    """Slice ``module`` to the query heads ``kept`` (the same ones in every group): their q rows, with the group
+    size and the head counts the module keeps."""
+    _, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
+    attention: Any = module
+    rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    attention.q_proj.weight = take(attention.q_proj.weight, 0, rows)
+    attention.q_proj.bias = take(attention.q_proj.bias, 0, rows)
+    attention.q_proj.out_features = len(rows)
+    for name, count in (("num_heads", len(kept)), ("num_key_value_groups", len(kept) // kv_heads)):
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, count)
 
 
 def _keep_groups(module: nn.Module, kept: torch.Tensor) -> None:
