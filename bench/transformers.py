@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-import acps_core as acps
+import acps_core as acps  # noqa: E402 (after the path fix above)
 
 TOKENS = 64
 
@@ -194,9 +194,9 @@ def main() -> None:
         for sensitivity in ("GroupMagnitudeSensitivity", "GroupTaylorSensitivity"):
             for refit in (False, True):
                 label = f"acps {sensitivity}" + (" + calibration_data" if refit else "")
-                configurations.append((label, lambda s=sensitivity, r=refit: run_acps(
-                    model, calibration, target, s, r, Path(tempfile.mkdtemp()))))
-        configurations.append(("TP magnitude (head hints)", lambda: run_tp(model, calibration, target)))
+                configurations.append((label, lambda s=sensitivity, r=refit, t=target: run_acps(
+                    model, calibration, t, s, r, Path(tempfile.mkdtemp()))))
+        configurations.append(("TP magnitude (head hints)", lambda t=target: run_tp(model, calibration, t)))
         for label, prune in configurations:
             start = time.perf_counter()
             try:
