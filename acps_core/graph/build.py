@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from acps_core._util.data import forward
-from acps_core._util.model_checks import explain_trace_failure, parameter_owners
+from acps_core._util.model_checks import explain_trace_failure
 from acps_core._util.tensors import tensors_in
 from acps_core.graph.functional import LAYER_FUNCTIONS, computed_macs, functional_layer, why_not_layer
 from acps_core.graph.functions import DTYPE_ONLY, EXPANDS, FUNCTION_RULES, UNARY_ELEMENTWISE
 from acps_core.graph.model import ChannelGraph, ChannelGroup, ChannelUse, LayerInfo, structure_problem
 from acps_core.graph.modules import module_op
 from acps_core.graph.shapes import RESHAPES, requested_sizes
+from acps_core.graph.sharing import keep_tied, shared_weights
 from acps_core.graph.spaces import Spaces, Tag
 from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, refs_in, trace_sample
 from acps_core.layers.attention import AttentionAdapter
@@ -213,47 +214,6 @@ class GroupBuilder(Spaces):
         return self._readers.get(value, [])
 
 
-def _shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Layers and norms whose parameters also belong to another module (name -> the other module(s)), and,
-    apart, Linear heads tied to an embedding (the same ``(vocabulary, hidden)`` weight: head -> embedding), whose
-    columns are the embedding's channels."""
-    owners = parameter_owners(model)
-    shared, tied = {}, {}
-    for module, name in names.items():
-        if adapter_for(module) is not None:
-            others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
-            if len(others) == 1 and isinstance(module, (nn.Linear, nn.Embedding)):
-                other = model.get_submodule(others[0])
-                kinds = sorted(isinstance(m, nn.Embedding) for m in (module, other))
-                pair = kinds == [False, True] and isinstance(other, (nn.Linear, nn.Embedding))
-                if pair and module.weight is other.weight and set(module._parameters) - {"weight"} <= {"bias"}:
-                    head = others[0] if isinstance(module, nn.Embedding) else name
-                    tied[head] = others[0] if head == name else name
-                    continue
-            if others:
-                shared[name] = ", ".join(others)
-    return shared, tied
-
-
-def _keep_tied(builder: GroupBuilder, head: str, embedding: str) -> None:
-    """A head tied to an embedding may lose input columns only as the embedding loses output columns (the same
-    group), and never its rows (the embedding's vocabulary)."""
-    head_entry, embedding_entry = builder.layers.get(head), builder.layers.get(embedding)
-    reason = f"{head}'s weight is tied to {embedding}'s"
-    if head_entry is None or embedding_entry is None:
-        for entry in (head_entry, embedding_entry):
-            for space in entry["spaces"] if entry is not None else []:
-                builder.block(space, reason)
-        return
-    if head_entry["out"] is not None:
-        builder.block(head_entry["out"], f"{reason} (its rows are the vocabulary)")
-    spaces = [space for space, _ in head_entry["in"]] + [embedding_entry["out"]]
-    roots = {builder.find(space) for space in spaces if space is not None}
-    if len(roots) > 1 or len(head_entry["in"]) != 1:
-        for root in roots:
-            builder.block(root, f"{reason}, but it reads other channels than {embedding} produces")
-
-
 def _record(model: nn.Module, sample: Any, leaf_names: dict[nn.Module, str], param_names: dict[int, str],
             watched: Set[nn.Module] = frozenset()
             ) -> tuple[Recorder, Any, set[nn.Module], dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]]:
@@ -327,13 +287,13 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         recorder, output, _, refused = _record(model, sample, leaf_names, param_names, unconfirmed)
 
     named = {name: module for module, name in module_names.items()}
-    shared, tied = _shared_weights(model, module_names)
+    shared, tied = shared_weights(model, module_names)
     builder = GroupBuilder(recorder, shared, named, set(buffer_names.values()))
     first = next(iter(tensors_in(sample)), None)
     builder.batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
     builder.run()
     for head, embedding in tied.items():
-        _keep_tied(builder, head, embedding)
+        keep_tied(builder, head, embedding)
     for module, call in refused.items():  # a module its pattern's adapter refused says why on its channels
         if (adapter := adapter_for(module)) is not None:
             builder.explain_first(adapter.unconfirmed(module, module_names[module]),

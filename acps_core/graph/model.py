@@ -46,9 +46,8 @@ class LayerGeometry:
     #: For attention: how many independent sequences of ``input_shape[1]`` tokens it attends over per sample (the
     #: patches of a MobileViT block); 1 otherwise.
     rows: int = 1
-    #: For attention: the width of each head's queries and keys over the width of its values (its channels).
+    #: For attention: its query/key width over its value width, and its key/value heads over its query heads.
     key_share: float = 1.0
-    #: For attention: its key/value heads over its query heads (below 1 for grouped-query attention).
     kv_share: float = 1.0
 
     @property
@@ -72,26 +71,25 @@ class LayerGeometry:
 
     @property
     def projection_rows(self) -> float:
-        """For attention: rows of its q, k and v projections per output channel (3 for plain multi-head
-        attention)."""
+        """For attention: rows of its q, k and v projections per output channel (3 for multi-head attention)."""
         return self.key_share + self.kv_share * (self.key_share + 1)
 
     def macs(self, in_channels: int | None = None, out_channels: int | None = None) -> float:
         """Multiply-accumulates per sample at the given channel counts (the traced ones by default).
 
         For ``MultiheadAttention`` the input channels are its embed_dim and the output channels the width of its
-        heads' values: the q/k/v projections and the two attention products (self-attention, as many keys as
-        queries), with queries and keys ``key_share`` times as wide as the values and ``kv_share`` times as many
-        key/value heads as query heads; its out projection is a Linear layer of its own.
+        heads' values: the q/k/v projections (:attr:`projection_rows`) and the two attention products
+        (self-attention, as many keys as queries); its out projection is a Linear layer of its own. An embedding
+        is a lookup: none.
         """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
-        if self.kind == "Embedding":
-            return 0.0  # a lookup
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
-            projections = self.projection_rows * cin * cout
-            return float(self.rows * tokens * (projections + (self.key_share + 1) * tokens * cout))
+            products = (self.key_share + 1) * tokens * cout
+            return float(self.rows * tokens * (self.projection_rows * cin * cout + products))
+        if self.kind == "Embedding":
+            return 0.0
         # Depthwise: one group per channel, so every output sees in_channels/groups inputs whatever the count.
         inputs_per_output = self.in_channels / self.groups if self.depthwise else cin / self.groups
         return float(self.output_positions * cout * inputs_per_output * math.prod(self.kernel_size))
@@ -281,8 +279,7 @@ class ParamSlice:
     dim: int
     use: ChannelUse
     groups: int = 1
-    #: The group channel of each entry along ``dim``, when they are not laid out as ``use`` says (the rows of a
-    #: fused q/k/v projection laid out head by head).
+    #: The group channel of each entry along ``dim``, when not laid out as ``use`` says (q/k/v rows head by head).
     channel_of: tuple[int, ...] | None = None
 
     def per_channel(self, tensor: torch.Tensor, channels: int) -> torch.Tensor:
@@ -296,7 +293,7 @@ class ParamSlice:
             position_sums = tensor.movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)
         if self.channel_of is not None:
             index = torch.tensor(self.channel_of, dtype=torch.long, device=tensor.device)
-            return torch.zeros(channels, dtype=tensor.dtype, device=tensor.device).index_add_(0, index, position_sums)
+            return position_sums.new_zeros(channels).index_add_(0, index, position_sums)
         span = self.use.span(channels)
         if self.use.stride is None:
             covered = position_sums.narrow(0, self.use.offset, len(span) * self.use.block)
@@ -352,10 +349,9 @@ class ChannelGraph:
             kind = self.module_type(name)
             for param, dim, part in self.slots.get(name, ([], []))[0]:
                 owner, attr = _child(name, param)
-                if isinstance(part, tuple):
-                    slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind), channel_of=part))
-                else:
-                    slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind, offset=part * group.channels)))
+                rows = part if isinstance(part, tuple) else None  # (then laid out head by head)
+                offset = 0 if isinstance(part, tuple) else part * group.channels
+                slices.append(ParamSlice(owner, attr, dim, ChannelUse(name, kind, offset=offset), channel_of=rows))
         for use in group.followers:
             if use.kind == "Buffer":
                 continue  # a statistic, not a weight
@@ -392,13 +388,8 @@ class ChannelGraph:
 
     def explain(self) -> dict[str, str]:
         """For every Conv/ConvTranspose/Linear layer: ``"prunable (group G)"`` or why it is left alone."""
-        out = {}
-        for name, layer in self.layers.items():
-            if layer.prunable:
-                out[name] = f"prunable (group {self.groups[layer.out_group].name})"  # type: ignore[index]
-            else:
-                out[name] = layer.reason or "not prunable"
-        return out
+        return {name: f"prunable (group {self.groups[layer.out_group].name})"  # type: ignore[index]
+                if layer.prunable else (layer.reason or "not prunable") for name, layer in self.layers.items()}
 
 
 def _child(module: str, param: str) -> tuple[str, str]:
