@@ -29,6 +29,7 @@ CASES = [
     ("qwen2-gqa-sdpa-tied", "Qwen2Config", 2, "sdpa", True),
     ("mistral-gqa-eager", "MistralConfig", 2, "eager", False),
     ("gemma-gqa-eager-tied", "GemmaConfig", 2, "eager", True),  # its RMS norms scale by 1 + weight
+    ("qwen3-gqa-sdpa-tied", "Qwen3Config", 2, "sdpa", True),  # RMS norms over the head width on q and k
 ]
 
 
@@ -246,3 +247,24 @@ def test_per_layer_widths_leave_the_config_alone_and_say_how_to_rebuild(tmp_path
         pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
     assert pruned.config.intermediate_size == before == model.config.intermediate_size
     assert pruned.model.layers[0].mlp.up_proj.out_features == 48
+
+
+def test_phi_attention_with_a_dense_out_projection_and_qk_norms_loses_heads() -> None:
+    config = transformers.PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=HEADS, num_key_value_heads=2, qk_layernorm=True,
+                                    max_position_embeddings=64, attn_implementation="eager", use_cache=False)
+    torch.manual_seed(0)
+    model = Logits(transformers.AutoModelForCausalLM.from_config(config).eval())
+    x = ids()
+    attention = model.lm.model.layers[0].self_attn
+    assert isinstance(adapter_for(attention), SplitAttentionAdapter)
+    graph = build_channel_graph(model, x)
+    heads = attention_groups(graph)
+    assert len(heads) == 2 and all(g.prunable and g.unit == 2 * HEAD_DIM for g in heads)
+    assert verify_groups(model, graph, x) == []
+    keep = random_keep(graph, seed=1)
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    pruned_attention = pruned.lm.model.layers[0].self_attn
+    assert pruned_attention.dense.in_features == pruned_attention.q_proj.out_features < HIDDEN
+    assert pruned_attention.q_layernorm.weight.shape == (HEAD_DIM,)  # shared by every head: kept whole

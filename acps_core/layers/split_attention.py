@@ -1,5 +1,5 @@
-"""Self-attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` Linears, as Hugging Face's
-decoders write it (Llama, Qwen2, Mistral, ...), with multi-head or grouped-query attention::
+"""Self-attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (Phi: ``dense``) Linears, as Hugging
+Face's decoders write it (Llama, Qwen2/3, Mistral, Gemma, Phi, ...), with multi-head or grouped-query attention::
 
     q = self.q_proj(x).view(*shape, -1, self.head_dim).transpose(1, 2)      # num_heads heads
     k = self.k_proj(x).view(*shape, -1, self.head_dim).transpose(1, 2)      # num_key_value_heads heads
@@ -20,10 +20,11 @@ The head width and the rotary embedding stay as they are; ``num_heads``, ``num_k
 ``num_key_value_groups`` are updated where the module keeps them.
 
 A module is recognised by its parts: the four Linears, an integer ``head_dim`` and ``num_key_value_groups`` (or
-``num_heads`` and ``num_key_value_heads``), and widths that agree. That its forward is the one above, whatever
-attention function it dispatches to (eager, SDPA, ...), is proven on its first traced call: one key/value group
-is pruned in a copy, which must compute what masking its query heads computes. A module that fails is traced
-function by function instead, with the reason.
+``num_heads`` and ``num_key_value_heads``), widths that agree, and no other parameters than norms over the head
+width applied to q and k (Qwen3's, Phi's), which all heads share and which stay. That its forward is the one
+above, whatever attention function it dispatches to (eager, SDPA, ...), is proven on its first traced call: one
+key/value group is pruned in a copy, which must compute what masking its query heads computes. A module that
+fails is traced function by function instead, with the reason.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from acps_core.errors import ArgumentError
 from acps_core.layers.attention import AttentionAdapter, same_output, stateless
 from acps_core.layers.base import take
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+#: Names of the out projection (Phi calls it ``dense``).
+OUT_PROJECTIONS = ("o_proj", "dense")
 #: How grouped-query attention loses heads (see the module docs and :func:`prune_grouped_query_attention`).
 GQA_MODES = ("kv_groups", "query_heads")
 _SETTINGS = {"gqa": "kv_groups"}
@@ -86,20 +89,29 @@ def split_projection_attention(module: nn.Module) -> bool:
     module docs)."""
     if not all(isinstance(getattr(module, name, None), nn.Linear) for name in PROJECTIONS):
         return False
-    counts = head_counts(module)
-    if counts is None:
+    counts, out = head_counts(module), out_projection(module)
+    if counts is None or out is None:
         return False
     attention: Any = module
     if attention.v_proj.out_features != attention.k_proj.out_features:
         return False
-    own = [name for name, _ in module.named_parameters() if name.split(".")[0] not in PROJECTIONS]
-    return not own  # (q/k norms or biases per head are not mapped yet)
+    # Anything else with parameters must be shared by all heads: q/k norms over the head width (Qwen3, Phi).
+    return all(param.shape == (counts[2],) for name, param in module.named_parameters()
+               if name.split(".")[0] not in (*PROJECTIONS, out))
+
+
+def out_projection(module: nn.Module) -> str | None:
+    """The name of the module's out projection Linear, if it has one."""
+    return next((name for name in OUT_PROJECTIONS if isinstance(getattr(module, name, None), nn.Linear)), None)
 
 
 class SplitAttentionAdapter(AttentionAdapter):
     """Heads of self-attention with separate q/k/v/o projections (see the module docs)."""
 
     out_projection = "o_proj"
+
+    def projection(self, module: nn.Module) -> str | None:
+        return out_projection(module)
 
     def traced_whole(self, module: nn.Module) -> bool:
         return split_projection_attention(module)
@@ -201,10 +213,12 @@ class SplitAttentionAdapter(AttentionAdapter):
                     _keep_query_heads(trial, torch.tensor(kept))
                 else:
                     _keep_groups(trial, torch.arange(1, kv_heads))
-                trial.o_proj.weight = take(trial.o_proj.weight, 1, columns)
-                trial.o_proj.in_features = len(columns)
+                out = out_projection(module) or "o_proj"
+                trial_out, reference_out = getattr(trial, out), getattr(reference, out)
+                trial_out.weight = take(trial_out.weight, 1, columns)
+                trial_out.in_features = len(columns)
                 for h in gone:
-                    reference.o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+                    reference_out.weight[:, h * head_dim:(h + 1) * head_dim] = 0
                 kwargs = stateless(kwargs)
                 got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
         except Exception:
