@@ -15,7 +15,12 @@ import acps_core as acps
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.verify import verify_groups
-from acps_core.layers import SplitAttentionAdapter, adapter_for, prune_grouped_query_attention
+from acps_core.layers import (
+    SplitAttentionAdapter,
+    TransposedLinearAdapter,
+    adapter_for,
+    prune_grouped_query_attention,
+)
 from testing.zoo import pruned_and_masked, random_keep
 
 transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
@@ -268,3 +273,26 @@ def test_phi_attention_with_a_dense_out_projection_and_qk_norms_loses_heads() ->
     pruned_attention = pruned.lm.model.layers[0].self_attn
     assert pruned_attention.dense.in_features == pruned_attention.q_proj.out_features < HIDDEN
     assert pruned_attention.q_layernorm.weight.shape == (HEAD_DIM,)  # shared by every head: kept whole
+
+
+def test_gpt2_with_its_transposed_linears_loses_heads_mlp_and_hidden_width() -> None:
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager", use_cache=False)
+    torch.manual_seed(0)
+    model = Logits(transformers.GPT2LMHeadModel(config).eval())
+    x = ids()
+    block = model.lm.transformer.h[0]
+    assert isinstance(adapter_for(block.mlp.c_fc), TransposedLinearAdapter)  # Conv1D, recognised by its parts
+    graph = build_channel_graph(model, x)
+    heads = next(g for g in graph.groups if g.producers == ["lm.transformer.h.0.attn"])
+    hidden = next(g for g in graph.groups if "lm.transformer.wte" in g.producers)
+    assert heads.prunable and heads.unit == HIDDEN // HEADS and hidden.prunable
+    assert verify_groups(model, graph, x) == []
+    keep = random_keep(graph, seed=1)
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    attention = pruned.lm.transformer.h[0].attn
+    assert attention.num_heads * attention.head_dim == attention.split_size == attention.c_proj.nx < HIDDEN
+    assert pruned.lm.lm_head.weight is pruned.lm.transformer.wte.weight
+    kept = {g: len(channels) for g, channels in keep.items()}
+    assert _macs(graph, kept) == pytest.approx(_counted(pruned, x), rel=1e-6)

@@ -33,8 +33,7 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
     removed = removal(graph, keep)
     for name, positions in removed.inputs.items():
         module = model.get_submodule(name)
-        owner_adapter = adapter_for(model.get_submodule(name.rpartition(".")[0]))
-        if owner_adapter is not None and owner_adapter.role == "attention":
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
             # Its out projection is applied as a function, not called as a module, so no hook sees its input:
             # the columns of the removed heads are zeroed for the duration instead, and put back on exit.
             weight = cast(torch.Tensor, module.weight)

@@ -14,6 +14,7 @@ from torch import nn
 from acps_core.graph.model import ChannelUse, LayerGeometry
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
+from acps_core.layers import projections
 from acps_core.layers.attention import AttentionAdapter
 from acps_core.layers.base import LayerAdapter
 
@@ -249,8 +250,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
         kind = type(out_proj).__name__ if isinstance(out_proj, nn.Conv2d) else "Linear"
         use = ChannelUse(projection, kind)
         builder.spaces[heads].consumers.append(use)
-        out_width = out_proj.out_features if isinstance(out_proj, nn.Linear) else out_proj.out_channels
-        assert isinstance(out_width, int)
+        out_width = projections.out_width(out_proj)
         out_weight = out_proj.weight
         assert isinstance(out_weight, nn.Parameter)
         out_geometry = LayerGeometry(projection, "Linear", width, out_width, 1, (1,), (1,),

@@ -5,7 +5,8 @@ The built-in types are registered here: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1
 ``nn.Embedding``, ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d``, ``nn.GroupNorm``, ``nn.LayerNorm``,
 ``nn.PReLU`` and ``nn.MultiheadAttention``; and, recognised by their parts, self-attention with a fused ``qkv``
 projection or with separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (grouped-query attention included), and
-norms whose statistic is a mean over the channels (a Global Response Norm, an RMS norm).
+norms whose statistic is a mean over the channels (a Global Response Norm, an RMS norm), and Linears stored
+transposed (GPT-2's ``Conv1D``).
 :func:`register_layer` registers a user's own type.
 """
 
@@ -40,6 +41,7 @@ from acps_core.layers.split_attention import (
     prune_grouped_query_attention,
     split_projection_attention,
 )
+from acps_core.layers.transposed_linear import TransposedLinearAdapter, transposed_linear
 
 for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, ConvTransposeAdapter()),
                          ((nn.Linear,), LinearAdapter()), ((nn.Embedding,), EmbeddingAdapter()),
@@ -51,6 +53,7 @@ for _types, _adapter in ((CONV_TYPES, ConvAdapter()), (TRANSPOSED_CONV_TYPES, Co
 register_pattern(fused_qkv_attention, FusedAttentionAdapter())
 register_pattern(split_projection_attention, SplitAttentionAdapter())
 register_pattern(mean_norm, MeanNormAdapter())
+register_pattern(transposed_linear, TransposedLinearAdapter())
 
 __all__ = [
     "AttentionAdapter",
@@ -68,6 +71,7 @@ __all__ = [
     "MultiheadAttentionAdapter",
     "PReLUAdapter",
     "SplitAttentionAdapter",
+    "TransposedLinearAdapter",
     "adapter_for",
     "prune_grouped_query_attention",
     "register_layer",

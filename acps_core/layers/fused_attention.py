@@ -13,13 +13,14 @@ and v rows of a head in ``qkv``, the matching inputs of ``proj``, and the per-he
 
 A module is recognised by its parts, not its class:
 
-- ``qkv``: a Linear or a 1x1 Conv2d, or a module holding one followed by norms over its outputs (LeViT's
-  Linear + BatchNorm), ``num_heads * (2 * key_dim + value_dim)`` wide. The per-head widths are read from the module
+- ``qkv`` (GPT-2: ``c_attn``): a Linear, a Linear stored transposed (GPT-2's ``Conv1D``) or a 1x1 Conv2d, or a
+  module holding one followed by norms over its outputs (LeViT's Linear + BatchNorm),
+  ``num_heads * (2 * key_dim + value_dim)`` wide. The per-head widths are read from the module
   (``head_dim``, ``dim_head``, ``key_dim`` or ``dim_head_qk``; ``val_dim`` or ``dim_head_v`` when the values are
   wider than the keys, as in LeViT and EfficientFormer) or, without them, derived from ``qkv``'s width.
-- ``proj``, the projection that reads the heads (a Linear or 1x1 Conv2d, or a module holding one, after an
-  activation or before norms over its outputs), or no ``proj`` at all: then the heads are the module's output
-  channels (BoTNet).
+- ``proj`` (GPT-2: ``c_proj``), the projection that reads the heads (the same kinds of layer, or a module holding
+  one, after an activation or before norms over its outputs), or no ``proj`` at all: then the heads are the
+  module's output channels (BoTNet).
 - an integer ``num_heads``; own parameters and children's parameters only with one dim of ``num_heads`` entries
   (relative-position bias tables, attention biases, temperatures: sliced with the heads) or none (per-head-dim
   position embeddings and q/k norms, which all heads share).
@@ -40,16 +41,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from acps_core.layers import projections
 from acps_core.layers.attention import AttentionAdapter, same_output, stateless
 from acps_core.layers.base import adapter_for, take
+from acps_core.layers.projections import in_width, is_projection, out_width, output_rows
+from acps_core.layers.transposed_linear import transposed_linear
 
 #: Attributes that hold the per-head width of queries and keys (the first found is taken).
 KEY_DIMS = ("head_dim", "dim_head", "key_dim", "dim_head_qk")
 #: Attributes that hold the per-head width of values, when it differs from the keys'.
 VALUE_DIMS = ("val_dim", "dim_head_v")
 #: Size attributes the forward may read that are the head count times the value width or the key width.
-VALUE_WIDTHS = ("attn_dim", "val_attn_dim", "dim_out_v")
+VALUE_WIDTHS = ("attn_dim", "val_attn_dim", "dim_out_v", "split_size")
 KEY_WIDTHS = ("key_attn_dim", "dim_out_qk")
+#: Names of the fused q/k/v projection, and of the projection that reads the heads (GPT-2: ``c_attn``, ``c_proj``).
+QKV_NAMES = ("qkv", "c_attn")
+PROJ_NAMES = ("proj", "c_proj")
 #: Children applied to q and k whose parameters (one per ``head_dim`` entry) all heads share.
 HEAD_NORMS = frozenset({"q_norm", "k_norm"})
 
@@ -101,27 +108,19 @@ def _layout_key(module: nn.Module) -> tuple[type, Any]:
     return type(module), getattr(module, "head_first", None)
 
 
-def _is_projection(module: Any) -> bool:
-    """A Linear, or a Conv2d with a 1x1 kernel, stride 1 and no groups: one matrix over the channels."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
-            and module.groups == 1 and module.padding in ((0, 0), "valid"))
-
-
 def projection_parts(module: nn.Module | None) -> tuple[str, list[str]] | None:
     """``(layer, norms)``: the path of the one Linear/1x1 conv inside ``module`` ('' for the module itself) and
     the paths of the norms after it (over its outputs, as the check by execution proves); None when the module
     holds anything else with parameters."""
     if module is None:
         return None
-    if _is_projection(module):
+    if is_projection(module):
         return "", []
     layer, norms = None, []
     for path, child in module.named_modules():
         if not any(True for _ in child.parameters(recurse=False)):
             continue
-        if _is_projection(child) and layer is None:
+        if is_projection(child) and layer is None:
             layer = path
             continue
         adapter = adapter_for(child)
@@ -133,12 +132,14 @@ def projection_parts(module: nn.Module | None) -> tuple[str, list[str]] | None:
     return None if layer is None else (layer, norms)
 
 
-def _out_width(layer: nn.Module) -> int:
-    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)  # type: ignore[arg-type]
+def _name(module: nn.Module, names: tuple[str, ...]) -> str:
+    """The first of ``names`` the module has a child called (the first name when none)."""
+    return next((name for name in names if isinstance(getattr(module, name, None), nn.Module)), names[0])
 
 
-def _in_width(layer: nn.Module) -> int:
-    return int(layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)  # type: ignore[arg-type]
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    child = getattr(module, _name(module, names), None)
+    return child if isinstance(child, nn.Module) else None
 
 
 def _joined(*paths: str) -> str:
@@ -152,10 +153,10 @@ def head_dims(module: nn.Module) -> tuple[int, int] | None:
     value = next((v for name in VALUE_DIMS if isinstance(v := getattr(module, name, None), int)), key)
     if key is not None and value is not None:
         return key, value
-    heads, parts = getattr(module, "num_heads", None), projection_parts(getattr(module, "qkv", None))
+    heads, parts = getattr(module, "num_heads", None), projection_parts(_child(module, QKV_NAMES))
     if not isinstance(heads, int) or heads <= 0 or parts is None:
         return None
-    rows = _out_width(module.get_submodule(_joined("qkv", parts[0])))
+    rows = out_width(module.get_submodule(_joined(_name(module, QKV_NAMES), parts[0])))
     return (rows // (3 * heads),) * 2 if rows % (3 * heads) == 0 else None
 
 
@@ -166,7 +167,7 @@ def head_parameters(module: nn.Module) -> list[tuple[str, int]] | None:
     heads = getattr(module, "num_heads", None)
     found = []
     for name, param in module.named_parameters():
-        if name.split(".")[0] in ("qkv", "proj"):
+        if name.split(".")[0] in (*QKV_NAMES, *PROJ_NAMES):
             continue
         dims = [d for d, size in enumerate(param.shape) if size == heads]
         if len(dims) > 1:
@@ -180,14 +181,14 @@ def fused_qkv_attention(module: nn.Module) -> bool:
     """Whether ``module`` is self-attention with a fused ``qkv`` projection that acps prunes heads of (see the
     module docs)."""
     heads, dims = getattr(module, "num_heads", None), head_dims(module)
-    qkv, proj = projection_parts(getattr(module, "qkv", None)), getattr(module, "proj", None)
+    qkv, proj = projection_parts(_child(module, QKV_NAMES)), _child(module, PROJ_NAMES)
     if not isinstance(heads, int) or heads <= 0 or dims is None or qkv is None:
         return False
     if proj is not None and projection_parts(proj) is None:
         return False
     key_dim, value_dim = dims
     # (proj's width is not checked: while the prune step slices a model, proj loses its columns after qkv its rows)
-    if _out_width(module.get_submodule(_joined("qkv", qkv[0]))) != heads * (2 * key_dim + value_dim):
+    if out_width(module.get_submodule(_joined(_name(module, QKV_NAMES), qkv[0]))) != heads * (2 * key_dim + value_dim):
         return False
     widths = [(name, value_dim) for name in VALUE_WIDTHS] + [(name, key_dim) for name in KEY_WIDTHS]
     if any(getattr(module, name, heads * dim) != heads * dim for name, dim in widths):
@@ -224,17 +225,17 @@ class FusedAttentionAdapter(AttentionAdapter):
 
     def qkv_path(self, module: nn.Module) -> str:
         """The path of the Linear (or 1x1 conv) inside the module that computes q, k and v."""
-        parts = projection_parts(getattr(module, "qkv", None))
+        parts = projection_parts(_child(module, QKV_NAMES))
         assert parts is not None
-        return _joined("qkv", parts[0])
+        return _joined(_name(module, QKV_NAMES), parts[0])
 
     def projection(self, module: nn.Module) -> str | None:
-        parts = projection_parts(getattr(module, "proj", None))
-        return None if parts is None else _joined("proj", parts[0])
+        parts = projection_parts(_child(module, PROJ_NAMES))
+        return None if parts is None else _joined(_name(module, PROJ_NAMES), parts[0])
 
     def projection_followers(self, module: nn.Module) -> list[str]:
-        parts = projection_parts(getattr(module, "proj", None))
-        return [] if parts is None else [_joined("proj", path) for path in parts[1]]
+        parts = projection_parts(_child(module, PROJ_NAMES))
+        return [] if parts is None else [_joined(_name(module, PROJ_NAMES), path) for path in parts[1]]
 
     def heads(self, module: nn.Module) -> tuple[int, int]:
         layout = self.layout(module)
@@ -251,20 +252,21 @@ class FusedAttentionAdapter(AttentionAdapter):
         return True
 
     def input_dim(self, module: nn.Module, ndim: int) -> int:
-        return 1 if isinstance(module.get_submodule(self.qkv_path(module)), nn.Conv2d) else ndim - 1
+        return projections.input_dim(module.get_submodule(self.qkv_path(module)), ndim)
 
     def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         rows = self.layout(module).row_channels()
         qkv = self.qkv_path(module)
-        return [(f"{qkv}.weight", 0, rows), (f"{qkv}.bias", 0, rows)]
+        dim = 1 if transposed_linear(module.get_submodule(qkv)) else 0
+        return [(f"{qkv}.weight", dim, rows), (f"{qkv}.bias", 0, rows)]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
-        return [(f"{self.qkv_path(module)}.weight", 1, 1)]
+        qkv = self.qkv_path(module)
+        return [(f"{qkv}.weight", 0 if transposed_linear(module.get_submodule(qkv)) else 1, 1)]
 
     def filter_rows(self, module: nn.Module) -> torch.Tensor:
         """Per head channel, the norm of its value row and of its share of its head's query and key rows."""
-        qkv: Any = module.get_submodule(self.qkv_path(module))
-        weight: torch.Tensor = qkv.weight.detach()
+        weight = output_rows(module.get_submodule(self.qkv_path(module)))
         squares = weight.double().pow(2).reshape(weight.shape[0], -1).sum(dim=1)
         norms = torch.zeros(self.out_size(module), dtype=torch.float64)
         norms.index_add_(0, torch.tensor(self.layout(module).row_channels()), squares.cpu())
@@ -275,7 +277,7 @@ class FusedAttentionAdapter(AttentionAdapter):
         return heads * value_dim
 
     def in_size(self, module: nn.Module) -> int:
-        return _in_width(module.get_submodule(self.qkv_path(module)))
+        return in_width(module.get_submodule(self.qkv_path(module)))
 
     # -- pruning ---------------------------------------------------------------------------------------------
     def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
@@ -284,12 +286,7 @@ class FusedAttentionAdapter(AttentionAdapter):
         _keep_heads(module, layout, index[::layout.value_dim] // layout.value_dim)
 
     def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
-        qkv: Any = module.get_submodule(self.qkv_path(module))
-        qkv.weight = take(qkv.weight, 1, index)
-        if isinstance(qkv, nn.Linear):
-            qkv.in_features = len(index)
-        else:
-            qkv.in_channels = len(index)
+        projections.keep_inputs(module.get_submodule(self.qkv_path(module)), index)
 
     def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether pruning a head in a copy computes what masking it computes, for either layout of ``qkv``'s
@@ -319,16 +316,10 @@ def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> No
     attention: Any = module
     adapter = FusedAttentionAdapter()
     rows = layout.head_rows(kept)
-    parts = projection_parts(attention.qkv)  # (before qkv's width changes)
-    qkv: Any = module.get_submodule(adapter.qkv_path(module))
-    qkv.weight = take(qkv.weight, 0, rows)
-    qkv.bias = take(qkv.bias, 0, rows)
-    if isinstance(qkv, nn.Linear):
-        qkv.out_features = len(rows)
-    else:
-        qkv.out_channels = len(rows)
+    parts = projection_parts(_child(module, QKV_NAMES))  # (before qkv's width changes)
+    projections.keep_outputs(module.get_submodule(adapter.qkv_path(module)), rows)
     for path in parts[1] if parts else []:
-        norm = attention.qkv.get_submodule(path)
+        norm = module.get_submodule(_joined(_name(module, QKV_NAMES), path))
         norm_adapter = adapter_for(norm)
         assert norm_adapter is not None
         norm_adapter.keep_outputs(norm, rows)
@@ -374,13 +365,8 @@ def _prunes_like_masking(adapter: FusedAttentionAdapter, module: nn.Module, layo
         with torch.no_grad():
             _keep_heads(trial, layout, torch.arange(1, layout.heads))
             if projection is not None:
-                trial_proj, reference_proj = trial.get_submodule(projection), reference.get_submodule(projection)
-                trial_proj.weight = take(trial_proj.weight, 1, keep)
-                if isinstance(trial_proj, nn.Linear):
-                    trial_proj.in_features = len(keep)
-                else:
-                    trial_proj.in_channels = len(keep)
-                reference_proj.weight[:, :value_dim] = 0
+                projections.keep_inputs(trial.get_submodule(projection), keep)
+                projections.zero_inputs(reference.get_submodule(projection), 0, value_dim)
             kwargs = stateless(kwargs)
             got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
             if projection is None and isinstance(expected, torch.Tensor):
