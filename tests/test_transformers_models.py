@@ -296,3 +296,39 @@ def test_gpt2_with_its_transposed_linears_loses_heads_mlp_and_hidden_width() -> 
     assert pruned.lm.lm_head.weight is pruned.lm.transformer.wte.weight
     kept = {g: len(channels) for g, channels in keep.items()}
     assert _macs(graph, kept) == pytest.approx(_counted(pruned, x), rel=1e-6)
+
+
+class ImageLogits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.vision = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.vision(images).logits
+        return logits
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_hugging_face_vision_transformers_lose_heads_exactly(family: str) -> None:
+    torch.manual_seed(0)
+    if family == "vit":
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=2,
+                                        num_attention_heads=HEADS, intermediate_size=96, num_labels=3)
+        model = ImageLogits(transformers.ViTForImageClassification(config).eval())
+    else:  # window attention with a relative-position bias table per head
+        config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                         window_size=4, num_labels=3)
+        model = ImageLogits(transformers.SwinForImageClassification(config).eval())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = build_channel_graph(model, x)
+    heads = [g for g in graph.groups if g.unit > 1]
+    assert len(heads) == 2 and all(g.prunable for g in heads)
+    assert not set(verify_groups(model, graph, x)) & {g.name for g in heads}
+    keep = {g.id: list(range(g.unit, g.channels)) for g in heads}  # the first head of every attention goes
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+    if family == "swin":
+        attention = pruned.vision.swin.encoder.layers[1].blocks[0].attention
+        assert isinstance(adapter_for(attention), SplitAttentionAdapter)
+        assert attention.num_attention_heads == 3
+        assert attention.relative_position_bias.relative_position_bias_table.shape[1] == 3

@@ -160,14 +160,15 @@ def head_dims(module: nn.Module) -> tuple[int, int] | None:
     return (rows // (3 * heads),) * 2 if rows % (3 * heads) == 0 else None
 
 
-def head_parameters(module: nn.Module) -> list[tuple[str, int]] | None:
-    """The parameters of the module and its children but ``qkv`` and ``proj`` that hold one entry per head,
-    each with that dim (a relative-position bias table of ``(positions, num_heads)``); None when one of them
-    has several dims of ``num_heads`` entries."""
-    heads = getattr(module, "num_heads", None)
+def head_parameters(module: nn.Module, heads: int | None = None,
+                    skip: tuple[str, ...] = (*QKV_NAMES, *PROJ_NAMES)) -> list[tuple[str, int]] | None:
+    """The parameters of the module and its children but the projections (``skip``) that hold one entry per head
+    (``heads``, by default ``num_heads``), each with that dim (a relative-position bias table of ``(positions,
+    num_heads)``); None when one of them has several dims of ``num_heads`` entries."""
+    heads = getattr(module, "num_heads", None) if heads is None else heads
     found = []
     for name, param in module.named_parameters():
-        if name.split(".")[0] in (*QKV_NAMES, *PROJ_NAMES):
+        if name.split(".")[0] in skip:
             continue
         dims = [d for d, size in enumerate(param.shape) if size == heads]
         if len(dims) > 1:
@@ -323,12 +324,7 @@ def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> No
         norm_adapter = adapter_for(norm)
         assert norm_adapter is not None
         norm_adapter.keep_outputs(norm, rows)
-    for name, dim in head_parameters(module) or []:
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        setattr(owner, attr, take(getattr(owner, attr), dim, kept))
-    for owner in module.modules():
-        _resize(owner, layout.heads, len(kept))
+    keep_head_entries(module, layout.heads, kept, (*QKV_NAMES, *PROJ_NAMES))
     attention.num_heads = len(kept)
     for name in VALUE_WIDTHS:
         if hasattr(module, name):
@@ -338,13 +334,24 @@ def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> No
             setattr(module, name, len(kept) * layout.key_dim)
 
 
+def keep_head_entries(module: nn.Module, heads: int, kept: torch.Tensor, skip: tuple[str, ...]) -> None:
+    """Slice the per-head parameters of ``module`` (see :func:`head_parameters`) to the heads ``kept``, and set
+    the head counts, bias shapes and caches its children keep."""
+    for name, dim in head_parameters(module, heads, skip) or []:
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        setattr(owner, attr, take(getattr(owner, attr), dim, kept))
+    for owner in module.modules():
+        _resize(owner, heads, len(kept))
+
+
 def _resize(owner: nn.Module, heads: int, kept: int) -> None:
     """Head counts a child keeps of its own (``num_heads``, a bias shape holding it) and caches of per-head
     tensors (timm's attention-bias caches): set to the kept count, emptied."""
     for name, value in list(vars(owner).items()):
         if name.startswith("_") or name == "training":
             continue
-        if name == "num_heads" and value == heads:
+        if name in ("num_heads", "num_attention_heads") and value == heads:
             setattr(owner, name, kept)
         elif name.endswith("_shape") and isinstance(value, tuple) and value and value[-1] == heads:
             setattr(owner, name, (*value[:-1], kept))

@@ -38,6 +38,7 @@ from torch import nn
 from acps_core.errors import ArgumentError
 from acps_core.layers.attention import AttentionAdapter, same_output, stateless
 from acps_core.layers.base import take
+from acps_core.layers.fused_attention import head_parameters, keep_head_entries
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 #: Names of the out projection (Phi calls it ``dense``).
@@ -79,6 +80,8 @@ def head_counts(module: nn.Module) -> tuple[int, int, int] | None:
     kv_attribute = getattr(module, "num_key_value_heads", None)
     if groups is None and isinstance(kv_attribute, int):
         groups = heads // max(1, kv_attribute)
+    if groups is None and heads == kv_heads:
+        groups = 1  # multi-head attention that keeps no group size (Hugging Face's Swin)
     if not isinstance(groups, int) or kv_heads == 0 or heads != kv_heads * groups:
         return None
     return heads, kv_heads, head_dim
@@ -95,9 +98,13 @@ def split_projection_attention(module: nn.Module) -> bool:
     attention: Any = module
     if attention.v_proj.out_features != attention.k_proj.out_features:
         return False
-    # Anything else with parameters must be shared by all heads: q/k norms over the head width (Qwen3, Phi).
-    return all(param.shape == (counts[2],) for name, param in module.named_parameters()
-               if name.split(".")[0] not in (*PROJECTIONS, out))
+    # Anything else with parameters is shared by all heads (q/k norms over the head width: Qwen3, Phi) or holds
+    # one entry per query head (Swin's relative-position bias table), sliced with them.
+    skip = (*PROJECTIONS, out)
+    per_head = {name for name, _ in head_parameters(module, counts[0], skip) or []}
+    return head_parameters(module, counts[0], skip) is not None and all(
+        param.shape == (counts[2],) or name in per_head for name, param in module.named_parameters()
+        if name.split(".")[0] not in skip)
 
 
 def out_projection(module: nn.Module) -> str | None:
@@ -235,12 +242,13 @@ class SplitAttentionAdapter(AttentionAdapter):
 def _keep_query_heads(module: nn.Module, kept: torch.Tensor) -> None:
     """Slice ``module`` to the query heads ``kept`` (the same ones in every group): their q rows, with the group
     size and the head counts the module keeps."""
-    _, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
+    heads, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
     attention: Any = module
     rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     attention.q_proj.weight = take(attention.q_proj.weight, 0, rows)
     attention.q_proj.bias = take(attention.q_proj.bias, 0, rows)
     attention.q_proj.out_features = len(rows)
+    keep_head_entries(module, heads, kept, (*PROJECTIONS, *OUT_PROJECTIONS))
     for name, count in (("num_heads", len(kept)), ("num_key_value_groups", len(kept) // kv_heads)):
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, count)
@@ -260,6 +268,7 @@ def _keep_groups(module: nn.Module, kept: torch.Tensor) -> None:
         layer.weight = take(layer.weight, 0, rows)
         layer.bias = take(layer.bias, 0, rows)
         layer.out_features = len(rows)
+    keep_head_entries(module, heads, q_heads, (*PROJECTIONS, *OUT_PROJECTIONS))
     for name, count in (("num_heads", len(q_heads)), ("num_key_value_heads", len(kept))):
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, count)
