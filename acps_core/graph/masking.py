@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from acps_core._util.tensors import tensors_in
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.removal import Removal, removal
+from acps_core.layers.attention import AttentionAdapter
 from acps_core.layers.base import adapter_for
 
 
@@ -46,18 +47,26 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
         attention = adapter.role == "attention"
         size = adapter.in_size(module)
         mask = torch.ones(size).index_fill_(0, torch.tensor(sorted(positions), dtype=torch.long), 0)
-        # The inputs come positionally, or by name (layer(input=x) is traced the same way); attention reads
-        # its embed_dim channels from query, key and value.
-        names = ("query", "key", "value") if attention else ("input",)
+        # The inputs come positionally, or by name (layer(input=x) is traced the same way); nn.MultiheadAttention
+        # reads its embed_dim channels from query, key and value; self-attention from its first tensor, whatever
+        # its name (hidden_states=...), as the graph read it.
+        self_attention = isinstance(adapter, AttentionAdapter) and adapter.self_attention()
+        names = ("query", "key", "value") if attention and not self_attention else ("input",)
+        first_tensor_only = self_attention
 
         def zero_inputs(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor = mask,
-                        names: tuple[str, ...] = names, adapter: Any = adapter
+                        names: tuple[str, ...] = names, adapter: Any = adapter, first: bool = first_tensor_only
                         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             positional, kwargs = list(args), dict(kwargs)
-            for position, key in enumerate(names):
-                holder: Any = positional if position < len(positional) else kwargs
-                slot: Any = position if position < len(positional) else key
-                if holder is kwargs and key not in kwargs:
+            places: list[tuple[Any, Any]] = [
+                (positional if position < len(positional) else kwargs, position if position < len(positional)
+                 else key) for position, key in enumerate(names)]
+            if first:  # self-attention: its first tensor, positional or named
+                every: list[tuple[Any, Any]] = [(positional, i) for i in range(len(positional))]
+                every += [(kwargs, k) for k in kwargs]
+                places = [next(((h, k) for h, k in every if isinstance(h[k], torch.Tensor)), (kwargs, None))]
+            for holder, slot in places:
+                if (holder is kwargs and slot not in kwargs) or not isinstance(holder[slot], torch.Tensor):
                     continue
                 x = holder[slot]
                 dim = adapter.input_dim(layer, x.dim())
