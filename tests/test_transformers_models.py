@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import acps_core as acps
 from acps_core.graph.build import build_channel_graph
@@ -21,6 +20,7 @@ from acps_core.layers import (
     adapter_for,
     prune_grouped_query_attention,
 )
+from testing.flops import counted_macs, graph_macs
 from testing.zoo import pruned_and_masked, random_keep
 
 transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
@@ -39,14 +39,14 @@ CASES = [
 
 
 class Logits(nn.Module):
-    """The causal LM returning its logits alone (what the masking helpers compare)."""
+    """A Hugging Face model returning its logits alone (what the masking helpers compare)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.lm = model
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.lm(ids).logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.lm(x).logits
         return logits
 
 
@@ -110,8 +110,8 @@ def test_heads_mlp_and_hidden_width_are_pruned_and_pruned_equals_masked(name, co
     # The cost the search uses is what a FLOP counter counts (eager attention: its products are plain matmuls).
     if attention == "eager":
         kept = {g: len(channels) for g, channels in keep.items()}
-        assert _macs(graph, {}) == pytest.approx(_counted(model, x), rel=1e-6)
-        assert _macs(graph, kept) == pytest.approx(_counted(pruned, x), rel=1e-6)
+        assert graph_macs(graph, {}) == pytest.approx(counted_macs(model, x), rel=1e-6)
+        assert graph_macs(graph, kept) == pytest.approx(counted_macs(pruned, x), rel=1e-6)
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_search_create_and_restore_with_token_labels(tmp_path: Path) -> None:
     widths = [(layer.self_attn.q_proj.out_features, layer.mlp.up_proj.out_features) for layer in pruned.model.layers]
     assert widths != [(HEADS * HEAD_DIM, 96)] * 2
     with torch.no_grad():
-        counted = _counted(Logits(model), x) / _counted(Logits(pruned), x)
+        counted = counted_macs(Logits(model), x) / counted_macs(Logits(pruned), x)
         logits = pruned(x).logits
     assert logits.shape == (4, 12, VOCAB)
     assert counted == pytest.approx(result.achieved_ratio, rel=0.05)  # (SDPA's products: not in the counter)
@@ -171,50 +171,26 @@ def test_search_create_and_restore_with_token_labels(tmp_path: Path) -> None:
         torch.testing.assert_close(restored(x).logits, logits, rtol=0, atol=0)
 
 
-def _macs(graph: ChannelGraph, kept: dict[int, int]) -> float:
-    total = graph.other_macs
-    for layer in graph.layers.values():
-        if layer.geometry is not None:
-            total += layer.geometry.macs(*graph.channel_counts(layer, kept))
-    return total
-
-
-def _counted(model: nn.Module, x: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x[:1])
-    return counter.get_total_flops() / 2
-
-
-class ClassifierLogits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.encoder = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.encoder(ids).logits
-        return logits
-
-
 def test_a_bert_encoder_has_its_heads_mlp_and_hidden_width_pruned_exactly() -> None:
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
                                      num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,
                                      num_labels=3)
     torch.manual_seed(0)
-    model = ClassifierLogits(transformers.BertForSequenceClassification(config)).eval()
+    model = Logits(transformers.BertForSequenceClassification(config)).eval()
     x = ids()
     graph = build_channel_graph(model, x)
-    prefix = "encoder.bert.encoder.layer.0"
+    prefix = "lm.bert.encoder.layer.0"
     heads = next(g for g in graph.groups if f"{prefix}.attention.self.query" in g.producers)
     assert heads.prunable and heads.unit == HIDDEN // HEADS  # traced function by function: q, k and v together
     assert {f"{prefix}.attention.self.key", f"{prefix}.attention.self.value"} <= set(heads.producers)
-    hidden = next(g for g in graph.groups if "encoder.bert.embeddings.word_embeddings" in g.producers)
-    assert hidden.prunable and {"encoder.bert.embeddings.position_embeddings",
+    hidden = next(g for g in graph.groups if "lm.bert.embeddings.word_embeddings" in g.producers)
+    assert hidden.prunable and {"lm.bert.embeddings.position_embeddings",
                                 f"{prefix}.output.dense"} <= set(hidden.producers)
     assert verify_groups(model, graph, x) == []
     keep = random_keep(graph, seed=2)
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
-    assert pruned.encoder.bert.encoder.layer[0].attention.self.query.out_features == len(keep[heads.id])
+    assert pruned.lm.bert.encoder.layer[0].attention.self.query.out_features == len(keep[heads.id])
 
 
 def test_uniform_widths_go_into_the_config_and_save_pretrained_loads_back(tmp_path: Path) -> None:
@@ -295,17 +271,7 @@ def test_gpt2_with_its_transposed_linears_loses_heads_mlp_and_hidden_width() -> 
     assert attention.num_heads * attention.head_dim == attention.split_size == attention.c_proj.nx < HIDDEN
     assert pruned.lm.lm_head.weight is pruned.lm.transformer.wte.weight
     kept = {g: len(channels) for g, channels in keep.items()}
-    assert _macs(graph, kept) == pytest.approx(_counted(pruned, x), rel=1e-6)
-
-
-class ImageLogits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.vision = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.vision(images).logits
-        return logits
+    assert graph_macs(graph, kept) == pytest.approx(counted_macs(pruned, x), rel=1e-6)
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -314,11 +280,11 @@ def test_hugging_face_vision_transformers_lose_heads_exactly(family: str) -> Non
     if family == "vit":
         config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=2,
                                         num_attention_heads=HEADS, intermediate_size=96, num_labels=3)
-        model = ImageLogits(transformers.ViTForImageClassification(config).eval())
+        model = Logits(transformers.ViTForImageClassification(config).eval())
     else:  # window attention with a relative-position bias table per head
         config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
                                          window_size=4, num_labels=3)
-        model = ImageLogits(transformers.SwinForImageClassification(config).eval())
+        model = Logits(transformers.SwinForImageClassification(config).eval())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     graph = build_channel_graph(model, x)
     heads = [g for g in graph.groups if g.unit > 1]
@@ -328,7 +294,7 @@ def test_hugging_face_vision_transformers_lose_heads_exactly(family: str) -> Non
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
     if family == "swin":
-        attention = pruned.vision.swin.encoder.layers[1].blocks[0].attention
+        attention = pruned.lm.swin.encoder.layers[1].blocks[0].attention
         assert isinstance(adapter_for(attention), SplitAttentionAdapter)
         assert attention.num_attention_heads == 3
         assert attention.relative_position_bias.relative_position_bias_table.shape[1] == 3

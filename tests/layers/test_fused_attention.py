@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import acps_core as acps
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.verify import verify_groups
 from acps_core.layers import FusedAttentionAdapter, adapter_for, fused_attention
+from testing.flops import counted_macs, graph_macs
 from testing.zoo import pruned_and_masked, random_keep
 
 TOKENS, DIM = 16, 32
@@ -159,20 +159,6 @@ def _heads_group(graph: ChannelGraph) -> int:
     return next(g.id for g in graph.groups if g.producers == ["attn"])
 
 
-def _macs(graph: ChannelGraph, kept: dict[int, int]) -> float:
-    total = graph.other_macs
-    for layer in graph.layers.values():
-        if layer.geometry is not None:
-            total += layer.geometry.macs(*graph.channel_counts(layer, kept))
-    return total
-
-
-def _counted_macs(model: nn.Module, x: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x[:1])
-    return counter.get_total_flops() / 2
-
-
 @pytest.mark.parametrize("kind", ["part", "head", "normed", "conv"])
 def test_heads_are_pruned_whole_and_pruned_equals_masked(kind: str) -> None:
     model, x = _model(kind)
@@ -198,8 +184,8 @@ def test_heads_are_pruned_whole_and_pruned_equals_masked(kind: str) -> None:
 
     # The cost the search uses is what a FLOP counter counts, before and after.
     kept = {g: len(channels) for g, channels in keep.items()}
-    assert _macs(graph, {}) == pytest.approx(_counted_macs(model, x), rel=1e-6)
-    assert _macs(graph, kept) == pytest.approx(_counted_macs(pruned, x), rel=1e-6)
+    assert graph_macs(graph, {}) == pytest.approx(counted_macs(model, x), rel=1e-6)
+    assert graph_macs(graph, kept) == pytest.approx(counted_macs(pruned, x), rel=1e-6)
 
 
 def test_the_head_by_head_layout_is_told_apart_from_the_part_by_part_one() -> None:
