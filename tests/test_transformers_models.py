@@ -4,6 +4,7 @@ counter counts, and a search at a target runs through create and restore with a 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,10 @@ class Logits(nn.Module):
         return logits
 
 
-def causal_lm(config_name: str, kv_heads: int, attention: str, seed: int = 0, tied: bool = False) -> nn.Module:
+def causal_lm(config_name: str, kv_heads: int, attention: str, seed: int = 0, tied: bool = False,
+              layers: int = 2) -> nn.Module:
     config = getattr(transformers, config_name)(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, max_position_embeddings=64,
         attn_implementation=attention, use_cache=False, tie_word_embeddings=tied)
     torch.manual_seed(seed)
@@ -214,6 +216,46 @@ def test_uniform_widths_go_into_the_config_and_save_pretrained_loads_back(tmp_pa
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-6)  # float rounding
+
+
+def test_a_search_with_uniform_widths_saves_with_save_pretrained_and_loads_back(tmp_path: Path) -> None:
+    model = causal_lm("LlamaConfig", 2, "sdpa", layers=3)
+    x = ids(4, 16)
+    labels = torch.roll(x, -1, dims=1)
+    labels[:, -1] = -100
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    result = acps.auto_channel_prune_search(model, tmp_path / "search.cfg", [x, labels], tmp_path / "prune.cfg",
+                                            uniform_widths=True)
+    assert result.target_reached
+    assert any("model.layers.#.self_attn (3 blocks)" in note for note in result.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", acps.PerLayerWidthsWarning)
+        pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
+    widths = {(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features,
+               layer.mlp.up_proj.out_features) for layer in pruned.model.layers}
+    assert len(widths) == 1 and widths != {(HEADS * HEAD_DIM, 2 * HEAD_DIM, 96)}
+    config = pruned.config
+    assert {(config.num_attention_heads * HEAD_DIM, config.num_key_value_heads * HEAD_DIM,
+             config.intermediate_size)} == widths
+    # The hidden width is a multiple of the heads kept (transformers refuses to save the config otherwise).
+    assert config.hidden_size == pruned.model.embed_tokens.embedding_dim < HIDDEN
+    assert config.hidden_size % config.num_attention_heads == 0
+    pruned.save_pretrained(tmp_path / "pruned")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, pruned(x).logits, rtol=1e-5, atol=1e-6)
+        assert counted_macs(Logits(model), x) / counted_macs(Logits(loaded), x) == pytest.approx(
+            result.achieved_ratio, rel=0.05)
+
+
+def test_a_config_that_would_rebuild_other_shapes_is_named_and_left_alone() -> None:
+    from acps_core.prune.model_config import rebuild_mismatch
+
+    model = causal_lm("LlamaConfig", 2, "eager")
+    assert rebuild_mismatch(model, model.config) is None
+    model.config.intermediate_size = 80
+    assert "model.layers.0.mlp.gate_proj.weight (96, 64) (the config builds (80, 64))" in str(
+        rebuild_mismatch(model, model.config))
 
 
 def test_per_layer_widths_leave_the_config_alone_and_say_how_to_rebuild(tmp_path: Path) -> None:

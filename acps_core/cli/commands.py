@@ -226,7 +226,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     gain = resolve_method("gain", args.gain, "--gain")
     model, data = _model_and_data(args, need_labels=True)
     result = acps.auto_channel_prune_search(model, args.config, data, args.output, sensitivity=sensitivity,
-                                            search_alg=search, gain=gain, figure=figure)
+                                            search_alg=search, gain=gain, figure=figure,
+                                            uniform_widths=args.uniform_widths)
     if not args.quiet:
         print(result.summary())
         print(f"\nWrote {result.output_cfg}, {result.selection_file} and the reports {result.output_cfg}.report.md "

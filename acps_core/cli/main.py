@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--gain", default="BitComplexity",
                         help=f"cost model (default: the reference's BitComplexity; {methods}, e.g. "
                              "\"AscendLatency(chip=Ascend310, batch=8)\")")
+    search.add_argument("--uniform-widths", action="store_true",
+                        help="keep the widths of repeated blocks uniform (one count per role in every block)")
     search.add_argument("--allow-pickle", action="store_true", help=pickle_help)
     search.set_defaults(func=cmd_search)
 

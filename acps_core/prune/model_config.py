@@ -11,13 +11,19 @@ when they differ, the config cannot state them, and the caller says so: such a m
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from acps_core.layers.base import adapter_for
 from acps_core.layers.mean_norm import EPS_NAMES, MeanNormAdapter
 from acps_core.layers.split_attention import SplitAttentionAdapter, head_counts
+
+if TYPE_CHECKING:
+    from acps_core.graph.model import ChannelGraph
+    from acps_core.search.problem import SearchRecord
 
 
 class PerLayerWidthsWarning(UserWarning):
@@ -78,7 +84,71 @@ def sync_config(model: nn.Module) -> str | None:
     if differ:
         return ("its blocks have different widths (" + "; ".join(differ) + "), which a Hugging Face config cannot "
                 "state: save its state_dict and rebuild it with restore_prune_retrain_model, not save_pretrained")
+    before = config.to_dict()
     for name, values in widths.items():
         if hasattr(config, name) or name == "head_dim":
             setattr(config, name, next(iter(values)))
+    why_not = rebuild_mismatch(model, config)
+    if why_not is not None:
+        for name in widths:  # leave the config as it was: it cannot describe this model
+            if name in before:
+                setattr(config, name, before[name])
+        return why_not
     return None
+
+
+def rebuild_mismatch(model: nn.Module, config: Any) -> str | None:
+    """Why ``type(model)(config)`` would not rebuild ``model`` (a parameter of another shape, or the config
+    refused), or None when it would. The rebuild is made on the meta device: no memory, no weights."""
+    try:
+        config.validate() if callable(getattr(config, "validate", None)) else None
+        with torch.device("meta"):
+            rebuilt = type(model)(config)
+    except Exception as exc:  # the model class's own checks, whatever they raise
+        return (f"its config cannot state the pruned widths ({type(model).__name__} refuses them: {exc}); save its "
+                "state_dict and rebuild it with restore_prune_retrain_model, not save_pretrained")
+    shapes = {name: tuple(p.shape) for name, p in rebuilt.state_dict().items()}
+    wrong = [f"{name} {tuple(p.shape)} (the config builds {shapes[name]})" for name, p in model.state_dict().items()
+             if name in shapes and shapes[name] != tuple(p.shape)]
+    if wrong:
+        return (f"{type(model).__name__} built from the pruned widths has other shapes: {', '.join(wrong[:3])}"
+                + (" ..." if len(wrong) > 3 else "") + "; save its state_dict and rebuild it with "
+                "restore_prune_retrain_model, not save_pretrained")
+    return None
+
+
+def fit_hidden_to_heads(model: nn.Module, graph: ChannelGraph, records: Sequence[SearchRecord],
+                        keep: dict[int, list[int]]) -> str | None:
+    """Hugging Face configs want ``hidden_size`` a multiple of ``num_attention_heads`` (they refuse to save or
+    load otherwise): when a decision with one head count in every block (``uniform_widths``) keeps a hidden width
+    that is not, keep the largest allowed multiple below it instead, dropping the hidden channels next in the
+    record's removal order. Changes ``keep`` (group id -> kept channels); returns a note saying so, or None."""
+    config = getattr(model, "config", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    if not hasattr(config, "num_attention_heads") or not isinstance(embedding, nn.Module):
+        return None
+    names = {module: name for name, module in model.named_modules()}
+    by_id = {record.group_id: record for record in records}
+    layer = graph.layers.get(names.get(embedding, ""))
+    if layer is None or layer.out_group not in by_id:
+        return None
+    hidden = by_id[layer.out_group]
+    heads = set()
+    for module, name in names.items():
+        counts = head_counts(module) if isinstance(adapter_for(module), SplitAttentionAdapter) else None
+        group = graph.layers[name].out_group if counts is not None and name in graph.layers else None
+        if counts is not None and group is not None:
+            channels = graph.group(group).channels
+            heads.add(counts[0] * len(keep.get(group, range(channels))) // channels)
+    kept = len(keep.get(hidden.group_id, range(hidden.channels)))
+    if len(heads) != 1 or kept % next(iter(heads)) == 0:
+        return None
+    count = next(iter(heads))
+    fits = [k for k in hidden.allowed_kept if k <= kept and k % count == 0]
+    if not fits:
+        return (f"the hidden width keeps {kept} channels, not a multiple of the {count} attention heads kept, and no "
+                "allowed count below it is: save_pretrained will refuse the config")
+    keep[hidden.group_id] = [c for c, flag in enumerate(hidden.keep_mask(fits[0])) if flag]
+    return (f"the hidden width ({hidden.name}) keeps {fits[0]} channels rather than {kept}: a multiple of the "
+            f"{count} attention heads kept, as a Hugging Face config requires of hidden_size")

@@ -42,6 +42,7 @@ class Call(NamedTuple):
         override: the override file, or None.
         calibration: the calibration data on the model's device.
         device: the model's device.
+        uniform_widths: repeated blocks keep uniform widths (see :mod:`acps_core.search.ties`).
     """
 
     model: nn.Module
@@ -54,11 +55,13 @@ class Call(NamedTuple):
     override: AMCTRetrainConfig | None
     calibration: Any
     device: torch.device
+    uniform_widths: bool
 
 
 def check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
-                    search_alg: Any, gain: Any, figure: Any, comm: Communicator) -> Call:
-    """Check a search call's arguments (see :func:`acps_core.auto_channel_prune_search`).
+                    search_alg: Any, gain: Any, switches: tuple[Any, Any], comm: Communicator) -> Call:
+    """Check a search call's arguments (see :func:`acps_core.auto_channel_prune_search`); ``switches`` are its
+    ``figure`` and ``uniform_widths``.
 
     Raises:
         ArgumentError, ConfigError, OutputPathError, PluginError, DataError: the first argument at fault.
@@ -66,8 +69,10 @@ def check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, s
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, wrappers = unwrap(model)
-    if not isinstance(figure, bool):
-        raise ArgumentError(f"figure must be True or False, got {figure!r}")
+    figure, uniform_widths = switches
+    for name, value in (("figure", figure), ("uniform_widths", uniform_widths)):
+        if not isinstance(value, bool):
+            raise ArgumentError(f"{name} must be True or False, got {value!r}")
     if figure and not figure_available():
         raise ArgumentError("figure=True needs matplotlib: pip install 'acps-core[report]' (or leave figure out)")
     if isinstance(model, torch.jit.ScriptModule):
@@ -90,7 +95,7 @@ def check_arguments(model: Any, config: Any, input_data: Any, output_cfg: Any, s
     calibration = check_calibration(input_data, settings.test_iteration, device,
                                     floating.pop() if len(floating) == 1 else None)
     return Call(model, wrappers, settings, out_path, sensitivity_method, search_method, gain_method, override,
-                calibration, device)
+                calibration, device, uniform_widths)
 
 
 def output_roles(out_path: Path, figure: bool) -> list[tuple[str, Path]]:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from acps_core.errors import PluginError
 from acps_core.graph.model import ChannelGraph, ChannelGroup, LayerInfo, channel_atoms, structure_violation
 from acps_core.methods.bases import GainEstimatorBase
+
+if TYPE_CHECKING:
+    from acps_core.search.ties import Ties
 
 #: Channel counts are kept at multiples of this when ``ascend_optimized`` (the Cube unit's 16x16 fractal).
 ASCEND_ALIGNMENT = 16
@@ -201,10 +204,13 @@ class CostModel:
 
         Only the layers the group touches are evaluated, so this is cheap enough to call at every search step.
         """
-        layers = self.layers_of_group(group_id)
+        return self.change_saving(kept, {group_id: new_count})
+
+    def change_saving(self, kept: Mapping[int, int], changes: Mapping[int, int]) -> float:
+        """Cost saved by moving several groups at once (group id -> new count) from their counts in ``kept``."""
+        layers = {layer.name: layer for group_id in changes for layer in self.layers_of_group(group_id)}.values()
         before = sum(self.layer_cost(layer, kept) for layer in layers)
-        changed = dict(kept)
-        changed[group_id] = new_count
+        changed = {**kept, **changes}
         after = sum(self.layer_cost(layer, changed) for layer in layers)
         return before - after
 
@@ -228,14 +234,19 @@ class GraphInfo(dict):  # type: ignore[type-arg]
         fixed_kept: kept counts of groups the search must not change (user overrides and skips).
         full_cost: cost of the unpruned model.
         budget: the most the pruned model may cost: ``full_cost / compress_ratio``.
+        ties: groups that move with another (:mod:`~acps_core.search.ties`): a count given to a set's leader is
+            every member's.
     """
 
     def __init__(self, graph: ChannelGraph, cost_model: CostModel, fixed_kept: Mapping[int, int],
-                 budget: float) -> None:
+                 budget: float, ties: Ties | None = None) -> None:
+        from acps_core.search.ties import Ties  # ties builds on this module's records
+
         super().__init__()
         self.graph = graph
         self.cost_model = cost_model
         self.fixed_kept = dict(fixed_kept)
+        self.ties = ties or Ties()
         self.full_cost = cost_model.full_cost
         self.budget = budget
         for layer in cost_model.layers:
@@ -245,11 +256,13 @@ class GraphInfo(dict):  # type: ignore[type-arg]
 
     def cost(self, kept: Mapping[int, int]) -> float:
         """Model cost with the fixed groups at their counts and ``kept`` (group id -> count) for the others."""
-        return self.cost_model.cost({**self.fixed_kept, **kept})
+        return self.cost_model.cost(self.ties.expand({**self.fixed_kept, **kept}))
 
     def saving(self, kept: Mapping[int, int], group_id: int, new_count: int) -> float:
-        """Cost saved by moving one group to ``new_count`` (see :meth:`CostModel.saving`)."""
-        return self.cost_model.saving({**self.fixed_kept, **kept}, group_id, new_count)
+        """Cost saved by moving one group (with the groups tied to it) to ``new_count`` (see
+        :meth:`CostModel.saving`)."""
+        changes = dict.fromkeys(self.ties.members(group_id), new_count)
+        return self.cost_model.change_saving(self.ties.expand({**self.fixed_kept, **kept}), changes)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from acps_core.graph.verify import verify_groups
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.options import describe_method
 from acps_core.prune.keep import largest_norm_channels
+from acps_core.prune.model_config import fit_hidden_to_heads
 from acps_core.report.result import SearchResult
 from acps_core.report.story import sensitivity_story
 from acps_core.search.arguments import Call, check_arguments, is_acps_own
@@ -46,6 +47,7 @@ from acps_core.search.outputs import (
 from acps_core.search.overrides import empty_search_space, fixed_groups, search_records
 from acps_core.search.problem import CostModel, Decision, GraphInfo, PruneSearchConfig, masks_to_decision
 from acps_core.search.scoring import same_scores_everywhere, score
+from acps_core.search.ties import Ties, repeated_blocks, tie_records, untie_decision
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
                               sensitivity: str | SensitivityBase = "TaylorLossSensitivity",
                               search_alg: str | SearchChannelBase = "GreedySearch", *,
                               gain: str | GainEstimatorBase = "BitComplexity",
-                              distributed: bool | None = None, figure: bool = False) -> SearchResult:
+                              distributed: bool | None = None, figure: bool = False,
+                              uniform_widths: bool = False) -> SearchResult:
     """Search how many channels each layer keeps and write the decision as a channel-prune config.
 
     A drop-in replacement for AMCT's ``auto_channel_prune_search``: same arguments, same config files.
@@ -90,6 +93,11 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         figure: also write the report's figure, ``<output_cfg>.report.png``, in the same set (needs matplotlib:
             ``pip install 'acps-core[report]'``). Without it, a figure an earlier search left there is removed,
             so that every file beside the config describes the same search.
+        uniform_widths: keep the widths of repeated blocks uniform: groups that play the same part in every block
+            of a stack (``model.layers.3.mlp.gate_proj`` and ``model.layers.7.mlp.gate_proj``: the same name but
+            for the block index, the same channels) keep the same count, each its own best channels. A Hugging
+            Face model searched this way can be saved with ``save_pretrained`` (its config holds one width for
+            all layers). See :mod:`acps_core.search.ties`.
 
     Returns:
         A :class:`~acps_core.report.result.SearchResult` describing the decision.
@@ -104,14 +112,15 @@ def auto_channel_prune_search(model: nn.Module, config: str | Path, input_data: 
         ArgumentError: an argument has the wrong type.
     """
     with using(Communicator(enabled=distributed is not False)) as comm:
-        return _search(comm, model, config, input_data, output_cfg, sensitivity, search_alg, gain, figure)
+        return _search(comm, model, config, input_data, output_cfg, sensitivity, search_alg, gain, figure,
+                       uniform_widths)
 
 
 def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output_cfg: Any, sensitivity: Any,
-            search_alg: Any, gain: Any, figure: bool) -> SearchResult:
+            search_alg: Any, gain: Any, figure: bool, uniform_widths: bool) -> SearchResult:
     """The search itself (see :func:`auto_channel_prune_search`), every step agreed between the ranks."""
     call = comm.run("checking the arguments", lambda: check_arguments(
-        model, config, input_data, output_cfg, sensitivity, search_alg, gain, figure, comm))
+        model, config, input_data, output_cfg, sensitivity, search_alg, gain, (figure, uniform_widths), comm))
     model, settings = call.model, call.settings
     # The first batch's inputs trace the graph and its labels are checked against the output. Every rank traces
     # rank 0's first samples, as one process would trace the first samples of the union of the shards.
@@ -149,48 +158,54 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
         with stage("tracing the model and checking its channel groups"):
             graph, fixed, records, cost_model = comm.run("tracing the model", prepare)
         timings["tracing"] = time.perf_counter() - started
-        graph_info = GraphInfo(graph, cost_model, fixed.kept, cost_model.full_cost / settings.compress_ratio)
+        budget = cost_model.full_cost / settings.compress_ratio
         started = time.perf_counter()
         comm.run("scoring the channels", lambda: score(call.sensitivity, model, graph, call.calibration,
                                                       settings.test_iteration, records))
         timings["scoring"] = time.perf_counter() - started
         averaged = same_scores_everywhere(comm, records)
-        for record in records:
+        # What the search method sees: with uniform widths, one record for each set of tied groups.
+        searched, ties = tie_records(records, repeated_blocks(model)) if call.uniform_widths else (records, Ties())
+        graph_info = GraphInfo(graph, cost_model, fixed.kept, budget, ties)
+        for record in searched:
             record.gain = torch.full((record.channels,), graph_info.saving({}, record.group_id, record.channels - 1))
         prune_config = PruneSearchConfig(settings.compress_ratio, settings.ascend_optimized,
                                          settings.max_prune_ratio)
 
         def search() -> Decision:
             try:
-                masks = call.search.channel_prune_search(graph_info, records, prune_config)
+                masks = call.search.channel_prune_search(graph_info, searched, prune_config)
             except AcpsError:
                 raise
             except Exception as exc:
                 raise PluginError(f"search method {search_name} raised {type(exc).__name__}: {exc}") from exc
-            return masks_to_decision(masks, records, search_name)
+            return untie_decision(masks_to_decision(masks, searched, search_name), ties, records)
 
         started = time.perf_counter()
         with stage(f"searching ({search_name})"):
             decision = comm.run("searching", search)
         timings["searching"] = time.perf_counter() - started
         decision.keep = comm.broadcast(decision.keep)  # rank 0's decision, on every rank
+        fitted = fit_hidden_to_heads(model, graph, records, decision.keep) if ties.sets else None
 
     for group_id, count in fixed.kept.items():
         if count < graph.group(group_id).channels and group_id not in decision.keep:
             decision.keep[group_id] = largest_norm_channels(model, graph.group(group_id), count)
     result = build_result(graph, cost_model, decision, fixed, settings, call.out_path)
     result.prunable_share = cost_model.prunable_share
-    sensitivity_story(result, graph_info, records, decision)
+    sensitivity_story(result, GraphInfo(graph, cost_model, fixed.kept, budget), records, decision)
     used_methods = [describe_method(method) for method in (call.sensitivity, call.search, call.gain)]
     result.methods = {record.kind: record.spec for record in used_methods}
     result.method_options = {record.kind: record.options for record in used_methods}
     result.notes = ([unwrapped_note(call.wrappers)] if call.wrappers else []) + loss_notes + list(
         getattr(call.sensitivity, "notes", []))
+    if ties.sets:
+        result.notes.extend([ties.describe()] + ([f"uniform_widths: {fitted}"] if fitted else []))
     if averaged:
         result.notes.append(f"the {comm.size} ranks gave different scores with {used_methods[0].name}, "
                             "which does not combine them across ranks; their average was used")
     if not result.target_reached:
-        result.notes.append(target_note(result, graph_info, records, settings, search_name))
+        result.notes.append(target_note(result, graph_info, searched, settings, search_name))
     result.output_set = new_output_set()
     # Every rank returns rank 0's result (a cost model that measures, like MeasuredLatency, differs by rank).
     result = comm.broadcast(result)

@@ -116,6 +116,24 @@ def test_search_prune_restore_and_export_from_the_command_line(tmp_path: Path,
     assert small_cnn().conv2.out_channels == 32
 
 
+def test_search_with_uniform_widths_keeps_one_width_per_block_role(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    torch.save([torch.randn(32, 16, generator=generator), torch.randint(0, 10, (32,), generator=generator)],
+               tmp_path / "calib.pt")
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    model = ["--model", "tests.support.cli_models:stacked_mlp", "--data", str(tmp_path / "calib.pt")]
+    assert main(["search", *model, "--config", str(tmp_path / "search.cfg"), "--output", str(tmp_path / "prune.cfg"),
+                 "--uniform-widths"]) == EXIT_OK
+    assert "uniform_widths: 3 groups" in (tmp_path / "prune.cfg.report.md").read_text()
+    assert main(["prune", *model, "--config", str(tmp_path / "prune.cfg"), "--record", str(tmp_path / "p.record"),
+                 "--save", str(tmp_path / "pruned.pt")]) == EXIT_OK
+    pruned = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    assert len({block[0].out_features for block in pruned.blocks}) == 1
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["search", "--model", SMALL_CNN, "--data", "{inputs}", "--config", "{cfg}", "--output",
       "{out}"], "holds only an input tensor; the search needs [input, labels]"),

@@ -44,3 +44,22 @@ def untrained_cnn() -> nn.Module:
     """A factory that builds the architecture with fresh random weights on every call (no seed): the trained
     weights come from ``--weights``."""
     return SmallCNN()
+
+
+def stacked_mlp() -> nn.Module:
+    """Three residual MLP blocks of one width over 16 features, then a 10-class head."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(3)]
+    return _Residual(nn.ModuleList(blocks), nn.Linear(16, 10))
+
+
+class _Residual(nn.Module):
+    def __init__(self, blocks: nn.ModuleList, head: nn.Module) -> None:
+        super().__init__()
+        self.blocks, self.head = blocks, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        out: torch.Tensor = self.head(x)
+        return out
