@@ -173,6 +173,24 @@ def test_search_create_and_restore_with_token_labels(tmp_path: Path) -> None:
         torch.testing.assert_close(restored(x).logits, logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_search_prune_and_refit_in_their_own_precision(tmp_path: Path,
+                                                                             dtype: torch.dtype) -> None:
+    model = causal_lm("LlamaConfig", 2, "sdpa").to(dtype)
+    x = ids(4)
+    labels = torch.roll(x, -1, dims=1)
+    labels[:, -1] = -100
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    result = acps.auto_channel_prune_search(model, tmp_path / "search.cfg", [x, labels], tmp_path / "prune.cfg")
+    assert result.target_reached
+    pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record",
+                                             calibration_data=[x, labels])
+    assert {p.dtype for p in pruned.parameters()} == {dtype}
+    with torch.no_grad():
+        logits = pruned(x).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
 def test_a_bert_encoder_has_its_heads_mlp_and_hidden_width_pruned_exactly() -> None:
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
                                      num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,

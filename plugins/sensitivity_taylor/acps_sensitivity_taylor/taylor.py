@@ -379,13 +379,15 @@ class TaylorLossSensitivity(SensitivityBase):
         terms = {group: torch.zeros(channels, dtype=torch.float64) for group, channels in uses.channels.items()}
         # Every product goes into one buffer: on a CPU a fresh parameter-sized tensor for each costs about as much
         # as the product itself, and this runs once per pass (the label-free estimate: once per chunk).
+        # Products and their sums are at least float32: a bfloat16 sum over thousands of entries would round them.
         buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for param, grad in zip(params, grads):
             if grad is None:
                 continue
-            if (grad.dtype, grad.device) not in buffers:
-                buffers[grad.dtype, grad.device] = torch.empty(uses.largest, dtype=grad.dtype, device=grad.device)
-            product = buffers[grad.dtype, grad.device][:param.numel()].view(param.shape)
+            key = (torch.promote_types(grad.dtype, torch.float32), grad.device)
+            if key not in buffers:
+                buffers[key] = torch.empty(uses.largest, dtype=key[0], device=grad.device)
+            product = buffers[key][:param.numel()].view(param.shape)
             torch.mul(param.detach(), grad, out=product)  # once per parameter, for every slice that reads it
             if self.elementwise:
                 product.abs_()

@@ -452,3 +452,19 @@ def test_output_change_honours_normalize() -> None:
     raw = scored_records(OutputChangeSensitivity(), model, data, label, 1)[0].sensitivity
     by_mean = scored_records(OutputChangeSensitivity(normalize="mean"), model, data, label, 1)[0].sensitivity
     torch.testing.assert_close(by_mean, raw / raw.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_are_summed_in_float32(dtype: torch.dtype) -> None:
+    # Every weight is 1 and every gradient 1 (the loss is the output's sum): the producer row of 4097 entries sums
+    # to 4097, which bfloat16 and float16 round to 4096, and the consumer's column adds the hidden value, 4096
+    # in the model's own precision.
+    model = nn.Sequential(nn.Linear(4097, 2, bias=False), nn.Linear(2, 1, bias=False)).to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(1.0)
+    data = torch.ones(1, 4097, dtype=dtype)
+
+    scores, _ = score(model, data, torch.zeros(1, 1, dtype=dtype), loss_func=lambda output, _: output.sum())
+
+    assert scores["0"].tolist() == [4097.0 + 4096.0] * 2
