@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from acps_core._util import ACPS_DIR
 from acps_core._util.model_checks import check_initialized, forward_wrote_parameters, same_bits
+from acps_core._util.tensors import bits_checksum
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
@@ -150,14 +151,6 @@ def _called_by_acps() -> bool:
     return False
 
 
-def _checksum(tensor: torch.Tensor) -> int:
-    """A sum over the tensor's bits, read as integers: changes when a value changes."""
-    data = tensor.detach().contiguous()
-    if data.element_size() == 4:
-        return int(data.view(torch.int32).sum(dtype=torch.int64))
-    return int(data.view(torch.uint8).sum(dtype=torch.int64))
-
-
 def _take(model: nn.Module, copy_parameters: bool = True) -> _Snapshot:
     check_initialized(model)  # a lazy module's parameters have no values to copy yet
     modules = list(model.modules())
@@ -167,7 +160,7 @@ def _take(model: nn.Module, copy_parameters: bool = True) -> _Snapshot:
     names = {id(p): n for n, p in model.named_parameters()}
     unique = {id(p): p for p in params}
     snapshot = _take_without(model, modules, params, set(unique))
-    snapshot.checked = [(names.get(i, "a parameter"), p, _checksum(p)) for i, p in unique.items()]
+    snapshot.checked = [(names.get(i, "a parameter"), p, bits_checksum(p)) for i, p in unique.items()]
     return snapshot
 
 
@@ -230,7 +223,7 @@ def _restore(snapshot: _Snapshot, failed: bool = False) -> None:
         current.clear()
         current.update(hooks)
     # A write that is undone (masking zeroes an attention projection's columns and puts them back) is fine.
-    changed = [name for name, param, checksum in snapshot.checked if _checksum(param) != checksum]
+    changed = [name for name, param, checksum in snapshot.checked if bits_checksum(param) != checksum]
     if changed:
         raise forward_wrote_parameters(snapshot.model, changed, restored=False)
     if put_back and not failed:

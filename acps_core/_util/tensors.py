@@ -39,3 +39,22 @@ def map_tensors(data: Any, fn: Callable[[Any], Any], kinds: tuple[type, ...] = T
     if isinstance(data, dict):
         return {key: map_tensors(value, fn, kinds) for key, value in data.items()}
     return data
+
+
+def bits_checksum(tensor: torch.Tensor, word: torch.dtype = torch.int64) -> int:
+    """A sum of the tensor's bits read as integers of ``word`` (wrapping on overflow): it changes when a value
+    changes, and depends on nothing but the values, dtype and size. Summing 64-bit words runs at memory speed;
+    ``torch.int32`` words summed into 64 bits are the older, slower checksum (a tenth of the speed on a CPU) that
+    earlier weight fingerprints used. A size the word does not divide is read in narrower words."""
+    data = tensor.detach().contiguous().reshape(-1)
+    if data.is_complex():
+        data = torch.view_as_real(data).reshape(-1)
+    raw = data.view(torch.uint8)
+    for dtype in dict.fromkeys((word, torch.int32)):
+        size = torch.empty((), dtype=dtype).element_size()
+        if raw.numel() % size == 0:
+            if raw.storage_offset() % size:
+                raw = raw.clone()  # a view that starts inside a word: realigned, so that only the values count
+            words = raw.view(dtype)
+            return int(words.sum() if dtype == torch.int64 else words.sum(dtype=torch.int64))
+    return int(raw.sum(dtype=torch.int64))

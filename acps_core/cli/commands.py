@@ -310,7 +310,7 @@ def _warn_if_other_weights(model: Any, record: str) -> None:
     from acps_core.config.selection import read_selection, weights_fingerprint
 
     recorded = read_selection(record, "record file").header.fingerprint
-    if recorded is not None and recorded != weights_fingerprint(model):
+    if recorded is not None and recorded != weights_fingerprint(model, like=recorded):
         warnings.warn(f"the model's weights differ from those {record} was made from, and no --weights checkpoint "
                       "replaces them: pass --base-weights TRAINED.pth (the weights that were pruned) or --weights "
                       "TUNED.pth (the fine-tuned pruned model)", UserWarning, stacklevel=2)

@@ -23,6 +23,7 @@ from google.protobuf import text_encoding, text_format
 
 from acps_core._util.atomic import StrPath
 from acps_core._util.reading import read_bytes
+from acps_core._util.tensors import bits_checksum
 from acps_core.errors import ConfigError
 from acps_core.graph.model import ChannelGraph, ChannelUse
 from acps_core.proto import scale_offset_record_pb2 as record_pb2
@@ -86,29 +87,25 @@ def new_output_set() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+#: What starts a fingerprint of the current kind (64-bit sums); one without it is of the older kind (32-bit).
+FINGERPRINT_KIND = "2-"
+
+
+def weights_fingerprint(model: torch.nn.Module, like: str | None = None) -> str:
     """A short fingerprint of every parameter and buffer of ``model`` (names, shapes, dtypes and bits).
 
-    Cheap (one integer sum of each tensor's bits, on its own device), and it changes when the values change: it
-    tells whether the prune step runs on the weights the search ran on.
+    Cheap (one integer sum of each tensor's bits, on its own device, at memory speed), and it changes when the
+    values change: it tells whether the prune step runs on the weights the search ran on. ``like``: a fingerprint
+    read from a file, whose kind this one takes (files written before the current kind hold the older one).
     """
+    older = like is not None and not like.startswith(FINGERPRINT_KIND)
     digest = hashlib.sha256()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.is_sparse or tensor.device.type == "meta":
             continue
-        data = tensor.detach()
-        if data.is_sparse or data.device.type == "meta":
-            continue
-        data = data.contiguous().reshape(-1)
-        if data.is_complex():
-            data = torch.view_as_real(data).reshape(-1)
-        raw = data.view(torch.uint8)
-        if raw.numel() % 4 == 0:
-            total = int(raw.view(torch.int32).sum(dtype=torch.int64))
-        else:
-            total = int(raw.sum(dtype=torch.int64))
+        total = bits_checksum(tensor, torch.int32 if older else torch.int64)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{total}\n".encode())
-    return digest.hexdigest()[:16]
+    return ("" if older else FINGERPRINT_KIND) + digest.hexdigest()[:16]
 
 
 @dataclass

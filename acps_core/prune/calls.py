@@ -37,6 +37,7 @@ from acps_core._util.tensors import tensors_in
 from acps_core._util.wrappers import unwrap
 from acps_core.config.prune_config import parse_prune_config
 from acps_core.config.selection import (
+    FINGERPRINT_KIND,
     FINGERPRINT_LINE,
     Selection,
     build_selection,
@@ -152,11 +153,15 @@ def pruned_with_record(model: nn.Module, input_data: Any, config_defination: Str
         norm_data = model_input(inputs_of(calibration_data, data), device, "calibration_data")
         check_dense(norm_data, "calibration_data")
     fingerprint = weights_fingerprint(model)
-    if selection is not None and selection.header.fingerprint not in (None, fingerprint):
-        message = (f"the model's weights differ from those auto_channel_prune_search ran on (fingerprint "
-                   f"{fingerprint}, {selection_file.name} says {selection.header.fingerprint}), so the channels it "
-                   "chose may not suit them; prune the trained model the search saw (on the command line: "
-                   "--weights TRAINED.pth when --model names a factory)")
+    recorded = selection.header.fingerprint if selection is not None else None
+    # A file written before the current kind of fingerprint is compared in its own kind.
+    seen = fingerprint if recorded is None or recorded.startswith(FINGERPRINT_KIND) else weights_fingerprint(
+        model, like=recorded)
+    if recorded is not None and recorded != seen:
+        message = (f"the model's weights differ from those auto_channel_prune_search ran on (fingerprint {seen}, "
+                   f"{selection_file.name} says {recorded}), so the channels it chose may not suit them; prune the "
+                   "trained model the search saw (on the command line: --weights TRAINED.pth when --model names a "
+                   "factory)")
         warnings.warn(message, WeightsChangedWarning, stacklevel=3)
     removed = selection.removed if selection is not None else {}
     with parameters_left_alone(model):  # the copy shares the user's tensors while it is traced

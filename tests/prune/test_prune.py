@@ -62,6 +62,31 @@ def test_removes_exactly_the_channels_the_search_chose(tmp_path, model, x) -> No
         assert not set(removed[name]) & set(kept)
 
 
+def test_a_selection_with_the_older_fingerprint_is_compared_in_its_own_kind(tmp_path, model, x) -> None:
+    import warnings
+
+    from acps_core.config.selection import FINGERPRINT_LINE, weights_fingerprint
+
+    config, _ = searched(tmp_path, model, x)
+    selection = selection_path(config)
+    text = selection.read_text()
+    current = weights_fingerprint(model)
+    older = weights_fingerprint(model, like="0123456789abcdef")  # 32-bit sums, as files written earlier hold
+    assert current.startswith("2-") and f"{FINGERPRINT_LINE}{current}" in text
+    assert older != current.removeprefix("2-") and len(older) == 16
+    selection.write_text(text.replace(current, older))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", acps.WeightsChangedWarning)
+        create_prune_retrain_model(model, x, config, tmp_path / "prune.record")
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] += 1.0  # other weights: both kinds notice
+    with pytest.warns(acps.WeightsChangedWarning, match=f"says {older}"):
+        create_prune_retrain_model(model, x, config, tmp_path / "prune.record")
+    selection.write_text(text)
+    with pytest.warns(acps.WeightsChangedWarning, match=f"says {current}"):
+        create_prune_retrain_model(model, x, config, tmp_path / "prune.record")
+
+
 def test_without_a_selection_file_picks_the_largest_filter_norms(tmp_path, model, x) -> None:
     config, result = searched(tmp_path, model, x)
     selection_path(config).unlink()
