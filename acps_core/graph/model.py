@@ -215,12 +215,11 @@ def channel_atoms(channels: int, unit: int, blocks: int, scores: Any, aligned: i
         return [[c] for c in torch.argsort(values, stable=True).tolist()]
     per_block = channels // blocks
     units_per_block = per_block // unit
-    ranked = []
-    for b in range(blocks):
-        base = b * per_block
-        unit_scores = values[base:base + per_block].reshape(units_per_block, unit).sum(dim=1)
-        ranked.append([base + int(u) * unit for u in torch.argsort(unit_scores, stable=True).tolist()])
-    return [sorted(ranked[b][r] + j for b in range(blocks) for j in range(unit)) for r in range(units_per_block)]
+    unit_scores = values.reshape(blocks, units_per_block, unit).sum(dim=2)
+    # first[b, r]: the first channel of block b's r-th least important unit; atom r is those units of every block.
+    first = torch.argsort(unit_scores, dim=1, stable=True) * unit + torch.arange(blocks)[:, None] * per_block
+    atoms = first.T[:, :, None] + torch.arange(unit)
+    return atoms.reshape(units_per_block, blocks * unit).sort(dim=1).values.tolist()
 
 
 def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[int], aligned: int = 1) -> str | None:

@@ -48,6 +48,11 @@ GQA_MODES = ("kv_groups", "query_heads")
 _SETTINGS = {"gqa": "kv_groups"}
 
 
+#: What a trial of :meth:`SplitAttentionAdapter.confirm` found, by module class, head counts, mode, out projection and
+#: the names of the call's keyword arguments.
+_CONFIRMED: dict[tuple[Any, ...], bool] = {}
+
+
 def prune_grouped_query_attention(by: str) -> None:
     """Choose how grouped-query attention loses heads from now on: ``"kv_groups"`` (whole key/value groups, the
     default) or ``"query_heads"`` (query heads inside every group alike). Set it before the search and keep it
@@ -203,17 +208,30 @@ class SplitAttentionAdapter(AttentionAdapter):
         counts = head_counts(module)
         if counts is None or module.training:
             return False
-        heads, kv_heads, head_dim = counts
+        heads, kv_heads, _ = counts
         per_group = heads // kv_heads
         queries = by_query_heads(module)
         if (per_group if queries else kv_heads) < 2:
             return True  # nothing can go; nothing to prove
+        key = (type(module), counts, queries, out_projection(module), tuple(sorted(kwargs)))
+        if key not in _CONFIRMED:  # the blocks of a model share their class and widths: one trial for them all
+            _CONFIRMED[key] = self._trial(module, args, kwargs, counts, queries)
+        return _CONFIRMED[key]
+
+    @staticmethod
+    def _trial(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], counts: tuple[int, int, int],
+               queries: bool) -> bool:
+        heads, kv_heads, head_dim = counts
+        per_group = heads // kv_heads
         # The first group goes, or the first query head of every group.
         gone = [h for h in range(heads) if (h % per_group == 0 if queries else h < per_group)]
         kept = [h for h in range(heads) if h not in gone]
         columns = torch.tensor([h * head_dim + d for h in kept for d in range(head_dim)])
-        trial: Any = copy.deepcopy(module)
-        reference: Any = copy.deepcopy(module)
+        # Copies of the module that share its tensors: pruning slices new ones, and the reference's out projection
+        # gets a weight of its own before its columns are zeroed.
+        shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        trial: Any = copy.deepcopy(module, dict(shared))
+        reference: Any = copy.deepcopy(module, dict(shared))
         try:
             with torch.no_grad():
                 if queries:
@@ -224,6 +242,7 @@ class SplitAttentionAdapter(AttentionAdapter):
                 trial_out, reference_out = getattr(trial, out), getattr(reference, out)
                 trial_out.weight = take(trial_out.weight, 1, columns)
                 trial_out.in_features = len(columns)
+                reference_out.weight = nn.Parameter(reference_out.weight.detach().clone())
                 for h in gone:
                     reference_out.weight[:, h * head_dim:(h + 1) * head_dim] = 0
                 kwargs = stateless(kwargs)
