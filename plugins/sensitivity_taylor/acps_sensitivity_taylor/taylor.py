@@ -261,11 +261,11 @@ class TaylorLossSensitivity(SensitivityBase):
             if not bool(torch.isfinite(loss)):
                 raise DataError(f"the loss on the calibration data is {loss.item()}; check the data and labels for "
                                 "NaN/Inf or values the loss cannot take")
+            if not (self.elementwise and comm.distributed):
+                return self._streamed_terms(uses, params, loss)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-        if self.elementwise and comm.distributed:
-            self._check_finite(params, grads)
-            return grads
-        return self._checked_terms(uses, params, grads)
+        self._check_finite(params, grads)
+        return grads
 
     def _union_terms(self, comm: Communicator, part: _Pass, uses: _Uses, params: list[torch.nn.Parameter],
                      found: tuple[Any, ...] | dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -307,9 +307,9 @@ class TaylorLossSensitivity(SensitivityBase):
             """This rank's part of each chunk's terms."""
             found = []
             for chunk in chunks:
-                grads = self._projection_gradients(part, by_chunk.pop(chunk, None), params)
-                found.append(self._checked_terms(uses, params, grads))
-                del grads  # before the next chunk's backward: one set of gradients at a time
+                held = by_chunk.pop(chunk, None)
+                found.append(self._terms(uses, params, (None,) * len(params)) if held is None else
+                             self._streamed_terms(uses, params, self._projection(part, held)))
             return found
 
         found = comm.run(step, local_terms)
@@ -325,6 +325,15 @@ class TaylorLossSensitivity(SensitivityBase):
         when this rank holds none of the chunk. ``check``: raise on a NaN or Inf gradient."""
         if held is None:
             return (None,) * len(params)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self._projection(part, held), params, allow_unused=True)
+        if check:
+            self._check_finite(params, grads)
+        return grads
+
+    def _projection(self, part: _Pass, held: tuple[int, Any]) -> torch.Tensor:
+        """``sum_n r_n . f_n / N`` over this rank's samples of one chunk (``held``: the index of the first in the
+        union, and their output), with each sample's own random direction ``r_n``."""
         first, output = held
         tensor, _ = primary_output(output)
         if tensor is None:
@@ -335,21 +344,8 @@ class TaylorLossSensitivity(SensitivityBase):
         directions = torch.stack([torch.randn(tensor.shape[1:], generator=_generator(self.seed, part.index, n))
                                   for n in range(first, first + tensor.shape[0])])
         with torch.enable_grad():
-            projected = (tensor * directions.to(tensor.device, tensor.dtype)).sum() / part.total
-            grads = torch.autograd.grad(projected, params, allow_unused=True)
-        if check:
-            self._check_finite(params, grads)
-        return grads
-
-    def _checked_terms(self, uses: _Uses, params: list[torch.nn.Parameter],
-                       grads: tuple[Any, ...]) -> dict[int, torch.Tensor]:
-        """:meth:`_terms`, raising where a NaN or Inf gradient made them non-finite."""
-        terms = self._terms(uses, params, grads)
-        if not all(bool(torch.isfinite(term).all()) for term in terms.values()):
-            self._check_finite(params, grads)
-            raise DataError("the first-order terms on the calibration data are NaN or Inf (the gradient times the "
-                            "weights overflows); check the model's weights and the data")
-        return terms
+            projected: torch.Tensor = (tensor * directions.to(tensor.device, tensor.dtype)).sum() / part.total
+        return projected
 
     def _check_finite(self, params: list[torch.nn.Parameter], grads: tuple[Any, ...]) -> None:
         """A NaN or Inf gradient would turn every score it touches into noise: say where it is instead."""
@@ -377,29 +373,68 @@ class TaylorLossSensitivity(SensitivityBase):
         """Each group's per-channel ``sum(w * g)`` over its parameter slices (signed), or ``sum(|w * g|)`` when
         ``elementwise`` (float64 on the CPU; nothing where ``g`` is ``None``)."""
         terms = {group: torch.zeros(channels, dtype=torch.float64) for group, channels in uses.channels.items()}
-        # Every product goes into one buffer: on a CPU a fresh parameter-sized tensor for each costs about as much
-        # as the product itself, and this runs once per pass (the label-free estimate: once per chunk).
-        # Products and their sums are at least float32: a bfloat16 sum over thousands of entries would round them.
         buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for param, grad in zip(params, grads):
-            if grad is None:
-                continue
-            key = (torch.promote_types(grad.dtype, torch.float32), grad.device)
-            if key not in buffers:
-                buffers[key] = torch.empty(uses.largest, dtype=key[0], device=grad.device)
-            product = buffers[key][:param.numel()].view(param.shape)
-            torch.mul(param.detach(), grad, out=product)  # once per parameter, for every slice that reads it
-            if self.elementwise:
-                product.abs_()
-            # First the sums over the dimensions no slice keeps (a kernel's), then each slice's own.
-            product = _sum_all_but(product, uses.kept[id(param)])
-            reduced: dict[frozenset[int], torch.Tensor] = {}
-            for group, piece in uses.of[id(param)]:
-                kept = _kept(piece)
-                if kept not in reduced:
-                    reduced[kept] = _sum_all_but(product, kept)
-                terms[group] += piece.per_channel(reduced[kept], uses.channels[group]).double().cpu()
+            if grad is not None:
+                self._add_terms(terms, uses, param, grad, buffers)
         return terms
+
+    def _streamed_terms(self, uses: _Uses, params: list[torch.nn.Parameter],
+                        target: torch.Tensor) -> dict[int, torch.Tensor]:
+        """:meth:`_terms` of the gradient of ``target``, each parameter's terms taken as soon as its gradient is
+        ready and the gradient dropped then: a backward pass holds a few parameters' gradients at a time, not one
+        for every weight (as much memory as the model). Raises where a NaN or Inf gradient made them
+        non-finite."""
+        terms = {group: torch.zeros(channels, dtype=torch.float64) for group, channels in uses.channels.items()}
+        buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        broken: list[torch.nn.Parameter] = []
+
+        def take(param: torch.Tensor) -> None:
+            grad, param.grad = param.grad, None
+            if grad is not None and not self._add_terms(terms, uses, param, grad, buffers):
+                broken.append(param)  # type: ignore[arg-type]
+
+        saved = [(param, param.grad) for param in params]
+        handles = []
+        try:
+            for param in params:
+                param.grad = None
+                handles.append(param.register_post_accumulate_grad_hook(take))
+            torch.autograd.backward(target, inputs=params)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for param, grad in saved:
+                param.grad = grad
+        if broken:
+            self._check_finite(broken, (torch.tensor(math.nan),) * len(broken))  # names the first
+        return terms
+
+    def _add_terms(self, terms: dict[int, torch.Tensor], uses: _Uses, param: torch.nn.Parameter,
+                   grad: torch.Tensor, buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor]) -> bool:
+        """Add one parameter's part of :meth:`_terms` to ``terms``; whether that part is finite."""
+        # Every product goes into one buffer: on a CPU a fresh parameter-sized tensor for each costs about as much
+        # as the product itself. Products and their sums are at least float32: a bfloat16 sum over thousands of
+        # entries would round them.
+        key = (torch.promote_types(grad.dtype, torch.float32), grad.device)
+        if key not in buffers:
+            buffers[key] = torch.empty(uses.largest, dtype=key[0], device=grad.device)
+        product = buffers[key][:param.numel()].view(param.shape)
+        torch.mul(param.detach(), grad, out=product)  # once per parameter, for every slice that reads it
+        if self.elementwise:
+            product.abs_()
+        # First the sums over the dimensions no slice keeps (a kernel's), then each slice's own.
+        product = _sum_all_but(product, uses.kept[id(param)])
+        reduced: dict[frozenset[int], torch.Tensor] = {}
+        finite = True
+        for group, piece in uses.of[id(param)]:
+            kept = _kept(piece)
+            if kept not in reduced:
+                reduced[kept] = _sum_all_but(product, kept)
+            part = piece.per_channel(reduced[kept], uses.channels[group]).double().cpu()
+            finite = finite and bool(torch.isfinite(part).all())
+            terms[group] += part
+        return finite
 
 
 class _Uses:
