@@ -410,7 +410,7 @@ class TaylorLossSensitivity(SensitivityBase):
             self._check_finite(broken, (torch.tensor(math.nan),) * len(broken))  # names the first
         return terms
 
-    def _add_terms(self, terms: dict[int, torch.Tensor], uses: _Uses, param: torch.nn.Parameter,
+    def _add_terms(self, terms: dict[int, torch.Tensor], uses: _Uses, param: torch.Tensor,
                    grad: torch.Tensor, buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor]) -> bool:
         """Add one parameter's part of :meth:`_terms` to ``terms``; whether that part is finite."""
         # Every product goes into one buffer: on a CPU a fresh parameter-sized tensor for each costs about as much
