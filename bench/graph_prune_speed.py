@@ -10,6 +10,10 @@ Three full-size models are built here with random weights (no downloads, no torc
 - ``vitb_torch``: the same ViT-B/16 with torch's own pre-norm ``nn.TransformerEncoderLayer`` blocks
   (``nn.MultiheadAttention`` inside; its forward pass takes torch's fused kernel).
 
+- ``llama1b``: a Llama-architecture causal language model of 1.04 B parameters built with ``transformers`` from a
+  config (hidden 2048, 16 layers, 32 query / 8 key-value heads of 64, SwiGLU MLP 8192, RMSNorm, rotary
+  embeddings, a vocabulary of 32000 tied to the output); input 1x128 token ids.
+
 For each model it times, on CPU, ``--repeats`` runs after one warm-up run:
 
 - a plain forward pass under ``torch.no_grad()``: the unit. One is timed right before every run of every step
@@ -22,12 +26,23 @@ For each model it times, on CPU, ``--repeats`` runs after one warm-up run:
 - the whole public call ``create_prune_retrain_model(model, x, cfg, record)`` with a config that prunes every
   layer by 0.3 (deep copy, tracing, checks and the record file included).
 
-Targets: graph building under 3 forward passes, the prune step under 5.
+For a language model (``llama1b``), with next-token labels, also the whole job:
+
+- ``auto_channel_prune_search`` at a 1.25x target (the default Taylor scores: a forward and a backward pass);
+- ``create_prune_retrain_model`` from the config that search wrote.
+
+Each model is measured in a process of its own, which also reports its peak memory (resident set) over graph
+building and the whole job (before the prune step is timed on deep copies of the model): how far it rose above
+what the process held before the model was built, in multiples of the model's weights (the model itself is 1x).
+
+Targets: graph building under 3 forward passes, the prune step under 5, search + create under 10; peak memory at
+most twice the weights.
 
 Usage::
 
     python bench/graph_prune_speed.py [--repeats 5] [--models resnet152,vitb,vitb_torch] [--threads 2]
                                       [--stat median|min] [--profile]
+    python bench/graph_prune_speed.py --models llama1b --repeats 1    # a few minutes; needs transformers
 
 ``--profile`` also runs ``build_channel_graph`` once per model under cProfile and prints the costliest calls.
 """
@@ -38,12 +53,14 @@ import argparse
 import copy
 import cProfile
 import io
+import multiprocessing
 import os
 import pstats
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core import PerLayerWidthsWarning, auto_channel_prune_search
+from acps_core._util.tensors import tensors_in
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
 from acps_core.prune.calls import create_prune_retrain_model
@@ -193,8 +212,41 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
+def llama1b() -> nn.Module:
+    """A Llama-architecture causal language model of 1.04 B parameters (see the module docs), random weights."""
+    # This folder's transformers.py (a benchmark) would shadow the package: it is looked up without the folder.
+    here = Path(__file__).resolve().parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:
+        import transformers
+    finally:
+        sys.path[:] = saved
+    config = transformers.LlamaConfig(
+        vocab_size=LLAMA_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config)
+
+
+LLAMA_VOCAB = 32000
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "resnet152": ResNet, "vitb": VisionTransformer, "vitb_torch": lambda: VisionTransformer(torch_layers=True)}
+    "resnet152": ResNet, "vitb": VisionTransformer, "vitb_torch": lambda: VisionTransformer(torch_layers=True),
+    "llama1b": llama1b}
+#: The search's target for the whole job on a language model.
+SEARCH_CONFIG = "compress_ratio: 1.25\nascend_optimized: false\n"
+WHOLE_JOB_TARGET = 10.0  # forward passes, search + create
+MEMORY_TARGET = 2.0  # peak resident memory over the weights
+
+
+def example(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's input and, for a language model, its next-token labels (-100 after the last token)."""
+    if name != "llama1b":
+        return torch.randn(1, 3, 224, 224), None
+    tokens = torch.randint(0, LLAMA_VOCAB, (1, 128), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -1] = -100
+    return tokens, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,10 +289,26 @@ class Measurement:
     create: Timing
     prunable_groups: int
     groups: int
+    weight_bytes: int = 0
+    peak_bytes: int = 0  # how far the resident set rose above what the process held before the model was built
+    search: Timing | None = None
+    create_searched: Timing | None = None
+
+    @property
+    def memory(self) -> float:
+        """Peak memory over the weights."""
+        return self.peak_bytes / self.weight_bytes if self.weight_bytes else 0.0
+
+    def whole_job(self, stat: str) -> float | None:
+        """Search + create from its config, in forward passes (None when not measured)."""
+        if self.search is None or self.create_searched is None:
+            return None
+        return self.search.forwards(stat) + self.create_searched.forwards(stat)
 
     def forward_seconds(self, stat: str) -> float:
         """The median or best of every forward pass timed for this model."""
-        forwards = [f for t in (self.graph, self.prune, self.create) for f in t.forwards_before + t.forwards_after]
+        timed = [t for t in (self.graph, self.prune, self.create, self.search, self.create_searched) if t]
+        forwards = [f for t in timed for f in t.forwards_before + t.forwards_after]
         return statistics.median(forwards) if stat == "median" else min(forwards)
 
     def steps(self) -> list[tuple[str, Timing, float]]:
@@ -301,10 +369,12 @@ def random_keep(graph: ChannelGraph, seed: int = 0) -> dict[int, list[int]]:
 
 def measure(name: str, repeats: int, workdir: Path) -> Measurement:
     """Build model ``name`` with random weights and time graph building and the prune step against its forward."""
+    resident_before = peak_resident_bytes()
     torch.manual_seed(0)
     model = MODELS[name]().eval()
-    x = torch.randn(1, 3, 224, 224)
+    x, labels = example(name)
     parameters = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def forward() -> None:
         with torch.no_grad():
@@ -312,6 +382,9 @@ def measure(name: str, repeats: int, workdir: Path) -> Measurement:
 
     stopwatch = Stopwatch(forward, repeats)
     graph_timing = stopwatch.time(lambda: build_channel_graph(model, x))
+    whole_job = time_whole_job(name, model, x, labels, stopwatch, workdir)
+    # The peak of acps's own calls; the steps below deep-copy the model to time the prune step on its own.
+    peak_bytes = peak_resident_bytes() - resident_before
 
     graph = build_channel_graph(model, x)
     keep = random_keep(graph)
@@ -322,7 +395,7 @@ def measure(name: str, repeats: int, workdir: Path) -> Measurement:
 
     prune_timing = stopwatch.time(lambda: prune_channels(target[0], graph, keep), setup=fresh_copy)
     with torch.no_grad():  # the pruned copy must still run with the original output shape
-        if target[0](x).shape != model(x).shape:
+        if [t.shape for t in tensors_in(target[0](x))] != [t.shape for t in tensors_in(model(x))]:
             raise RuntimeError(f"{name}: the pruned copy's output shape differs from the model's")
     del target[0]
 
@@ -331,14 +404,51 @@ def measure(name: str, repeats: int, workdir: Path) -> Measurement:
     record = workdir / f"{name}_prune.record"
     create_timing = stopwatch.time(lambda: create_prune_retrain_model(model, x, config, record))
     return Measurement(name, parameters, graph_timing, prune_timing, create_timing, len(graph.prunable_groups),
-                       len(graph.groups))
+                       len(graph.groups), weight_bytes, peak_bytes, *whole_job)
+
+
+def time_whole_job(name: str, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+                   stopwatch: Stopwatch, workdir: Path) -> tuple[Timing | None, Timing | None]:
+    """Time ``auto_channel_prune_search`` with next-token labels, then ``create_prune_retrain_model`` from the
+    config it wrote (nothing without labels)."""
+    if labels is None:
+        return None, None
+    search_config = workdir / f"{name}_search.cfg"
+    search_config.write_text(SEARCH_CONFIG, encoding="utf-8")
+    searched = workdir / f"{name}_searched.cfg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PerLayerWidthsWarning)  # per-block widths: rebuilt from the record
+        search = stopwatch.time(lambda: auto_channel_prune_search(model, search_config, [x, labels], searched))
+        create = stopwatch.time(
+            lambda: create_prune_retrain_model(model, x, searched, workdir / f"{name}_searched.record"))
+    return search, create
+
+
+def peak_resident_bytes() -> int:
+    """The most memory this process has held resident so far (Linux and macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def measure_apart(name: str, repeats: int, workdir: Path, threads: int | None) -> Measurement:
+    """:func:`measure` in a process of its own, so that its peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, initializer=_set_threads, initargs=(threads,)) as pool:
+        return pool.apply(measure, (name, repeats, workdir))
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def profile_graph(name: str, top: int) -> str:
     """cProfile of one ``build_channel_graph`` call on ``name``: the ``top`` calls by cumulative, then own time."""
     torch.manual_seed(0)
     model = MODELS[name]().eval()
-    x = torch.randn(1, 3, 224, 224)
+    x, _ = example(name)
     build_channel_graph(model, x)  # warm-up
     profiler = cProfile.Profile()
     profiler.enable()
@@ -358,12 +468,19 @@ def profile_graph(name: str, top: int) -> str:
 def table(rows: list[Measurement], stat: str) -> str:
     """A markdown table of the measurements: ms, and (in brackets) multiples of a forward pass."""
     header = ("| model | parameters | forward ms | graph build ms (x fwd) | prune_channels ms (x fwd) "
-              "| create_prune_retrain_model ms (x fwd) | prunable / total groups |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+              "| create_prune_retrain_model ms (x fwd) | search + create ms (x fwd) | peak memory (x weights) "
+              "| prunable / total groups |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         cells = [f"{t.seconds(stat) * 1e3:.0f} ({t.forwards(stat):.2f}x)" for _, t, _ in m.steps()]
+        job = m.whole_job(stat)
+        if job is not None and m.search is not None and m.create_searched is not None:
+            seconds = m.search.seconds(stat) + m.create_searched.seconds(stat)
+            cells.append(f"{seconds * 1e3:.0f} ({job:.2f}x: search {m.search.forwards(stat):.2f}x)")
+        else:
+            cells.append("-")
         lines.append(f"| {m.model} | {m.parameters / 1e6:.1f} M | {m.forward_seconds(stat) * 1e3:.0f} "
-                     f"| {' | '.join(cells)} "
+                     f"| {' | '.join(cells)} | {m.peak_bytes / 2**30:.2f} GiB ({m.memory:.2f}x) "
                      f"| {m.prunable_groups} / {m.groups} |")
     return "\n".join(lines)
 
@@ -377,6 +494,13 @@ def verdicts(rows: list[Measurement], stat: str) -> list[tuple[str, bool]]:
             passed = ratio < target
             checks.append((f"{'PASS' if passed else 'FAIL'}  {m.model}: {what} {ratio:.2f} forward passes "
                            f"(target < {target:g})", passed))
+        job = m.whole_job(stat)
+        if job is not None:
+            checks.append((f"{'PASS' if job < WHOLE_JOB_TARGET else 'FAIL'}  {m.model}: search + create {job:.2f} "
+                           f"forward passes (target < {WHOLE_JOB_TARGET:g})", job < WHOLE_JOB_TARGET))
+            fits = m.memory <= MEMORY_TARGET
+            checks.append((f"{'PASS' if fits else 'FAIL'}  {m.model}: peak memory {m.memory:.2f}x the weights "
+                           f"(target <= {MEMORY_TARGET:g})", fits))
     return checks
 
 
@@ -400,13 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}; {args.stat} of {args.repeats} runs after one warm-up, input 1x3x224x224",
+          f"{os.getloadavg()[0]:.2f}; {args.stat} of {args.repeats} runs after one warm-up, input 1x3x224x224 "
+          "(llama1b: 1x128 tokens)",
           flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="acps_bench_") as workdir:
         for name in names:
             start = time.perf_counter()
-            rows.append(measure(name, args.repeats, Path(workdir)))
+            rows.append(measure_apart(name, args.repeats, Path(workdir), args.threads))
             print(f"  {name}: measured in {time.perf_counter() - start:.0f} s (load average "
                   f"{os.getloadavg()[0]:.2f})", flush=True)
     print()
