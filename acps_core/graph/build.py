@@ -287,13 +287,13 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         recorder, output, _, refused = _record(model, sample, leaf_names, param_names, unconfirmed)
 
     named = {name: module for module, name in module_names.items()}
-    shared, tied = shared_weights(model, module_names)
+    shared, families = shared_weights(model, module_names)
     builder = GroupBuilder(recorder, shared, named, set(buffer_names.values()))
     first = next(iter(tensors_in(sample)), None)
     builder.batch = first.shape[0] if first is not None and first.dim() > 0 and first.shape[0] > 0 else 1
     builder.run()
-    for head, embedding in tied.items():
-        keep_tied(builder, head, embedding)
+    for family in families:
+        keep_tied(builder, family)
     for module, call in refused.items():  # a module its pattern's adapter refused says why on its channels
         if (adapter := adapter_for(module)) is not None:
             builder.explain_first(adapter.unconfirmed(module, module_names[module]),

@@ -1,6 +1,9 @@
 """Parameters several modules hold: a layer whose weights another module shares is left alone (slicing it would
-unshare them), except a Linear head tied to an embedding (a language model's ``lm_head``), whose columns are the
-embedding's channels: it loses the same ones and stays tied (see :func:`~acps_core.prune.slicing.prune_channels`).
+unshare them), except a *tied family*: embeddings and Linear heads that hold one ``(vocabulary, hidden)`` weight
+(a language model's ``lm_head`` tied to its token embedding; T5's ``shared`` embedding, which its encoder and
+decoder embed with). Their columns are one set of channels, the embeddings' outputs and the heads' inputs: they
+lose the same ones and stay tied, members the forward never calls included (see
+:func:`~acps_core.prune.slicing.prune_channels`).
 """
 
 from __future__ import annotations
@@ -17,42 +20,56 @@ if TYPE_CHECKING:
     from acps_core.graph.build import GroupBuilder
 
 
-def shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Layers and norms whose parameters also belong to another module (name -> the other module(s)), and,
-    apart, Linear heads tied to an embedding (the same ``(vocabulary, hidden)`` weight: head -> embedding), whose
-    columns are the embedding's channels."""
+def shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> tuple[dict[str, str], list[list[str]]]:
+    """Layers and norms whose parameters also belong to another module (name -> the other module(s)), and, apart,
+    the tied families (see the module docs), each as its members' names."""
     owners = parameter_owners(model)
-    shared, tied = {}, {}
+    shared: dict[str, str] = {}
+    families: dict[int, list[str]] = {}
     for module, name in names.items():
-        if adapter_for(module) is not None:
-            others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
-            if len(others) == 1 and isinstance(module, (nn.Linear, nn.Embedding)):
-                other = model.get_submodule(others[0])
-                kinds = sorted(isinstance(m, nn.Embedding) for m in (module, other))
-                pair = kinds == [False, True] and isinstance(other, (nn.Linear, nn.Embedding))
-                if pair and module.weight is other.weight and set(module._parameters) - {"weight"} <= {"bias"}:
-                    head = others[0] if isinstance(module, nn.Embedding) else name
-                    tied[head] = others[0] if head == name else name
-                    continue
-            if others:
-                shared[name] = ", ".join(others)
-    return shared, tied
+        if adapter_for(module) is None:
+            continue
+        others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
+        if others and _family_member(module) and all(_family_member(model.get_submodule(o)) for o in others):
+            members = [model.get_submodule(n) for n in (name, *others)]
+            if any(isinstance(m, nn.Embedding) for m in members) and all(m.weight is module.weight for m in members):
+                families[id(module.weight)] = sorted({name, *others})
+                continue
+        if others:
+            shared[name] = ", ".join(others)
+    return shared, list(families.values())
 
 
-def keep_tied(builder: GroupBuilder, head: str, embedding: str) -> None:
-    """A head tied to an embedding may lose input columns only as the embedding loses output columns (the same
-    group), and never its rows (the embedding's vocabulary)."""
-    head_entry, embedding_entry = builder.layers.get(head), builder.layers.get(embedding)
-    reason = f"{head}'s weight is tied to {embedding}'s"
-    if head_entry is None or embedding_entry is None:
-        for entry in (head_entry, embedding_entry):
-            for space in entry["spaces"] if entry is not None else []:
-                builder.block(space, reason)
-        return
-    if head_entry["out"] is not None:
-        builder.block(head_entry["out"], f"{reason} (its rows are the vocabulary)")
-    spaces = [space for space, _ in head_entry["in"]] + [embedding_entry["out"]]
+def _family_member(module: nn.Module) -> bool:
+    """An embedding, or a Linear holding nothing but its weight and maybe a bias."""
+    if isinstance(module, nn.Embedding):
+        return set(module._parameters) == {"weight"}
+    return isinstance(module, nn.Linear) and set(module._parameters) - {"weight"} <= {"bias"}
+
+
+def keep_tied(builder: GroupBuilder, family: list[str]) -> None:
+    """The members of a tied family that the forward calls lose the same channels: the embeddings' outputs and
+    the heads' inputs are one group, and the heads never lose rows (the vocabulary)."""
+    called = [name for name in family if name in builder.layers]
+    reason = f"the weight of {', '.join(family)} is one tied parameter"
+    spaces = []
+    for name in called:
+        entry = builder.layers[name]
+        if isinstance(builder.modules[name], nn.Embedding):
+            spaces.append(entry["out"])
+            continue
+        if entry["out"] is not None:
+            builder.block(entry["out"], f"{reason} (a head's rows are the vocabulary)")
+        if len(entry["in"]) != 1:
+            spaces.extend(space for space, _ in entry["in"])
+            spaces.append(None)  # marks a head that reads its columns in pieces: the family cannot be pruned
+        else:
+            spaces.append(entry["in"][0][0])
     roots = {builder.find(space) for space in spaces if space is not None}
-    if len(roots) > 1 or len(head_entry["in"]) != 1:
+    if None in spaces:
         for root in roots:
-            builder.block(root, f"{reason}, but it reads other channels than {embedding} produces")
+            builder.block(root, f"{reason}, but a head reads its columns from several sources")
+        return
+    first, *rest = sorted(roots) or [None]
+    for root in rest:
+        builder.union(first, root, reason)  # type: ignore[arg-type]

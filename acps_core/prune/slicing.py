@@ -57,23 +57,33 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
     _retie(tied)
 
 
-def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """The ``(module, attribute)`` places of each parameter that several modules hold (a tied head)."""
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
+def _tied_parameters(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[nn.Module, str]]]]:
+    """Each parameter that several modules hold (a tied family), with its ``(module, attribute)`` places."""
+    places: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
     for module in model.modules():
         for attr, param in module._parameters.items():
             if param is not None:
-                places.setdefault(id(param), []).append((module, attr))
-    return [found for found in places.values() if len(found) > 1]
+                places.setdefault(id(param), (param, []))[1].append((module, attr))
+    return [found for found in places.values() if len(found[1]) > 1]
 
 
-def _retie(tied: list[list[tuple[nn.Module, str]]]) -> None:
-    """Parameters tied before slicing were sliced alike in each place: make them one parameter again."""
-    for (first, first_attr), *others in tied:
-        kept = getattr(first, first_attr)
-        for module, attr in others:
+def _retie(tied: list[tuple[nn.Parameter, list[tuple[nn.Module, str]]]]) -> None:
+    """Parameters tied before slicing were sliced alike in each place the forward calls: make them one parameter
+    again, also in the places it never calls (T5's ``shared`` embedding), which take the new sizes."""
+    for original, places in tied:
+        sliced = [getattr(module, attr) for module, attr in places if getattr(module, attr) is not original]
+        if not sliced:
+            continue
+        kept = sliced[0]
+        for module, attr in places:
             now = getattr(module, attr)
-            if now is not kept and now.shape == kept.shape and torch.equal(now, kept):
+            if now is original and attr == "weight" and isinstance(module, (nn.Embedding, nn.Linear)):
+                setattr(module, attr, kept)
+                if isinstance(module, nn.Embedding):
+                    module.num_embeddings, module.embedding_dim = kept.shape
+                else:
+                    module.out_features, module.in_features = kept.shape
+            elif now is not kept and now.shape == kept.shape and torch.equal(now, kept):
                 setattr(module, attr, kept)
 
 
