@@ -52,24 +52,20 @@ def keep_tied(builder: GroupBuilder, family: list[str]) -> None:
     the heads' inputs are one group, and the heads never lose rows (the vocabulary)."""
     called = [name for name in family if name in builder.layers]
     reason = f"the weight of {', '.join(family)} is one tied parameter"
-    spaces = []
+    spaces: list[int] = []
+    in_pieces = False  # a head that reads its columns from several sources: the family cannot be pruned
     for name in called:
         entry = builder.layers[name]
         if isinstance(builder.modules[name], nn.Embedding):
-            spaces.append(entry["out"])
+            spaces += [entry["out"]] if entry["out"] is not None else []
             continue
         if entry["out"] is not None:
             builder.block(entry["out"], f"{reason} (a head's rows are the vocabulary)")
-        if len(entry["in"]) != 1:
-            spaces.extend(space for space, _ in entry["in"])
-            spaces.append(None)  # marks a head that reads its columns in pieces: the family cannot be pruned
-        else:
-            spaces.append(entry["in"][0][0])
-    roots = {builder.find(space) for space in spaces if space is not None}
-    if None in spaces:
-        for root in roots:
+        in_pieces = in_pieces or len(entry["in"]) != 1
+        spaces += [space for space, _ in entry["in"] if space is not None]
+    roots = sorted({builder.find(space) for space in spaces})
+    for root in roots:
+        if in_pieces:
             builder.block(root, f"{reason}, but a head reads its columns from several sources")
-        return
-    first, *rest = sorted(roots) or [None]
-    for root in rest:
-        builder.union(first, root, reason)  # type: ignore[arg-type]
+        else:
+            builder.union(roots[0], root, reason)
