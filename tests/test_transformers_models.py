@@ -165,6 +165,11 @@ def test_search_create_and_restore_with_token_labels(tmp_path: Path) -> None:
         logits = pruned(x).logits
     assert logits.shape == (4, 12, VOCAB)
     assert counted == pytest.approx(result.achieved_ratio, rel=0.05)  # (SDPA's products: not in the counter)
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    path = acps.save_prune_retrain_model(Logits(pruned), tmp_path / "pruned.onnx", x[:2], input_names=["ids"],
+                                         dynamic_axes={"ids": {0: "batch"}})
+    (exported,) = onnxruntime.InferenceSession(str(path)).run(None, {"ids": x[:3].numpy()})
+    torch.testing.assert_close(torch.from_numpy(exported), logits[:3], rtol=1e-4, atol=1e-5)
     torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
     restored = acps.restore_prune_retrain_model(causal_lm("LlamaConfig", 2, "sdpa", seed=1), x,
                                                 tmp_path / "prune.record", tmp_path / "prune.cfg",

@@ -17,7 +17,7 @@ from acps_core._util.data import check_dense, model_device
 from acps_core._util.model_checks import check_initialized
 from acps_core._util.state import preserved_model_state
 from acps_core._util.wrappers import unwrap
-from acps_core.errors import ArgumentError
+from acps_core.errors import AcpsError, ArgumentError
 from acps_core.prune.copying import model_input, path_argument
 
 
@@ -48,7 +48,6 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
         AcpsError: when the ONNX exporter is not installed, or the export fails.
         OutputPathError: ``save_path`` is not a file path or cannot be written.
     """
-    from acps_core.errors import AcpsError
 
     path = check_writable_output(onnx_path(path_argument(save_path, "save_path")), "save_path")
     if not isinstance(model, nn.Module):
@@ -62,18 +61,49 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
     data = model_input(input_data, model_device(model))
     check_dense(data, "input_data")
     args = data if isinstance(data, tuple) else (data,)
-    exported = io.BytesIO()
-    try:
-        # The TorchScript exporter (deprecated, still shipped) handles any model that runs; the torch.export one
-        # needs onnxscript and an exportable forward, so the reliable path is chosen and its warning silenced.
-        with preserved_model_state(model), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model.eval()
-            torch.onnx.export(model, args, exported,  # type: ignore[arg-type]  # a file object works too
-                              input_names=list(input_names) if input_names else None,
-                              output_names=list(output_names) if output_names else None,
-                              dynamic_axes=dict(dynamic_axes) if dynamic_axes else None, dynamo=False)
-    except Exception as exc:
-        raise AcpsError(f"ONNX export to {path} failed: {type(exc).__name__}: {exc}") from exc
-    atomic_write_bytes(path, exported.getvalue(), "save_path")
+    names = {"input_names": list(input_names) if input_names else None,
+             "output_names": list(output_names) if output_names else None,
+             "dynamic_axes": dict(dynamic_axes) if dynamic_axes else None}
+    with preserved_model_state(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model.eval()
+        try:
+            with warnings.catch_warnings(record=True) as noted:  # shown only if this exporter's file is kept
+                warnings.simplefilter("always")
+                exported = _torchscript_export(model, args, names)
+            for note in noted:
+                warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
+        except Exception as first:
+            # The TorchScript exporter (deprecated, still shipped) handles any model that runs but lacks some
+            # operators (Hugging Face's mask building uses aten::diff); the torch.export one, with onnxscript,
+            # takes those.
+            try:
+                exported = _torch_export(model, args, names)
+            except Exception as second:
+                raise AcpsError(f"ONNX export to {path} failed: {type(first).__name__}: {first}"
+                                + (f"; the torch.export exporter also failed: {type(second).__name__}: {second}"
+                                   if not isinstance(second, ImportError) else
+                                   " (pip install onnxscript lets the torch.export exporter try)")) from first
+    atomic_write_bytes(path, exported, "save_path")
     return path
+
+
+def _torchscript_export(model: nn.Module, args: tuple[Any, ...], names: dict[str, Any]) -> bytes:
+    exported = io.BytesIO()
+    torch.onnx.export(model, args, exported, dynamo=False, **names)  # type: ignore[arg-type]  # a file object works
+    return exported.getvalue()
+
+
+def _torch_export(model: nn.Module, args: tuple[Any, ...], names: dict[str, Any]) -> bytes:
+    import onnxscript  # noqa: F401 - the torch.export exporter needs it
+
+    inputs, axes = names["input_names"] or [], names["dynamic_axes"] or {}
+    if len(inputs) == len(args) and set(axes) <= set(inputs) | set(names["output_names"] or []):
+        # The same free dims, said the way this exporter takes them (outputs follow their inputs).
+        shapes = tuple({dim: torch.export.Dim.DYNAMIC for dim in axes.get(name, {})} or None for name in inputs)
+        names = {**names, "dynamic_axes": None, "dynamic_shapes": shapes if any(shapes) else None}
+    program = torch.onnx.export(model, args, dynamo=True, verbose=False, **names)
+    if program is None:
+        raise AcpsError("the torch.export exporter returned no program")
+    data: bytes = program.model_proto.SerializeToString()
+    return data
