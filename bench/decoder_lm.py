@@ -2,7 +2,7 @@
 
 No pretrained causal language model installs offline, so the script trains one: a Llama-architecture decoder
 built with ``transformers`` (grouped-query attention with 8 query / 2 key-value heads of 32, rotary embeddings,
-RMSNorm, a SwiGLU MLP; hidden 256, 4 layers, 3.3 M parameters) on bytes of the English documentation that ships
+RMSNorm, a SwiGLU MLP; hidden 256, 4 layers, 2.9 M parameters) on bytes of the English documentation that ships
 with Python (``pydoc_data.topics``, about 465 kB): the first 90 % trains, the last 10 % is held out. Training
 (``--train-steps`` AdamW steps of 16 windows of 128 bytes) takes a few minutes on a CPU; the weights are cached
 (``--cache``) and reused.
@@ -175,12 +175,12 @@ def tp_pruned(model: nn.Module, ratio: float, example: torch.Tensor) -> nn.Modul
             num_heads[module.q_proj] = config.num_attention_heads
             num_heads[module.k_proj] = config.num_key_value_heads
             num_heads[module.v_proj] = config.num_key_value_heads
-    pruner = tp.pruner.BasePruner(
-        pruned, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
-        global_pruning=False, output_transform=lambda out: out.logits, pruning_ratio=ratio,
-        ignored_layers=[pruned.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, round_to=4)
     with contextlib.redirect_stdout(io.StringIO()):  # its notes on the norms' weights, once per call
+        pruner = tp.pruner.BasePruner(
+            pruned, example_inputs=example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"), global_pruning=False,
+            output_transform=lambda out: out.logits, pruning_ratio=ratio, ignored_layers=[pruned.lm_head],
+            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=4)
         for group in pruner.step(interactive=True):
             group.prune()
     config.hidden_size = pruned.lm_head.in_features
