@@ -26,6 +26,7 @@ from acps_core.graph.modules import follow, module_op
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef
 from acps_core.layers.base import STATISTICS, adapter_for
+from acps_core.layers.norm import approximate_norms_allowed, approximation_refused
 
 if TYPE_CHECKING:
     from acps_core.graph.build import GroupBuilder
@@ -124,6 +125,8 @@ def _follow_module(builder: GroupBuilder, op: Op, per_channel: list[tuple[str, T
     followed = follow(builder, op, owner, kind, tags, channel_dim, unit)
     if op.name in OVER_CHANNELS and followed:
         builder.norms_over_channels[f"{owner}.weight"] = op.name
+        if not approximate_norms_allowed():
+            builder.block_tags(followed, approximation_refused(f"{owner} ({kind}) at {op.location}"))
     return followed
 
 
@@ -148,6 +151,8 @@ def _follow_parameters(builder: GroupBuilder, op: Op, per_channel: list[tuple[st
             weight = next((ref for key, ref in per_channel if key == "weight"), None)
             if op.name in OVER_CHANNELS and weight is not None and weight.param is not None:
                 builder.norms_over_channels[weight.param] = op.name
+            if op.name in OVER_CHANNELS and not approximate_norms_allowed():
+                builder.block(tag.space, approximation_refused(where))
         else:
             builder.block(tag.space, f"{where} takes a per-channel argument that is neither a parameter nor a "
                                      "buffer of the model")

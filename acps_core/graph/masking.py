@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from acps_core._util.tensors import tensors_in
-from acps_core.graph.model import ChannelGraph
+from acps_core.graph.model import ChannelGraph, ChannelGroup
 from acps_core.graph.removal import Removal, removal
 from acps_core.layers.attention import AttentionAdapter
 from acps_core.layers.base import adapter_for
@@ -96,6 +96,22 @@ def masked_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Se
         with torch.no_grad():
             for weight, values in zeroed:
                 weight.copy_(values)
+
+
+def approximated_groups(model: nn.Module, graph: ChannelGraph) -> list[ChannelGroup]:
+    """The prunable groups that a norm over their channels normalises (a LayerNorm, ``F.layer_norm`` or
+    ``F.rms_norm`` over them): pruned, it normalises over the kept channels only, an approximation of zeroing
+    them (see :func:`acps_core.layers.approximate_norms`)."""
+    found = []
+    for group in graph.prunable_groups:
+        for use in group.followers:
+            named = use.layer if use.kind == "Parameter" else f"{use.layer}.weight"
+            module = model.get_submodule(use.layer) if use.kind != "Parameter" else None
+            adapter = adapter_for(module) if module is not None else None
+            if named in graph.norms_over_channels or (adapter is not None and adapter.approximate):
+                found.append(group)
+                break
+    return found
 
 
 def output_difference(got: Any, expected: Any) -> str | None:

@@ -17,6 +17,7 @@ from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
 from acps_core.layers import projections
 from acps_core.layers.attention import AttentionAdapter
 from acps_core.layers.base import LayerAdapter
+from acps_core.layers.norm import approximate_norms_allowed, approximation_refused
 
 if TYPE_CHECKING:
     from acps_core.graph.build import GroupBuilder
@@ -68,6 +69,8 @@ def follower_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: L
                  f"{name} ({kind}) at {op.location} normalises over several dims including these channels")
     kept = [t for t in in_tags if t.dim not in mixed]
     followed = follow(builder, op, name, kind, kept, channel_dim, adapter.follow_unit(module))
+    if adapter.approximate and not approximate_norms_allowed():
+        builder.block_tags(followed, approximation_refused(f"{name} ({kind}) at {op.location}"))
     builder.set_tags(op, followed + [t for t in kept if t.dim != channel_dim])
 
 

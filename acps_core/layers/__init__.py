@@ -35,6 +35,7 @@ from acps_core.layers.norm import (
     GroupNormAdapter,
     LayerNormAdapter,
     PReLUAdapter,
+    approximate_norms,
 )
 from acps_core.layers.split_attention import (
     SplitAttentionAdapter,
@@ -73,6 +74,7 @@ __all__ = [
     "SplitAttentionAdapter",
     "TransposedLinearAdapter",
     "adapter_for",
+    "approximate_norms",
     "prune_grouped_query_attention",
     "register_layer",
     "register_pattern",

@@ -55,6 +55,10 @@ class LayerAdapter:
 
     #: ``"layer"``, ``"follower"`` or ``"attention"`` (see the class docs).
     role: ClassVar[str] = "layer"
+    #: For a follower: once pruned, it computes on the kept channels something that zeroing the removed ones in
+    #: the unpruned model does not (a LayerNorm normalises over the kept channels only: its mean and variance
+    #: change). Such groups are pruned unless ``approximate_norms(False)`` is set (see :mod:`acps_core.layers.norm`).
+    approximate: ClassVar[bool] = False
 
     # -- tracing ---------------------------------------------------------------------------------------------
     def traced_whole(self, module: nn.Module) -> bool:

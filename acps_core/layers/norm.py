@@ -14,7 +14,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core.errors import ArgumentError
 from acps_core.layers.base import STATISTICS, LayerAdapter, plain_subclass, take, take_buffer
+
+_SETTINGS = {"approximate_norms": True}
+
+
+def approximate_norms(allowed: bool) -> None:
+    """Whether channels that a norm over the channels normalises (a LayerNorm; ``F.layer_norm`` or ``F.rms_norm``
+    over them) may be pruned, from now on. Pruned, such a norm normalises over the kept channels: its mean and
+    variance are those of fewer channels, which zeroing the removed channels in the unpruned model does not
+    compute, so the Taylor scores of those channels are an approximation, and the re-fit of ``calibration_data``
+    is what repairs the difference. ``True`` (the default) prunes them, and the search's report names them;
+    ``False`` leaves them alone, with that reason. RMS norms written as modules (``LlamaRMSNorm``) are pruned
+    exactly either way (:mod:`acps_core.layers.mean_norm`). Set it before the search and keep it for
+    ``create_prune_retrain_model``: the channel groups depend on it.
+
+    Raises:
+        ArgumentError: ``allowed`` is not a bool.
+    """
+    if not isinstance(allowed, bool):
+        raise ArgumentError(f"approximate_norms takes True or False, got {allowed!r}")
+    _SETTINGS["approximate_norms"] = allowed
+
+
+def approximate_norms_allowed() -> bool:
+    """The setting of :func:`approximate_norms`."""
+    return _SETTINGS["approximate_norms"]
+
+
+def approximation_refused(where: str) -> str:
+    """The reason a group normalised by a norm over its channels is left alone under ``approximate_norms(False)``."""
+    return (f"{where} normalises over these channels, and pruned it would normalise over the kept ones only "
+            "(not what zeroing them computes); acps_core.layers.approximate_norms(False) leaves such channels alone")
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
                                            nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -75,9 +107,11 @@ class GroupNormAdapter(FollowerAdapter):
 
 class LayerNormAdapter(FollowerAdapter):
     """``nn.LayerNorm`` over the last dim (the channels there follow); over several dims, the channels in them
-    are mixed and cannot be pruned."""
+    are mixed and cannot be pruned. Pruned, it normalises over the kept channels: an approximation of zeroing
+    the removed ones (see :func:`approximate_norms`)."""
 
     types = (nn.LayerNorm,)
+    approximate = True
 
     def input_dim(self, module: nn.Module, ndim: int) -> int:
         return ndim - 1

@@ -28,6 +28,7 @@ from acps_core._util.wrappers import unwrapped_note
 from acps_core.config.selection import new_output_set
 from acps_core.errors import AcpsError, DataError, PluginError
 from acps_core.graph.build import build_channel_graph
+from acps_core.graph.masking import approximated_groups
 from acps_core.graph.trace import trace_sample
 from acps_core.graph.verify import verify_groups
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
@@ -199,6 +200,13 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     result.method_options = {record.kind: record.options for record in used_methods}
     result.notes = ([unwrapped_note(call.wrappers)] if call.wrappers else []) + loss_notes + list(
         getattr(call.sensitivity, "notes", []))
+    approximate = [g.name for g in approximated_groups(model, graph) if g.id in decision.keep]
+    if approximate:
+        result.notes.append(
+            f"{len(approximate)} pruned groups are normalised by a LayerNorm (or F.layer_norm / F.rms_norm) over "
+            "their channels, which pruned normalises over the kept channels only: an approximation of removing "
+            "them, which calibration_data's re-fit repairs (acps_core.layers.approximate_norms(False) leaves such "
+            "groups alone): " + ", ".join(approximate[:6]) + (" ..." if len(approximate) > 6 else ""))
     if ties.sets:
         result.notes.extend([ties.describe()] + ([f"uniform_widths: {fitted}"] if fitted else []))
     if averaged:
