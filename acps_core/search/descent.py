@@ -104,6 +104,6 @@ def descend(graph_info: GraphInfo, records: Sequence[SearchRecord], kept: dict[i
             return
         kept[cut.group_id] = cut.new_count
         yield cut
-        for group_id in graph_info.cost_model.neighbours(cut.group_id) | {cut.group_id}:
+        for group_id in graph_info.neighbours(cut.group_id) | {cut.group_id}:
             if group_id in by_id:
                 cuts[group_id] = cut_of(group_id)

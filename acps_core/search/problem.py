@@ -247,6 +247,7 @@ class GraphInfo(dict):  # type: ignore[type-arg]
         self.cost_model = cost_model
         self.fixed_kept = dict(fixed_kept)
         self.ties = ties or Ties()
+        self._leader_of = {member: leader for leader, members in self.ties.sets.items() for member in members}
         self.full_cost = cost_model.full_cost
         self.budget = budget
         for layer in cost_model.layers:
@@ -257,6 +258,12 @@ class GraphInfo(dict):  # type: ignore[type-arg]
     def cost(self, kept: Mapping[int, int]) -> float:
         """Model cost with the fixed groups at their counts and ``kept`` (group id -> count) for the others."""
         return self.cost_model.cost(self.ties.expand({**self.fixed_kept, **kept}))
+
+    def neighbours(self, group_id: int) -> set[int]:
+        """Groups whose savings change when ``group_id`` (with the groups tied to it) changes, each named by the
+        leader of its set (see :meth:`CostModel.neighbours`)."""
+        return {self._leader_of.get(g, g) for member in self.ties.members(group_id)
+                for g in self.cost_model.neighbours(member)}
 
     def saving(self, kept: Mapping[int, int], group_id: int, new_count: int) -> float:
         """Cost saved by moving one group (with the groups tied to it) to ``new_count`` (see

@@ -48,8 +48,12 @@ class GreedySearch(SearchChannelBase):
             return min(cuts, key=lambda c: (c.density, c.group_id))
 
         if cost > budget:
-            for _ in descend(graph_info, search_records, kept, choose):
-                cost = graph_info.cost(kept)
+            for cut in descend(graph_info, search_records, kept, choose):
+                # A cut's saving is exact given the counts it was priced at; the full sum is taken again near
+                # the budget, where rounding could decide.
+                cost -= cut.saved
+                if cost <= budget * (1 + 1e-6):
+                    cost = graph_info.cost(kept)
                 if cost <= budget:
                     break
             else:
