@@ -36,7 +36,7 @@ from acps_core.graph.sharing import keep_tied, shared_weights
 from acps_core.graph.spaces import Spaces, Tag
 from acps_core.graph.trace import SIZE_QUERY, Op, Recorder, TensorRef, refs_in, trace_sample
 from acps_core.layers.attention import AttentionAdapter
-from acps_core.layers.base import adapter_for, by_pattern, whole_layer
+from acps_core.layers.base import BUILD_CACHES, adapter_for, by_pattern, whole_layer
 
 
 class GroupBuilder(Spaces):
@@ -268,6 +268,8 @@ def build_channel_graph(model: nn.Module, data: Any) -> ChannelGraph:
         DataError: when it raises on data whose dtype is not the parameters' and runs once the data is converted
             (integer, bool or complex images; see :func:`~acps_core.model_checks.explain_trace_failure`).
     """
+    for cache in BUILD_CACHES:  # what trials found on another model's modules does not hold for these
+        cache.clear()
     module_names: dict[nn.Module, str] = {}
     module_types: dict[str, str] = {}
     for name, module in model.named_modules():

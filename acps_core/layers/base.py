@@ -25,6 +25,10 @@ from acps_core.graph.model import LayerGeometry
 
 #: Buffers a layer traced whole may hold (a norm's running statistics).
 STATISTICS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+#: Caches an adapter keeps for the length of one graph build (what a trial on a module's first call found, shared
+#: by the model's other modules of its class): emptied when a build starts, so that another model's modules of
+#: the same class, which may behave otherwise, are tried again.
+BUILD_CACHES: list[dict[Any, Any]] = []
 
 
 def take(param: torch.Tensor | None, dim: int, index: torch.Tensor) -> nn.Parameter | None:

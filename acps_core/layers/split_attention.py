@@ -37,7 +37,7 @@ from torch import nn
 
 from acps_core.errors import ArgumentError
 from acps_core.layers.attention import AttentionAdapter, same_output, stateless
-from acps_core.layers.base import take
+from acps_core.layers.base import BUILD_CACHES, take
 from acps_core.layers.fused_attention import head_parameters, keep_head_entries
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -49,8 +49,9 @@ _SETTINGS = {"gqa": "kv_groups"}
 
 
 #: What a trial of :meth:`SplitAttentionAdapter.confirm` found, by module class, head counts, mode, out projection and
-#: the names of the call's keyword arguments.
+#: the names of the call's keyword arguments, for one graph build.
 _CONFIRMED: dict[tuple[Any, ...], bool] = {}
+BUILD_CACHES.append(_CONFIRMED)
 
 
 def prune_grouped_query_attention(by: str) -> None:
