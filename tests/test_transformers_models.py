@@ -350,6 +350,23 @@ def test_a_config_that_would_rebuild_other_shapes_is_named_and_left_alone() -> N
         rebuild_mismatch(model, model.config))
 
 
+def test_a_config_that_cannot_state_the_widths_is_left_exactly_as_it_was() -> None:
+    from acps_core.prune.model_config import sync_config
+    from acps_core.prune.slicing import prune_channels
+
+    config = transformers.PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=HEADS, num_key_value_heads=HEADS, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    x = ids()
+    graph = build_channel_graph(Logits(model), x)
+    keep = {g.id: list(range(0, g.channels, 2)) for g in graph.prunable_groups if g.name.endswith("mlp.fc1")}
+    prune_channels(Logits(model), graph, keep)  # Phi's fc1/fc2: a width the config reads as intermediate_size
+    before = model.config.to_dict()
+    assert "fc1.weight (48, 64) (the config builds (96, 64))" in str(sync_config(model))
+    assert model.config.to_dict() == before  # head_dim, written to try, is taken back out
+
+
 def test_per_layer_widths_leave_the_config_alone_and_say_how_to_rebuild(tmp_path: Path) -> None:
     model = causal_lm("LlamaConfig", 2, "eager")
     x = ids(4)

@@ -341,7 +341,7 @@ def attention(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list
     for ref in refs[3:]:  # an attention mask broadcast over heads is fine; one that is not, is not
         for tag in builder.tags_of(ref):
             builder.block(tag.space, f"{where} uses these channels as an attention mask")
-        if len(ref.shape) == rank and rank >= 3 and ref.shape[rank - 3] > 1:
+        if len(ref.shape) >= 3 and rank >= 3 and ref.shape[-3] > 1:  # broadcast from the right: dim -3 is heads
             for tag in (t for r in (q, k, v) for t in builder.tags_of(r) if t.dim == rank - 3):
                 builder.block(tag.space, f"{where} adds a mask or bias with one slice per head (shape "
                                          f"{list(ref.shape)}) that pruning heads would not slice (in T5, the "

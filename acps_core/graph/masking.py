@@ -105,8 +105,9 @@ def approximated_groups(model: nn.Module, graph: ChannelGraph) -> list[ChannelGr
     found = []
     for group in graph.prunable_groups:
         for use in group.followers:
-            named = use.layer if use.kind == "Parameter" else f"{use.layer}.weight"
-            module = model.get_submodule(use.layer) if use.kind != "Parameter" else None
+            bare = use.kind in ("Parameter", "Buffer")  # a tensor of the model, not a module
+            named = use.layer if bare else f"{use.layer}.weight"
+            module = None if bare else model.get_submodule(use.layer)
             adapter = adapter_for(module) if module is not None else None
             if named in graph.norms_over_channels or (adapter is not None and adapter.approximate):
                 found.append(group)

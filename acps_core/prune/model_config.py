@@ -84,15 +84,17 @@ def sync_config(model: nn.Module) -> str | None:
     if differ:
         return ("its blocks have different widths (" + "; ".join(differ) + "), which a Hugging Face config cannot "
                 "state: save its state_dict and rebuild it with restore_prune_retrain_model, not save_pretrained")
-    before = config.to_dict()
-    for name, values in widths.items():
-        if hasattr(config, name) or name == "head_dim":
-            setattr(config, name, next(iter(values)))
+    names = [name for name in widths if hasattr(config, name) or name == "head_dim"]
+    before = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    for name in names:
+        setattr(config, name, next(iter(widths[name])))
     why_not = rebuild_mismatch(model, config)
     if why_not is not None:
-        for name in widths:  # leave the config as it was: it cannot describe this model
+        for name in names:  # leave the config as it was: it cannot describe this model
             if name in before:
                 setattr(config, name, before[name])
+            else:
+                delattr(config, name)
         return why_not
     return None
 

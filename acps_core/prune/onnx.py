@@ -67,13 +67,13 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
     with preserved_model_state(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model.eval()
+        noted: list[warnings.WarningMessage] = []
         try:
             with warnings.catch_warnings(record=True) as noted:  # shown only if this exporter's file is kept
                 warnings.simplefilter("always")
                 exported = _torchscript_export(model, args, names)
-            for note in noted:
-                warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
         except Exception as first:
+            noted = []
             # The TorchScript exporter (deprecated, still shipped) handles any model that runs but lacks some
             # operators (Hugging Face's mask building uses aten::diff); the torch.export one, with onnxscript,
             # takes those.
@@ -84,6 +84,8 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
                                 + (f"; the torch.export exporter also failed: {type(second).__name__}: {second}"
                                    if not isinstance(second, ImportError) else
                                    " (pip install onnxscript lets the torch.export exporter try)")) from first
+    for note in noted:
+        warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     atomic_write_bytes(path, exported, "save_path")
     return path
 
@@ -100,10 +102,16 @@ def _torch_export(model: nn.Module, args: tuple[Any, ...], names: dict[str, Any]
     inputs, axes = names["input_names"] or [], names["dynamic_axes"] or {}
     if len(inputs) == len(args) and set(axes) <= set(inputs) | set(names["output_names"] or []):
         # The same free dims, said the way this exporter takes them (outputs follow their inputs).
-        shapes = tuple({dim: torch.export.Dim.DYNAMIC for dim in axes.get(name, {})} or None for name in inputs)
+        shapes = tuple({dim: _dim(axes[name], dim) for dim in axes.get(name, {})} or None for name in inputs)
         names = {**names, "dynamic_axes": None, "dynamic_shapes": shapes if any(shapes) else None}
     program = torch.onnx.export(model, args, dynamo=True, verbose=False, **names)
     if program is None:
         raise AcpsError("the torch.export exporter returned no program")
     data: bytes = program.model_proto.SerializeToString()
     return data
+
+
+def _dim(axes: Any, dim: int) -> Any:
+    """The free dim ``dim`` as torch.export takes it, keeping the name ``dynamic_axes`` gave it (``{0: "batch"}``)."""
+    name = axes.get(dim) if isinstance(axes, Mapping) else None
+    return torch.export.Dim(name) if isinstance(name, str) and name.isidentifier() else torch.export.Dim.DYNAMIC

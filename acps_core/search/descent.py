@@ -25,6 +25,8 @@ class Cut:
         new_count: the channels it keeps after.
         lost: the sensitivity of the channels the cut removes (its least sensitive remaining ones).
         saved: the exact cost the cut saves, everything else as it is.
+        members: how many groups move with the cut (a set of groups tied by ``uniform_widths``), each losing
+            ``old_count - new_count`` channels.
     """
 
     group_id: int
@@ -32,6 +34,7 @@ class Cut:
     new_count: int
     lost: float
     saved: float
+    members: int = 1
 
     @property
     def density(self) -> float:
@@ -40,8 +43,8 @@ class Cut:
 
     @property
     def per_channel(self) -> float:
-        """Sensitivity lost per channel removed."""
-        return self.lost / (self.old_count - self.new_count)
+        """Sensitivity lost per channel removed (in every group the cut moves)."""
+        return self.lost / ((self.old_count - self.new_count) * self.members)
 
 
 def next_cut(graph_info: GraphInfo, record: SearchRecord, kept: Mapping[int, int],
@@ -66,7 +69,8 @@ def next_cut(graph_info: GraphInfo, record: SearchRecord, kept: Mapping[int, int
         saved = graph_info.saving(kept, record.group_id, new_count)
         if saved <= 0 and not free:
             continue
-        return Cut(record.group_id, current, new_count, record.lost(new_count) - record.lost(current), saved)
+        return Cut(record.group_id, current, new_count, record.lost(new_count) - record.lost(current), saved,
+                   len(graph_info.ties.members(record.group_id)))
     return None
 
 

@@ -187,11 +187,12 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
             decision = comm.run("searching", search)
         timings["searching"] = time.perf_counter() - started
         decision.keep = comm.broadcast(decision.keep)  # rank 0's decision, on every rank
-        fitted = fit_hidden_to_heads(model, graph, records, decision.keep) if ties.sets else None
 
     for group_id, count in fixed.kept.items():
         if count < graph.group(group_id).channels and group_id not in decision.keep:
             decision.keep[group_id] = largest_norm_channels(model, graph.group(group_id), count)
+    # With every group's count known (the overridden ones too), the hidden width fits the heads kept.
+    fitted = fit_hidden_to_heads(model, graph, records, decision.keep) if ties.sets else None
     result = build_result(graph, cost_model, decision, fixed, settings, call.out_path)
     result.prunable_share = cost_model.prunable_share
     sensitivity_story(result, GraphInfo(graph, cost_model, fixed.kept, budget), records, decision)

@@ -92,3 +92,29 @@ def test_a_conv_with_a_computed_weight_is_left_alone_with_the_reason() -> None:
     model(torch.randn(1, 3, 8, 8))
     reasons = build_channel_graph(model.eval(), torch.randn(2, 3, 8, 8)).explain()
     assert "weight computed in the forward pass" in reasons["0"]
+
+
+class BiasedAttention(nn.Module):
+    """Attention whose mask is a bias with one slice per head, broadcast over the batch (``bias_rank`` 3) or not
+    (4), as T5 adds its relative position bias."""
+
+    def __init__(self, bias_rank: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.out = (nn.Linear(16, 16) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn((1,) * (bias_rank - 3) + (4, 5, 5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (layer(x).view(b, t, -1, 4).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        result: torch.Tensor = self.out(out.transpose(1, 2).reshape(b, t, -1))
+        return result
+
+
+def test_a_mask_with_one_slice_per_head_keeps_the_heads_and_says_why() -> None:
+    for rank in (3, 4):
+        model = BiasedAttention(rank).eval()
+        graph = build_channel_graph(model, torch.randn(2, 5, 16))
+        heads = next(g for g in graph.groups if "q" in g.producers)
+        assert not heads.prunable and "one slice per head" in heads.reasons[0], rank

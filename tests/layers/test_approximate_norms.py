@@ -80,3 +80,28 @@ def test_exact_only_leaves_them_alone_with_the_reason_and_keeps_rms_norms(exact_
 def test_the_setting_takes_a_bool() -> None:
     with pytest.raises(ArgumentError, match="approximate_norms takes True or False, got 'no'"):
         approximate_norms("no")  # type: ignore[arg-type]
+
+
+class Scaled(nn.Module):
+    """A per-channel buffer scales the hidden width: a follower that is a tensor of the model, not a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("scale", torch.rand(16) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.relu(self.fc1(x)) * self.scale)
+        return out
+
+
+def test_a_per_channel_buffer_is_no_norm_and_the_search_runs(tmp_path: Path) -> None:
+    model, x = Scaled().eval(), torch.randn(16, 8)
+    graph = build_channel_graph(model, x)
+    assert any(use.kind == "Buffer" for g in graph.groups for use in g.followers)
+    assert approximated_groups(model, graph) == []
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    result = acps.auto_channel_prune_search(model, tmp_path / "search.cfg", [x, torch.randint(0, 4, (16,))],
+                                            tmp_path / "prune.cfg")
+    assert result.target_reached and not any("LayerNorm" in note for note in result.notes)

@@ -119,3 +119,25 @@ def test_uniform_widths_must_be_a_bool(tmp_path: Path) -> None:
         acps.auto_channel_prune_search(model, write_config(tmp_path, 1.5), [x, model(x).detach()],
                                        tmp_path / "p.cfg", uniform_widths="yes")
     assert not (tmp_path / "p.cfg").exists()
+
+
+def test_a_global_rank_counts_the_channels_every_member_of_a_set_loses() -> None:
+    from acps_core.graph.build import build_channel_graph
+    from acps_core.search.problem import CostModel, GraphInfo, PruneSearchConfig, allowed_kept_counts, masks_to_decision
+    from acps_gain_ascend import BitComplexity
+    from acps_search_greedy import GlobalRankSearch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), Stack(loud=0)).eval()  # the residual stream gets a producer
+    graph = build_channel_graph(model, torch.randn(4, 16))
+    cost_model = CostModel(graph, BitComplexity())
+    records = [SearchRecord.for_group(g, allowed_kept_counts(g.channels, False, 0.9, g.atom))
+               for g in graph.prunable_groups]
+    for r in records:  # the blocks' hidden channels matter half as much as the residual stream's, one by one
+        r.sensitivity = torch.full((r.channels,), 1.0 if r.name.startswith("1.blocks") else 2.0)
+    view, ties = tie_records(records, repeated_blocks(model))
+    info = GraphInfo(graph, cost_model, {}, cost_model.full_cost / 1.3, ties)
+    masks = GlobalRankSearch().channel_prune_search(info, view, PruneSearchConfig(1.3, False, 0.9))
+    keep = untie_decision(masks_to_decision(masks, view, "GlobalRankSearch"), ties, records).keep
+    names = {graph.group(g).name for g in keep}
+    assert names == {f"1.blocks.{b}.0" for b in range(4)}  # the cheaper channels go, in every block alike

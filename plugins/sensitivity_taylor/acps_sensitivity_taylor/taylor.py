@@ -41,7 +41,7 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -387,27 +387,33 @@ class TaylorLossSensitivity(SensitivityBase):
         non-finite."""
         terms = {group: torch.zeros(channels, dtype=torch.float64) for group, channels in uses.channels.items()}
         buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        broken: list[torch.nn.Parameter] = []
+        broken: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def take(param: torch.Tensor) -> None:
             grad, param.grad = param.grad, None
             if grad is not None and not self._add_terms(terms, uses, param, grad, buffers):
-                broken.append(param)  # type: ignore[arg-type]
+                broken.append((param, grad))
 
-        saved = [(param, param.grad) for param in params]
+        # The user's own post-accumulate hooks (an optimizer stepping inside backward) stay out of this pass.
+        saved = [(param, param.grad, param._post_accumulate_grad_hooks) for param in params]
         handles = []
         try:
             for param in params:
                 param.grad = None
+                param._post_accumulate_grad_hooks = None  # type: ignore[assignment]
                 handles.append(param.register_post_accumulate_grad_hook(take))
             torch.autograd.backward(target, inputs=params)
         finally:
             for handle in handles:
                 handle.remove()
-            for param, grad in saved:
+            for param, grad, hooks in saved:
                 param.grad = grad
+                param._post_accumulate_grad_hooks = hooks
         if broken:
-            self._check_finite(broken, (torch.tensor(math.nan),) * len(broken))  # names the first
+            self._check_finite([cast(torch.nn.Parameter, p) for p, _ in broken],
+                               tuple(g for _, g in broken))  # a NaN gradient, named
+            raise DataError("the first-order terms on the calibration data are NaN or Inf (the gradient times the "
+                            "weights overflows); check the model's weights and the data")
         return terms
 
     def _add_terms(self, terms: dict[int, torch.Tensor], uses: _Uses, param: torch.Tensor,
