@@ -71,6 +71,8 @@ def save_prune_retrain_model(model: nn.Module, save_path: StrPath, input_data: A
         try:
             with warnings.catch_warnings(record=True) as noted:  # shown only if this exporter's file is kept
                 warnings.simplefilter("always")
+                for chosen in (DeprecationWarning, FutureWarning):  # it is deprecated, and chosen knowingly
+                    warnings.simplefilter("ignore", chosen)
                 exported = _torchscript_export(model, args, names)
         except Exception as first:
             noted = []
