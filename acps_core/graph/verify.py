@@ -30,7 +30,7 @@ def _trial(model: nn.Module, graph: ChannelGraph, sample: Any, keep: dict[int, l
     """Prune a copy as ``keep`` says and compare it with the masked model; why it fails, or None."""
     try:
         pruned = copy_sharing_tensors(model)  # slicing makes new tensors; the others stay shared, unchanged
-        prune_channels(pruned, graph, keep)
+        prune_channels(pruned, graph, keep, share=True)  # the last atom goes: most tensors are views, no copies
         with torch.no_grad():
             got = forward(pruned, sample)
         with masked_channels(model, graph, keep), torch.no_grad():

@@ -31,17 +31,41 @@ STATISTICS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 BUILD_CACHES: list[dict[Any, Any]] = []
 
 
+def select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """The entries ``index`` (ascending) of ``tensor`` along ``dim``.
+
+    One run of consecutive entries gives a view that shares ``tensor``'s memory (no copy: a trial pruning that is
+    run once and dropped costs nothing); :func:`acps_core.prune.slicing.prune_channels` gives every such view
+    memory of its own once all layers are cut. Other indices give a new tensor; along an inner dim the runs are
+    copied whole, which is faster than gathering single entries.
+    """
+    positions = index.tolist()
+    runs: list[tuple[int, int]] = []  # (start, length)
+    for position in positions:
+        if runs and position == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    if len(runs) == 1:
+        return tensor.narrow(dim, runs[0][0], runs[0][1])
+    if dim % tensor.dim() and len(runs) * 8 <= len(positions):
+        return torch.cat([tensor.narrow(dim, start, length) for start, length in runs], dim)
+    return tensor.index_select(dim, index.to(tensor.device))
+
+
 def take(param: torch.Tensor | None, dim: int, index: torch.Tensor) -> nn.Parameter | None:
-    """A new parameter holding the entries ``index`` of ``param`` along ``dim`` (None stays None)."""
+    """A parameter holding the entries ``index`` of ``param`` along ``dim`` (None stays None).
+
+    It may share ``param``'s memory (see :func:`select`): never write into it in place; compute a new tensor.
+    """
     if param is None:
         return None
-    data = param.detach().index_select(dim, index.to(param.device))  # a new tensor already
-    return nn.Parameter(data, requires_grad=param.requires_grad)
+    return nn.Parameter(select(param.detach(), dim, index), requires_grad=param.requires_grad)
 
 
 def take_buffer(buffer: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    """The entries ``index`` of a per-channel buffer (None stays None)."""
-    return None if buffer is None else buffer.index_select(0, index.to(buffer.device))
+    """The entries ``index`` of a per-channel buffer (None stays None; it may share the buffer's memory)."""
+    return None if buffer is None else select(buffer, 0, index)
 
 
 class LayerAdapter:

@@ -155,11 +155,12 @@ def _keep(module: nn.Module, index: torch.Tensor, fold: tuple[float, float]) -> 
     assert weight is not None
     dim = next(d for d, s in enumerate(weight.shape) if s != 1)
     ratio = _channels(weight) / len(index)  # type: ignore[operator]
-    kept: Any = take(weight, dim, index)
-    with torch.no_grad():
-        kept.add_(offset).mul_(ratio ** power).sub_(offset)
+    kept = take(weight, dim, index)
+    assert kept is not None
+    with torch.no_grad():  # a new tensor: ``kept`` may share the unpruned weight's memory
+        folded = (kept + offset) * ratio ** power - offset
     norm: Any = module
-    norm.weight = kept
+    norm.weight = nn.Parameter(folded, requires_grad=weight.requires_grad)
     bias = module._parameters.get("bias")
     if bias is not None:
         norm.bias = take(bias, dim, index)

@@ -15,15 +15,18 @@ from torch import nn
 from acps_core.errors import GraphError
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.removal import check_decision, removal
-from acps_core.layers.base import LayerAdapter, adapter_for, take
+from acps_core.layers.base import LayerAdapter, adapter_for, select, take
 
 
-def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> None:
+def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]], *,
+                   share: bool = False) -> None:
     """Remove channels from ``model`` in place: group ``g`` keeps only the channel indices ``keep[g]``.
 
     ``graph`` must have been built from ``model`` (or an identical one). A layer touched by several groups (the
     consumer of a concat) is sliced once, with every group's removals combined; a layer's outputs are sliced
-    before its inputs.
+    before its inputs. Every tensor cut gets memory of its own, unless ``share``: then a tensor that keeps one run
+    of consecutive channels stays a view of the unpruned one (a trial that only runs the pruned model and drops
+    it, which must then not write into it).
 
     Raises:
         GraphError: a group that is not prunable, indices out of range, or a keep set that breaks the group's
@@ -31,6 +34,7 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
     """
     check_decision(graph, keep)
     tied = _tied_parameters(model)
+    unpruned = {id(t) for t in (*model.parameters(), *model.buffers())}
     removed = removal(graph, keep)
     for name, drop in removed.outputs.items():
         module = model.get_submodule(name)
@@ -51,10 +55,12 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
         tensor = getattr(owner, attr)
         index = _kept(tensor.shape[dim], drop)
         if attr in owner._buffers:
-            owner._buffers[attr] = tensor.index_select(dim, index.to(tensor.device))
+            owner._buffers[attr] = select(tensor, dim, index)
         else:
             setattr(owner, attr, take(tensor, dim, index))
     _retie(tied)
+    if not share:
+        _own_memory(model, unpruned)
 
 
 def _tied_parameters(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[nn.Module, str]]]]:
@@ -85,6 +91,26 @@ def _retie(tied: list[tuple[nn.Parameter, list[tuple[nn.Module, str]]]]) -> None
                     module.out_features, module.in_features = kept.shape
             elif now is not kept and now.shape == kept.shape and torch.equal(now, kept):
                 setattr(module, attr, kept)
+
+
+def _own_memory(model: nn.Module, unpruned: set[int]) -> None:
+    """Give every new parameter and buffer that is a view (of an unpruned tensor, or of a larger copy) memory of
+    its own, contiguous; parameters tied to each other stay tied."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or id(tensor) in unpruned or not _is_view(tensor):
+                    continue
+                if id(tensor) not in copies:
+                    data = tensor.detach().clone(memory_format=torch.contiguous_format)
+                    copies[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
+                                          if isinstance(tensor, nn.Parameter) else data)
+                tensors[name] = copies[id(tensor)]  # type: ignore[assignment]
+
+
+def _is_view(tensor: torch.Tensor) -> bool:
+    return not tensor.is_contiguous() or tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
 
 
 def _kept(size: int, dropped: set[int]) -> torch.Tensor:
