@@ -254,14 +254,17 @@ def _parse_record(text: str) -> record_pb2.ScaleOffsetRecord:
         return f"i: {_LIFTED + len(lists) - 1}" + "\n" * match.group(0).count("\n")
 
     lifted = _TOKENS.sub(lift, text)
+    record = record_pb2.ScaleOffsetRecord()
     if lists:
         try:
-            record = text_format.Parse(lifted, record_pb2.ScaleOffsetRecord())
+            text_format.Parse(lifted, record)
+            if _put_back(record, lists):
+                return record
         except text_format.ParseError:
-            record = None
-        if record is not None and _put_back(record, lists):
-            return record
-    return text_format.Parse(text, record_pb2.ScaleOffsetRecord())
+            pass
+        record = record_pb2.ScaleOffsetRecord()
+    text_format.Parse(text, record)
+    return record
 
 
 def _put_back(record: record_pb2.ScaleOffsetRecord, lists: list[list[int]]) -> bool:
