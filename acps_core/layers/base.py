@@ -29,27 +29,31 @@ STATISTICS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 #: by the model's other modules of its class): emptied when a build starts, so that another model's modules of
 #: the same class, which may behave otherwise, are tried again.
 BUILD_CACHES: list[dict[Any, Any]] = []
+#: Tensors of fewer entries are always copied by :func:`select`: a view would save next to nothing, and finding
+#: the runs of the index costs more than the copy.
+VIEW_MIN_ENTRIES = 1 << 16
 
 
 def select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """The entries ``index`` (ascending) of ``tensor`` along ``dim``.
+    """The entries ``index`` (ascending, each once) of ``tensor`` along ``dim``.
 
-    One run of consecutive entries gives a view that shares ``tensor``'s memory (no copy: a trial pruning that is
-    run once and dropped costs nothing); :func:`acps_core.prune.slicing.prune_channels` gives every such view
-    memory of its own once all layers are cut. Other indices give a new tensor; along an inner dim the runs are
-    copied whole, which is faster than gathering single entries.
+    For a large tensor, one run of consecutive entries gives a view that shares ``tensor``'s memory (no copy: a
+    trial pruning that is run once and dropped costs nothing); :func:`acps_core.prune.slicing.prune_channels`
+    gives every such view memory of its own once all layers are cut. Other indices give a new tensor; along an
+    inner dim the runs are copied whole, which is faster than gathering single entries.
     """
-    positions = index.tolist()
-    runs: list[tuple[int, int]] = []  # (start, length)
-    for position in positions:
-        if runs and position == runs[-1][0] + runs[-1][1]:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((position, 1))
-    if len(runs) == 1:
-        return tensor.narrow(dim, runs[0][0], runs[0][1])
-    if dim % tensor.dim() and len(runs) * 8 <= len(positions):
-        return torch.cat([tensor.narrow(dim, start, length) for start, length in runs], dim)
+    count = index.numel()
+    if tensor.numel() < VIEW_MIN_ENTRIES or count == 0:
+        return tensor.index_select(dim, index.to(tensor.device))
+    index = index.cpu()
+    first = int(index[0])
+    if int(index[-1]) - first + 1 == count:  # ascending, so one run
+        return tensor.narrow(dim, first, count)
+    if dim % tensor.dim():
+        starts = (torch.nonzero(index.diff() != 1).flatten() + 1).tolist()  # where a new run starts
+        if (len(starts) + 1) * 8 <= count:
+            bounds, positions = [0, *starts, count], index.tolist()
+            return torch.cat([tensor.narrow(dim, positions[a], b - a) for a, b in zip(bounds, bounds[1:])], dim)
     return tensor.index_select(dim, index.to(tensor.device))
 
 

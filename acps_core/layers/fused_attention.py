@@ -181,9 +181,12 @@ def head_parameters(module: nn.Module, heads: int | None = None,
 def fused_qkv_attention(module: nn.Module) -> bool:
     """Whether ``module`` is self-attention with a fused ``qkv`` projection that acps prunes heads of (see the
     module docs)."""
-    heads, dims = getattr(module, "num_heads", None), head_dims(module)
+    heads = getattr(module, "num_heads", None)
+    if not isinstance(heads, int) or heads <= 0:
+        return False
+    dims = head_dims(module)
     qkv, proj = projection_parts(_child(module, QKV_NAMES)), _child(module, PROJ_NAMES)
-    if not isinstance(heads, int) or heads <= 0 or dims is None or qkv is None:
+    if dims is None or qkv is None:
         return False
     if proj is not None and projection_parts(proj) is None:
         return False

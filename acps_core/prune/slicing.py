@@ -114,7 +114,9 @@ def _is_view(tensor: torch.Tensor) -> bool:
 
 
 def _kept(size: int, dropped: set[int]) -> torch.Tensor:
-    return torch.tensor([i for i in range(size) if i not in dropped], dtype=torch.long)
+    kept = torch.ones(size, dtype=torch.bool)
+    kept[torch.tensor(sorted(dropped), dtype=torch.long)] = False
+    return kept.nonzero().flatten()
 
 
 def _adapter(module: nn.Module, name: str) -> LayerAdapter:

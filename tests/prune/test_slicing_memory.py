@@ -9,6 +9,7 @@ from torch import nn
 
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
+from acps_core.layers import base
 from acps_core.layers.base import select
 from acps_core.prune.copying import copy_sharing_tensors
 from acps_core.prune.slicing import prune_channels
@@ -40,7 +41,8 @@ class Net(nn.Module):
 
 
 @pytest.fixture
-def net() -> tuple[nn.Module, torch.Tensor, ChannelGraph]:
+def net(monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, torch.Tensor, ChannelGraph]:
+    monkeypatch.setattr(base, "VIEW_MIN_ENTRIES", 0)  # views for these small tensors too
     torch.manual_seed(0)
     model = Net().eval()
     model.bn.running_mean.uniform_(-1, 1)
@@ -58,8 +60,9 @@ def _storages(model: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
 
-def test_select_gives_what_index_select_gives_and_a_view_for_one_run() -> None:
-    tensor = torch.randn(6, 40)
+def test_select_gives_what_index_select_gives_and_a_view_for_one_run_of_a_large_tensor() -> None:
+    assert select(torch.randn(6, 40), 1, torch.arange(3, 20)).untyped_storage().nbytes() == 6 * 17 * 4
+    tensor = torch.randn(base.VIEW_MIN_ENTRIES // 40 + 1, 40)
     for dim, index in [(1, torch.arange(3, 20)), (0, torch.tensor([0, 2, 5])), (1, torch.tensor([1, 4, 9])),
                        (1, torch.cat([torch.arange(0, 16), torch.arange(24, 40)])), (-1, torch.arange(8))]:
         got = select(tensor, dim, index)
