@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -451,7 +452,8 @@ def test_hugging_face_vision_transformers_lose_heads_exactly(family: str) -> Non
         assert attention.relative_position_bias.relative_position_bias_table.shape[1] == 3
 
 
-def test_the_refit_fits_the_real_tokens_and_not_the_padding(tmp_path: Path) -> None:
+@pytest.mark.parametrize("passed", ["by keyword", "positionally"])
+def test_the_refit_fits_the_real_tokens_and_not_the_padding(tmp_path: Path, passed: str) -> None:
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
                                      num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,
                                      num_labels=3)
@@ -466,7 +468,8 @@ def test_the_refit_fits_the_real_tokens_and_not_the_padding(tmp_path: Path) -> N
     words = torch.randint(1, VOCAB, (16, 12), generator=generator)
 
     def refitted(padding: torch.Tensor, reconstruct: bool = True) -> torch.Tensor:
-        data = {"input_ids": torch.where(mask.bool(), words, padding), "attention_mask": mask}
+        ids = torch.where(mask.bool(), words, padding)
+        data: Any = {"input_ids": ids, "attention_mask": mask} if passed == "by keyword" else (ids, mask)
         pruned = acps.create_prune_retrain_model(model, data, tmp_path / "prune.cfg", tmp_path / "prune.record",
                                                  calibration_data=data, reconstruct=reconstruct)
         return pruned.bert.encoder.layer[0].output.dense.weight.detach()

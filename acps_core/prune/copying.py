@@ -111,7 +111,7 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
             removed = removal(graph, keep)
             removed_outputs, removed_inputs = removed.outputs, removed.inputs
             with recording_layer_inputs(pruned, set(removed_inputs) if reconstruct else set(),
-                                        token_positions(norm_data)) as unpruned_inputs:
+                                        token_positions(pruned, norm_data)) as unpruned_inputs:
                 unpruned_norms = _measure_norms(pruned, norm_data)
             _check_layer_inputs(unpruned_inputs)
         unpruned_weights = {name: cast(torch.Tensor, pruned.get_submodule(name).weight) for name in unpruned_inputs}
@@ -135,7 +135,7 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
             pruned.eval()
             try:
                 with reconstructing(pruned, unpruned_weights, unpruned_inputs, removed_inputs,
-                                    removed_outputs, token_positions(norm_data)) as refitted:
+                                    removed_outputs, token_positions(pruned, norm_data)) as refitted:
                     changed = correct_norm_statistics(pruned, unpruned_norms,
                                                       removal(graph, keep).followers, norm_data)
             except Exception as exc:

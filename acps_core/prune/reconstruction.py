@@ -17,8 +17,8 @@ samples; a layer seen at fewer positions than it keeps channels is left as prune
 forward order within one pass, so each one sees its input after the layers before it were re-fitted; the
 BatchNorm correction (:mod:`acps_core.prune.norm_correction`) runs in the same pass.
 
-Padding is not fitted: when the calibration data holds an ``attention_mask`` (batch x tokens, 0 at padding), as
-a Hugging Face model takes it, a layer whose input is laid out ``(batch, tokens, channels)`` is fitted on the
+Padding is not fitted: when the calibration data holds an ``attention_mask`` (batch x tokens, 0 at padding, by
+keyword or positionally), as a Hugging Face model takes it, a layer whose input is laid out ``(batch, tokens, channels)`` is fitted on the
 real tokens' positions only. Otherwise a batch of short sentences padded to one length would be fitted mostly
 on padding, which nothing downstream reads.
 
@@ -30,6 +30,7 @@ input channels.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Mapping, Set
 from contextlib import contextmanager
@@ -84,10 +85,17 @@ def _channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return adapter.input_rows(module, x)
 
 
-def token_positions(data: Any) -> torch.Tensor | None:
-    """The real tokens of the calibration data (a bool batch x tokens mask), from its ``attention_mask`` when it is
-    a dict holding one of two dims; None otherwise."""
-    mask = data.get("attention_mask") if isinstance(data, Mapping) else None
+def token_positions(model: nn.Module, data: Any) -> torch.Tensor | None:
+    """The real tokens of the calibration data (a bool batch x tokens mask): its ``attention_mask`` of two dims,
+    passed by keyword (a dict) or positionally to a forward with a parameter of that name; None otherwise."""
+    mask = None
+    if isinstance(data, Mapping):
+        mask = data.get("attention_mask")
+    elif isinstance(data, (tuple, list)):
+        try:
+            mask = inspect.signature(model.forward).bind_partial(*data).arguments.get("attention_mask")
+        except (TypeError, ValueError):  # more arguments than the forward takes, or no signature to read
+            mask = None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool((mask != 0).any()):
         return None
     return (mask != 0).cpu()
@@ -142,7 +150,7 @@ def recording_layer_inputs(model: nn.Module, layers: Set[str], tokens: torch.Ten
 
 def measure_layer_inputs(model: nn.Module, layers: Set[str], data: Any) -> dict[str, LayerInput]:
     """:func:`recording_layer_inputs` over one forward pass of ``data``."""
-    with recording_layer_inputs(model, layers, token_positions(data)) as measured, torch.no_grad():
+    with recording_layer_inputs(model, layers, token_positions(model, data)) as measured, torch.no_grad():
         forward(model, data)
     return measured
 
