@@ -24,8 +24,7 @@ from acps_core.graph.removal import removal
 from acps_core.graph.trace import trace_sample
 from acps_core.prune.model_config import PerLayerWidthsWarning, sync_config
 from acps_core.prune.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
-from acps_core.prune.reconstruction import (LayerInput, reconstructing, recording_layer_inputs,
-                                             token_positions)
+from acps_core.prune.reconstruction import LayerInput, reconstructing, recording_layer_inputs, token_positions
 from acps_core.prune.slicing import prune_channels
 
 logger = logging.getLogger(__name__)
@@ -56,13 +55,19 @@ def _output_shapes(model: nn.Module, data: Any) -> Any:
     """The model's output on ``data`` computed on fake tensors, which carry shapes and no values (no arithmetic:
     a small fraction of a forward pass), by a copy that shares its tensors, so that whatever the forward caches
     stays in the copy. A forward that needs values (data-dependent control flow) runs for real."""
+    trial = copy_sharing_tensors(model)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # an op fake tensors cannot run is not the user's error: it runs for real
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            return forward(copy_sharing_tensors(model), data)
+            return forward(trial, data)
     except Exception:
         return _checked_output(model, data, "pruned")
+    finally:
+        fake_log.setLevel(level)
 
 
 def copy_sharing_tensors(model: nn.Module) -> nn.Module:

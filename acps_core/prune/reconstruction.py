@@ -18,9 +18,9 @@ forward order within one pass, so each one sees its input after the layers befor
 BatchNorm correction (:mod:`acps_core.prune.norm_correction`) runs in the same pass.
 
 Padding is not fitted: when the calibration data holds an ``attention_mask`` (batch x tokens, 0 at padding, by
-keyword or positionally), as a Hugging Face model takes it, a layer whose input is laid out ``(batch, tokens, channels)`` is fitted on the
-real tokens' positions only. Otherwise a batch of short sentences padded to one length would be fitted mostly
-on padding, which nothing downstream reads.
+keyword or positionally), as a Hugging Face model takes it, a layer whose input is laid out ``(batch, tokens,
+channels)`` is fitted on the real tokens' positions only. Otherwise a batch of short sentences padded to one
+length would be fitted mostly on padding, which nothing downstream reads.
 
 Left as pruned: a grouped (not depthwise: that one is a follower, pruned with its group) convolution, a layer
 the forward pass calls more than once or whose weight another module shares, a ``MultiheadAttention`` (its out
