@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -450,31 +449,3 @@ def test_hugging_face_vision_transformers_lose_heads_exactly(family: str) -> Non
         assert isinstance(adapter_for(attention), SplitAttentionAdapter)
         assert attention.num_attention_heads == 3
         assert attention.relative_position_bias.relative_position_bias_table.shape[1] == 3
-
-
-@pytest.mark.parametrize("passed", ["by keyword", "positionally"])
-def test_the_refit_fits_the_real_tokens_and_not_the_padding(tmp_path: Path, passed: str) -> None:
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
-                                     num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,
-                                     num_labels=3)
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
-    (tmp_path / "prune.cfg").write_text(
-        'override_layer_configs { layer_name: "bert.encoder.layer.0.intermediate.dense" prune_config { '
-        'filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 ascend_optimized: false } } } }\n')
-    generator = torch.Generator().manual_seed(1)
-    lengths = torch.randint(4, 13, (16,), generator=generator)
-    mask = (torch.arange(12) < lengths[:, None]).long()
-    words = torch.randint(1, VOCAB, (16, 12), generator=generator)
-
-    def refitted(padding: torch.Tensor, reconstruct: bool = True) -> torch.Tensor:
-        ids = torch.where(mask.bool(), words, padding)
-        data: Any = {"input_ids": ids, "attention_mask": mask} if passed == "by keyword" else (ids, mask)
-        pruned = acps.create_prune_retrain_model(model, data, tmp_path / "prune.cfg", tmp_path / "prune.record",
-                                                 calibration_data=data, reconstruct=reconstruct)
-        return pruned.bert.encoder.layer[0].output.dense.weight.detach()
-
-    other = torch.randint(1, VOCAB, (16, 12), generator=generator)
-    fitted = refitted(torch.zeros_like(words))
-    assert not torch.allclose(fitted, refitted(torch.zeros_like(words), reconstruct=False))  # it was re-fitted
-    torch.testing.assert_close(fitted, refitted(other), rtol=1e-5, atol=1e-6)  # what padding holds is not fitted

@@ -24,7 +24,7 @@ from acps_core.graph.removal import removal
 from acps_core.graph.trace import trace_sample
 from acps_core.prune.model_config import PerLayerWidthsWarning, sync_config
 from acps_core.prune.norm_correction import Statistics, correct_norm_statistics, measure_norm_inputs
-from acps_core.prune.reconstruction import LayerInput, reconstructing, recording_layer_inputs, token_positions
+from acps_core.prune.reconstruction import LayerInput, reconstructing, recording_layer_inputs
 from acps_core.prune.slicing import prune_channels
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
         if norm_data is not None:  # one pass measures the norms' inputs and those of the layers to re-fit
             removed = removal(graph, keep)
             removed_outputs, removed_inputs = removed.outputs, removed.inputs
-            with recording_layer_inputs(pruned, set(removed_inputs) if reconstruct else set(),
-                                        token_positions(pruned, norm_data)) as unpruned_inputs:
+            with recording_layer_inputs(pruned, set(removed_inputs) if reconstruct else set()) as unpruned_inputs:
                 unpruned_norms = _measure_norms(pruned, norm_data)
             _check_layer_inputs(unpruned_inputs)
         unpruned_weights = {name: cast(torch.Tensor, pruned.get_submodule(name).weight) for name in unpruned_inputs}
@@ -140,7 +139,7 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
             pruned.eval()
             try:
                 with reconstructing(pruned, unpruned_weights, unpruned_inputs, removed_inputs,
-                                    removed_outputs, token_positions(pruned, norm_data)) as refitted:
+                                    removed_outputs) as refitted:
                     changed = correct_norm_statistics(pruned, unpruned_norms,
                                                       removal(graph, keep).followers, norm_data)
             except Exception as exc:

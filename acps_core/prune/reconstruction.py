@@ -17,11 +17,6 @@ samples; a layer seen at fewer positions than it keeps channels is left as prune
 forward order within one pass, so each one sees its input after the layers before it were re-fitted; the
 BatchNorm correction (:mod:`acps_core.prune.norm_correction`) runs in the same pass.
 
-Padding is not fitted: when the calibration data holds an ``attention_mask`` (batch x tokens, 0 at padding, by
-keyword or positionally), as a Hugging Face model takes it, a layer whose input is laid out ``(batch, tokens,
-channels)`` is fitted on the real tokens' positions only. Otherwise a batch of short sentences padded to one
-length would be fitted mostly on padding, which nothing downstream reads.
-
 Left as pruned: a grouped (not depthwise: that one is a follower, pruned with its group) convolution, a layer
 the forward pass calls more than once or whose weight another module shares, a ``MultiheadAttention`` (its out
 projection is applied as a function, so no hook sees its input), and a layer with more than ``MAX_CHANNELS``
@@ -30,7 +25,6 @@ input channels.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterator, Mapping, Set
 from contextlib import contextmanager
@@ -85,33 +79,6 @@ def _channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return adapter.input_rows(module, x)
 
 
-def token_positions(model: nn.Module, data: Any) -> torch.Tensor | None:
-    """The real tokens of the calibration data (a bool batch x tokens mask): its ``attention_mask`` of two dims,
-    passed by keyword (a dict) or positionally to a forward with a parameter of that name; None otherwise."""
-    mask = None
-    if isinstance(data, Mapping):
-        mask = data.get("attention_mask")
-    elif isinstance(data, (tuple, list)):
-        try:
-            mask = inspect.signature(model.forward).bind_partial(*data).arguments.get("attention_mask")
-        except (TypeError, ValueError):  # more arguments than the forward takes, or no signature to read
-            mask = None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool((mask != 0).any()):
-        return None
-    return (mask != 0).cpu()
-
-
-def _at_tokens(values: torch.Tensor, x: torch.Tensor, module: nn.Module, tokens: torch.Tensor | None
-               ) -> torch.Tensor:
-    """The rows of ``values`` (``x`` as positions x channels) at real tokens, when ``x`` is laid out (batch,
-    tokens, channels) for the ``tokens`` mask; all of them otherwise."""
-    adapter = adapter_for(module)
-    if (tokens is None or adapter is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(tokens.shape)
-            or adapter.input_dim(module, 3) != 2):
-        return values
-    return values[tokens.reshape(-1).to(values.device)]
-
-
 def _row_sample(count: int, channels: int) -> torch.Tensor | None:
     """Indices of the positions to fit on (a fixed draw, so both passes take the same), or None for all."""
     wanted = max(MIN_ROWS, ROWS_PER_CHANNEL * channels)
@@ -122,13 +89,11 @@ def _row_sample(count: int, channels: int) -> torch.Tensor | None:
 
 
 @contextmanager
-def recording_layer_inputs(model: nn.Module, layers: Set[str], tokens: torch.Tensor | None = None
-                           ) -> Iterator[dict[str, LayerInput]]:
+def recording_layer_inputs(model: nn.Module, layers: Set[str]) -> Iterator[dict[str, LayerInput]]:
     """Within the block, the forward pass of the calibration data through ``model`` (in eval mode) records the
-    inputs of ``layers`` at a fixed sample of positions (of the real ``tokens``, see :func:`token_positions`); on
-    exit the yielded dict holds them for the layers :func:`reconstructible`, whose weight is their own and which
-    the pass called exactly once. Lets the measurement share a forward pass with another one (the BatchNorm
-    statistics')."""
+    inputs of ``layers`` at a fixed sample of positions; on exit the yielded dict holds them for the layers
+    :func:`reconstructible`, whose weight is their own and which the pass called exactly once. Lets the
+    measurement share a forward pass with another one (the BatchNorm statistics')."""
     seen: dict[str, list[LayerInput]] = {}
     # A weight another module holds too (tied weights) is left alone: re-fitting it would change the other.
     owners = parameter_owners(model)
@@ -136,7 +101,7 @@ def recording_layer_inputs(model: nn.Module, layers: Set[str], tokens: torch.Ten
              and len(owners.get(id(model.get_submodule(name).weight), [])) < 2}
 
     def record(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        values = _at_tokens(_channels_last(x, module), x, module, tokens)
+        values = _channels_last(x, module)
         rows = _row_sample(values.shape[0], values.shape[1])
         picked = values if rows is None else values[rows.to(values.device)]
         finite = bool(torch.isfinite(values).all()) if values.is_floating_point() else True
@@ -150,7 +115,7 @@ def recording_layer_inputs(model: nn.Module, layers: Set[str], tokens: torch.Ten
 
 def measure_layer_inputs(model: nn.Module, layers: Set[str], data: Any) -> dict[str, LayerInput]:
     """:func:`recording_layer_inputs` over one forward pass of ``data``."""
-    with recording_layer_inputs(model, layers, token_positions(model, data)) as measured, torch.no_grad():
+    with recording_layer_inputs(model, layers) as measured, torch.no_grad():
         forward(model, data)
     return measured
 
@@ -192,8 +157,7 @@ def _folded(weight: torch.Tensor, input_map: torch.Tensor, module: nn.Module) ->
 @contextmanager
 def reconstructing(pruned: nn.Module, unpruned_weights: Mapping[str, torch.Tensor],
                    unpruned_inputs: Mapping[str, LayerInput], removed_inputs: Mapping[str, Set[int]],
-                   removed_outputs: Mapping[str, Set[int]], tokens: torch.Tensor | None = None
-                   ) -> Iterator[list[str]]:
+                   removed_outputs: Mapping[str, Set[int]]) -> Iterator[list[str]]:
     """Within the block, every forward pass of the same data as ``unpruned_inputs`` were measured on re-fits the
     measured layers of ``pruned`` before they run (see the module docs); yields the names of the layers
     re-fitted so far.
@@ -204,13 +168,12 @@ def reconstructing(pruned: nn.Module, unpruned_weights: Mapping[str, torch.Tenso
         unpruned_inputs: :func:`measure_layer_inputs` of the unpruned model.
         removed_inputs: per layer, the input channel positions the pruning removed.
         removed_outputs: per layer, the output channels the pruning removed from it (if any).
-        tokens: the real tokens the unpruned inputs were recorded at (see :func:`token_positions`).
     """
     done: list[str] = []
 
     def refit(name: str, module: nn.Module, x: torch.Tensor) -> None:
         measured = unpruned_inputs[name]
-        values = _at_tokens(_channels_last(x, module), x, module, tokens)
+        values = _channels_last(x, module)
         if measured.rows is not None:
             if values.shape[0] <= int(measured.rows[-1]):
                 return  # not the positions measured before (cannot happen for the same data)
