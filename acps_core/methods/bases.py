@@ -171,6 +171,14 @@ class GainEstimatorBase(ABC):
         """Called once after :meth:`prepare` with the model (in eval mode; it must not be changed) and a
         calibration sample it can run, e.g. to measure what the per-layer costs leave out."""
 
+    def measure_speedup(self, model: torch.nn.Module, pruned: torch.nn.Module, sample: Any) -> float | None:
+        """Optional: how much faster ``pruned`` (the model with the search's choice cut out, in eval mode) runs
+        ``sample`` than ``model`` does, as measured on the hardware this estimator models; None (the default)
+        when it does not measure. An estimator that measures lets the search aim by what it measures: it cuts
+        its choice out, times it, and searches again at a corrected aim until the measured speed-up is the target
+        (see :mod:`acps_core.search.aiming`)."""
+        return None
+
     def fixed_cost(self) -> float:
         """Cost of everything outside the Conv/Linear layers, which pruning is taken not to change (added to the
         model's cost before and after; 0 by default)."""

@@ -13,7 +13,11 @@ and ThiNet (Luo et al., ICCV 2017), here solved in closed form on the layer's in
 The fit is regularised towards plain pruning (``M`` = the selection of the kept channels), with a weight that
 grows with the number of channels over the number of positions sampled, so that a layer seen on few rows (a
 classifier reading one vector per sample) stays close to its pruned weights instead of over-fitting the
-samples; a layer seen at fewer positions than it keeps channels is left as pruned. Layers are re-fitted in
+samples; a layer seen at fewer positions than it keeps channels is left as pruned. Where the positions are few
+for the channels (under ``CROSS_VALIDATE_BELOW`` per kept channel: a transformer's MLP seen on a few hundred
+tokens), the strength is chosen on the data: each half of the positions (the first and the second half of the
+samples) is fitted at every strength of ``STRENGTHS`` and judged on the other half, and plain pruning is judged
+too; the best one is used, and when plain pruning wins the layer is left as pruned. Layers are re-fitted in
 forward order within one pass, so each one sees its input after the layers before it were re-fitted; the
 BatchNorm correction (:mod:`acps_core.prune.norm_correction`) runs in the same pass.
 
@@ -54,6 +58,10 @@ MIN_ROWS_PER_KEPT = 1
 #: kept channel's energy: negligible for a convolution seen at thousands of positions, strong for a classifier
 #: seen once per sample.
 PRIOR_STRENGTH = 8.0
+#: A layer seen at fewer positions than this per kept input channel gets its strength by cross-validation.
+CROSS_VALIDATE_BELOW = 32
+#: The strengths tried there, as multiples of ``PRIOR_STRENGTH``.
+STRENGTHS = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0)
 
 
 @dataclass
@@ -128,23 +136,62 @@ def _selection(channels: int, removed: Set[int]) -> torch.Tensor:
     return selection
 
 
-def fit_input_map(pruned_input: torch.Tensor, unpruned_input: torch.Tensor, removed: Set[int]) -> torch.Tensor:
+@dataclass
+class _Moments:
+    """The sums a least-squares fit of ``X_u`` on ``X_p`` needs: ``X_p^T X_p``, ``X_p^T X_u``, ``|X_u|^2`` and the
+    number of rows (float64)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    energy: float
+    rows: int
+
+    @classmethod
+    def of(cls, pruned_input: torch.Tensor, unpruned_input: torch.Tensor) -> _Moments:
+        pruned, unpruned = pruned_input.double(), unpruned_input.double()
+        return cls(pruned.T @ pruned, pruned.T @ unpruned, float(unpruned.square().sum()), pruned.shape[0])
+
+    def solve(self, selection: torch.Tensor, strength: float) -> torch.Tensor:
+        """``M^T`` (kept x original channels) of :func:`fit_input_map`."""
+        # Each kept channel's coefficients are held towards the selection in proportion to its own energy, so
+        # the fit does not depend on the channels' scales; a silent channel (energy 0) keeps its selection.
+        energy = self.gram.diagonal()
+        kept = self.gram.shape[0]
+        weight = torch.where(energy > 0, (strength * kept / self.rows) * energy, torch.ones_like(energy))
+        solved: torch.Tensor = torch.linalg.solve(self.gram + torch.diag(weight),
+                                                  self.cross + weight[:, None] * selection)
+        return solved
+
+    def error(self, map_t: torch.Tensor) -> float:
+        """``|X_u - X_p M^T|^2`` for ``map_t`` = ``M^T``, from the sums alone."""
+        return self.energy - 2 * float((self.cross * map_t).sum()) + float(((self.gram @ map_t) * map_t).sum())
+
+
+def fit_input_map(pruned_input: torch.Tensor, unpruned_input: torch.Tensor, removed: Set[int],
+                  strength: float = PRIOR_STRENGTH) -> torch.Tensor:
     """``M`` (original channels x kept channels, float64) minimising
     ``|X_u - X_p M^T|^2 + sum_j l_j |M[:, j] - S[:, j]|^2`` for the inputs ``X_p`` (positions x kept) and ``X_u``
-    (positions x original) and the selection ``S`` of the kept channels, where ``l_j`` is ``PRIOR_STRENGTH``
-    times kept channels over positions times the energy ``|X_p[:, j]|^2`` of kept channel ``j``."""
-    pruned = pruned_input.double()
-    unpruned = unpruned_input.double()
-    kept = pruned.shape[1]
-    selection = _selection(unpruned.shape[1], removed)
-    gram = pruned.T @ pruned
-    # Each kept channel's coefficients are held towards the selection in proportion to its own energy, so the
-    # fit does not depend on the channels' scales; a silent channel (energy 0) keeps its selection exactly.
-    energy = gram.diagonal()
-    weight = torch.where(energy > 0, (PRIOR_STRENGTH * kept / pruned.shape[0]) * energy, torch.ones_like(energy))
-    solved: torch.Tensor = torch.linalg.solve(gram + torch.diag(weight),
-                                              pruned.T @ unpruned + weight[:, None] * selection)
-    return solved.T
+    (positions x original) and the selection ``S`` of the kept channels, where ``l_j`` is ``strength`` times kept
+    channels over positions times the energy ``|X_p[:, j]|^2`` of kept channel ``j``."""
+    selection = _selection(unpruned_input.shape[1], removed)
+    return _Moments.of(pruned_input, unpruned_input).solve(selection, strength).T
+
+
+def chosen_strength(pruned_input: torch.Tensor, unpruned_input: torch.Tensor, removed: Set[int]) -> float | None:
+    """The strength of :func:`fit_input_map` that predicts best on positions it was not fitted on: each half of
+    the rows is fitted at every strength of ``STRENGTHS`` and its squared error measured on the other half, beside
+    plain pruning's. None when plain pruning is best (then the layer is better left as pruned)."""
+    half = pruned_input.shape[0] // 2
+    first = _Moments.of(pruned_input[:half], unpruned_input[:half])
+    second = _Moments.of(pruned_input[half:], unpruned_input[half:])
+    selection = _selection(unpruned_input.shape[1], removed)
+    errors: dict[float | None, float] = {None: first.error(selection) + second.error(selection)}
+    for multiple in STRENGTHS:
+        strength = multiple * PRIOR_STRENGTH
+        errors[multiple] = (second.error(first.solve(selection, strength))
+                            + first.error(second.solve(selection, strength)))
+    best = min(errors, key=lambda key: errors[key])
+    return None if best is None else best * PRIOR_STRENGTH
 
 
 def _folded(weight: torch.Tensor, input_map: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -186,8 +233,17 @@ def reconstructing(pruned: nn.Module, unpruned_weights: Mapping[str, torch.Tenso
                         values.shape[0], values.shape[1])
             return
         weight = cast(torch.Tensor, module.weight)
+        values = values.float().cpu()
         try:
-            input_map = fit_input_map(values.float().cpu(), measured.values, removed)
+            strength = PRIOR_STRENGTH
+            if values.shape[0] < CROSS_VALIDATE_BELOW * values.shape[1]:
+                chosen = chosen_strength(values, measured.values, removed)
+                if chosen is None:
+                    logger.info("layer %r: plain pruning predicts its input on held-out positions better than a "
+                                "re-fit; left as pruned", name)
+                    return
+                strength = chosen
+            input_map = fit_input_map(values, measured.values, removed, strength)
         except torch.linalg.LinAlgError:  # type: ignore[attr-defined]
             input_map = None
         if input_map is None or not torch.isfinite(input_map).all():

@@ -37,6 +37,7 @@ from acps_core.prune.keep import largest_norm_channels
 from acps_core.prune.model_config import fit_hidden_to_heads
 from acps_core.report.result import SearchResult
 from acps_core.report.story import sensitivity_story
+from acps_core.search.aiming import TOLERANCE, Aimed, aim_by_measurement
 from acps_core.search.arguments import Call, check_arguments, is_acps_own
 from acps_core.search.outputs import (
     PLACEHOLDER_PRUNE_RATIO,
@@ -182,19 +183,42 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
                 raise PluginError(f"search method {search_name} raised {type(exc).__name__}: {exc}") from exc
             return untie_decision(masks_to_decision(masks, searched, search_name), ties, records)
 
+        def completed(choice: Decision) -> dict[int, list[int]]:
+            """The choice with the groups the search did not decide (overrides, skips) filled in."""
+            filled = {group_id: largest_norm_channels(model, graph.group(group_id), count)
+                      for group_id, count in fixed.kept.items()
+                      if count < graph.group(group_id).channels and group_id not in choice.keep}
+            return {**filled, **choice.keep}
+
+        def aimed_search() -> tuple[Decision, Aimed | None]:
+            first = search()
+
+            def search_at(ratio: float) -> Decision:
+                graph_info.budget = cost_model.full_cost / ratio
+                return search()
+
+            try:
+                aimed = aim_by_measurement(
+                    model, graph, trace_sample(sample, 1), call.gain, settings.compress_ratio, first, completed,
+                    lambda choice: cost_model.full_cost / cost_model.cost(
+                        {**fixed.kept, **choice.kept_counts()}), search_at)
+            finally:
+                graph_info.budget = budget
+            return (first, None) if aimed is None else (aimed.decision, aimed)
+
         started = time.perf_counter()
         with stage(f"searching ({search_name})"):
-            decision = comm.run("searching", search)
+            decision, aimed = comm.run("searching", aimed_search)
         timings["searching"] = time.perf_counter() - started
-        decision.keep = comm.broadcast(decision.keep)  # rank 0's decision, on every rank
-
-    for group_id, count in fixed.kept.items():
-        if count < graph.group(group_id).channels and group_id not in decision.keep:
-            decision.keep[group_id] = largest_norm_channels(model, graph.group(group_id), count)
+        decision.keep = comm.broadcast(completed(decision))  # rank 0's decision, on every rank
     # With every group's count known (the overridden ones too), the hidden width fits the heads kept.
     fitted = fit_hidden_to_heads(model, graph, records, decision.keep) if ties.sets else None
     result = build_result(graph, cost_model, decision, fixed, settings, call.out_path)
     result.prunable_share = cost_model.prunable_share
+    aimed = comm.broadcast(aimed)
+    if aimed is not None:  # the totals say what was measured, the note what was predicted
+        result.cost_after = result.cost_before / aimed.measured
+        result.target_reached = aimed.measured >= settings.compress_ratio * (1 - TOLERANCE)
     sensitivity_story(result, GraphInfo(graph, cost_model, fixed.kept, budget), records, decision)
     used_methods = [describe_method(method) for method in (call.sensitivity, call.search, call.gain)]
     result.methods = {record.kind: record.spec for record in used_methods}
@@ -213,6 +237,8 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
     if averaged:
         result.notes.append(f"the {comm.size} ranks gave different scores with {used_methods[0].name}, "
                             "which does not combine them across ranks; their average was used")
+    if aimed is not None:
+        result.notes.append(aimed.note(settings.compress_ratio))
     if not result.target_reached:
         result.notes.append(target_note(result, graph_info, searched, settings, search_name))
     result.output_set = new_output_set()

@@ -11,7 +11,7 @@ from torch import nn
 
 import acps_core
 from acps_core.prune.calls import read_record
-from acps_core.prune.reconstruction import fit_input_map, measure_layer_inputs
+from acps_core.prune.reconstruction import PRIOR_STRENGTH, chosen_strength, fit_input_map, measure_layer_inputs
 from tests.support.model_snapshot import ModelSnapshot
 
 
@@ -91,6 +91,20 @@ def test_the_input_map_solves_the_regularised_least_squares() -> None:
     few = fit_input_map(pruned[:4].float(), unpruned[:4].float(), {2})
     selection = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1]], dtype=torch.float64)
     assert (few - selection).norm() < (mixing - selection).norm() / 2
+
+
+def test_the_strength_is_chosen_on_positions_the_fit_did_not_see() -> None:
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.randn(200, 40, generator=generator)
+    # The removed channel is a combination of the kept ones: a weak prior predicts it on the other half.
+    mixed = torch.cat([kept, kept[:, :5].sum(1, keepdim=True)], 1)
+    strength = chosen_strength(kept, mixed, {40})
+    assert strength is not None and strength <= PRIOR_STRENGTH
+    # The removed channel is noise of its own, and the kept channels drifted by noise too: nothing predicts the
+    # removed one, and fitting the drift on 100 rows for 40 channels only adds error. Plain pruning wins.
+    drift, removed = torch.randn(200, 40, generator=generator), torch.randn(200, 1, generator=generator)
+    noisy = torch.cat([kept + 0.3 * drift, removed], 1)
+    assert chosen_strength(kept, noisy, {40}) is None
 
 
 def test_layers_that_cannot_be_refitted_are_not_measured() -> None:

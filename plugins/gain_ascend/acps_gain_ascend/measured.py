@@ -218,6 +218,18 @@ class MeasuredLatency(GainEstimatorBase):
         volume = sum(table.key["channels"][1] * _positions(table.key) for table in self.tables.values())
         self.rest_per_output = (rest - self.rest_ms) / volume if volume else 0.0
 
+    def measure_speedup(self, model: nn.Module, pruned: nn.Module, sample: Any) -> float | None:
+        """The pruned model's speed-up over the model on this estimator's device and batch: the two are timed in
+        turn, five times, and the median of the ratios is taken (so drift in the machine's load hits both). None
+        when the model is on another device than the one timed."""
+        device = self.device or self.model_device
+        if _device_of(model) != device:
+            return None
+        x = _batch_of(sample, self.batch)
+        with torch.no_grad():
+            ratios = [self.timer(_Forward(model), x) / max(1e-9, self.timer(_Forward(pruned), x)) for _ in range(5)]
+        return statistics.median(ratios)
+
     def _check_tables(self, device: torch.device) -> float:
         """The layers' tables against the whole model just timed: together they cannot take longer than the model.
         When they do (tables timed while the machine was busy, then cached), the cached ones are timed again and
