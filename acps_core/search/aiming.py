@@ -8,9 +8,9 @@ so a search that stops at the predicted target delivers more or less than asked.
 whole models (:meth:`~acps_core.methods.bases.GainEstimatorBase.measure_speedup`), the search's choice is cut out
 of a copy of the model and timed against the model. Where the measured speed-up misses the target by more than
 ``TOLERANCE``, the search runs again aiming at the predicted ratio that the measurements say delivers the target
-(first the predicted ratio scaled by target over measured, then the secant through the last two timings in
-log-log), at most ``ROUNDS`` times. Of the choices timed, the one kept
-is the least pruned that measured at least the target (within ``TOLERANCE``), or else the fastest.
+(first the predicted ratio scaled by target over measured, then the secant through two timings in log-log, once
+there are timings on both sides of the target between them), at most ``ROUNDS`` times. Of the choices timed, the
+one kept is the least pruned that measured at least the target (within ``TOLERANCE``), or else the fastest.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from acps_core.search.problem import Decision
 logger = logging.getLogger(__name__)
 
 #: How many choices are timed at most (the first search's included).
-ROUNDS = 3
+ROUNDS = 4
 #: A measured speed-up this close to the target (relative) ends the aiming.
 TOLERANCE = 0.03
 
@@ -97,15 +97,27 @@ def aim_by_measurement(model: nn.Module, graph: ChannelGraph, sample: Any, estim
 
 
 def _next_aim(timed: list[Aimed], target: float) -> float:
-    """The predicted ratio expected to measure ``target``: the last prediction scaled by target over measured,
-    then, from two timings, where the line through them in log-log reaches the target (measured speed-ups often
-    grow as a power of the predicted ones)."""
+    """The predicted ratio expected to measure ``target``. With choices timed on both sides of the target, the
+    line in log-log through the closest one on each side (measured speed-ups often grow as a power of the
+    predicted ones), which stays between them; before that, the last prediction scaled by target over measured,
+    then the line through the last two timings. Never below 1 (no pruning) nor past the side of a timed choice
+    that measured the target already."""
+    below = [t for t in timed if t.measured < target]
+    above = [t for t in timed if t.measured >= target]
+    if below and above:
+        low = max(below, key=lambda t: t.measured)
+        high = min(above, key=lambda t: t.measured)
+        return _through(low, high, target) or math.sqrt(low.predicted * high.predicted)
     last = timed[-1]
-    aim = last.predicted * target / last.measured
-    if len(timed) >= 2:
-        before = timed[-2]
-        rise = math.log(last.measured) - math.log(before.measured)
-        run = math.log(last.predicted) - math.log(before.predicted)
-        if abs(run) > 1e-9 and rise / run > 0.1:
-            aim = math.exp(math.log(last.predicted) + (math.log(target) - math.log(last.measured)) * run / rise)
-    return aim
+    aim = (_through(timed[-2], last, target) if len(timed) >= 2 else None) or last.predicted * target / last.measured
+    return max(aim, 1 + (min(t.predicted for t in timed) - 1) / 2 if above else 1.0)
+
+
+def _through(first: Aimed, second: Aimed, target: float) -> float | None:
+    """Where the line through two timings in log-log (predicted, measured) measures ``target``; None when they do
+    not rise together."""
+    rise = math.log(second.measured) - math.log(first.measured)
+    run = math.log(second.predicted) - math.log(first.predicted)
+    if abs(run) < 1e-9 or rise / run < 0.1:
+        return None
+    return math.exp(math.log(second.predicted) + (math.log(target) - math.log(second.measured)) * run / rise)

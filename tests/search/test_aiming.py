@@ -15,6 +15,7 @@ from torch import nn
 import acps_core as acps
 from acps_core.methods.bases import GainEstimatorBase
 from acps_core.search import aiming
+from acps_core.search.problem import Decision
 from testing.models import ConvChain, randomize_norms
 
 
@@ -85,3 +86,17 @@ def test_an_estimator_that_does_not_measure_leaves_the_search_as_it_was(tmp_path
     assert len(exact.timed) == 1  # measured as predicted: one timing, no second search
     assert plain.kept_channels == measured.kept_channels
     assert not any("measured speed-up" in note for note in plain.notes)
+
+
+def test_the_next_aim_stays_between_choices_timed_on_both_sides_of_the_target() -> None:
+    def timed(predicted: float, measured: float) -> aiming.Aimed:
+        return aiming.Aimed(Decision(), measured, predicted)
+
+    # A first choice far past the target, a second one short of it: the third aims between them.
+    far, short = timed(1.75, 4.2), timed(1.2, 1.6)
+    aim = aiming._next_aim([far, short], 2.0)
+    assert 1.2 < aim < 1.75
+    # Measured as a power of the predicted: the line in log-log lands on the target exactly.
+    assert aiming._next_aim([timed(1.2, 1.2 ** 2), timed(1.6, 1.6 ** 2)], 2.0) == pytest.approx(2 ** 0.5)
+    # One timing far past the target: scaled down, but never to no pruning at all.
+    assert aiming._next_aim([timed(1.3, 5.0)], 1.5) > 1.0
