@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 from acps_core._util import ACPS_DIR
@@ -131,6 +132,8 @@ def _write_targets(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 
 def _storage(tensor: torch.Tensor) -> int:
+    if isinstance(tensor, FakeTensor):  # shapes only (the prune step's shape check): never a parameter's storage
+        return -1
     try:
         return int(tensor.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):  # sparse, nested, meta: never a parameter's storage here

@@ -4,6 +4,7 @@ is still caught."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,29 @@ def test_the_shape_check_still_catches_a_changed_output_shape(tmp_path: Path,
     with pytest.raises(GraphError, match="changed shape"):
         acps.create_prune_retrain_model(model, x, config, tmp_path / "prune.record")
     assert not (tmp_path / "prune.record").exists()
+
+
+class InPlaceChain(ConvChain):
+    """Writes in place into its activations (``relu_``), which the guard on the user's weights looks at."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv1(x)).relu_()
+        x = self.pool(self.bn2(self.conv2(x)).relu_())
+        x = torch.flatten(self.bn3(self.conv3(x)).relu_(), 1)
+        return self.fc2(self.fc1(x).relu_())
+
+
+def test_in_place_ops_on_fake_tensors_raise_no_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(InPlaceChain(size=8)).eval()
+    x = torch.randn(6, 3, 8, 8)
+    config, result = searched(tmp_path, model, x)
+    real_runs: list[int] = []
+    checked_output = copying._checked_output
+    monkeypatch.setattr(copying, "_checked_output", lambda *args: real_runs.append(1) or checked_output(*args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = acps.create_prune_retrain_model(model, x, config, tmp_path / "prune.record")
+    assert not [str(w.message) for w in caught]  # torch warns when a fake tensor's data pointer is read
+    assert real_runs == []  # ... and the shape check ran on fake tensors
+    assert_pruned_matches_search(model, pruned, x, result)
