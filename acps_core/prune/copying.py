@@ -138,8 +138,8 @@ def pruned_copy(model: nn.Module, data: Any, keep_of: Any, norm_data: Any = None
         with preserved_modes(pruned):
             pruned.eval()
             try:
-                with reconstructing(pruned, unpruned_weights, unpruned_inputs, removed_inputs,
-                                    removed_outputs) as refitted:
+                with reconstructing(pruned, unpruned_weights, unpruned_inputs, removed_inputs, removed_outputs,
+                                    _samples(norm_data)) as refitted:
                     changed = correct_norm_statistics(pruned, unpruned_norms,
                                                       removal(graph, keep).followers, norm_data)
             except Exception as exc:
@@ -185,6 +185,12 @@ def _shaped_like(data: Any, reference: Any) -> bool:
         return (isinstance(data, dict) and data.keys() == reference.keys()
                 and all(_shaped_like(data[k], reference[k]) for k in reference))
     return False
+
+
+def _samples(data: Any) -> int:
+    """How many samples a batch holds: its first tensor's leading dim."""
+    tensors = tensors_in(data)
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0
 
 
 def _measure_norms(model: nn.Module, data: Any) -> Statistics:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acps_core
+from acps_core.prune import reconstruction
 from acps_core.prune.calls import read_record
 from acps_core.prune.reconstruction import PRIOR_STRENGTH, chosen_strength, fit_input_map, measure_layer_inputs
 from tests.support.model_snapshot import ModelSnapshot
@@ -66,6 +67,24 @@ def test_channels_that_are_combinations_of_kept_ones_are_rebuilt_exactly(tmp_pat
     assert error_refitted < 0.02 * error_plain
     assert torch.equal(refitted.conv1.weight, plain.conv1.weight)  # what reads no removed channel stays as is
     assert torch.equal(refitted.fc.weight, plain.fc.weight)
+
+
+@pytest.mark.parametrize(("samples", "chosen"), [(2, False), (16, True)])
+def test_the_strength_is_cross_validated_on_enough_samples_when_positions_are_few(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples: int, chosen: bool) -> None:
+    torch.manual_seed(0)
+    model = Redundant().eval()
+    x = torch.randn(samples, 3, 2, 2)  # 4 positions a sample: few for 4 kept channels
+    calls: list[int] = []
+
+    def spied(*args: object) -> float:
+        calls.append(1)
+        return PRIOR_STRENGTH
+
+    monkeypatch.setattr(reconstruction, "chosen_strength", spied)
+    refitted = acps_core.create_prune_retrain_model(model, x[:1], _prune_half(tmp_path), tmp_path / "a.record",
+                                                    calibration_data=x)
+    assert bool(calls) == chosen and refitted.conv2.in_channels == 4
 
 
 def test_without_reconstruct_the_weights_are_the_sliced_ones(tmp_path: Path) -> None:
