@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from acps_core.errors import PluginError
 from acps_core.graph.model import ChannelGraph
 from acps_core.methods.bases import GainEstimatorBase
 from acps_core.prune.copying import copy_sharing_tensors
@@ -77,11 +78,11 @@ def aim_by_measurement(model: nn.Module, graph: ChannelGraph, sample: Any, estim
     for _ in range(ROUNDS):
         pruned = copy_sharing_tensors(model)
         prune_channels(pruned, graph, completed(decision))
-        measured = estimator.measure_speedup(model, pruned, sample)
+        measured = _measured(estimator, model, pruned, sample)
         del pruned
-        if measured is None or not math.isfinite(measured) or measured <= 0:
+        if measured is None:
             return None
-        timed.append(Aimed(decision, float(measured), predicted(decision)))
+        timed.append(Aimed(decision, measured, predicted(decision)))
         logger.info("measured speed-up %.3fx for a predicted %.3fx (target %gx)", measured, timed[-1].predicted,
                     target)
         if abs(measured / target - 1) <= TOLERANCE:
@@ -94,6 +95,27 @@ def aim_by_measurement(model: nn.Module, graph: ChannelGraph, sample: Any, estim
     kept = min(reaching, key=lambda t: t.measured) if reaching else max(timed, key=lambda t: t.measured)
     kept.rounds = len(timed)
     return kept
+
+
+def _measured(estimator: GainEstimatorBase, model: nn.Module, pruned: nn.Module, sample: Any) -> float | None:
+    """The estimator's measured speed-up, checked.
+
+    Raises:
+        PluginError: naming the estimator, when it raised or returned something other than None or a positive
+            finite number.
+    """
+    name = type(estimator).__name__
+    try:
+        measured = estimator.measure_speedup(model, pruned, sample)
+    except Exception as exc:
+        raise PluginError(f"gain estimator {name} raised {type(exc).__name__} in measure_speedup(): {exc}") from exc
+    if measured is None:
+        return None
+    if isinstance(measured, bool) or not isinstance(measured, (int, float)) or not math.isfinite(measured) \
+            or measured <= 0:
+        raise PluginError(f"gain estimator {name} returned {measured!r} from measure_speedup(); it must return a "
+                          "positive finite speed-up, or None when it does not measure")
+    return float(measured)
 
 
 def _next_aim(timed: list[Aimed], target: float) -> float:

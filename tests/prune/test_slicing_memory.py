@@ -13,18 +13,7 @@ from acps_core.layers import base
 from acps_core.layers.base import select
 from acps_core.prune.copying import copy_sharing_tensors
 from acps_core.prune.slicing import prune_channels
-
-
-class RMSNorm(nn.Module):
-    """A Llama-style RMS norm, pruned with a constant folded into its weight."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.variance_epsilon = 1e-5
-        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+from tests.layers.test_mean_norm import RMSNorm
 
 
 class Net(nn.Module):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import acps_core as acps
+from acps_core.errors import PluginError
 from acps_core.methods.bases import GainEstimatorBase
 from acps_core.search import aiming
 from acps_core.search.problem import Decision
@@ -100,3 +101,24 @@ def test_the_next_aim_stays_between_choices_timed_on_both_sides_of_the_target() 
     assert aiming._next_aim([timed(1.2, 1.2 ** 2), timed(1.6, 1.6 ** 2)], 2.0) == pytest.approx(2 ** 0.5)
     # One timing far past the target: scaled down, but never to no pruning at all.
     assert aiming._next_aim([timed(1.3, 5.0)], 1.5) > 1.0
+
+
+class Broken(ParameterTime):
+    def __init__(self, answer: Any) -> None:
+        super().__init__(1.0)
+        self.answer = answer
+
+    def measure_speedup(self, model: nn.Module, pruned: nn.Module, sample: Any) -> float | None:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("answer", [RuntimeError("no device"), float("nan"), -1.0, "fast"])
+def test_a_broken_measurement_is_a_plugin_error_naming_the_estimator(tmp_path: Path, model: nn.Module,
+                                                                      answer: Any) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PluginError, match=r"gain estimator Broken .*measure_speedup\(\)"):
+        search(tmp_path, model, torch.randn(6, 3, 8, 8), Broken(answer))
+    assert not (tmp_path / "prune.cfg").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
