@@ -247,46 +247,6 @@ def test_roberta_and_distilbert_lose_heads_mlp_and_hidden_width_exactly(family: 
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
 
 
-def t5(seed: int = 0) -> nn.Module:
-    config = transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=96, num_layers=2,
-                                   num_decoder_layers=2, num_heads=HEADS, relative_attention_num_buckets=8,
-                                   tie_word_embeddings=True, use_cache=False)
-    torch.manual_seed(seed)
-    return transformers.T5ForConditionalGeneration(config).eval()
-
-
-class T5Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.t5 = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.t5(input_ids=x, decoder_input_ids=x).logits
-        return logits
-
-
-def test_t5_prunes_its_mlps_and_the_hidden_width_of_its_shared_embedding_and_says_why_heads_stay() -> None:
-    model = T5Logits(t5())
-    x = ids()
-    graph = build_channel_graph(model, x)
-    hidden = next(g for g in graph.groups if "t5.encoder.embed_tokens" in g.producers)
-    # One tied weight: the encoder's and decoder's embeddings, the head, and the shared embedding no forward calls.
-    assert hidden.prunable and "t5.decoder.embed_tokens" in hidden.producers
-    assert {"t5.encoder.block.0.layer.1.DenseReluDense.wi", "t5.decoder.block.1.layer.2.DenseReluDense.wi"} <= {
-        g.name for g in graph.prunable_groups}
-    heads = [g for g in graph.groups if g.name.endswith(("SelfAttention.q", "EncDecAttention.q"))]
-    assert len(heads) == 6 and not any(g.prunable for g in heads)
-    assert all("one slice per head" in g.reasons[0] and "relative position bias" in g.reasons[0] for g in heads)
-    assert verify_groups(model, graph, x) == []
-    keep = random_keep(graph, seed=1)
-    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
-    shared = pruned.t5.shared
-    assert shared.embedding_dim == len(keep[hidden.id]) == shared.weight.shape[1]
-    assert shared.weight is pruned.t5.encoder.embed_tokens.weight is pruned.t5.decoder.embed_tokens.weight
-    assert shared.weight is pruned.t5.lm_head.weight
-
-
 def test_uniform_widths_go_into_the_config_and_save_pretrained_loads_back(tmp_path: Path) -> None:
     from acps_core.prune.model_config import sync_config
     from acps_core.prune.slicing import prune_channels

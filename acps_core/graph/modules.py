@@ -15,7 +15,7 @@ from acps_core.graph.model import ChannelUse, LayerGeometry
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
 from acps_core.layers import projections
-from acps_core.layers.attention import AttentionAdapter
+from acps_core.layers.attention import CROSS_INPUTS, AttentionAdapter, per_head
 from acps_core.layers.base import LayerAdapter
 from acps_core.layers.norm import approximate_norms_allowed, approximation_refused
 
@@ -214,10 +214,17 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     name = op.name
     where = f"{type(module).__name__} {name} at {op.location}"
     inputs = [first_tensor((op.args, op.kwargs)), None, None] if adapter.self_attention() else call_inputs(op)
+    cross = next((op.kwargs[k] for k in CROSS_INPUTS if isinstance(op.kwargs.get(k), TensorRef)), None)
+    if adapter.self_attention() and cross is not None:  # cross-attention: keys and values from another sequence
+        inputs[1] = inputs[2] = cross
     query = inputs[0]
+    num_heads, head_dim = adapter.heads(module)
+    width = num_heads * head_dim
     others = [r for r in refs_in((op.args, op.kwargs)) if all(r is not i for i in inputs)]
-    builder.block_tags([t for r in others for t in builder.tags_of(r)],
-                    f"{where} reads these channels as a mask, which acps does not map")
+    biases = [r for r in others if isinstance(r, TensorRef) and per_head(r.shape, num_heads)]
+    builder.block_tags([t for r in others for t in builder.tags_of(r)
+                        if not (any(r is b for b in biases) and _head_tag(t, head_dim, width))],
+                       f"{where} reads these channels as a mask, which acps does not map")
     if query is None or not op.outputs:
         builder.block_tags([t for r in inputs for t in builder.tags_of(r)], f"{where} could not be traced")
         return
@@ -229,8 +236,6 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     else:
         tokens = math.prod(s for d, s in enumerate(query.shape) if d not in (batch_dim, channel_dim))
         rows = max(1, query.shape[batch_dim] // builder.batch)
-    num_heads, head_dim = adapter.heads(module)
-    width = num_heads * head_dim
     weight_dtype = next(p.dtype for p in module.parameters())
     geometry = LayerGeometry(name, "MultiheadAttention", query.shape[channel_dim], width, 1, (1,), (1,),
                              (1, tokens, query.shape[channel_dim]), (1, tokens, width), query.dtype, weight_dtype,
@@ -244,6 +249,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     entry["spaces"].append(heads)
     entry["out"] = heads
     builder.require(heads, unit=adapter.unit(module), aligned=adapter.aligned(module))
+    _per_head_tensors(builder, op, heads, biases, head_dim, where)
     made = [heads]
     inner = adapter.projection(module)
     space = heads
@@ -281,6 +287,30 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     if shared:
         builder.block_tags([t for r in inputs for t in builder.tags_of(r)], shared)
     builder.tags[op.outputs[0]] = [builder.whole(space, channel_dim)]
+
+
+def _head_tag(tag: Tag, head_dim: int, width: int) -> bool:
+    """Whether ``tag`` marks the heads dim of a per-head tensor, one position per head of ``head_dim`` channels."""
+    return (tag.dim, tag.unit, tag.block, tag.start, tag.stop) == (1, head_dim, 1, 0, width)
+
+
+def _per_head_tensors(builder: GroupBuilder, op: Op, heads: int, biases: list[TensorRef], head_dim: int,
+                      where: str) -> None:
+    """Tensors with one slice per head that the module reads or returns (``(batch, heads, queries, keys)``): a
+    position bias computed once and passed from block to block (T5's), attention weights. One a module returns
+    carries its heads; one it reads ties its heads to the heads of the module that made it, so that both lose
+    the same ones (and its head count stays what the tensor holds). One no attention module made keeps the heads."""
+    width = builder.spaces[heads].channels
+    for ref in biases:
+        found = [t for t in builder.tags_of(ref) if _head_tag(t, head_dim, width)]
+        if not found:
+            builder.block(heads, f"{where} reads a tensor with one slice per head (shape {list(ref.shape)}) that no "
+                                 "attention layer acps prunes made, so pruning heads would not slice it")
+        for tag in found:
+            builder.union(heads, tag.space, f"{where} reads a per-head tensor made with these heads")
+    for value in op.outputs[1:]:
+        if per_head(builder.recorder.shapes[value], width // head_dim):
+            builder.tags[value] = [Tag(heads, 1, 0, 1, 0, width, unit=head_dim)]
 
 
 def embed_inputs(builder: GroupBuilder, op: Op, name: str, inputs: list[TensorRef | None], channel_dim: int,

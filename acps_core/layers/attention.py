@@ -19,6 +19,9 @@ from torch import nn
 
 from acps_core.layers.base import LayerAdapter
 
+#: Keyword arguments that hold the keys' and values' source in cross-attention (T5's, BART's).
+CROSS_INPUTS = ("key_value_states",)
+
 
 def plain_multihead_attention(module: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` acps can prune heads of: packed q/k/v projections, no bias_k/bias_v, no
@@ -129,13 +132,42 @@ def stateless(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if plain(value)}
 
 
+def per_head(shape: tuple[int, ...] | torch.Size, heads: int) -> bool:
+    """Whether a tensor of ``shape`` holds one slice per head, as attention biases and masks are laid out:
+    ``(batch, heads, queries, keys)``."""
+    return heads > 1 and len(shape) == 4 and shape[1] == heads
+
+
+def keep_per_head(value: Any, heads: int, kept: torch.Tensor) -> Any:
+    """``value`` with the per-head tensors in it (see :func:`per_head`) cut to the heads ``kept``."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(1, kept.to(value.device)) if per_head(value.shape, heads) else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(keep_per_head(v, heads, kept) for v in value)
+    if isinstance(value, dict):
+        return {key: keep_per_head(v, heads, kept) for key, v in value.items()}
+    return value
+
+
+def same_per_head(got: Any, expected: Any, heads: int, kept: torch.Tensor) -> bool:
+    """Whether a pruned copy's per-head outputs (after the first: a position bias passed on, attention weights)
+    are the full module's, cut to the heads ``kept``."""
+    if not (isinstance(got, (tuple, list)) and isinstance(expected, (tuple, list))):
+        return True
+    for mine, theirs in zip(got[1:], expected[1:]):
+        if isinstance(theirs, torch.Tensor) and per_head(theirs.shape, heads):
+            if not (isinstance(mine, torch.Tensor) and same_output(mine, keep_per_head(theirs, heads, kept))):
+                return False
+    return True
+
+
 def same_output(got: Any, expected: Any) -> bool:
     """Whether two calls' first output tensors agree (the attention output of a module that returns a tuple)."""
     got = got[0] if isinstance(got, (tuple, list)) and got else got
     expected = expected[0] if isinstance(expected, (tuple, list)) and expected else expected
     if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)) or got.shape != expected.shape:
         return False
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-6)))
 
 

@@ -171,6 +171,8 @@ def head_parameters(module: nn.Module, heads: int | None = None,
         if name.split(".")[0] in skip:
             continue
         dims = [d for d, size in enumerate(param.shape) if size == heads]
+        if isinstance(module.get_submodule(name.rpartition(".")[0]), nn.Embedding):
+            dims = [d for d in dims if d == 1]  # a lookup table (T5's position bias): its columns are its outputs
         if len(dims) > 1:
             return None
         if dims:
@@ -337,15 +339,21 @@ def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> No
             setattr(module, name, len(kept) * layout.key_dim)
 
 
-def keep_head_entries(module: nn.Module, heads: int, kept: torch.Tensor, skip: tuple[str, ...]) -> None:
+def keep_head_entries(module: nn.Module, heads: int, kept: torch.Tensor, skip: tuple[str, ...],
+                      head_dim: int = 0) -> None:
     """Slice the per-head parameters of ``module`` (see :func:`head_parameters`) to the heads ``kept``, and set
-    the head counts, bias shapes and caches its children keep."""
+    the head counts, bias shapes and caches its children keep (and T5's ``inner_dim``, given ``head_dim``)."""
     for name, dim in head_parameters(module, heads, skip) or []:
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         setattr(owner, attr, take(getattr(owner, attr), dim, kept))
+        if isinstance(owner, nn.Embedding):
+            owner.embedding_dim = len(kept)
     for owner in module.modules():
         _resize(owner, heads, len(kept))
+    attention: Any = module
+    if head_dim and getattr(attention, "inner_dim", None) == heads * head_dim:
+        attention.inner_dim = len(kept) * head_dim
 
 
 def _resize(owner: nn.Module, heads: int, kept: int) -> None:
@@ -354,7 +362,7 @@ def _resize(owner: nn.Module, heads: int, kept: int) -> None:
     for name, value in list(vars(owner).items()):
         if name.startswith("_") or name == "training":
             continue
-        if name in ("num_heads", "num_attention_heads") and value == heads:
+        if name in ("num_heads", "num_attention_heads", "n_heads") and value == heads:
             setattr(owner, name, kept)
         elif name.endswith("_shape") and isinstance(value, tuple) and value and value[-1] == heads:
             setattr(owner, name, (*value[:-1], kept))

@@ -19,12 +19,19 @@ Its channels are ``o_proj``'s inputs. Grouped-query attention is pruned one of t
 The head width and the rotary embedding stay as they are; ``num_heads``, ``num_key_value_heads`` and
 ``num_key_value_groups`` are updated where the module keeps them.
 
-A module is recognised by its parts: the four Linears, an integer ``head_dim`` and ``num_key_value_groups`` (or
-``num_heads`` and ``num_key_value_heads``), widths that agree, and no other parameters than norms over the head
-width applied to q and k (Qwen3's, Phi's), which all heads share and which stay. That its forward is the one
-above, whatever attention function it dispatches to (eager, SDPA, ...), is proven on its first traced call: one
-key/value group is pruned in a copy, which must compute what masking its query heads computes. A module that
-fails is traced function by function instead, with the reason.
+T5 writes the same attention with Linears ``q``, ``k``, ``v`` and ``o``, ``n_heads`` and ``key_value_proj_dim``;
+its first block also holds a relative-position bias table (one column per head), whose bias it returns and every
+later block adds: the graph ties the heads of the blocks that share such a per-head tensor
+(:mod:`acps_core.graph.modules`), the table is sliced with the heads and ``n_heads`` and ``inner_dim`` updated.
+Its cross-attention reads keys and values from ``key_value_states``.
+
+A module is recognised by its parts: the four Linears, an integer ``head_dim`` (``key_value_proj_dim``) and
+``num_key_value_groups`` (or ``num_heads`` and ``num_key_value_heads``), widths that agree, and no other
+parameters than norms over the head width applied to q and k (Qwen3's, Phi's), which all heads share and which
+stay, and per-head tables. That its forward is the one above, whatever attention function it dispatches to
+(eager, SDPA, ...), is proven on its first traced call: one key/value group is pruned in a copy (given per-head
+inputs cut to the heads kept), which must compute what masking its query heads computes, and return per-head
+tensors cut to them. A module that fails is traced function by function instead, with the reason.
 """
 
 from __future__ import annotations
@@ -36,13 +43,17 @@ import torch
 from torch import nn
 
 from acps_core.errors import ArgumentError
-from acps_core.layers.attention import AttentionAdapter, same_output, stateless
+from acps_core.layers.attention import AttentionAdapter, keep_per_head, same_output, same_per_head, stateless
 from acps_core.layers.base import BUILD_CACHES, take
 from acps_core.layers.fused_attention import head_parameters, keep_head_entries
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-#: Names of the out projection (Phi calls it ``dense``).
-OUT_PROJECTIONS = ("o_proj", "dense")
+#: The names of the query, key and value projections: Hugging Face's decoders' and T5's.
+NAMINGS = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+PROJECTIONS = tuple(name for naming in NAMINGS for name in naming)
+#: Names of the out projection (Phi calls it ``dense``, T5 ``o``).
+OUT_PROJECTIONS = ("o_proj", "dense", "o")
+#: Attributes that hold the head width (T5: ``key_value_proj_dim``).
+HEAD_DIMS = ("head_dim", "key_value_proj_dim")
 #: How grouped-query attention loses heads (see the module docs and :func:`prune_grouped_query_attention`).
 GQA_MODES = ("kv_groups", "query_heads")
 _SETTINGS = {"gqa": "kv_groups"}
@@ -73,10 +84,16 @@ def by_query_heads(module: nn.Module) -> bool:
     return counts is not None and (_SETTINGS["gqa"] == "query_heads" or counts[1] == 1)
 
 
+def naming(module: nn.Module) -> tuple[str, str, str]:
+    """The names of the module's query, key and value projections (``q_proj``... or ``q``...)."""
+    return next((names for names in NAMINGS if all(isinstance(getattr(module, n, None), nn.Linear) for n in names)),
+                NAMINGS[0])
+
+
 def head_counts(module: nn.Module) -> tuple[int, int, int] | None:
     """``(query heads, key/value heads, head_dim)`` from the module's attributes and its projections' widths."""
-    head_dim = getattr(module, "head_dim", None)
-    q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+    head_dim = next((getattr(module, name) for name in HEAD_DIMS if hasattr(module, name)), None)
+    q, k = (getattr(module, name, None) for name in naming(module)[:2])
     if not (isinstance(head_dim, int) and head_dim > 0 and isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
         return None
     if q.out_features % head_dim or k.out_features % head_dim:
@@ -96,17 +113,18 @@ def head_counts(module: nn.Module) -> tuple[int, int, int] | None:
 def split_projection_attention(module: nn.Module) -> bool:
     """Whether ``module`` is self-attention with separate q/k/v/o projections acps prunes heads of (see the
     module docs)."""
-    if not all(isinstance(getattr(module, name, None), nn.Linear) for name in PROJECTIONS):
+    names = naming(module)
+    if not all(isinstance(getattr(module, name, None), nn.Linear) for name in names):
         return False
     counts, out = head_counts(module), out_projection(module)
     if counts is None or out is None:
         return False
-    attention: Any = module
-    if attention.v_proj.out_features != attention.k_proj.out_features:
+    _, k, v = (getattr(module, name) for name in names)
+    if v.out_features != k.out_features:
         return False
     # Anything else with parameters is shared by all heads (q/k norms over the head width: Qwen3, Phi) or holds
-    # one entry per query head (Swin's relative-position bias table), sliced with them.
-    skip = (*PROJECTIONS, out)
+    # one entry per query head (Swin's relative-position bias table, T5's relative-position bias), sliced with them.
+    skip = (*names, out)
     per_head = {name for name, _ in head_parameters(module, counts[0], skip) or []}
     return head_parameters(module, counts[0], skip) is not None and all(
         param.shape == (counts[2],) or name in per_head for name, param in module.named_parameters()
@@ -156,36 +174,34 @@ class SplitAttentionAdapter(AttentionAdapter):
     def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         """q rows with their own channel; a key/value head's k and v rows with the first channel of its group."""
         heads, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
-        queries: list[tuple[str, int, int | tuple[int, ...]]] = [("q_proj.weight", 0, 0), ("q_proj.bias", 0, 0)]
+        q, k, v = naming(module)
+        queries: list[tuple[str, int, int | tuple[int, ...]]] = [(f"{q}.weight", 0, 0), (f"{q}.bias", 0, 0)]
         if by_query_heads(module):
             return queries  # the key/value heads all stay
         unit = heads // max(1, kv_heads) * head_dim
         kv_rows = tuple(j * unit + d for j in range(kv_heads) for d in range(head_dim))
-        return queries + [(f"{name}.{param}", 0, kv_rows) for name in ("k_proj", "v_proj")
-                          for param in ("weight", "bias")]
+        return queries + [(f"{name}.{param}", 0, kv_rows) for name in (k, v) for param in ("weight", "bias")]
 
     def input_parameters(self, module: nn.Module) -> list[tuple[str, int, int]]:
-        return [(f"{name}.weight", 1, 1) for name in ("q_proj", "k_proj", "v_proj")]
+        return [(f"{name}.weight", 1, 1) for name in naming(module)]
 
     def filter_rows(self, module: nn.Module) -> torch.Tensor:
         """Per channel, the norm of its q row and of its share of its group's k and v rows."""
-        attention: Any = module
-        squares = attention.q_proj.weight.detach().double().pow(2).sum(dim=1).cpu()
+        q, k, v = naming(module)
+        squares = getattr(module, q).weight.detach().double().pow(2).sum(dim=1).cpu()
         heads, kv_heads, head_dim = head_counts(module) or (1, 1, 1)
-        for name in ("k_proj", "v_proj"):
-            kv: torch.Tensor = getattr(attention, name).weight.detach().double().pow(2).sum(dim=1).cpu()
+        for name in (k, v):
+            kv: torch.Tensor = getattr(module, name).weight.detach().double().pow(2).sum(dim=1).cpu()
             squares += kv.reshape(kv_heads, 1, head_dim).expand(kv_heads, heads // kv_heads, head_dim).reshape(
                 -1) / (heads // kv_heads)
         norms: torch.Tensor = squares.sqrt().unsqueeze(1)
         return norms
 
     def out_size(self, module: nn.Module) -> int:
-        attention: Any = module
-        return int(attention.q_proj.out_features)
+        return int(getattr(module, naming(module)[0]).out_features)
 
     def in_size(self, module: nn.Module) -> int:
-        attention: Any = module
-        return int(attention.q_proj.in_features)
+        return int(getattr(module, naming(module)[0]).in_features)
 
     def keep_outputs(self, module: nn.Module, index: torch.Tensor) -> None:
         """Keep the key/value groups (or the query heads, alike in every group) of the channels ``index``, as the
@@ -198,7 +214,7 @@ class SplitAttentionAdapter(AttentionAdapter):
         _keep_groups(module, index[::unit] // unit)
 
     def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
-        for name in ("q_proj", "k_proj", "v_proj"):
+        for name in naming(module):
             layer: Any = getattr(module, name)
             layer.weight = take(layer.weight, 1, index)
             layer.in_features = len(index)
@@ -214,7 +230,11 @@ class SplitAttentionAdapter(AttentionAdapter):
         queries = by_query_heads(module)
         if (per_group if queries else kv_heads) < 2:
             return True  # nothing can go; nothing to prove
-        key = (type(module), counts, queries, out_projection(module), tuple(sorted(kwargs)))
+        # Blocks of one class differ in their own parameters (T5's first holds the position bias) and in what
+        # they are given (a position bias, or None for the first).
+        given = tuple(sorted((name, type(value).__name__) for name, value in kwargs.items()))
+        key = (type(module), counts, queries, out_projection(module), given,
+               tuple(name for name, _ in module.named_parameters()), len(args))
         if key not in _CONFIRMED:  # the blocks of a model share their class and widths: one trial for them all
             _CONFIRMED[key] = self._trial(module, args, kwargs, counts, queries)
         return _CONFIRMED[key]
@@ -247,10 +267,13 @@ class SplitAttentionAdapter(AttentionAdapter):
                 for h in gone:
                     reference_out.weight[:, h * head_dim:(h + 1) * head_dim] = 0
                 kwargs = stateless(kwargs)
-                got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
+                # Per-head inputs (a position bias shared by the blocks) lose the same heads in the copy.
+                index = torch.tensor(kept)
+                cut = keep_per_head(args[1:], heads, index), keep_per_head(kwargs, heads, index)
+                got, expected = trial(*args[:1], *cut[0], **cut[1]), reference(*args, **kwargs)
         except Exception:
             return False
-        return same_output(got, expected)
+        return same_output(got, expected) and same_per_head(got, expected, heads, index)
 
     def unconfirmed(self, module: nn.Module, name: str) -> str:
         return (f"{name} ({type(module).__name__}) is attention with separate q/k/v/o projections, but a copy with "
@@ -265,10 +288,11 @@ def _keep_query_heads(module: nn.Module, kept: torch.Tensor) -> None:
     heads, kv_heads, head_dim = head_counts(module) or (0, 0, 0)
     attention: Any = module
     rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    attention.q_proj.weight = take(attention.q_proj.weight, 0, rows)
-    attention.q_proj.bias = take(attention.q_proj.bias, 0, rows)
-    attention.q_proj.out_features = len(rows)
-    keep_head_entries(module, heads, kept, (*PROJECTIONS, *OUT_PROJECTIONS))
+    query = getattr(attention, naming(module)[0])
+    query.weight = take(query.weight, 0, rows)
+    query.bias = take(query.bias, 0, rows)
+    query.out_features = len(rows)
+    keep_head_entries(module, heads, kept, (*PROJECTIONS, *OUT_PROJECTIONS), head_dim)
     for name, count in (("num_heads", len(kept)), ("num_key_value_groups", len(kept) // kv_heads)):
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, count)
@@ -283,12 +307,12 @@ def _keep_groups(module: nn.Module, kept: torch.Tensor) -> None:
     kv_rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     q_heads = (kept[:, None] * per_group + torch.arange(per_group)).reshape(-1)
     q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+    for name, rows in zip(naming(module), (q_rows, kv_rows, kv_rows)):
         layer: Any = getattr(attention, name)
         layer.weight = take(layer.weight, 0, rows)
         layer.bias = take(layer.bias, 0, rows)
         layer.out_features = len(rows)
-    keep_head_entries(module, heads, q_heads, (*PROJECTIONS, *OUT_PROJECTIONS))
+    keep_head_entries(module, heads, q_heads, (*PROJECTIONS, *OUT_PROJECTIONS), head_dim)
     for name, count in (("num_heads", len(q_heads)), ("num_key_value_heads", len(kept))):
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, count)

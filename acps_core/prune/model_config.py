@@ -32,6 +32,10 @@ class PerLayerWidthsWarning(UserWarning):
 
 #: The config fields a pruned model's widths set, in the order reported.
 FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+#: The Linears of an MLP whose inner width ``intermediate_size`` is: (up, down), in Llama's, T5's and gated T5's.
+MLP_PARTS = (("up_proj", "down_proj"), ("wi", "wo"), ("wi_1", "wo"))
+#: What a config calls a field when it does not use the common name (T5: ``d_ff``).
+ALIASES = {"intermediate_size": "d_ff"}
 #: Config fields that hold the epsilon of the norms over the hidden width (folded into them when it is pruned).
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "norm_eps")
 
@@ -50,9 +54,11 @@ def model_widths(model: nn.Module) -> dict[str, set[int]]:
                 found["num_attention_heads"].add(counts[0])
                 found["num_key_value_heads"].add(counts[1])
                 found["head_dim"].add(counts[2])
-        up, down = getattr(module, "up_proj", None), getattr(module, "down_proj", None)
-        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
-            found["intermediate_size"].add(up.out_features)
+        for up_name, down_name in MLP_PARTS:
+            up, down = getattr(module, up_name, None), getattr(module, down_name, None)
+            if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
+                found["intermediate_size"].add(up.out_features)
+                break
     return {name: values for name, values in found.items() if values}
 
 
@@ -67,12 +73,29 @@ def norm_epsilons(model: nn.Module) -> set[float]:
     return found
 
 
+def _configured(model: nn.Module) -> list[nn.Module]:
+    """The model, when it has a Hugging Face config; else the outermost of its modules that have one (the Hugging
+    Face models a user's wrapper holds)."""
+    found: list[str] = []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        config = getattr(module, "config", None)
+        if hasattr(config, "to_dict") and hasattr(config, "num_attention_heads"):
+            if not any(name == f or name.startswith(f + ".") or f == "" for f in found):
+                found.append(name)
+    return [modules[name] for name in found]
+
+
 def sync_config(model: nn.Module) -> str | None:
-    """Set ``model.config``'s widths to the pruned layers' (see the module docs). Returns why it could not (the
-    fields whose widths differ between blocks), or None when it did or the model has no such config."""
-    config: Any = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict") or not hasattr(config, "num_attention_heads"):
-        return None
+    """Set ``model.config``'s widths (or, for a wrapper, those of the Hugging Face models inside it) to the
+    pruned layers' (see the module docs). Returns why it could not (the fields whose widths differ between
+    blocks), or None when it did or the model has no such config."""
+    reasons = [reason for module in _configured(model) if (reason := _sync(module)) is not None]
+    return "; ".join(reasons) or None
+
+
+def _sync(model: nn.Module) -> str | None:
+    config: Any = model.config
     widths: dict[str, set[Any]] = dict(model_widths(model))
     if "num_attention_heads" not in widths:
         return None  # attention acps does not read the head counts of: the config is left as it is
@@ -84,6 +107,9 @@ def sync_config(model: nn.Module) -> str | None:
     if differ:
         return ("its blocks have different widths (" + "; ".join(differ) + "), which a Hugging Face config cannot "
                 "state: save its state_dict and rebuild it with restore_prune_retrain_model, not save_pretrained")
+    for name, alias in ALIASES.items():
+        if name in widths and not hasattr(config, name) and hasattr(config, alias):
+            widths[alias] = widths.pop(name)
     names = [name for name in widths if hasattr(config, name) or name == "head_dim"]
     before = {name: getattr(config, name) for name in names if hasattr(config, name)}
     for name in names:

@@ -41,18 +41,23 @@ def block_pattern(name: str, repeated: Container[str] | None = None) -> str:
 
 
 def repeated_blocks(model: nn.Module) -> set[str]:
-    """The modules that are one of several alike children of a container: the same class with parameters of the
-    same names and shapes (the decoder layers of a transformer, the blocks of a ResNet stage; not the layers of
-    one ``nn.Sequential`` block, which differ)."""
-    def signature(module: nn.Module) -> tuple[object, ...]:
-        return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
-
+    """The modules that are one of several alike children of a container: the same class, with the same shapes
+    for the parameters every child of that class has (the decoder layers of a transformer, the blocks of a ResNet
+    stage, T5's blocks, whose first also holds the position bias; not the layers of one ``nn.Sequential`` block,
+    which differ)."""
     repeated: set[str] = set()
     for prefix, parent in model.named_modules():
-        children = [(name, child) for name, child in parent.named_children() if name.isdigit()]
-        counts = Counter(signature(child) for _, child in children)
-        repeated.update(f"{prefix}.{name}" if prefix else name for name, child in children
-                        if counts[signature(child)] > 1)
+        by_class: dict[type, list[tuple[str, dict[str, tuple[int, ...]]]]] = {}
+        for name, child in parent.named_children():
+            if name.isdigit():
+                shapes = {n: tuple(p.shape) for n, p in child.named_parameters()}
+                by_class.setdefault(type(child), []).append((name, shapes))
+        for children in by_class.values():
+            common = set.intersection(*(set(shapes) for _, shapes in children))
+            signatures = [tuple(sorted((n, shapes[n]) for n in common)) for _, shapes in children]
+            counts = Counter(signatures)
+            repeated.update(f"{prefix}.{name}" if prefix else name
+                            for (name, _), signature in zip(children, signatures) if counts[signature] > 1)
     return repeated
 
 

@@ -56,6 +56,14 @@ def test_repeated_blocks_are_alike_children_not_the_layers_of_one_block() -> Non
     assert block_pattern("blocks.4.0", repeated) == "blocks.4.0"
 
 
+def test_a_first_block_with_a_parameter_of_its_own_is_still_one_of_the_repeated_blocks() -> None:
+    model = Stack()
+    model.blocks[0].register_parameter("bias_table", nn.Parameter(torch.zeros(8, 4)))  # as T5's first block
+    assert repeated_blocks(model) == {"blocks.0", "blocks.1", "blocks.2", "blocks.3"}
+    model.blocks[1][0] = nn.Linear(16, 24)  # a shared parameter of another shape: the odd one out
+    assert repeated_blocks(model) == {"blocks.0", "blocks.2", "blocks.3"}
+
+
 def test_a_set_of_twins_searches_as_one_record_whose_loss_is_the_sum_of_theirs() -> None:
     twins = [record(0, "blocks.0.fc", [4, 1, 3, 2, 8, 7], unit=2), record(1, "blocks.1.fc", [1, 9, 9, 9, 0, 2], unit=2),
              record(2, "blocks.2.fc", [5, 5, 0, 1, 2, 2], unit=2)]
