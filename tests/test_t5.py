@@ -142,3 +142,29 @@ def test_a_t5_encoder_searched_with_uniform_widths_saves_with_save_pretrained_an
                                    rtol=1e-5, atol=1e-6)
         assert counted_macs(Pooled(model), x) / counted_macs(Pooled(loaded), x) == pytest.approx(
             result.achieved_ratio, rel=0.05)
+
+
+def test_an_encoder_decoder_searched_per_block_is_created_and_restored_from_its_record(tmp_path: Path) -> None:
+    model = t5()
+    x = ids(4)
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.3\nascend_optimized: false\n")
+    labels = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
+    result = acps.auto_channel_prune_search(T5Logits(model), tmp_path / "search.cfg", [x, labels],
+                                            tmp_path / "prune.cfg")
+    assert result.target_reached
+    with pytest.warns(acps.PerLayerWidthsWarning, match="num_attention_heads"):  # T5's config has one count
+        pruned = acps.create_prune_retrain_model(T5Logits(model), x, tmp_path / "prune.cfg",
+                                                 tmp_path / "prune.record")
+    heads = {stack: {block.layer[0].SelfAttention.n_heads for block in getattr(pruned.t5, stack).block}
+             for stack in ("encoder", "decoder")}
+    assert all(len(counts) == 1 for counts in heads.values())  # one bias per stack: every block alike
+    with torch.no_grad():
+        logits = pruned(x)
+        assert counted_macs(T5Logits(model), x) / counted_macs(pruned, x) == pytest.approx(
+            result.achieved_ratio, rel=0.05)
+    torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
+    with pytest.warns(acps.PerLayerWidthsWarning):
+        restored = acps.restore_prune_retrain_model(T5Logits(t5(seed=1)), x, tmp_path / "prune.record",
+                                                    tmp_path / "prune.cfg", tmp_path / "tuned.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), logits, rtol=0, atol=0)
