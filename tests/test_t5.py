@@ -168,3 +168,36 @@ def test_an_encoder_decoder_searched_per_block_is_created_and_restored_from_its_
                                                     tmp_path / "prune.cfg", tmp_path / "tuned.pth")
     with torch.no_grad():
         torch.testing.assert_close(restored(x), logits, rtol=0, atol=0)
+
+
+def test_umt5_cross_attention_reads_the_encoder_output_as_its_keys_and_values() -> None:
+    config = transformers.UMT5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=96, num_layers=2,
+                                     num_decoder_layers=2, num_heads=HEADS, relative_attention_num_buckets=8,
+                                     use_cache=False)
+    torch.manual_seed(0)
+    model = T5Logits(transformers.UMT5ForConditionalGeneration(config).eval())
+    x = ids()
+    graph = build_channel_graph(model, x)  # its cross-attention takes encoder_hidden_states=
+    hidden = next(g for g in graph.groups if "t5.encoder.embed_tokens" in g.producers)
+    assert hidden.prunable
+    heads = [g for g in graph.groups if g.producers[0].endswith("Attention")]
+    assert len(heads) == 6 and all(g.prunable for g in heads)  # a bias table in every block: a group each
+    assert verify_groups(model, graph, x) == []
+    out, expected, _ = pruned_and_masked(model, x, graph, random_keep(graph, seed=2))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_per_head_bias_in_another_layout_keeps_the_heads_with_the_reason() -> None:
+    config = transformers.LongT5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=96, num_layers=2,
+                                       num_decoder_layers=2, num_heads=HEADS, relative_attention_num_buckets=8,
+                                       use_cache=False, encoder_attention_type="local", local_radius=4)
+    torch.manual_seed(0)
+    model = T5Logits(transformers.LongT5ForConditionalGeneration(config).eval())
+    x = ids()
+    graph = build_channel_graph(model, x)
+    # The local attention returns (batch, blocks, heads, block, 3 * block) scores: its first block's heads stay.
+    first = next(g for g in graph.groups if g.producers == ["t5.encoder.block.0.layer.0.LocalSelfAttention"])
+    assert not first.prunable and "may hold one slice per head (shape [2, 3, 4, 5, 15])" in first.reasons[0]
+    decoder = next(g for g in graph.groups if g.producers[0] == "t5.decoder.block.0.layer.0.SelfAttention")
+    assert decoder.prunable  # the decoder's attention is T5's
+    assert verify_groups(model, graph, x) == []

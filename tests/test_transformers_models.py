@@ -409,3 +409,38 @@ def test_hugging_face_vision_transformers_lose_heads_exactly(family: str) -> Non
         assert isinstance(adapter_for(attention), SplitAttentionAdapter)
         assert attention.num_attention_heads == 3
         assert attention.relative_position_bias.relative_position_bias_table.shape[1] == 3
+
+
+def test_towers_built_from_one_config_object_sync_it_only_when_they_agree() -> None:
+    from acps_core.prune.model_config import sync_config
+    from acps_core.prune.slicing import prune_channels
+
+    class DualEncoder(nn.Module):
+        def __init__(self, config: object) -> None:
+            super().__init__()
+            self.query, self.document = transformers.LlamaModel(config), transformers.LlamaModel(config)
+
+        def forward(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            scores: torch.Tensor = (self.query(q).last_hidden_state.mean(1)
+                                    * self.document(d).last_hidden_state.mean(1)).sum(-1)
+            return scores
+
+    x = ids()
+    for query_share, expected in ((0.5, 48), (0.75, None)):
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96,
+                                          num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2,
+                                          head_dim=HEAD_DIM, attn_implementation="eager", use_cache=False)
+        torch.manual_seed(0)
+        model = DualEncoder(config).eval()
+        graph = build_channel_graph(model, (x, x))
+        keep = {}
+        for group in graph.prunable_groups:  # uniform in each tower; the towers alike or not
+            atoms = group.channels // group.unit
+            share = query_share if group.name.startswith("query") else 0.5
+            keep[group.id] = list(range(max(1, int(atoms * share)) * group.unit))
+        prune_channels(model, graph, keep)
+        why_not = sync_config(model)
+        if expected is None:  # one config cannot state both towers: left as it was, and said so
+            assert config.intermediate_size == 96 and "intermediate_size" in why_not
+        else:
+            assert why_not is None and config.intermediate_size == expected

@@ -94,9 +94,12 @@ class CopyOnWrite(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        targets = _write_targets(func, args, kwargs)
-        if targets:
-            self._copy_before_write(targets)
+        name = getattr(func, "__name__", "")
+        # Most calls cannot write (a quick look at the name first: this runs for every torch call of a forward).
+        if kwargs or name[-1:] == "_" or name in _MAYBE_WRITES:
+            targets = _write_targets(func, args, kwargs)
+            if targets:
+                self._copy_before_write(targets)
         return func(*args, **kwargs)
 
     def _copy_before_write(self, targets: list[Any]) -> None:
@@ -112,6 +115,8 @@ _IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itrue
                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
 # Methods that end with "_" but change no value.
 _NOT_WRITES = {"requires_grad_", "share_memory_", "retain_grad_"}
+# Names that may write though they do not end with "_" (an out= or inplace= argument aside).
+_MAYBE_WRITES = _IN_PLACE_DUNDERS | {"numpy", "__array__", "__set__"}
 _ACPS_DIR = ACPS_DIR
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 

@@ -15,7 +15,7 @@ from acps_core.graph.model import ChannelUse, LayerGeometry
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
 from acps_core.layers import projections
-from acps_core.layers.attention import CROSS_INPUTS, AttentionAdapter, per_head
+from acps_core.layers.attention import CROSS_INPUTS, AttentionAdapter, other_layout, per_head
 from acps_core.layers.base import LayerAdapter
 from acps_core.layers.norm import approximate_norms_allowed, approximation_refused
 
@@ -221,7 +221,8 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     num_heads, head_dim = adapter.heads(module)
     width = num_heads * head_dim
     others = [r for r in refs_in((op.args, op.kwargs)) if all(r is not i for i in inputs)]
-    biases = [r for r in others if isinstance(r, TensorRef) and per_head(r.shape, num_heads)]
+    biases = [r for r in others if isinstance(r, TensorRef) and (per_head(r.shape, num_heads)
+                                                               or other_layout(r.shape, num_heads))]
     builder.block_tags([t for r in others for t in builder.tags_of(r)
                         if not (any(r is b for b in biases) and _head_tag(t, head_dim, width))],
                        f"{where} reads these channels as a mask, which acps does not map")
@@ -301,16 +302,24 @@ def _per_head_tensors(builder: GroupBuilder, op: Op, heads: int, biases: list[Te
     carries its heads; one it reads ties its heads to the heads of the module that made it, so that both lose
     the same ones (and its head count stays what the tensor holds). One no attention module made keeps the heads."""
     width = builder.spaces[heads].channels
+    layout = "in a layout acps does not map (it maps (batch, heads, queries, keys))"
     for ref in biases:
         found = [t for t in builder.tags_of(ref) if _head_tag(t, head_dim, width)]
-        if not found:
+        if other_layout(ref.shape, width // head_dim):
+            builder.block(heads, f"{where} reads a tensor that may hold one slice per head (shape "
+                                 f"{list(ref.shape)}) {layout}")
+        elif not found:
             builder.block(heads, f"{where} reads a tensor with one slice per head (shape {list(ref.shape)}) that no "
                                  "attention layer acps prunes made, so pruning heads would not slice it")
         for tag in found:
             builder.union(heads, tag.space, f"{where} reads a per-head tensor made with these heads")
     for value in op.outputs[1:]:
-        if per_head(builder.recorder.shapes[value], width // head_dim):
+        shape = builder.recorder.shapes[value]
+        if per_head(shape, width // head_dim):
             builder.tags[value] = [Tag(heads, 1, 0, 1, 0, width, unit=head_dim)]
+        elif other_layout(shape, width // head_dim):
+            builder.block(heads, f"{where} returns a tensor that may hold one slice per head (shape {list(shape)}) "
+                                 f"{layout}")
 
 
 def embed_inputs(builder: GroupBuilder, op: Op, name: str, inputs: list[TensorRef | None], channel_dim: int,

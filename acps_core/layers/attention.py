@@ -19,8 +19,8 @@ from torch import nn
 
 from acps_core.layers.base import LayerAdapter
 
-#: Keyword arguments that hold the keys' and values' source in cross-attention (T5's, BART's).
-CROSS_INPUTS = ("key_value_states",)
+#: Keyword arguments that hold the keys' and values' source in cross-attention (T5's and BART's; UMT5's).
+CROSS_INPUTS = ("key_value_states", "encoder_hidden_states")
 
 
 def plain_multihead_attention(module: nn.Module) -> bool:
@@ -136,6 +136,27 @@ def per_head(shape: tuple[int, ...] | torch.Size, heads: int) -> bool:
     """Whether a tensor of ``shape`` holds one slice per head, as attention biases and masks are laid out:
     ``(batch, heads, queries, keys)``."""
     return heads > 1 and len(shape) == 4 and shape[1] == heads
+
+
+def other_layout(shape: tuple[int, ...] | torch.Size, heads: int) -> bool:
+    """Whether a tensor of ``shape`` may hold one slice per head in a layout acps does not map: five dims or more,
+    one of them but the last two of ``heads`` entries (LongT5's local position bias: ``(1, 1, heads, block, 3 *
+    block)``)."""
+    return heads > 1 and len(shape) >= 5 and heads in tuple(shape[:-2])
+
+
+def cut_per_head_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], heads: int, kept: torch.Tensor
+                        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's arguments with its per-head tensors cut to the heads ``kept``: all but the module's input (its
+    first tensor, positional or by keyword) and the keys' and values' source (:data:`CROSS_INPUTS`)."""
+    first = next((i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)), None)
+    skip = set(CROSS_INPUTS)
+    if first is None:
+        skip.add(next((key for key, value in kwargs.items() if isinstance(value, torch.Tensor)), ""))
+    cut_args = tuple(arg if first is not None and i <= first else keep_per_head(arg, heads, kept)
+                     for i, arg in enumerate(args))
+    return cut_args, {key: value if key in skip else keep_per_head(value, heads, kept)
+                      for key, value in kwargs.items()}
 
 
 def keep_per_head(value: Any, heads: int, kept: torch.Tensor) -> Any:

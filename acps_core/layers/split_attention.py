@@ -43,7 +43,13 @@ import torch
 from torch import nn
 
 from acps_core.errors import ArgumentError
-from acps_core.layers.attention import AttentionAdapter, keep_per_head, same_output, same_per_head, stateless
+from acps_core.layers.attention import (
+    AttentionAdapter,
+    cut_per_head_inputs,
+    same_output,
+    same_per_head,
+    stateless,
+)
 from acps_core.layers.base import BUILD_CACHES, take
 from acps_core.layers.fused_attention import head_parameters, keep_head_entries
 
@@ -232,9 +238,10 @@ class SplitAttentionAdapter(AttentionAdapter):
             return True  # nothing can go; nothing to prove
         # Blocks of one class differ in their own parameters (T5's first holds the position bias) and in what
         # they are given (a position bias, or None for the first).
-        given = tuple(sorted((name, type(value).__name__) for name, value in kwargs.items()))
+        given = (tuple(type(value).__name__ for value in args),
+                 tuple(sorted((name, type(value).__name__) for name, value in kwargs.items())))
         key = (type(module), counts, queries, out_projection(module), given,
-               tuple(name for name, _ in module.named_parameters()), len(args))
+               tuple(name for name, _ in module.named_parameters()))
         if key not in _CONFIRMED:  # the blocks of a model share their class and widths: one trial for them all
             _CONFIRMED[key] = self._trial(module, args, kwargs, counts, queries)
         return _CONFIRMED[key]
@@ -269,8 +276,8 @@ class SplitAttentionAdapter(AttentionAdapter):
                 kwargs = stateless(kwargs)
                 # Per-head inputs (a position bias shared by the blocks) lose the same heads in the copy.
                 index = torch.tensor(kept)
-                cut = keep_per_head(args[1:], heads, index), keep_per_head(kwargs, heads, index)
-                got, expected = trial(*args[:1], *cut[0], **cut[1]), reference(*args, **kwargs)
+                cut_args, cut_kwargs = cut_per_head_inputs(args, kwargs, heads, index)
+                got, expected = trial(*cut_args, **cut_kwargs), reference(*args, **kwargs)
         except Exception:
             return False
         return same_output(got, expected) and same_per_head(got, expected, heads, index)

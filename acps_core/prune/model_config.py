@@ -90,17 +90,24 @@ def sync_config(model: nn.Module) -> str | None:
     """Set ``model.config``'s widths (or, for a wrapper, those of the Hugging Face models inside it) to the
     pruned layers' (see the module docs). Returns why it could not (the fields whose widths differ between
     blocks), or None when it did or the model has no such config."""
-    reasons = [reason for module in _configured(model) if (reason := _sync(module)) is not None]
+    by_config: dict[int, list[nn.Module]] = {}  # models built from one config object (a dual encoder's towers)
+    for module in _configured(model):
+        by_config.setdefault(id(module.config), []).append(module)
+    reasons = [reason for models in by_config.values() if (reason := _sync(models)) is not None]
     return "; ".join(reasons) or None
 
 
-def _sync(model: nn.Module) -> str | None:
-    config: Any = model.config
-    widths: dict[str, set[Any]] = dict(model_widths(model))
+def _sync(models: list[nn.Module]) -> str | None:
+    """Set the config ``models`` share to their widths, when they all have the same ones."""
+    config: Any = models[0].config
+    widths: dict[str, set[Any]] = {}
+    for model in models:
+        for name, values in model_widths(model).items():
+            widths.setdefault(name, set()).update(values)
     if "num_attention_heads" not in widths:
         return None  # attention acps does not read the head counts of: the config is left as it is
     eps_field = next((name for name in EPS_FIELDS if isinstance(getattr(config, name, None), float)), None)
-    epsilons = norm_epsilons(model)
+    epsilons = {eps for model in models for eps in norm_epsilons(model)}
     if eps_field is not None and epsilons:
         widths[eps_field] = epsilons  # pruning the hidden width folded C / C' into every norm's epsilon
     differ = [f"{name} {sorted(values)}" for name, values in widths.items() if len(values) > 1]
@@ -114,7 +121,7 @@ def _sync(model: nn.Module) -> str | None:
     before = {name: getattr(config, name) for name in names if hasattr(config, name)}
     for name in names:
         setattr(config, name, next(iter(widths[name])))
-    why_not = rebuild_mismatch(model, config)
+    why_not = next((why for model in models if (why := rebuild_mismatch(model, config)) is not None), None)
     if why_not is not None:
         for name in names:  # leave the config as it was: it cannot describe this model
             if name in before:

@@ -10,10 +10,7 @@ of a copy of the model and timed against the model. Where the measured speed-up 
 ``TOLERANCE``, the search runs again aiming at the predicted ratio that the measurements say delivers the target
 (first the predicted ratio scaled by target over measured, then the secant through two timings in log-log, once
 there are timings on both sides of the target between them), at most ``ROUNDS`` times. Of the choices timed, the
-one kept is the least pruned that measured at least the target (within ``TOLERANCE``); but when that one
-overshoots by more than ``OVERSHOOT`` and another is closer to the target, the closer one (a user asking 2x is
-better served by 1.95x than by 2.3x, which loses accuracy for speed not asked for); with none at the target, the
-fastest.
+one kept is the least pruned that measured at least the target (within ``TOLERANCE``), or else the fastest.
 """
 
 from __future__ import annotations
@@ -39,8 +36,6 @@ logger = logging.getLogger(__name__)
 ROUNDS = 4
 #: A measured speed-up this close to the target (relative) ends the aiming.
 TOLERANCE = 0.03
-#: A choice that reaches the target gives way to a closer one when it overshoots by more than this (relative).
-OVERSHOOT = 0.10
 
 
 @dataclass
@@ -102,16 +97,9 @@ def aim_by_measurement(model: nn.Module, graph: ChannelGraph, sample: Any, estim
 
 
 def _kept(timed: list[Aimed], target: float) -> Aimed:
-    """The choice kept of those timed (see the module docs)."""
+    """The choice kept of those timed: the least pruned that measured the target, else the fastest."""
     reaching = [t for t in timed if t.measured >= target * (1 - TOLERANCE)]
-    if not reaching:
-        return max(timed, key=lambda t: t.measured)
-    least = min(reaching, key=lambda t: t.measured)
-    closest = min(timed, key=lambda t: abs(math.log(t.measured / target)))
-    if least.measured <= target * (1 + OVERSHOOT) or abs(math.log(closest.measured / target)) >= abs(
-            math.log(least.measured / target)):
-        return least
-    return closest
+    return min(reaching, key=lambda t: t.measured) if reaching else max(timed, key=lambda t: t.measured)
 
 
 def _measured(estimator: GainEstimatorBase, model: nn.Module, pruned: nn.Module, sample: Any) -> float | None:

@@ -17,7 +17,6 @@ savings are those of the whole set. Afterwards each member keeps its own best ``
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,23 +40,25 @@ def block_pattern(name: str, repeated: Container[str] | None = None) -> str:
 
 
 def repeated_blocks(model: nn.Module) -> set[str]:
-    """The modules that are one of several alike children of a container: the same class, with the same shapes
-    for the parameters every child of that class has (the decoder layers of a transformer, the blocks of a ResNet
-    stage, T5's blocks, whose first also holds the position bias; not the layers of one ``nn.Sequential`` block,
-    which differ)."""
+    """The modules that are one of several alike children of a container: the same class with parameters of the
+    same names and shapes (the decoder layers of a transformer, the blocks of a ResNet stage; not the layers of
+    one ``nn.Sequential`` block, which differ), or those and more (T5's first block, which also holds the position
+    bias table)."""
     repeated: set[str] = set()
     for prefix, parent in model.named_modules():
-        by_class: dict[type, list[tuple[str, dict[str, tuple[int, ...]]]]] = {}
-        for name, child in parent.named_children():
-            if name.isdigit():
-                shapes = {n: tuple(p.shape) for n, p in child.named_parameters()}
-                by_class.setdefault(type(child), []).append((name, shapes))
-        for children in by_class.values():
-            common = set.intersection(*(set(shapes) for _, shapes in children))
-            signatures = [tuple(sorted((n, shapes[n]) for n in common)) for _, shapes in children]
-            counts = Counter(signatures)
-            repeated.update(f"{prefix}.{name}" if prefix else name
-                            for (name, _), signature in zip(children, signatures) if counts[signature] > 1)
+        children = [(name, type(child), {n: tuple(p.shape) for n, p in child.named_parameters()})
+                    for name, child in parent.named_children() if name.isdigit()]
+        # Fewest parameters first: a set starts from a block with no extras, which later blocks may add to.
+        sets: list[tuple[type, dict[str, tuple[int, ...]], list[str]]] = []
+        for name, kind, shapes in sorted(children, key=lambda c: len(c[2])):
+            alike = next((members for base_kind, base, members in sets if base_kind is kind and base
+                          and all(shapes.get(n) == shape for n, shape in base.items())), None)
+            if alike is None:
+                sets.append((kind, shapes, [name]))
+            else:
+                alike.append(name)
+        repeated.update(f"{prefix}.{name}" if prefix else name for _, _, members in sets if len(members) > 1
+                        for name in members)
     return repeated
 
 

@@ -103,13 +103,13 @@ def test_the_next_aim_stays_between_choices_timed_on_both_sides_of_the_target() 
     assert aiming._next_aim([timed(1.3, 5.0)], 1.5) > 1.0
 
 
-def test_the_choice_kept_reaches_the_target_unless_it_overshoots_far_and_another_is_closer() -> None:
+def test_the_choice_kept_is_the_least_pruned_that_reached_the_target_else_the_fastest() -> None:
     def timed(measured: float) -> aiming.Aimed:
         return aiming.Aimed(Decision(), measured, measured)
 
-    assert aiming._kept([timed(1.9), timed(2.15), timed(2.6)], 2.0).measured == 2.15  # least pruned at the target
-    assert aiming._kept([timed(1.95), timed(2.32)], 2.0).measured == 1.95  # 16 % past it: the closer one
-    assert aiming._kept([timed(1.6), timed(2.32)], 2.0).measured == 2.32  # the other is further off
+    assert aiming._kept([timed(1.9), timed(2.15), timed(2.6)], 2.0).measured == 2.15
+    assert aiming._kept([timed(1.95), timed(2.32)], 2.0).measured == 1.95  # within the tolerance: reached
+    assert aiming._kept([timed(1.9), timed(2.32)], 2.0).measured == 2.32  # a budget: at least the target
     assert aiming._kept([timed(1.5), timed(1.7)], 2.0).measured == 1.7  # none reaches it: the fastest
 
 

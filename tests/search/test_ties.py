@@ -64,6 +64,14 @@ def test_a_first_block_with_a_parameter_of_its_own_is_still_one_of_the_repeated_
     assert repeated_blocks(model) == {"blocks.0", "blocks.2", "blocks.3"}
 
 
+def test_blocks_that_only_share_some_parameters_are_not_alike() -> None:
+    model = Stack(blocks=2)
+    model.blocks.append(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv1d(32, 16, 1)))  # same first layer only
+    model.blocks.append(nn.Sequential(nn.Identity()))  # no parameters: alike to nothing
+    model.blocks.append(nn.Sequential(nn.Identity()))
+    assert repeated_blocks(model) == {"blocks.0", "blocks.1"}
+
+
 def test_a_set_of_twins_searches_as_one_record_whose_loss_is_the_sum_of_theirs() -> None:
     twins = [record(0, "blocks.0.fc", [4, 1, 3, 2, 8, 7], unit=2), record(1, "blocks.1.fc", [1, 9, 9, 9, 0, 2], unit=2),
              record(2, "blocks.2.fc", [5, 5, 0, 1, 2, 2], unit=2)]
