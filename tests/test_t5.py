@@ -201,3 +201,47 @@ def test_a_per_head_bias_in_another_layout_keeps_the_heads_with_the_reason() -> 
     decoder = next(g for g in graph.groups if g.producers[0] == "t5.decoder.block.0.layer.0.SelfAttention")
     assert decoder.prunable  # the decoder's attention is T5's
     assert verify_groups(model, graph, x) == []
+
+
+def test_an_encoder_decoder_searched_with_uniform_widths_keeps_one_head_count_and_saves(tmp_path: Path) -> None:
+    model = t5()
+    x = ids(4)
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.4\nascend_optimized: false\n")
+    labels = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
+    result = acps.auto_channel_prune_search(T5Logits(model), tmp_path / "search.cfg", [x, labels],
+                                            tmp_path / "prune.cfg", uniform_widths=True)
+    assert result.target_reached
+    # One config field, one count: the encoder's, the decoder's and the cross-attention's heads are one set.
+    assert any("t5.t5.encoder.block.#.layer.0.SelfAttention + " in note or
+               "t5.encoder.block.#.layer.0.SelfAttention + " in note for note in result.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", acps.PerLayerWidthsWarning)
+        pruned = acps.create_prune_retrain_model(T5Logits(model), x, tmp_path / "prune.cfg",
+                                                 tmp_path / "prune.record").t5
+    attention = [module for name, module in pruned.named_modules() if name.endswith("Attention")]
+    mlps = [module.wi for name, module in pruned.named_modules() if name.endswith("DenseReluDense")]
+    assert len({a.n_heads for a in attention}) == 1 and len({wi.out_features for wi in mlps}) == 1
+    assert (pruned.config.num_heads, pruned.config.d_ff) == (attention[0].n_heads, mlps[0].out_features) != (
+        HEADS, 96)
+    pruned.save_pretrained(tmp_path / "pruned")
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(T5Logits(loaded)(x), T5Logits(pruned)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_syncing_the_config_folds_the_decoder_output_scale_into_its_final_norm() -> None:
+    from acps_core.prune.model_config import sync_config
+    from acps_core.prune.slicing import prune_channels
+
+    model = T5Logits(t5())
+    x = ids()
+    graph = build_channel_graph(model, x)
+    keep = {g.id: list(range(g.channels - g.unit)) for g in graph.prunable_groups}  # one atom less: uniform
+    prune_channels(model, graph, keep)
+    assert model.t5.model_dim == HIDDEN  # what its logits are scaled by: the width it was built with
+    with torch.no_grad():
+        before = model(x)
+    assert sync_config(model) is None
+    assert model.t5.model_dim == model.t5.config.d_model == HIDDEN - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

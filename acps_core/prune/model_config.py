@@ -118,6 +118,11 @@ def _sync(models: list[nn.Module]) -> str | None:
         if name in widths and not hasattr(config, name) and hasattr(config, alias):
             widths[alias] = widths.pop(name)
     names = [name for name in widths if hasattr(config, name) or name == "head_dim"]
+    if "hidden_size" in widths:
+        for model in models:
+            why_not = _fold_output_scale(model, config, next(iter(widths["hidden_size"])))
+            if why_not is not None:
+                return why_not
     before = {name: getattr(config, name) for name in names if hasattr(config, name)}
     for name in names:
         setattr(config, name, next(iter(widths[name])))
@@ -129,6 +134,30 @@ def _sync(models: list[nn.Module]) -> str | None:
             else:
                 delattr(config, name)
         return why_not
+    return None
+
+
+def _fold_output_scale(model: nn.Module, config: Any, hidden: int) -> str | None:
+    """T5 scales its decoder's output by ``model_dim ** -0.5`` before its head (``scale_decoder_outputs``, or a
+    head tied to the embedding), with ``model_dim`` the hidden width its config built it with. Rebuilt from a
+    config stating the pruned width, it would scale by another factor: the ratio is folded into the decoder's
+    final norm, and ``model_dim`` set, so that the model computes what it did and what its rebuild computes.
+    Returns why it could not (no such norm), or None."""
+    model_any: Any = model
+    dim = getattr(model_any, "model_dim", None)
+    if not isinstance(dim, int) or dim == hidden:
+        return None
+    scaled = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
+    norm = getattr(getattr(model_any, "decoder", None), "final_layer_norm", None)
+    weight = getattr(norm, "weight", None)
+    if scaled and not isinstance(weight, nn.Parameter):
+        return (f"{type(model).__name__} scales its output by its hidden width, and it has no decoder.final_layer_norm "
+                "to fold the change into: save its state_dict and rebuild it with restore_prune_retrain_model, "
+                "not save_pretrained")
+    if isinstance(weight, nn.Parameter) and scaled:
+        with torch.no_grad():
+            weight.mul_((hidden / dim) ** 0.5)
+    model_any.model_dim = hidden
     return None
 
 
@@ -150,6 +179,31 @@ def rebuild_mismatch(model: nn.Module, config: Any) -> str | None:
                 + (" ..." if len(wrong) > 3 else "") + "; save its state_dict and rebuild it with "
                 "restore_prune_retrain_model, not save_pretrained")
     return None
+
+
+def config_roles(model: nn.Module, graph: ChannelGraph) -> dict[int, str]:
+    """For ``uniform_widths``: group id -> the config field its width is (``num_attention_heads``,
+    ``intermediate_size``), with the config it is in, for the groups of a Hugging Face model's attention heads
+    and MLPs. One config states one width for every block of every stack (T5's encoder, decoder and
+    cross-attention), so the groups of one field must keep one count for the model to load with
+    ``from_pretrained``."""
+    roles: dict[int, str] = {}
+    for configured in _configured(model):
+        prefix = next(name for name, module in model.named_modules() if module is configured)
+        for name, module in configured.named_modules():
+            layer_names: list[tuple[str, str]] = []
+            if isinstance(adapter_for(module), SplitAttentionAdapter):
+                layer_names.append((name, "num_attention_heads"))
+            up = next((up for up, down in MLP_PARTS if isinstance(getattr(module, up, None), nn.Linear)
+                       and isinstance(getattr(module, down, None), nn.Linear)), None)
+            if up is not None:
+                layer_names.append((f"{name}.{up}" if name else up, "intermediate_size"))
+            for layer_name, field in layer_names:
+                full = f"{prefix}.{layer_name}" if prefix else layer_name
+                layer = graph.layers.get(full)
+                if layer is not None and layer.out_group is not None:
+                    roles[layer.out_group] = f"{id(configured.config)}:{field}"
+    return roles
 
 
 def fit_hidden_to_heads(model: nn.Module, graph: ChannelGraph, records: Sequence[SearchRecord],

@@ -34,7 +34,7 @@ from acps_core.graph.verify import verify_groups
 from acps_core.methods.bases import GainEstimatorBase, SearchChannelBase, SensitivityBase
 from acps_core.methods.options import describe_method
 from acps_core.prune.keep import largest_norm_channels
-from acps_core.prune.model_config import fit_hidden_to_heads
+from acps_core.prune.model_config import config_roles, fit_hidden_to_heads
 from acps_core.report.result import SearchResult
 from acps_core.report.story import sensitivity_story
 from acps_core.search.aiming import TOLERANCE, Aimed, aim_by_measurement
@@ -167,7 +167,8 @@ def _search(comm: Communicator, model: Any, config: Any, input_data: Any, output
         timings["scoring"] = time.perf_counter() - started
         averaged = same_scores_everywhere(comm, records)
         # What the search method sees: with uniform widths, one record for each set of tied groups.
-        searched, ties = tie_records(records, repeated_blocks(model)) if call.uniform_widths else (records, Ties())
+        searched, ties = (tie_records(records, repeated_blocks(model), config_roles(model, graph))
+                          if call.uniform_widths else (records, Ties()))
         graph_info = GraphInfo(graph, cost_model, fixed.kept, budget, ties)
         for record in searched:
             record.gain = torch.full((record.channels,), graph_info.saving({}, record.group_id, record.channels - 1))

@@ -91,18 +91,19 @@ class Ties:
                 f"equal counts: {shown}" + (" ..." if len(self.sets) > len(largest) else ""))
 
 
-
-def tie_records(records: Sequence[SearchRecord],
-                repeated: Container[str] | None = None) -> tuple[list[SearchRecord], Ties]:
+def tie_records(records: Sequence[SearchRecord], repeated: Container[str] | None = None,
+                roles: Mapping[int, str] | None = None) -> tuple[list[SearchRecord], Ties]:
     """The records a search method sees when repeated blocks keep uniform widths, and the sets they stand for.
 
-    Records must carry their sensitivity; ``repeated`` names the repeated blocks (:func:`block_pattern`). A
-    record with no twin is passed on as it is; each set of twins is passed on as one copy of its leader whose
-    sensitivity is the set's (see the module docs).
+    Records must carry their sensitivity; ``repeated`` names the repeated blocks (:func:`block_pattern`);
+    ``roles`` gives groups a role that ties them wherever they are (group id -> the config field their width
+    is: :func:`~acps_core.prune.model_config.config_roles`), in place of their pattern. A record with no twin is
+    passed on as it is; each set of twins is passed on as one copy of its leader whose sensitivity is the set's
+    (see the module docs).
     """
     by_role: dict[tuple[object, ...], list[SearchRecord]] = {}
     for record in records:
-        pattern = block_pattern(record.name, repeated)
+        pattern = (roles or {}).get(record.group_id) or block_pattern(record.name, repeated)
         role = (pattern, record.channels, record.unit, record.blocks, record.aligned, tuple(record.allowed_kept))
         by_role.setdefault(role if pattern != record.name else (record.group_id,), []).append(record)
     view: list[SearchRecord] = []
@@ -113,7 +114,7 @@ def tie_records(records: Sequence[SearchRecord],
             view.append(leader)
             continue
         ties.sets[leader.group_id] = [r.group_id for r in twins]
-        ties.patterns[leader.group_id] = block_pattern(leader.name, repeated)
+        ties.patterns[leader.group_id] = " + ".join(dict.fromkeys(block_pattern(t.name, repeated) for t in twins))
         view.append(dataclasses.replace(leader, sensitivity=_shared_sensitivity(twins), gain=None, _order=None,
                                         _cumulative=None))
     return view, ties
