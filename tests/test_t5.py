@@ -48,6 +48,15 @@ class T5Logits(nn.Module):
         return logits
 
 
+def search_t5(model: nn.Module, x: torch.Tensor, tmp_path: Path, ratio: float, **options: bool
+              ) -> acps.SearchResult:
+    """Search the logits of ``model`` at ``ratio`` on random next tokens; the config goes to prune.cfg."""
+    (tmp_path / "search.cfg").write_text(f"compress_ratio: {ratio}\nascend_optimized: false\n")
+    labels = torch.randint(0, VOCAB, tuple(x.shape), generator=torch.Generator().manual_seed(1))
+    return acps.auto_channel_prune_search(T5Logits(model), tmp_path / "search.cfg", [x, labels],
+                                          tmp_path / "prune.cfg", **options)
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_t5_heads_go_together_across_the_blocks_that_share_a_position_bias(attention: str) -> None:
     model = T5Logits(t5(attention))
@@ -145,12 +154,8 @@ def test_a_t5_encoder_searched_with_uniform_widths_saves_with_save_pretrained_an
 
 
 def test_an_encoder_decoder_searched_per_block_is_created_and_restored_from_its_record(tmp_path: Path) -> None:
-    model = t5()
-    x = ids(4)
-    (tmp_path / "search.cfg").write_text("compress_ratio: 1.3\nascend_optimized: false\n")
-    labels = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
-    result = acps.auto_channel_prune_search(T5Logits(model), tmp_path / "search.cfg", [x, labels],
-                                            tmp_path / "prune.cfg")
+    model, x = t5(), ids(4)
+    result = search_t5(model, x, tmp_path, 1.3)
     assert result.target_reached
     with pytest.warns(acps.PerLayerWidthsWarning, match="num_attention_heads"):  # T5's config has one count
         pruned = acps.create_prune_retrain_model(T5Logits(model), x, tmp_path / "prune.cfg",
@@ -204,12 +209,8 @@ def test_a_per_head_bias_in_another_layout_keeps_the_heads_with_the_reason() -> 
 
 
 def test_an_encoder_decoder_searched_with_uniform_widths_keeps_one_head_count_and_saves(tmp_path: Path) -> None:
-    model = t5()
-    x = ids(4)
-    (tmp_path / "search.cfg").write_text("compress_ratio: 1.4\nascend_optimized: false\n")
-    labels = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
-    result = acps.auto_channel_prune_search(T5Logits(model), tmp_path / "search.cfg", [x, labels],
-                                            tmp_path / "prune.cfg", uniform_widths=True)
+    model, x = t5(), ids(4)
+    result = search_t5(model, x, tmp_path, 1.4, uniform_widths=True)
     assert result.target_reached
     # One config field, one count: the encoder's, the decoder's and the cross-attention's heads are one set.
     assert any("t5.t5.encoder.block.#.layer.0.SelfAttention + " in note or

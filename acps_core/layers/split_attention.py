@@ -23,7 +23,7 @@ T5 writes the same attention with Linears ``q``, ``k``, ``v`` and ``o``, ``n_hea
 its first block also holds a relative-position bias table (one column per head), whose bias it returns and every
 later block adds: the graph ties the heads of the blocks that share such a per-head tensor
 (:mod:`acps_core.graph.modules`), the table is sliced with the heads and ``n_heads`` and ``inner_dim`` updated.
-Its cross-attention reads keys and values from ``key_value_states``.
+Its cross-attention reads keys and values from ``key_value_states`` (UMT5: ``encoder_hidden_states``).
 
 A module is recognised by its parts: the four Linears, an integer ``head_dim`` (``key_value_proj_dim``) and
 ``num_key_value_groups`` (or ``num_heads`` and ``num_key_value_heads``), widths that agree, and no other
