@@ -60,7 +60,7 @@ CASES: list[TimmCase] = [
     TimmCase("pvt_v2", "pvt_v2_b0", 128),
     TimmCase("poolformer", "poolformer_s12", 128),
     TimmCase("coat", "coat_lite_tiny", 224),
-    TimmCase("edgenext", "edgenext_xx_small", 128),
+    TimmCase("edgenext", "edgenext_xx_small", 128, heads=True),
     TimmCase("fastvit", "fastvit_t8", 128),
     TimmCase("inception", "inception_v3", 160),
     TimmCase("inception_v4", "inception_v4", 160),

@@ -1059,12 +1059,12 @@ def _cases() -> list[ZooCase]:
         ),
         ZooCase(
             "vit_timm", lambda: ViT(cls_token=False, pos_embed=False, depth=1, timm=True), (3, 8, 8),
-            # The residual stream's width C, read from x.shape, reshapes the attention output, whose width comes
-            # from qkv (left alone: its head count is a constant): pruning the stream would break that reshape.
-            groups=[{"patch", "blocks.0.attn.proj", "blocks.0.mlp.fc2"}, {"blocks.0.attn.qkv"},
+            # The attention output is reshaped to the residual stream's width C, read from x.shape: the attention
+            # is traced whole and its forward follows its pruned heads, so both the heads and the stream prune.
+            groups=[{"patch", "blocks.0.attn.proj", "blocks.0.mlp.fc2"}, {"blocks.0.attn"},
                     {"blocks.0.mlp.fc1"}, {"head"}],
-            blocked={"patch": (), "blocks.0.attn.proj": (), "blocks.0.mlp.fc2": (),
-                     "blocks.0.attn.qkv": ("constant size",), "head": OUTPUT},
+            blocked={"head": OUTPUT},
+            unit={"blocks.0.attn": 8},
             consumers={"blocks.0.mlp.fc1": {("blocks.0.mlp.fc2", 0, 1)}},
         ),
         ZooCase(

@@ -49,6 +49,9 @@ class LayerGeometry:
     #: For attention: its query/key width over its value width, and its key/value heads over its query heads.
     key_share: float = 1.0
     kv_share: float = 1.0
+    #: For attention: multiply-accumulates of its attention products per query token and value channel, as
+    #: measured on its first call; 0 = as many keys as queries, ``(key_share + 1) * tokens``.
+    attended: float = 0.0
 
     @property
     def depthwise(self) -> bool:
@@ -78,15 +81,15 @@ class LayerGeometry:
         """Multiply-accumulates per sample at the given channel counts (the traced ones by default).
 
         For ``MultiheadAttention`` the input channels are its embed_dim and the output channels the width of its
-        heads' values: the q/k/v projections (:attr:`projection_rows`) and the two attention products
-        (self-attention, as many keys as queries); its out projection is a Linear layer of its own. An embedding
-        is a lookup: none.
+        heads' values: the q/k/v projections (:attr:`projection_rows`) and the two attention products (as
+        measured, :attr:`attended`, or else self-attention with as many keys as queries); its out projection is a
+        Linear layer of its own. An embedding is a lookup: none.
         """
         cin = self.in_channels if in_channels is None else in_channels
         cout = self.out_channels if out_channels is None else out_channels
         if self.kind == "MultiheadAttention":
             tokens = self.input_shape[1]
-            products = (self.key_share + 1) * tokens * cout
+            products = (self.attended or (self.key_share + 1) * tokens) * cout
             return float(self.rows * tokens * (self.projection_rows * cin * cout + products))
         if self.kind == "Embedding":
             return 0.0

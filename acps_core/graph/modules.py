@@ -240,7 +240,7 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     weight_dtype = next(p.dtype for p in module.parameters())
     geometry = LayerGeometry(name, "MultiheadAttention", query.shape[channel_dim], width, 1, (1,), (1,),
                              (1, tokens, query.shape[channel_dim]), (1, tokens, width), query.dtype, weight_dtype,
-                             rows, adapter.key_share(module), adapter.kv_share(module))
+                             rows, adapter.key_share(module), adapter.kv_share(module), adapter.attended(module))
     entry = builder.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                           "reason": None, "location": op.location})
     embed_inputs(builder, op, name, inputs, channel_dim, entry, where)

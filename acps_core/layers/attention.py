@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from acps_core.layers.base import LayerAdapter
 
@@ -243,6 +244,40 @@ class AttentionAdapter(LayerAdapter):
 
     def input_dim(self, module: nn.Module, ndim: int) -> int:
         return ndim - 1
+
+    def attended(self, module: nn.Module) -> float:
+        """Multiply-accumulates of its attention products per query token and value channel, where measured on
+        its first call (:func:`products_per_channel`); 0 when not: then as many keys as queries are assumed."""
+        return 0.0
+
+
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (torch's FLOP counter counts the GPU kernels
+    only): queries times keys, and the weights times values."""
+    positions = math.prod(query[:-1]) * key[-2]
+    return int(2 * positions * (query[-1] + value[-1]))
+
+
+def products_per_channel(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], projections: list[str],
+                         width: int, channel_dim: int) -> float:
+    """What one call of ``module`` computes outside its children ``projections`` (its attention products and any
+    relative-position logits), in multiply-accumulates per input position (the first tensor's positions along
+    every dim but ``channel_dim``) and per channel of its heads' ``width``, as torch's FLOP counter counts them;
+    0 when it cannot be counted."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is None or first.dim() == 0 or width <= 0:
+        return 0.0
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    try:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+            module(*args, **stateless(kwargs))
+    except Exception:
+        return 0.0
+    counts = counter.get_flop_counts()
+    root = type(module).__name__
+    inside = sum(sum(counts.get(f"{root}.{path}", {}).values()) for path in projections)
+    positions = first.numel() // max(1, first.shape[channel_dim])
+    return max(0.0, float(counter.get_total_flops() - inside) / 2 / max(1, positions) / width)
 
 
 class MultiheadAttentionAdapter(AttentionAdapter):

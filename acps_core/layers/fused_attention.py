@@ -34,16 +34,19 @@ masking that head computes. A module that fails is traced function by function i
 
 from __future__ import annotations
 
-import copy
+import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from acps_core.layers import projections
-from acps_core.layers.attention import AttentionAdapter, same_output, stateless
-from acps_core.layers.base import adapter_for, take
+from acps_core.layers.attention import AttentionAdapter, products_per_channel
+from acps_core.layers.base import adapter_for
+from acps_core.layers.following import follow_heads, input_prunes_like_masking, prunes_like_masking
+from acps_core.layers.head_entries import head_parameters, keep_head_entries
 from acps_core.layers.projections import in_width, is_projection, out_width, output_rows
 from acps_core.layers.transposed_linear import transposed_linear
 
@@ -102,6 +105,10 @@ class HeadLayout:
 #: The layout each kind of module was proven to have (by its class and its ``head_first`` flag, if any), filled by
 #: :meth:`FusedAttentionAdapter.confirm`; a module is traced before it is pruned, in the same process.
 _PROVEN: dict[tuple[type, Any], bool] = {}
+#: The kinds whose forward must follow their pruned heads (:mod:`acps_core.layers.following`), found there too.
+_FOLLOWING: set[tuple[type, Any]] = set()
+#: Per module, its attention products measured on its first call (:func:`products_per_channel`).
+_ATTENDED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
 
 def _layout_key(module: nn.Module) -> tuple[type, Any]:
@@ -160,26 +167,6 @@ def head_dims(module: nn.Module) -> tuple[int, int] | None:
     return (rows // (3 * heads),) * 2 if rows % (3 * heads) == 0 else None
 
 
-def head_parameters(module: nn.Module, heads: int | None = None,
-                    skip: tuple[str, ...] = (*QKV_NAMES, *PROJ_NAMES)) -> list[tuple[str, int]] | None:
-    """The parameters of the module and its children but the projections (``skip``) that hold one entry per head
-    (``heads``, by default ``num_heads``), each with that dim (a relative-position bias table of ``(positions,
-    num_heads)``); None when one of them has several dims of ``num_heads`` entries."""
-    heads = getattr(module, "num_heads", None) if heads is None else heads
-    found = []
-    for name, param in module.named_parameters():
-        if name.split(".")[0] in skip:
-            continue
-        dims = [d for d, size in enumerate(param.shape) if size == heads]
-        if isinstance(module.get_submodule(name.rpartition(".")[0]), nn.Embedding):
-            dims = [d for d in dims if d == 1]  # a lookup table (T5's position bias): its columns are its outputs
-        if len(dims) > 1:
-            return None
-        if dims:
-            found.append((name, dims[0]))
-    return found
-
-
 def fused_qkv_attention(module: nn.Module) -> bool:
     """Whether ``module`` is self-attention with a fused ``qkv`` projection that acps prunes heads of (see the
     module docs)."""
@@ -199,7 +186,7 @@ def fused_qkv_attention(module: nn.Module) -> bool:
     widths = [(name, value_dim) for name in VALUE_WIDTHS] + [(name, key_dim) for name in KEY_WIDTHS]
     if any(getattr(module, name, heads * dim) != heads * dim for name, dim in widths):
         return False
-    if head_parameters(module) is None:
+    if head_parameters(module, heads, (*QKV_NAMES, *PROJ_NAMES)) is None:
         return False
     return all(_over_head_dim(getattr(module, name, None), key_dim) for name in HEAD_NORMS)
 
@@ -292,33 +279,53 @@ class FusedAttentionAdapter(AttentionAdapter):
         _keep_heads(module, layout, index[::layout.value_dim] // layout.value_dim)
 
     def keep_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        """Keep the input channels ``index``; a forward that reads the heads' width from its input then follows
+        the heads (its input is no longer as wide as they are)."""
         projections.keep_inputs(module.get_submodule(self.qkv_path(module)), index)
+        _follow_if_needed(module)
 
     def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether pruning a head in a copy computes what masking it computes, for either layout of ``qkv``'s
-        rows (the layout that holds is remembered for the module's kind)."""
+        rows, with the forward as written or else following the heads (:mod:`acps_core.layers.following`); what
+        holds is remembered for the module's kind, and the module's attention products are measured."""
         heads = int(self.layout(module).heads)
         if heads < 2:
             return True  # no head can go; nothing to prove
         if module.training:
             return False  # dropout would make the two calls differ
-        for head_major in (False, True):
-            if _prunes_like_masking(self, module, self.layout(module, head_major), args, kwargs):
-                _PROVEN[_layout_key(module)] = head_major
-                return True
+        key = _layout_key(module)
+        for follow in (False, True):
+            for head_major in (False, True):
+                if _prunes_like_masking(self, module, self.layout(module, head_major), follow, args, kwargs):
+                    _PROVEN[key] = head_major
+                    (_FOLLOWING.add if follow else _FOLLOWING.discard)(key)
+                    if not input_prunes_like_masking(module, self.keep_inputs, partial(self.input_dim, module),
+                                                     args, kwargs):
+                        return False  # its forward reads its input's width for something the heads do not set
+                    first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                    children = [_name(module, QKV_NAMES), _name(module, PROJ_NAMES)]
+                    _ATTENDED[module] = products_per_channel(module, args, kwargs, children, self.out_size(module),
+                                                             self.input_dim(module, first.dim()))
+                    return True
         return False
+
+    def attended(self, module: nn.Module) -> float:
+        return _ATTENDED.get(module, 0.0)
 
     def unconfirmed(self, module: nn.Module, name: str) -> str:
         return (f"{name} ({type(module).__name__}) is attention with a fused qkv projection, but a copy with one "
                 "head pruned (its qkv rows, per-head parameters and proj inputs, num_heads and the widths derived "
-                "from it) did not compute what masking that head computes: its forward ties the heads' width to "
-                "something the head count does not set (such as the input's channel count, or split sizes "
-                "written as constants), so its heads are left alone")
+                "from it) did not compute what masking that head computes, with its forward as written or "
+                "following the heads, or a copy with one input channel pruned did not compute what masking that "
+                "channel computes: its forward ties the heads' width or its input width to something acps does "
+                "not set (split sizes written as constants, a scale read from the input), so its heads are left "
+                "alone")
 
 
-def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> None:
+def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor, follow: bool | None = None) -> None:
     """Slice ``module`` to the heads ``kept``: ``qkv``'s rows (and the norms over them), the per-head parameters,
-    the size attributes and any cache the forward keeps of per-head tensors."""
+    the size attributes and any cache the forward keeps of per-head tensors; make its forward follow the heads
+    when ``follow`` (by default: when its kind was proven to need it)."""
     attention: Any = module
     adapter = FusedAttentionAdapter()
     rows = layout.head_rows(kept)
@@ -337,58 +344,36 @@ def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor) -> No
     for name in KEY_WIDTHS:
         if hasattr(module, name):
             setattr(module, name, len(kept) * layout.key_dim)
+    _follow_if_needed(module, follow)
 
 
-def keep_head_entries(module: nn.Module, heads: int, kept: torch.Tensor, skip: tuple[str, ...],
-                      head_dim: int = 0) -> None:
-    """Slice the per-head parameters of ``module`` (see :func:`head_parameters`) to the heads ``kept``, and set
-    the head counts, bias shapes and caches its children keep (and T5's ``inner_dim``, given ``head_dim``)."""
-    for name, dim in head_parameters(module, heads, skip) or []:
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        setattr(owner, attr, take(getattr(owner, attr), dim, kept))
-        if isinstance(owner, nn.Embedding):
-            owner.embedding_dim = len(kept)
-    for owner in module.modules():
-        _resize(owner, heads, len(kept))
-    attention: Any = module
-    if head_dim and getattr(attention, "inner_dim", None) == heads * head_dim:
-        attention.inner_dim = len(kept) * head_dim
+def _follow_if_needed(module: nn.Module, follow: bool | None = None) -> None:
+    """Make the module's forward follow its heads when ``follow`` (by default: when its kind was proven to need
+    it)."""
+    if _layout_key(module) in _FOLLOWING if follow is None else follow:
+        qkv = module.get_submodule(FusedAttentionAdapter().qkv_path(module))
+        follow_heads(module, 1 if isinstance(qkv, nn.modules.conv._ConvNd) else -1)
 
 
-def _resize(owner: nn.Module, heads: int, kept: int) -> None:
-    """Head counts a child keeps of its own (``num_heads``, a bias shape holding it) and caches of per-head
-    tensors (timm's attention-bias caches): set to the kept count, emptied."""
-    for name, value in list(vars(owner).items()):
-        if name.startswith("_") or name == "training":
-            continue
-        if name in ("num_heads", "num_attention_heads", "n_heads") and value == heads:
-            setattr(owner, name, kept)
-        elif name.endswith("_shape") and isinstance(value, tuple) and value and value[-1] == heads:
-            setattr(owner, name, (*value[:-1], kept))
-        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            value.clear()
-
-
-def _prunes_like_masking(adapter: FusedAttentionAdapter, module: nn.Module, layout: HeadLayout,
+def _prunes_like_masking(adapter: FusedAttentionAdapter, module: nn.Module, layout: HeadLayout, follow: bool,
                          args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Prune the first head in a copy and compare its output with the module's with that head masked: the
-    head's inputs of ``proj`` zeroed, or, without ``proj``, the head's output channels dropped."""
+    """Prune the first head in a copy (its forward following the heads when ``follow``) and compare its output
+    with the module's with that head masked: the head's inputs of ``proj`` zeroed, or, without ``proj``, the
+    head's output channels dropped."""
     value_dim = layout.value_dim
     keep = torch.arange(value_dim, layout.heads * value_dim)
-    trial: Any = copy.deepcopy(module)
-    reference: Any = copy.deepcopy(module)
     projection = adapter.projection(module)
-    try:
-        with torch.no_grad():
-            _keep_heads(trial, layout, torch.arange(1, layout.heads))
-            if projection is not None:
-                projections.keep_inputs(trial.get_submodule(projection), keep)
-                projections.zero_inputs(reference.get_submodule(projection), 0, value_dim)
-            kwargs = stateless(kwargs)
-            got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
-            if projection is None and isinstance(expected, torch.Tensor):
-                expected = expected.index_select(adapter.input_dim(module, expected.dim()), keep)
-    except Exception:
-        return False
-    return same_output(got, expected)
+
+    def prune(trial: nn.Module) -> None:
+        _keep_heads(trial, layout, torch.arange(1, layout.heads), follow)
+        if projection is not None:
+            projections.keep_inputs(trial.get_submodule(projection), keep)
+
+    def mask(reference: nn.Module) -> None:
+        if projection is not None:
+            projections.zero_inputs(reference.get_submodule(projection), 0, value_dim)
+
+    def select(output: torch.Tensor) -> torch.Tensor:
+        return output if projection is not None else output.index_select(adapter.input_dim(module, output.dim()), keep)
+
+    return prunes_like_masking(module, prune, mask, args, kwargs, select)

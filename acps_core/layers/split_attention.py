@@ -51,7 +51,7 @@ from acps_core.layers.attention import (
     stateless,
 )
 from acps_core.layers.base import BUILD_CACHES, take
-from acps_core.layers.fused_attention import head_parameters, keep_head_entries
+from acps_core.layers.head_entries import head_parameters, keep_head_entries
 
 #: The names of the query, key and value projections: Hugging Face's decoders' and T5's.
 NAMINGS = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))

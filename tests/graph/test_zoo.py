@@ -220,8 +220,8 @@ def search(tmp_path: Path, case: ZooCase, model: nn.Module, x: torch.Tensor) -> 
 
 def out_channels(module: nn.Module) -> int:
     """A layer's output channels; for multi-head attention the width of its heads."""
-    if isinstance(module, nn.MultiheadAttention):
-        return module.num_heads * module.head_dim
+    if isinstance(module, nn.MultiheadAttention) or isinstance(getattr(module, "head_dim", None), int):
+        return int(module.num_heads * module.head_dim)
     return int(getattr(module, "out_features", getattr(module, "out_channels", -1)))
 
 

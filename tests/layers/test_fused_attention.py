@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import acps_core as acps
@@ -15,6 +16,7 @@ from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.verify import verify_groups
 from acps_core.layers import FusedAttentionAdapter, adapter_for, fused_attention
+from acps_core.layers.following import HeadsFollowingForward
 from testing.flops import counted_macs, graph_macs
 from testing.zoo import pruned_and_masked, random_keep
 
@@ -106,13 +108,38 @@ class ConvHeads(nn.Module):
 
 
 class TiedToInput(PartMajor):
-    """EdgeNeXt's and PVT-v2's way: the heads' output is reshaped to the input's width ``C``."""
+    """EdgeNeXt's cross-covariance attention: attention across each head's channels rather than its tokens, a
+    temperature per head, and the heads' output reshaped to the input's width ``C``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.rand(self.num_heads, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.temperature
+        return self.proj((attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+
+
+class ScaledByInput(PartMajor):
+    """Scores scaled by the input's width: pruning a head is exact, pruning an input channel is not."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * c ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class ConstantSplit(PartMajor):
+    """q, k and v split at a size written as a constant: pruning a head would split them wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (part.reshape(b, n, self.num_heads, -1).transpose(1, 2) for part in self.qkv(x).split(32, dim=-1))
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 class Block(nn.Module):
@@ -146,7 +173,8 @@ def _model(kind: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "conv":
         return ConvBlock().eval(), torch.randn(2, 3, 4, 4)
-    attention = {"part": PartMajor, "head": HeadMajor, "normed": NormedProjections, "tied": TiedToInput}[kind]()
+    attention = {"part": PartMajor, "head": HeadMajor, "normed": NormedProjections, "tied": TiedToInput,
+                 "split": ConstantSplit, "scaled": ScaledByInput}[kind]()
     model = Block(attention).eval()
     for module in model.modules():  # non-trivial norm statistics
         if isinstance(module, nn.BatchNorm1d):
@@ -159,7 +187,7 @@ def _heads_group(graph: ChannelGraph) -> int:
     return next(g.id for g in graph.groups if g.producers == ["attn"])
 
 
-@pytest.mark.parametrize("kind", ["part", "head", "normed", "conv"])
+@pytest.mark.parametrize("kind", ["part", "head", "normed", "conv", "tied"])
 def test_heads_are_pruned_whole_and_pruned_equals_masked(kind: str) -> None:
     model, x = _model(kind)
     assert isinstance(adapter_for(model.attn), FusedAttentionAdapter)
@@ -181,6 +209,9 @@ def test_heads_are_pruned_whole_and_pruned_equals_masked(kind: str) -> None:
         assert attention.qkv.bn.num_features == attention.qkv.linear.out_features == 2 * (2 * 4 + 8)
     if kind == "conv":
         assert attention.dim_out_v == attention.dim_out_qk == 16 and pruned.bn.num_features == 16
+    if kind == "tied":  # its forward follows the heads; the temperatures went with them
+        assert isinstance(vars(attention)["forward"], HeadsFollowingForward) and attention.temperature.shape[0] == 2
+        assert not isinstance(vars(model.attn).get("forward"), HeadsFollowingForward)
 
     # The cost the search uses is what a FLOP counter counts, before and after.
     kept = {g: len(channels) for g, channels in keep.items()}
@@ -207,28 +238,50 @@ def test_the_head_by_head_layout_is_told_apart_from_the_part_by_part_one() -> No
     assert per_channel.reshape(4, 8).sum(dim=1).tolist() == [16 * 32.0] * 4
 
 
-def test_attention_tied_to_its_input_width_is_left_alone_with_the_reason() -> None:
-    model, x = _model("tied")
+@pytest.mark.parametrize(("kind", "name"), [("split", "ConstantSplit"), ("scaled", "ScaledByInput")])
+def test_attention_pruned_otherwise_than_masked_is_left_alone_with_the_reason(kind: str, name: str) -> None:
+    """Neither layout nor following the heads fits a constant split; a scale read from the input's width fits
+    pruning heads but not the input channels: both are traced function by function, and say why."""
+    model, x = _model(kind)
     graph = build_channel_graph(model, x)
+    assert verify_groups(model, graph, x) == []
     qkv = next(g for g in graph.groups if "attn.qkv" in g.producers)
     assert not qkv.prunable
     assert "did not compute what masking that head computes" in qkv.reasons[0]
-    assert "attn (TiedToInput)" in qkv.reasons[0]
+    assert f"attn ({name})" in qkv.reasons[0]
     assert graph.group(next(g.id for g in graph.groups if "fc1" in g.producers)).prunable  # the rest still is
     assert model.attn.num_heads == 4 and model.attn.qkv.out_features == 96  # the check pruned copies only
 
 
-def test_searched_pruned_and_restored_with_the_layout_proven_again(tmp_path: Path) -> None:
-    model, x = _model("normed")
+def test_attention_products_are_measured_not_assumed() -> None:
+    """Cross-covariance attention multiplies over each head's channels, not over the tokens: the cost must say
+    so (the test above checks it against a FLOP counter; here, that it is not the token formula)."""
+    model, x = _model("tied")
+    graph = build_channel_graph(model, x)
+    geometry = graph.layers["attn"].geometry
+    assert geometry.attended == pytest.approx(2 * 8)  # q.k and attn.v: head_dim each, per token and channel
+    assert (geometry.key_share + 1) * TOKENS != geometry.attended
+
+
+@pytest.mark.parametrize("kind", ["normed", "tied"])
+def test_searched_pruned_and_restored_with_the_layout_proven_again(tmp_path: Path, kind: str) -> None:
+    model, x = _model(kind)
     (tmp_path / "search.cfg").write_text("compress_ratio: 1.4\nascend_optimized: false\n")
     labels = torch.randint(0, 10, (2,))
     acps.auto_channel_prune_search(model, str(tmp_path / "search.cfg"), [x, labels], str(tmp_path / "prune.cfg"),
                                    sensitivity="GroupTaylorSensitivity")
     pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
+    assert pruned.attn.num_heads < 4
     torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
     fused_attention._PROVEN.clear()  # as in a fresh process: restoring traces the model and proves it again
-    restored = acps.restore_prune_retrain_model(_model("normed")[0], x, tmp_path / "prune.record",
+    fused_attention._FOLLOWING.clear()
+    restored = acps.restore_prune_retrain_model(_model(kind)[0], x, tmp_path / "prune.record",
                                                 tmp_path / "prune.cfg", tmp_path / "tuned.pth")
     with torch.no_grad():
         torch.testing.assert_close(restored(x), pruned(x), rtol=0, atol=0)
     assert restored.attn.num_heads == pruned.attn.num_heads
+    # The whole pruned model pickles with its forward (torch.save(model)), and loads computing the same.
+    torch.save(pruned, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x), rtol=0, atol=0)
