@@ -57,7 +57,7 @@ CASES: list[TimmCase] = [
     TimmCase("deit", "deit_tiny_patch16_224", 224, heads=True),
     TimmCase("vit", "vit_tiny_patch16_224", 224, heads=True),
     TimmCase("swin", "swin_tiny_patch4_window7_224", 224, heads=True),
-    TimmCase("pvt_v2", "pvt_v2_b0", 128),
+    TimmCase("pvt_v2", "pvt_v2_b0", 128, heads=True),
     TimmCase("poolformer", "poolformer_s12", 128),
     TimmCase("coat", "coat_lite_tiny", 224),
     TimmCase("edgenext", "edgenext_xx_small", 128, heads=True),

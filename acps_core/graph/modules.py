@@ -244,6 +244,9 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     entry = builder.layers.setdefault(name, {"geometry": geometry, "spaces": [], "in": [], "out": None,
                                           "reason": None, "location": op.location})
     embed_inputs(builder, op, name, inputs, channel_dim, entry, where)
+    if fixed := adapter.input_fixed(module):
+        builder.block_tags(builder.tags_of(query), f"{where}: {fixed}")
+    builder.other_macs += adapter.fixed_macs(module)
 
     heads = builder.new_space(name, width)
     touched.append(heads)

@@ -11,6 +11,7 @@ input ``embed_dim`` wide and the output ``out_proj.out_features`` wide.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -247,8 +248,17 @@ class AttentionAdapter(LayerAdapter):
 
     def attended(self, module: nn.Module) -> float:
         """Multiply-accumulates of its attention products per query token and value channel, where measured on
-        its first call (:func:`products_per_channel`); 0 when not: then as many keys as queries are assumed."""
+        its first call (:func:`measured_call`); 0 when not: then as many keys as queries are assumed."""
         return 0.0
+
+    def fixed_macs(self, module: nn.Module) -> float:
+        """Multiply-accumulates of one traced call in its parts that no channel group prunes (a spatial reduction
+        of its keys' input), as measured."""
+        return 0.0
+
+    def input_fixed(self, module: nn.Module) -> str | None:
+        """Why its input channels cannot be pruned, or None when they can."""
+        return None
 
 
 def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
@@ -258,26 +268,31 @@ def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs:
     return int(2 * positions * (query[-1] + value[-1]))
 
 
-def products_per_channel(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], projections: list[str],
-                         width: int, channel_dim: int) -> float:
-    """What one call of ``module`` computes outside its children ``projections`` (its attention products and any
-    relative-position logits), in multiply-accumulates per input position (the first tensor's positions along
-    every dim but ``channel_dim``) and per channel of its heads' ``width``, as torch's FLOP counter counts them;
-    0 when it cannot be counted."""
-    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    if first is None or first.dim() == 0 or width <= 0:
-        return 0.0
+def measured_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, float]:
+    """Multiply-accumulates of one call of ``module``, as torch's FLOP counter counts them (the CPU attention
+    kernel included): in all (key ``""``) and inside each child it called (keyed by the child's name); empty when
+    the call fails."""
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
     try:
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
             module(*args, **stateless(kwargs))
     except Exception:
-        return 0.0
-    counts = counter.get_flop_counts()
-    root = type(module).__name__
-    inside = sum(sum(counts.get(f"{root}.{path}", {}).values()) for path in projections)
-    positions = first.numel() // max(1, first.shape[channel_dim])
-    return max(0.0, float(counter.get_total_flops() - inside) / 2 / max(1, positions) / width)
+        return {}
+    root = f"{type(module).__name__}."
+    found = {"": counter.get_total_flops() / 2}
+    for path, counts in counter.get_flop_counts().items():
+        child = path[len(root):]
+        if path.startswith(root) and "." not in child:
+            found[child] = sum(counts.values()) / 2
+    return found
+
+
+def positions(args: tuple[Any, ...], kwargs: dict[str, Any], channel_dim: Callable[[int], int]) -> int:
+    """Positions of a call's first tensor: its size over its channel count (``channel_dim`` of so many dims)."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is None or first.dim() == 0:
+        return 0
+    return first.numel() // max(1, first.shape[channel_dim(first.dim())])
 
 
 class MultiheadAttentionAdapter(AttentionAdapter):

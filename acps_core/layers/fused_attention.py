@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from acps_core.layers import projections
-from acps_core.layers.attention import AttentionAdapter, products_per_channel
+from acps_core.layers.attention import AttentionAdapter, measured_call, positions
 from acps_core.layers.base import adapter_for
 from acps_core.layers.following import follow_heads, input_prunes_like_masking, prunes_like_masking
 from acps_core.layers.head_entries import head_parameters, keep_head_entries
@@ -107,7 +107,7 @@ class HeadLayout:
 _PROVEN: dict[tuple[type, Any], bool] = {}
 #: The kinds whose forward must follow their pruned heads (:mod:`acps_core.layers.following`), found there too.
 _FOLLOWING: set[tuple[type, Any]] = set()
-#: Per module, its attention products measured on its first call (:func:`products_per_channel`).
+#: Per module, its attention products measured on its first call (:func:`measured_call`).
 _ATTENDED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
 
@@ -289,25 +289,31 @@ class FusedAttentionAdapter(AttentionAdapter):
         rows, with the forward as written or else following the heads (:mod:`acps_core.layers.following`); what
         holds is remembered for the module's kind, and the module's attention products are measured."""
         heads = int(self.layout(module).heads)
-        if heads < 2:
-            return True  # no head can go; nothing to prove
         if module.training:
-            return False  # dropout would make the two calls differ
+            return heads < 2  # (dropout would make the two calls differ)
         key = _layout_key(module)
-        for follow in (False, True):
-            for head_major in (False, True):
-                if _prunes_like_masking(self, module, self.layout(module, head_major), follow, args, kwargs):
+        for follow in (False, True):  # following is tried second: it costs time at every call
+            for head_major in (False, True) if heads > 1 else (None,):  # (one head cannot go: nothing to prove)
+                if head_major is not None:
+                    if not _prunes_like_masking(self, module, self.layout(module, head_major), follow, args, kwargs):
+                        continue
                     _PROVEN[key] = head_major
-                    (_FOLLOWING.add if follow else _FOLLOWING.discard)(key)
-                    if not input_prunes_like_masking(module, self.keep_inputs, partial(self.input_dim, module),
-                                                     args, kwargs):
-                        return False  # its forward reads its input's width for something the heads do not set
-                    first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-                    children = [_name(module, QKV_NAMES), _name(module, PROJ_NAMES)]
-                    _ATTENDED[module] = products_per_channel(module, args, kwargs, children, self.out_size(module),
-                                                             self.input_dim(module, first.dim()))
+                if follow:  # (never undone: a forward that follows changes only the reshapes that would fail)
+                    _FOLLOWING.add(key)
+                if self._inputs_confirmed(module, args, kwargs):
                     return True
         return False
+
+    def _inputs_confirmed(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether pruning an input channel in a copy computes what masking it computes (a forward may read its
+        input's width for something the heads do not set); then the module's attention products are measured."""
+        if not input_prunes_like_masking(module, self.keep_inputs, partial(self.input_dim, module), args, kwargs):
+            return False
+        costs = measured_call(module, args, kwargs)
+        inside = sum(costs.get(child, 0.0) for child in (_name(module, QKV_NAMES), _name(module, PROJ_NAMES)))
+        count = positions(args, kwargs, partial(self.input_dim, module)) * self.out_size(module)
+        _ATTENDED[module] = max(0.0, costs.get("", 0.0) - inside) / count if count else 0.0
+        return True
 
     def attended(self, module: nn.Module) -> float:
         return _ATTENDED.get(module, 0.0)

@@ -111,8 +111,8 @@ class TiedToInput(PartMajor):
     """EdgeNeXt's cross-covariance attention: attention across each head's channels rather than its tokens, a
     temperature per head, and the heads' output reshaped to the input's width ``C``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__(heads, DIM // heads)
         self.temperature = nn.Parameter(torch.rand(self.num_heads, 1, 1) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +120,16 @@ class TiedToInput(PartMajor):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.temperature
         return self.proj((attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+
+
+class MergedToInput(PartMajor):
+    """ViT's attention with the heads merged back to the input's width ``C`` read from the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
 class ScaledByInput(PartMajor):
@@ -251,6 +261,22 @@ def test_attention_pruned_otherwise_than_masked_is_left_alone_with_the_reason(ki
     assert f"attn ({name})" in qkv.reasons[0]
     assert graph.group(next(g.id for g in graph.groups if "fc1" in g.producers)).prunable  # the rest still is
     assert model.attn.num_heads == 4 and model.attn.qkv.out_features == 96  # the check pruned copies only
+
+
+def test_one_head_merged_to_the_input_width_follows_a_pruned_input() -> None:
+    """One head cannot go, but the residual stream can: the head's merge to the input's width must then follow
+    the head, which is still as wide as before."""
+    torch.manual_seed(0)
+    model, x = Block(MergedToInput(heads=1, head_dim=DIM)).eval(), torch.randn(2, TOKENS, 8)
+    graph = build_channel_graph(model, x)
+    assert verify_groups(model, graph, x) == []
+    stream = graph.group(next(g.id for g in graph.groups if "embed" in g.producers))
+    assert stream.prunable
+    keep = random_keep(graph, seed=3)
+    keep[stream.id] = list(range(0, DIM, 2))
+    out, expected, pruned = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert pruned.attn.num_heads == 1 and isinstance(vars(pruned.attn)["forward"], HeadsFollowingForward)
 
 
 def test_attention_products_are_measured_not_assumed() -> None:
