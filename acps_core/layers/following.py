@@ -48,6 +48,11 @@ def fitted_sizes(shape: torch.Size, sizes: tuple[int, ...], width: int) -> tuple
     return (*sizes[:at], -1, *sizes[at + 1:])
 
 
+def _size(value: Any) -> bool:
+    return isinstance(value, int) or (isinstance(value, torch.Tensor) and value.dim() == 0
+                                      and not value.is_floating_point() and not value.is_complex())
+
+
 class FollowHeads(TorchFunctionMode):
     """Within the block, reshapes to ``width`` that no longer fit are given the size that fits (see the module
     docs); every other torch call runs as written."""
@@ -61,8 +66,11 @@ class FollowHeads(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in RESHAPES and len(args) >= 2 and not kwargs and isinstance(args[0], torch.Tensor):
             given = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
-            if all(isinstance(size, int) for size in given):
-                args = (args[0], fitted_sizes(args[0].shape, tuple(given), self.width))
+            if all(_size(size) for size in given):  # (sizes are 0-dim tensors under torch.jit.trace)
+                written = tuple(int(size) for size in given)
+                fitted = fitted_sizes(torch.Size(int(n) for n in args[0].shape), written, self.width)
+                if fitted != written:
+                    args = (args[0], tuple(-1 if new == -1 else old for new, old in zip(fitted, given)))
         return func(*args, **kwargs)
 
 

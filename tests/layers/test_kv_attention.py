@@ -87,7 +87,9 @@ def test_heads_pruned_whole_and_the_input_only_without_a_reduction(ratio: int) -
     assert graph_macs(graph, kept) == pytest.approx(counted_macs(pruned, x), rel=1e-6)
 
 
-def test_searched_pruned_saved_and_restored(tmp_path: Path) -> None:
+def test_searched_pruned_exported_and_restored(tmp_path: Path) -> None:
+    import onnxruntime
+
     model, x = _model(2)
     (tmp_path / "search.cfg").write_text("compress_ratio: 1.4\nascend_optimized: false\n")
     labels = torch.randint(0, 10, (2,))
@@ -101,3 +103,10 @@ def test_searched_pruned_saved_and_restored(tmp_path: Path) -> None:
                                                 tmp_path / "tuned.pth")
     with torch.no_grad():
         torch.testing.assert_close(restored(x), pruned(x), rtol=0, atol=0)
+    # The forward that follows the heads exports: to ONNX, and through torch.jit.trace (sizes are tensors there).
+    path = acps.save_prune_retrain_model(pruned, tmp_path / "reduced", x, input_names=["x"])
+    (out,) = onnxruntime.InferenceSession(str(path)).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), pruned(x), rtol=1e-4, atol=1e-5)
+        traced = torch.jit.trace(pruned, x)
+        torch.testing.assert_close(traced(x), pruned(x), rtol=1e-5, atol=1e-6)
