@@ -10,6 +10,7 @@ input ``embed_dim`` wide and the output ``out_proj.out_features`` wide.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -273,9 +274,12 @@ def measured_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     kernel included): in all (key ``""``) and inside each child it called (keyed by the child's name); empty when
     the call fails."""
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    # A copy without gradients: the counter's module tracker refuses a view of a parameter (a learned query
+    # expanded to the batch) that requires grad with no function to compute it, as under no_grad.
+    probe = copy.deepcopy(module).requires_grad_(False)
     try:
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
-            module(*args, **stateless(kwargs))
+            probe(*args, **stateless(kwargs))
     except Exception:
         return {}
     root = f"{type(module).__name__}."

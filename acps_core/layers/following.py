@@ -8,20 +8,22 @@ Some attention modules size the merge of their heads by the channel count of the
 
 The heads' width equals the input width only while no head is pruned. Once heads are, such a module's forward
 runs under :class:`FollowHeads` (installed by :func:`follow_heads`): a ``reshape`` or ``view`` whose sizes no
-longer fit its tensor, one of which is the input's channel count, has that size inferred instead (``-1``), which
-is the kept heads' width. A reshape that fits is left as written, so the forward computes what it computed on
-every other tensor. Whether a module's kind computes so what masking its pruned heads computes is proven on its
-first traced call (:func:`prunes_like_masking`), as for every module traced whole; a forward the rule does not
-fit keeps its heads.
+longer fit its tensor, one of which is the input's channel count (the one at the input's channel dim if that is
+one), has that size replaced by the one that fits, which is the kept heads' width. A reshape that fits is left
+as written, so the forward computes what it computed on every other tensor. Whether a module's kind computes so
+what masking its pruned heads computes is proven on its first traced call (:func:`prunes_like_masking`), as for
+every module traced whole; a forward the rule does not fit keeps its heads.
 
-The module keeps its class; its ``forward`` attribute becomes a :class:`HeadsFollowingForward`, which pickles and
-copies with the module. Each call pays the dispatch of one Python function per torch call inside the module.
+The module keeps its class and its forward; two hooks enter and leave the mode around each call (they pickle, copy
+and replicate with the module). Each call pays the dispatch of one Python function per torch call inside the
+module.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,72 +35,99 @@ from acps_core.layers.attention import same_output, stateless
 
 #: The calls whose sizes may be the stale input width.
 RESHAPES = frozenset({torch.Tensor.reshape, torch.Tensor.view, torch.reshape})
+#: The attribute that marks a module whose forward follows its heads: the channel dim of its input.
+MARK = "_acps_follows_heads"
+_ENTERED = threading.local()  # per thread, the modes the modules being called entered (innermost last)
 
 
-def fitted_sizes(shape: torch.Size, sizes: tuple[int, ...], width: int) -> tuple[int, ...]:
-    """``sizes`` for a tensor of ``shape``, with the last size equal to ``width`` inferred (-1) when they do not
-    fit the tensor as written and do once that size is inferred; else as written."""
-    numel = math.prod(shape)
-    if -1 in sizes or math.prod(sizes) == numel or width not in sizes:
-        return sizes
-    at = len(sizes) - 1 - sizes[::-1].index(width)
-    others = math.prod(sizes[:at] + sizes[at + 1:])
-    if others == 0 or numel % others:
-        return sizes
-    return (*sizes[:at], -1, *sizes[at + 1:])
+def fitted_sizes(shape: tuple[Any, ...], sizes: tuple[Any, ...], width: Any, channel_dim: int = -1
+                 ) -> tuple[int, Any] | None:
+    """``(position, size)``: for ``sizes`` that do not fit a tensor of ``shape`` as written, the position of the
+    size equal to ``width`` (the one at ``channel_dim`` if that is one, else the last) and the size that makes
+    them fit; None when they fit as written or no such size would make them fit."""
+    if any(_equals(size, -1) for size in sizes) or (math.prod(sizes) == math.prod(shape)
+                                                   and not any(_equals(n, 0) for n in shape)):
+        return None
+    candidates = [i for i, size in enumerate(sizes) if _equals(size, width)]
+    if not candidates:
+        return None
+    at = channel_dim % len(sizes) if channel_dim % len(sizes) in candidates else candidates[-1]
+    have = math.prod(n for n in shape if not _equals(n, 0))  # (an empty batch: what its other dims hold)
+    need = math.prod(size for i, size in enumerate(sizes) if i != at and not _equals(size, 0))
+    if need == 0 or have % need or have // need == width:
+        return None
+    return at, have // need
+
+
+def _equals(size: Any, value: Any) -> bool:
+    """Whether a size is ``value``; a symbolic size (a dim torch.export keeps dynamic) is no particular value."""
+    return not isinstance(size, torch.SymInt) and size == value
 
 
 def _size(value: Any) -> bool:
-    return isinstance(value, int) or (isinstance(value, torch.Tensor) and value.dim() == 0
-                                      and not value.is_floating_point() and not value.is_complex())
+    """A size as a reshape takes it: an int, a SymInt (torch.export) or a 0-dim integer tensor (torch.jit.trace)."""
+    if isinstance(value, (int, torch.SymInt)):
+        return True
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
+
+
+def _value(size: Any) -> Any:
+    return int(size) if isinstance(size, torch.Tensor) else size
 
 
 class FollowHeads(TorchFunctionMode):
-    """Within the block, reshapes to ``width`` that no longer fit are given the size that fits (see the module
+    """Within the block, a reshape to ``width`` that no longer fits is given the size that fits (see the module
     docs); every other torch call runs as written."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: Any, channel_dim: int = -1) -> None:
         super().__init__()
         self.width = width
+        self.channel_dim = channel_dim
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in RESHAPES and len(args) >= 2 and not kwargs and isinstance(args[0], torch.Tensor):
             given = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
-            if all(_size(size) for size in given):  # (sizes are 0-dim tensors under torch.jit.trace)
-                written = tuple(int(size) for size in given)
-                fitted = fitted_sizes(torch.Size(int(n) for n in args[0].shape), written, self.width)
-                if fitted != written:
-                    args = (args[0], tuple(-1 if new == -1 else old for new, old in zip(fitted, given)))
+            if all(_size(size) for size in given):
+                shape = tuple(_value(n) for n in args[0].shape)
+                fitted = fitted_sizes(shape, tuple(_value(s) for s in given), self.width, self.channel_dim)
+                if fitted is not None:
+                    at, size = fitted
+                    args = (args[0], (*given[:at], size, *given[at + 1:]))
         return func(*args, **kwargs)
 
 
-class HeadsFollowingForward:
-    """The forward of ``module``'s class, run under :class:`FollowHeads` with the channel count of the call's
-    first tensor along ``channel_dim`` (the module's input width at that call)."""
+def _enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: enter :class:`FollowHeads` at the width of the call's first tensor."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    dim = getattr(module, MARK, -1)
+    width = _value(first.shape[dim]) if first is not None and first.dim() > 0 else -2
+    mode = FollowHeads(width, dim)
+    mode.__enter__()
+    _ENTERED.__dict__.setdefault("modes", []).append(mode)
 
-    def __init__(self, module: nn.Module, channel_dim: int) -> None:
-        self.module = module
-        self.channel_dim = channel_dim
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        forward = type(self.module).forward
-        if first is None:
-            return forward(self.module, *args, **kwargs)
-        with FollowHeads(int(first.shape[self.channel_dim])):
-            return forward(self.module, *args, **kwargs)
+def _leave(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """Forward hook, called even when the forward raised: leave the mode :func:`_enter` entered."""
+    modes = _ENTERED.__dict__.get("modes")
+    if modes:
+        modes.pop().__exit__(None, None, None)
 
 
 def follow_heads(module: nn.Module, channel_dim: int) -> None:
-    """Make ``module``'s forward follow its pruned heads (see the module docs); once is enough."""
-    if not isinstance(vars(module).get("forward"), HeadsFollowingForward):
-        module.forward = HeadsFollowingForward(module, channel_dim)
+    """Make ``module``'s forward follow its pruned heads (see the module docs), ``channel_dim`` being the channel
+    dim of its input; once is enough. Hooks do it, so that a replica (``nn.DataParallel``) follows its own
+    call."""
+    if follows_heads(module):
+        return
+    setattr(module, MARK, channel_dim)
+    module.register_forward_pre_hook(_enter, with_kwargs=True)
+    module.register_forward_hook(_leave, always_call=True)
 
 
 def follows_heads(module: nn.Module) -> bool:
-    return isinstance(vars(module).get("forward"), HeadsFollowingForward)
+    return MARK in vars(module)
 
 
 def prunes_like_masking(module: nn.Module, prune: Callable[[nn.Module], None], mask: Callable[[nn.Module], None],

@@ -290,29 +290,36 @@ class FusedAttentionAdapter(AttentionAdapter):
         holds is remembered for the module's kind, and the module's attention products are measured."""
         heads = int(self.layout(module).heads)
         if module.training:
-            return heads < 2  # (dropout would make the two calls differ)
+            return False  # dropout would make the two calls differ
         key = _layout_key(module)
         for follow in (False, True):  # following is tried second: it costs time at every call
             for head_major in (False, True) if heads > 1 else (None,):  # (one head cannot go: nothing to prove)
-                if head_major is not None:
-                    if not _prunes_like_masking(self, module, self.layout(module, head_major), follow, args, kwargs):
-                        continue
-                    _PROVEN[key] = head_major
-                if follow:  # (never undone: a forward that follows changes only the reshapes that would fail)
-                    _FOLLOWING.add(key)
-                if self._inputs_confirmed(module, args, kwargs):
+                if head_major is not None and not _prunes_like_masking(
+                        self, module, self.layout(module, head_major), follow, args, kwargs):
+                    continue
+                if self._inputs_confirmed(module, follow, args, kwargs):
+                    if head_major is not None:
+                        _PROVEN[key] = head_major
+                    if follow:
+                        _FOLLOWING.add(key)
                     return True
         return False
 
-    def _inputs_confirmed(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether pruning an input channel in a copy computes what masking it computes (a forward may read its
-        input's width for something the heads do not set); then the module's attention products are measured."""
-        if not input_prunes_like_masking(module, self.keep_inputs, partial(self.input_dim, module), args, kwargs):
+    def _inputs_confirmed(self, module: nn.Module, follow: bool, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> bool:
+        """Whether pruning an input channel in a copy (its forward following the heads when ``follow``) computes
+        what masking it computes (a forward may read its input's width for something the heads do not set); then
+        the module's attention products are measured."""
+        def keep_inputs(trial: nn.Module, index: torch.Tensor) -> None:
+            projections.keep_inputs(trial.get_submodule(self.qkv_path(trial)), index)
+            _follow_if_needed(trial, follow)
+
+        if not input_prunes_like_masking(module, keep_inputs, partial(self.input_dim, module), args, kwargs):
             return False
         costs = measured_call(module, args, kwargs)
         inside = sum(costs.get(child, 0.0) for child in (_name(module, QKV_NAMES), _name(module, PROJ_NAMES)))
         count = positions(args, kwargs, partial(self.input_dim, module)) * self.out_size(module)
-        _ATTENDED[module] = max(0.0, costs.get("", 0.0) - inside) / count if count else 0.0
+        _ATTENDED[module] = max(0.0, costs[""] - inside) / count if costs and count else 0.0
         return True
 
     def attended(self, module: nn.Module) -> float:

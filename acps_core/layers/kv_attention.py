@@ -39,7 +39,7 @@ from acps_core.layers.attention import measured_call, positions
 from acps_core.layers.following import follow_heads, input_prunes_like_masking, prunes_like_masking
 from acps_core.layers.fused_attention import FusedAttentionAdapter, HeadLayout
 from acps_core.layers.head_entries import head_parameters, keep_head_entries
-from acps_core.layers.projections import is_projection, out_width, output_rows
+from acps_core.layers.projections import in_width, is_projection, out_width, output_rows
 from acps_core.layers.transposed_linear import transposed_linear
 
 PARTS = ("q", "kv", "proj")
@@ -141,31 +141,44 @@ class KVAttentionAdapter(FusedAttentionAdapter):
         for follow in (False, True):
             if heads > 1 and not _prunes_like_masking(self, module, follow, args, kwargs):
                 continue
+
+            def keep_inputs(trial: nn.Module, index: torch.Tensor, follow: bool = follow) -> None:
+                for name in ("q", "kv"):
+                    projections.keep_inputs(trial.get_submodule(name), index)
+                _follow_if_needed(trial, follow)
+
+            if not self.input_fixed(module) and not input_prunes_like_masking(
+                    module, keep_inputs, partial(self.input_dim, module), args, kwargs):
+                continue
+            if not _measure(self, module, args, kwargs):
+                break
             if follow:
                 _FOLLOWING.add(type(module))
-            if self.input_fixed(module) or input_prunes_like_masking(
-                    module, self.keep_inputs, partial(self.input_dim, module), args, kwargs):
-                _measure(self, module, args, kwargs)
-                return True
+            return True
+        _MEASURED.pop(module, None)
         return False
 
     def unconfirmed(self, module: nn.Module, name: str) -> str:
         return (f"{name} ({type(module).__name__}) is attention with q and kv projections, but a copy with one "
                 "head pruned (its q and kv rows and proj inputs, num_heads) or one input channel pruned did not "
-                "compute what masking it computes, so its heads are left alone")
+                "compute what masking it computes, or its queries do not come from every position of its input (a "
+                "class token's or a learned query's attention), so its heads are left alone")
 
 
-def _measure(adapter: KVAttentionAdapter, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _measure(adapter: KVAttentionAdapter, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """What one call costs: the attention products (what the projections and the reduction leave), kv's
-    positions over q's, and the reduction."""
+    positions over q's, and the reduction. False when it cannot be measured, or when ``q`` does not run on every
+    position of the input (queries from a class token or a learned latent: another kind of attention)."""
     costs = measured_call(module, args, kwargs)
-    count = positions(args, kwargs, partial(adapter.input_dim, module)) * adapter.out_size(module)
-    if not costs or not count:
-        return
+    count = positions(args, kwargs, partial(adapter.input_dim, module))
+    q = module.get_submodule("q")
+    if not costs or not count or costs.get("q", 0.0) != count * in_width(q) * out_width(q):
+        return False
     extra = sum(costs.get(name, 0.0) for name in _extra_children(module))
     products = costs[""] - extra - sum(costs.get(name, 0.0) for name in PARTS)
-    share = costs.get("kv", 0.0) / (2 * costs["q"]) if costs.get("q") else 1.0
-    _MEASURED[module] = (max(0.0, products) / count, share, extra)
+    share = costs.get("kv", 0.0) / (2 * costs["q"])
+    _MEASURED[module] = (max(0.0, products) / (count * adapter.out_size(module)), share, extra)
+    return True
 
 
 def _follow_if_needed(module: nn.Module, follow: bool | None = None) -> None:

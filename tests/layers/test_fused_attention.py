@@ -16,7 +16,7 @@ from acps_core.graph.build import build_channel_graph
 from acps_core.graph.model import ChannelGraph
 from acps_core.graph.verify import verify_groups
 from acps_core.layers import FusedAttentionAdapter, adapter_for, fused_attention
-from acps_core.layers.following import HeadsFollowingForward
+from acps_core.layers.following import follows_heads
 from testing.flops import counted_macs, graph_macs
 from testing.zoo import pruned_and_masked, random_keep
 
@@ -220,8 +220,8 @@ def test_heads_are_pruned_whole_and_pruned_equals_masked(kind: str) -> None:
     if kind == "conv":
         assert attention.dim_out_v == attention.dim_out_qk == 16 and pruned.bn.num_features == 16
     if kind == "tied":  # its forward follows the heads; the temperatures went with them
-        assert isinstance(vars(attention)["forward"], HeadsFollowingForward) and attention.temperature.shape[0] == 2
-        assert not isinstance(vars(model.attn).get("forward"), HeadsFollowingForward)
+        assert follows_heads(attention) and attention.temperature.shape[0] == 2
+        assert not follows_heads(model.attn)
 
     # The cost the search uses is what a FLOP counter counts, before and after.
     kept = {g: len(channels) for g, channels in keep.items()}
@@ -276,7 +276,7 @@ def test_one_head_merged_to_the_input_width_follows_a_pruned_input() -> None:
     keep[stream.id] = list(range(0, DIM, 2))
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert pruned.attn.num_heads == 1 and isinstance(vars(pruned.attn)["forward"], HeadsFollowingForward)
+    assert pruned.attn.num_heads == 1 and follows_heads(pruned.attn)
 
 
 def test_attention_products_are_measured_not_assumed() -> None:

@@ -14,7 +14,7 @@ import acps_core as acps
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.verify import verify_groups
 from acps_core.layers import KVAttentionAdapter, adapter_for, fused_attention, kv_attention
-from acps_core.layers.following import HeadsFollowingForward
+from acps_core.layers.following import follows_heads
 from testing.flops import counted_macs, graph_macs
 from testing.zoo import pruned_and_masked, random_keep
 
@@ -80,7 +80,7 @@ def test_heads_pruned_whole_and_the_input_only_without_a_reduction(ratio: int) -
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     attention = pruned.attn
     assert attention.num_heads == 2 and attention.q.out_features == 16 and attention.kv.out_features == 32
-    assert isinstance(vars(attention)["forward"], HeadsFollowingForward)
+    assert follows_heads(attention)
     # The cost is what a FLOP counter counts, the reduction and kv on fewer positions included.
     kept = {g: len(channels) for g, channels in keep.items()}
     assert graph_macs(graph, {}) == pytest.approx(counted_macs(model, x), rel=1e-6)
@@ -110,3 +110,28 @@ def test_searched_pruned_exported_and_restored(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.from_numpy(out), pruned(x), rtol=1e-4, atol=1e-5)
         traced = torch.jit.trace(pruned, x)
         torch.testing.assert_close(traced(x), pruned(x), rtol=1e-5, atol=1e-6)
+
+
+class ClassTokenAttention(Reduced):
+    """The same parts, but queries from the class token only (VOLO's class attention)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x[:, :1]).reshape(b, 1, self.num_heads, -1).permute(0, 2, 1, 3)
+        k, v = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, 1, c))
+
+
+def test_attention_whose_queries_are_not_every_position_is_traced_function_by_function() -> None:
+    torch.manual_seed(0)
+    model = Block(1).eval()
+    model.attn = ClassTokenAttention(1).eval()
+    x = torch.randn(2, SIDE * SIDE, 8)
+    assert isinstance(adapter_for(model.attn), KVAttentionAdapter)  # its parts match ...
+    graph = build_channel_graph(model, x)
+    assert verify_groups(model, graph, x) == []
+    assert not any(g.producers == ["attn"] for g in graph.groups)  # ... but it is not traced as one layer
+    q = next(g for g in graph.groups if "attn.q" in g.producers)
+    assert "every position of its input" in " ".join(q.reasons)
+    assert graph_macs(graph, {}) == pytest.approx(counted_macs(model, x), rel=1e-6)
