@@ -29,7 +29,7 @@ from acps_core._util.model_checks import explain_trace_failure
 from acps_core._util.tensors import tensors_in
 from acps_core.graph.functional import LAYER_FUNCTIONS, computed_macs, functional_layer, why_not_layer
 from acps_core.graph.functions import DTYPE_ONLY, EXPANDS, FUNCTION_RULES, UNARY_ELEMENTWISE
-from acps_core.graph.model import ChannelGraph, ChannelGroup, ChannelUse, LayerInfo, structure_problem
+from acps_core.graph.model import ChannelGraph, ChannelGroup, ChannelUse, LayerInfo, atom_size, structure_problem
 from acps_core.graph.modules import module_op
 from acps_core.graph.shapes import RESHAPES, requested_sizes
 from acps_core.graph.sharing import keep_tied, shared_weights
@@ -327,6 +327,9 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
             problem = structure_problem(top.channels, top.unit, top.blocks, top.aligned)
             if problem:
                 reasons.append(problem)
+            elif atom_size(top.unit, top.blocks, top.aligned) >= top.channels > 1:
+                reasons.append(f"its {top.channels} channels form one unit (a single head, group or chunk), which "
+                               "cannot be removed without removing all of them")
             group_of_root[root] = len(groups)
             groups.append(ChannelGroup(len(groups), top.channels, [], reasons=reasons, unit=top.unit,
                                        blocks=top.blocks, aligned=top.aligned))

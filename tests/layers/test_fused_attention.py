@@ -272,6 +272,8 @@ def test_one_head_merged_to_the_input_width_follows_a_pruned_input() -> None:
     assert verify_groups(model, graph, x) == []
     stream = graph.group(next(g.id for g in graph.groups if "embed" in g.producers))
     assert stream.prunable
+    head = graph.group(_heads_group(graph))  # its one head cannot go, and the graph says so
+    assert not head.prunable and "form one unit" in head.reasons[0]
     keep = random_keep(graph, seed=3)
     keep[stream.id] = list(range(0, DIM, 2))
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
