@@ -70,6 +70,7 @@ _FOLLOWING: set[type] = set()
 #: Per module, measured on its first call: (attention products per query position and value channel, kv's share
 #: of the projections' positions, multiply-accumulates of the reduction).
 _MEASURED: weakref.WeakKeyDictionary[nn.Module, tuple[float, float, float]] = weakref.WeakKeyDictionary()
+_UNMEASURED = (0.0, 1.0, 0.0)  # (as many keys as queries, kv on every position, no reduction)
 
 
 class KVAttentionAdapter(FusedAttentionAdapter):
@@ -92,14 +93,14 @@ class KVAttentionAdapter(FusedAttentionAdapter):
         return (f"its keys and values are computed from {', '.join(extra)}, which keep the input's width (read "
                 "from the input by the forward), so its input channels are left alone")
 
-    def kv_share(self, module: nn.Module) -> float:
-        return _MEASURED.get(module, (0.0, 1.0, 0.0))[1]
-
     def attended(self, module: nn.Module) -> float:
-        return _MEASURED.get(module, (0.0, 1.0, 0.0))[0]
+        return _MEASURED.get(module, _UNMEASURED)[0]
+
+    def kv_share(self, module: nn.Module) -> float:
+        return _MEASURED.get(module, _UNMEASURED)[1]
 
     def fixed_macs(self, module: nn.Module) -> float:
-        return _MEASURED.get(module, (0.0, 1.0, 0.0))[2]
+        return _MEASURED.get(module, _UNMEASURED)[2]
 
     def output_parameters(self, module: nn.Module) -> list[tuple[str, int, int | tuple[int, ...]]]:
         rows = self.layout(module).row_channels()
