@@ -135,6 +135,23 @@ def stateless(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if plain(value)}
 
 
+def widened(value: Any) -> Any:
+    """A copy of a module in float32, or a call's arguments with their half-precision tensors in float32 (others
+    as they are): a trial proves how a module's channels move, which rounding in bfloat16 or float16 would hide
+    behind differences larger than the comparison allows."""
+    if isinstance(value, nn.Module):
+        copied = copy.deepcopy(value)
+        low = any(p.dtype in (torch.float16, torch.bfloat16) for p in copied.parameters())
+        return copied.float() if low else copied
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(widened(v) for v in value)
+    if isinstance(value, dict):
+        return {key: widened(v) for key, v in value.items()}
+    return value
+
+
 def per_head(shape: tuple[int, ...] | torch.Size, heads: int) -> bool:
     """Whether a tensor of ``shape`` holds one slice per head, as attention biases and masks are laid out:
     ``(batch, heads, queries, keys)``."""

@@ -21,7 +21,6 @@ module.
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from acps_core.layers.attention import same_output, stateless
+from acps_core.layers.attention import same_output, stateless, widened
 
 #: The calls whose sizes may be the stale input width.
 RESHAPES = frozenset({torch.Tensor.reshape, torch.Tensor.view, torch.reshape})
@@ -135,13 +134,13 @@ def prunes_like_masking(module: nn.Module, prune: Callable[[nn.Module], None], m
                         select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
     """Whether a copy of ``module`` cut by ``prune`` computes what a copy cut by ``mask`` computes on a call's
     arguments (the first output; ``select`` picks the kept channels of the masked output where the pruned
-    copy's output has fewer)."""
-    trial, reference = copy.deepcopy(module), copy.deepcopy(module)
+    copy's output has fewer). Both run in float32 (see :func:`widened`)."""
+    trial, reference = widened(module), widened(module)
+    args, kwargs = widened(args), widened(stateless(kwargs))
     try:
         with torch.no_grad():
             prune(trial)
             mask(reference)
-            kwargs = stateless(kwargs)
             got, expected = trial(*args, **kwargs), reference(*args, **kwargs)
             if select is not None and isinstance(expected, torch.Tensor):
                 expected = select(expected)
@@ -156,7 +155,8 @@ def input_prunes_like_masking(module: nn.Module, keep_inputs: Callable[[nn.Modul
     """Whether a copy of ``module`` whose first input channel was cut by ``keep_inputs``, called on its input
     without that channel, computes what the module computes on its input with that channel zeroed (a forward
     that reads its input width for something else, a scale or a split, would not); ``channel_dim`` gives the
-    channel dim of an input of so many dims."""
+    channel dim of an input of so many dims. Both run in float32 (see :func:`widened`)."""
+    args, kwargs = widened(args), widened(stateless(kwargs))
     position = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
     key = None if position is not None else next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
     x = args[position] if position is not None else kwargs.get(key or "")
@@ -171,14 +171,15 @@ def input_prunes_like_masking(module: nn.Module, keep_inputs: Callable[[nn.Modul
 
     def called(target: nn.Module, tensor: torch.Tensor) -> Any:
         if position is not None:
-            return target(*args[:position], tensor, *args[position + 1:], **stateless(kwargs))
-        return target(*args, **{**stateless(kwargs), str(key): tensor})
+            return target(*args[:position], tensor, *args[position + 1:], **kwargs)
+        return target(*args, **{**kwargs, str(key): tensor})
 
-    trial = copy.deepcopy(module)
+    trial, reference = widened(module), widened(module)
     try:
         with torch.no_grad():
             keep_inputs(trial, kept)
-            got, expected = called(trial, x.index_select(dim, kept)), called(module, zeroed)
+            got, expected = called(trial, x.index_select(dim, kept)), called(reference, zeroed)
     except Exception:
         return False
     return same_output(got, expected)
+

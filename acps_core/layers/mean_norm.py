@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from acps_core.layers.attention import widened
 from acps_core.layers.base import LayerAdapter, take
 
 #: Attributes that may hold the norm's epsilon.
@@ -117,6 +118,7 @@ class MeanNormAdapter(LayerAdapter):
     def confirm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether, with random weights, pruning the first channel (with the factor folded in) computes what
         zeroing it at the input computes, for one of the :data:`FOLDS` (remembered for the module's class)."""
+        args, kwargs = widened(args), widened(kwargs)  # (rounding in half precision would hide what it computes)
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return False
@@ -125,7 +127,7 @@ class MeanNormAdapter(LayerAdapter):
         if x.shape[dim] != channels:
             return False
         generator = torch.Generator().manual_seed(0)
-        reference: Any = copy.deepcopy(module)
+        reference: Any = widened(module)
         with torch.no_grad():
             for param in reference.parameters():
                 param.copy_(torch.rand(param.shape, generator=generator) + 0.5)

@@ -313,3 +313,26 @@ def test_searched_pruned_and_restored_with_the_layout_proven_again(tmp_path: Pat
     loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), pruned(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_is_proven_in_float32(dtype: torch.dtype) -> None:
+    """The trials on a module's first call prove how its heads move; rounding in half precision must not hide
+    that (they run on float32 copies: in bfloat16, timm's ViT attention at this size differed from masking by
+    more than the comparison allows), and the module itself keeps its dtype."""
+    from timm.models.vision_transformer import Attention
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.fc = nn.Linear(8, 96), Attention(96, num_heads=3), nn.Linear(96, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            return self.fc(x + self.attn(x)).mean(dim=1)
+
+    torch.manual_seed(0)
+    model, x = Wide().eval().to(dtype), torch.randn(2, 64, 8).to(dtype)
+    graph = build_channel_graph(model, x)
+    assert graph.group(_heads_group(graph)).prunable
+    assert {p.dtype for p in model.parameters()} == {dtype}
