@@ -35,7 +35,6 @@ masking that head computes. A module that fails is traced function by function i
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -46,7 +45,7 @@ from acps_core.layers import projections
 from acps_core.layers.attention import AttentionAdapter, measured_call, positions
 from acps_core.layers.base import adapter_for
 from acps_core.layers.following import follow_heads, input_prunes_like_masking, prunes_like_masking
-from acps_core.layers.head_entries import head_parameters, keep_head_entries
+from acps_core.layers.head_entries import HeadLayout, head_parameters, keep_head_entries
 from acps_core.layers.projections import in_width, is_projection, out_width, output_rows
 from acps_core.layers.transposed_linear import transposed_linear
 
@@ -64,44 +63,6 @@ PROJ_NAMES = ("proj", "c_proj")
 HEAD_NORMS = frozenset({"q_norm", "k_norm"})
 
 
-@dataclass(frozen=True)
-class HeadLayout:
-    """Where the heads sit in the rows of a fused ``qkv`` projection."""
-
-    heads: int
-    key_dim: int
-    value_dim: int
-    #: Each head's q, k and v rows together (else every head's q rows, then every head's k rows, then v).
-    head_major: bool
-
-    @property
-    def rows(self) -> int:
-        return self.heads * (2 * self.key_dim + self.value_dim)
-
-    def head_rows(self, kept: torch.Tensor) -> torch.Tensor:
-        """The ``qkv`` rows of the heads ``kept``, in their order in the projection."""
-        parts = (self.key_dim, self.key_dim, self.value_dim)
-        if self.head_major:
-            per_head = sum(parts)
-            return (kept[:, None] * per_head + torch.arange(per_head)).reshape(-1)
-        found, offset = [], 0
-        for width in parts:
-            found.append((offset + kept[:, None] * width + torch.arange(width)).reshape(-1))
-            offset += self.heads * width
-        return torch.cat(found)
-
-    def row_channels(self) -> tuple[int, ...]:
-        """For each ``qkv`` row, the head channel it counts with: a value row with its own channel, a query or
-        key row with a channel of its head (what matters is that each head's rows count with that head)."""
-        channel = torch.empty(self.rows, dtype=torch.long)
-        for head in range(self.heads):
-            rows = self.head_rows(torch.tensor([head]))
-            within = torch.cat([torch.arange(width) % self.value_dim
-                                for width in (self.key_dim, self.key_dim, self.value_dim)])
-            channel[rows] = head * self.value_dim + within
-        return tuple(channel.tolist())
-
-
 #: The layout each kind of module was proven to have (by its class and its ``head_first`` flag, if any), filled by
 #: :meth:`FusedAttentionAdapter.confirm`; a module is traced before it is pruned, in the same process.
 _PROVEN: dict[tuple[type, Any], bool] = {}
@@ -109,6 +70,8 @@ _PROVEN: dict[tuple[type, Any], bool] = {}
 _FOLLOWING: set[tuple[type, Any]] = set()
 #: Per module, its attention products measured on its first call (:func:`measured_call`).
 _ATTENDED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+#: Per module its first call refused: which trial failed ("training", "heads" or "inputs"), for the reason.
+_REFUSED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def _layout_key(module: nn.Module) -> tuple[type, Any]:
@@ -290,14 +253,18 @@ class FusedAttentionAdapter(AttentionAdapter):
         holds is remembered for the module's kind, and the module's attention products are measured."""
         heads = int(self.layout(module).heads)
         if module.training:
-            return False  # dropout would make the two calls differ
+            _REFUSED[module] = "training"  # dropout would make the two calls differ
+            return False
         key = _layout_key(module)
+        _REFUSED[module] = "heads"
         for follow in (False, True):  # following is tried second: it costs time at every call
             for head_major in (False, True) if heads > 1 else (None,):  # (one head cannot go: nothing to prove)
                 if head_major is not None and not _prunes_like_masking(
                         self, module, self.layout(module, head_major), follow, args, kwargs):
                     continue
+                _REFUSED[module] = "inputs"
                 if self._inputs_confirmed(module, follow, args, kwargs):
+                    del _REFUSED[module]
                     if head_major is not None:
                         _PROVEN[key] = head_major
                     if follow:
@@ -326,13 +293,19 @@ class FusedAttentionAdapter(AttentionAdapter):
         return _ATTENDED.get(module, 0.0)
 
     def unconfirmed(self, module: nn.Module, name: str) -> str:
-        return (f"{name} ({type(module).__name__}) is attention with a fused qkv projection, but a copy with one "
-                "head pruned (its qkv rows, per-head parameters and proj inputs, num_heads and the widths derived "
-                "from it) did not compute what masking that head computes, with its forward as written or "
-                "following the heads, or a copy with one input channel pruned did not compute what masking that "
-                "channel computes: its forward ties the heads' width or its input width to something acps does "
-                "not set (split sizes written as constants, a scale read from the input), so its heads are left "
-                "alone")
+        what = f"{name} ({type(module).__name__}) is attention with a fused qkv projection, but"
+        why = _REFUSED.get(module, "heads")
+        if why == "training":
+            return (f"{what} it was traced in training mode, where dropout makes no two calls alike, so its heads "
+                    "could not be proven and are left alone: trace the model in eval mode")
+        if why == "inputs":
+            return (f"{what} a copy with one input channel pruned did not compute what masking that channel "
+                    "computes: its forward reads its input's width for something else (a scale, a split), so its "
+                    "heads and inputs are left alone")
+        return (f"{what} a copy with one head pruned (its qkv rows, per-head parameters and proj inputs, num_heads "
+                "and the widths derived from it) did not compute what masking that head computes, with its forward "
+                "as written or following the heads: its forward ties the heads' width to something the head count "
+                "does not set (such as split sizes written as constants), so its heads are left alone")
 
 
 def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor, follow: bool | None = None) -> None:

@@ -1,14 +1,54 @@
-"""The parameters of an attention module that hold one entry per head (relative-position bias tables, attention
-biases, temperatures), found by their shapes and cut with the heads, and the head counts its children keep."""
+"""Where an attention module's heads sit: in the rows of a fused q/k/v projection (:class:`HeadLayout`), and in
+the parameters that hold one entry per head (relative-position bias tables, attention biases, temperatures), found
+by their shapes and cut with the heads, with the head counts its children keep."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from acps_core.layers.base import take
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads sit in the rows of a fused ``qkv`` projection."""
+
+    heads: int
+    key_dim: int
+    value_dim: int
+    #: Each head's q, k and v rows together (else every head's q rows, then every head's k rows, then v).
+    head_major: bool
+
+    @property
+    def rows(self) -> int:
+        return self.heads * (2 * self.key_dim + self.value_dim)
+
+    def head_rows(self, kept: torch.Tensor) -> torch.Tensor:
+        """The ``qkv`` rows of the heads ``kept``, in their order in the projection."""
+        parts = (self.key_dim, self.key_dim, self.value_dim)
+        if self.head_major:
+            per_head = sum(parts)
+            return (kept[:, None] * per_head + torch.arange(per_head)).reshape(-1)
+        found, offset = [], 0
+        for width in parts:
+            found.append((offset + kept[:, None] * width + torch.arange(width)).reshape(-1))
+            offset += self.heads * width
+        return torch.cat(found)
+
+    def row_channels(self) -> tuple[int, ...]:
+        """For each ``qkv`` row, the head channel it counts with: a value row with its own channel, a query or
+        key row with a channel of its head (what matters is that each head's rows count with that head)."""
+        channel = torch.empty(self.rows, dtype=torch.long)
+        for head in range(self.heads):
+            rows = self.head_rows(torch.tensor([head]))
+            within = torch.cat([torch.arange(width) % self.value_dim
+                                for width in (self.key_dim, self.key_dim, self.value_dim)])
+            channel[rows] = head * self.value_dim + within
+        return tuple(channel.tolist())
 
 
 def head_parameters(module: nn.Module, heads: int | None, skip: tuple[str, ...]) -> list[tuple[str, int]] | None:

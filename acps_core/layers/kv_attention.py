@@ -37,8 +37,8 @@ from torch import nn
 from acps_core.layers import projections
 from acps_core.layers.attention import measured_call, positions
 from acps_core.layers.following import follow_heads, input_prunes_like_masking, prunes_like_masking
-from acps_core.layers.fused_attention import FusedAttentionAdapter, HeadLayout
-from acps_core.layers.head_entries import head_parameters, keep_head_entries
+from acps_core.layers.fused_attention import FusedAttentionAdapter
+from acps_core.layers.head_entries import HeadLayout, head_parameters, keep_head_entries
 from acps_core.layers.projections import in_width, is_projection, out_width, output_rows
 from acps_core.layers.transposed_linear import transposed_linear
 

@@ -248,8 +248,9 @@ def test_the_head_by_head_layout_is_told_apart_from_the_part_by_part_one() -> No
     assert per_channel.reshape(4, 8).sum(dim=1).tolist() == [16 * 32.0] * 4
 
 
-@pytest.mark.parametrize(("kind", "name"), [("split", "ConstantSplit"), ("scaled", "ScaledByInput")])
-def test_attention_pruned_otherwise_than_masked_is_left_alone_with_the_reason(kind: str, name: str) -> None:
+@pytest.mark.parametrize(("kind", "name", "why"), [("split", "ConstantSplit", "masking that head computes"),
+                                                   ("scaled", "ScaledByInput", "masking that channel computes")])
+def test_attention_pruned_otherwise_than_masked_is_left_alone_with_the_reason(kind: str, name: str, why: str) -> None:
     """Neither layout nor following the heads fits a constant split; a scale read from the input's width fits
     pruning heads but not the input channels: both are traced function by function, and say why."""
     model, x = _model(kind)
@@ -257,8 +258,7 @@ def test_attention_pruned_otherwise_than_masked_is_left_alone_with_the_reason(ki
     assert verify_groups(model, graph, x) == []
     qkv = next(g for g in graph.groups if "attn.qkv" in g.producers)
     assert not qkv.prunable
-    assert "did not compute what masking that head computes" in qkv.reasons[0]
-    assert f"attn ({name})" in qkv.reasons[0]
+    assert why in qkv.reasons[0] and f"attn ({name})" in qkv.reasons[0]
     assert graph.group(next(g.id for g in graph.groups if "fc1" in g.producers)).prunable  # the rest still is
     assert model.attn.num_heads == 4 and model.attn.qkv.out_features == 96  # the check pruned copies only
 
@@ -336,3 +336,10 @@ def test_half_precision_attention_is_proven_in_float32(dtype: torch.dtype) -> No
     graph = build_channel_graph(model, x)
     assert graph.group(_heads_group(graph)).prunable
     assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_attention_traced_in_training_mode_says_so() -> None:
+    model, x = _model("part")
+    graph = build_channel_graph(model.train(), x)
+    qkv = next(g for g in graph.groups if "attn.qkv" in g.producers)
+    assert not qkv.prunable and "trace the model in eval mode" in qkv.reasons[0]
