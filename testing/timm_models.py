@@ -59,7 +59,7 @@ CASES: list[TimmCase] = [
     TimmCase("swin", "swin_tiny_patch4_window7_224", 224, heads=True),
     TimmCase("pvt_v2", "pvt_v2_b0", 128, heads=True),
     TimmCase("poolformer", "poolformer_s12", 128),
-    TimmCase("coat", "coat_lite_tiny", 224),
+    TimmCase("coat", "coat_lite_tiny", 224, heads=True),
     TimmCase("edgenext", "edgenext_xx_small", 128, heads=True),
     TimmCase("fastvit", "fastvit_t8", 128),
     TimmCase("inception", "inception_v3", 160),

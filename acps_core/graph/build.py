@@ -55,6 +55,7 @@ class GroupBuilder(Spaces):
         self.other_macs = 0.0  # multiply-accumulates of the traced functions no layer accounts for (whole batch)
         self.batch = 1  # samples in the traced batch
         self.read_sizes: dict[int, set[int]] = {}  # a size read from a tensor's shape -> the spaces it counted
+        self.head_parts: dict[nn.Module, int] = {}  # a child attention modules share -> the first one's heads
         self.layers: dict[str, dict[str, Any]] = {}  # per traced layer: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)

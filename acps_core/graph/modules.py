@@ -254,6 +254,10 @@ def attention_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: 
     entry["out"] = heads
     builder.require(heads, unit=adapter.unit(module), aligned=adapter.aligned(module))
     _per_head_tensors(builder, op, heads, biases, head_dim, where)
+    for part in adapter.tied_parts(module):
+        first = builder.head_parts.setdefault(part, heads)
+        if first != heads:
+            builder.union(first, heads, f"{where} shares {type(part).__name__} with another attention module")
     made = [heads]
     inner = adapter.projection(module)
     space = heads

@@ -278,6 +278,11 @@ class AttentionAdapter(LayerAdapter):
         """Why its input channels cannot be pruned, or None when they can."""
         return None
 
+    def tied_parts(self, module: nn.Module) -> list[nn.Module]:
+        """Children sliced with its heads that other attention modules may hold too (then all of them lose the
+        same heads)."""
+        return []
+
 
 def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
     """FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (torch's FLOP counter counts the GPU kernels

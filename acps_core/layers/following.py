@@ -6,13 +6,15 @@ Some attention modules size the merge of their heads by the channel count of the
     ...
     x = (attn @ v).permute(0, 3, 1, 2).reshape(B, N, C)   # timm's EdgeNeXt cross-covariance attention
 
-The heads' width equals the input width only while no head is pruned. Once heads are, such a module's forward
+or derive the head width from it (``reshape(B, N, 3, self.num_heads, C // self.num_heads)``: timm's CoaT, CaiT,
+DaViT). Both hold only while no head and no input channel is pruned. Once heads are, such a module's forward
 runs under :class:`FollowHeads` (installed by :func:`follow_heads`): a ``reshape`` or ``view`` whose sizes no
 longer fit its tensor, one of which is the input's channel count (the one at the input's channel dim if that is
-one), has that size replaced by the one that fits, which is the kept heads' width. A reshape that fits is left
-as written, so the forward computes what it computed on every other tensor. Whether a module's kind computes so
-what masking its pruned heads computes is proven on its first traced call (:func:`prunes_like_masking`), as for
-every module traced whole; a forward the rule does not fit keeps its heads.
+one), has that size replaced by the one that fits, which is the kept heads' width; without such a size, a last
+size that is the input's channel count over the size before it gets the one that fits (the head width). A
+reshape that fits is left as written, so the forward computes what it computed on every other tensor. Whether a
+module's kind computes so what masking its pruned heads computes is proven on its first traced call
+(:func:`prunes_like_masking`), as for every module traced whole; a forward the rules do not fit keeps its heads.
 
 The module keeps its class and its forward; two hooks enter and leave the mode around each call (they pickle, copy
 and replicate with the module). Each call pays the dispatch of one Python function per torch call inside the
@@ -42,12 +44,15 @@ _ENTERED = threading.local()  # per thread, the modes the modules being called e
 def fitted_sizes(shape: tuple[Any, ...], sizes: tuple[Any, ...], width: Any, channel_dim: int = -1
                  ) -> tuple[int, Any] | None:
     """``(position, size)``: for ``sizes`` that do not fit a tensor of ``shape`` as written, the position of the
-    size equal to ``width`` (the one at ``channel_dim`` if that is one, else the last) and the size that makes
+    size equal to ``width`` (the one at ``channel_dim`` if that is one, else the last; without one, the last size
+    if it is ``width`` over the size before it, a head width written ``C // num_heads``) and the size that makes
     them fit; None when they fit as written or no such size would make them fit."""
     if any(_equals(size, -1) for size in sizes) or (math.prod(sizes) == math.prod(shape)
                                                    and not any(_equals(n, 0) for n in shape)):
         return None
     candidates = [i for i, size in enumerate(sizes) if _equals(size, width)]
+    if not candidates and _derived_head_width(sizes, width):
+        candidates = [len(sizes) - 1]
     if not candidates:
         return None
     at = channel_dim % len(sizes) if channel_dim % len(sizes) in candidates else candidates[-1]
@@ -56,6 +61,13 @@ def fitted_sizes(shape: tuple[Any, ...], sizes: tuple[Any, ...], width: Any, cha
     if need == 0 or have % need or have // need == width:
         return None
     return at, have // need
+
+
+def _derived_head_width(sizes: tuple[Any, ...], width: Any) -> bool:
+    """Whether the last size is the width over the one before it: a head width written ``C // num_heads``."""
+    if len(sizes) < 2 or not all(isinstance(n, int) for n in (sizes[-2], sizes[-1], width)):
+        return False
+    return bool(sizes[-2] > 0 and sizes[-1] == width // sizes[-2])
 
 
 def _equals(size: Any, value: Any) -> bool:

@@ -45,6 +45,7 @@ from acps_core.layers import projections
 from acps_core.layers.attention import AttentionAdapter, measured_call, positions
 from acps_core.layers.base import adapter_for
 from acps_core.layers.following import follow_heads, input_prunes_like_masking, prunes_like_masking
+from acps_core.layers.head_convs import head_conv_children, keep_head_convs
 from acps_core.layers.head_entries import HeadLayout, head_parameters, keep_head_entries
 from acps_core.layers.projections import in_width, is_projection, out_width, output_rows
 from acps_core.layers.transposed_linear import transposed_linear
@@ -149,9 +150,16 @@ def fused_qkv_attention(module: nn.Module) -> bool:
     widths = [(name, value_dim) for name in VALUE_WIDTHS] + [(name, key_dim) for name in KEY_WIDTHS]
     if any(getattr(module, name, heads * dim) != heads * dim for name, dim in widths):
         return False
-    if head_parameters(module, heads, (*QKV_NAMES, *PROJ_NAMES)) is None:
+    if head_parameters(module, heads, _projections_and_convs(module, heads, value_dim)) is None:
         return False
     return all(_over_head_dim(getattr(module, name, None), key_dim) for name in HEAD_NORMS)
+
+
+def _projections_and_convs(module: nn.Module, heads: int, value_dim: int) -> tuple[str, ...]:
+    """The children whose head channels are not found by their shapes: the projections, and convolutions over
+    groups of heads' values (:mod:`acps_core.layers.head_convs`)."""
+    projections_ = (*QKV_NAMES, *PROJ_NAMES)
+    return (*projections_, *head_conv_children(module, heads, value_dim, projections_))
 
 
 def _over_head_dim(norm: Any, head_dim: int) -> bool:
@@ -196,6 +204,12 @@ class FusedAttentionAdapter(AttentionAdapter):
     def heads(self, module: nn.Module) -> tuple[int, int]:
         layout = self.layout(module)
         return layout.heads, layout.value_dim
+
+    def tied_parts(self, module: nn.Module) -> list[nn.Module]:
+        """Its convolutions over groups of heads' values, which other modules may share (CoaT's)."""
+        heads, value_dim = self.heads(module)
+        return [module.get_submodule(name)
+                for name in head_conv_children(module, heads, value_dim, (*QKV_NAMES, *PROJ_NAMES))]
 
     def key_share(self, module: nn.Module) -> float:
         layout = self.layout(module)
@@ -322,7 +336,12 @@ def _keep_heads(module: nn.Module, layout: HeadLayout, kept: torch.Tensor, follo
         norm_adapter = adapter_for(norm)
         assert norm_adapter is not None
         norm_adapter.keep_outputs(norm, rows)
-    keep_head_entries(module, layout.heads, kept, (*QKV_NAMES, *PROJ_NAMES))
+    own = (*QKV_NAMES, *PROJ_NAMES)
+    convs = sorted({*head_conv_children(module, layout.heads, layout.value_dim, own),
+                    *head_conv_children(module, len(kept), layout.value_dim, own)})  # (shared: maybe sliced)
+    for name in convs:
+        keep_head_convs(module.get_submodule(name), layout.heads, layout.value_dim, kept)
+    keep_head_entries(module, layout.heads, kept, (*own, *convs))
     attention.num_heads = len(kept)
     for name in VALUE_WIDTHS:
         if hasattr(module, name):

@@ -23,6 +23,9 @@ from acps_core.layers.following import FollowHeads, fitted_sizes, follow_heads, 
     ((2, 3, 8, 8, 8), (2, 8, 8, 8), 8, 1, (1, 24)),
     ((0, 5, 3, 8), (0, 5, 32), 32, -1, (2, 24)),  # an empty batch fits any sizes, and still gets the width
     ((0, 5, 4, 8), (0, 5, 32), 32, -1, None),
+    ((2, 5, 3 * 7 * 8), (2, 5, 3, 7, 9), 64, -1, (4, 8)),  # a head width written C // num_heads, one head gone
+    ((2, 5, 3 * 8 * 8), (2, 5, 3, 8, 7), 63, -1, (4, 8)),  # ... and with one input channel gone
+    ((2, 5, 3 * 7 * 8), (2, 5, 3, 7, 10), 64, -1, None),  # a last size not derived so: left to fail
 ])
 def test_fitted_sizes(shape: tuple[int, ...], sizes: tuple[int, ...], width: int, channel_dim: int,
                       expected: tuple[int, int] | None) -> None:
