@@ -335,7 +335,8 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
             groups.append(ChannelGroup(len(groups), top.channels, [], reasons=reasons, unit=top.unit,
                                        blocks=top.blocks, aligned=top.aligned))
         group = groups[group_of_root[root]]
-        group.producers.append(space.producer)
+        if not space.folded:
+            group.producers.append(space.producer)
         for use in space.followers:
             if use not in group.followers:
                 group.followers.append(use)
@@ -375,7 +376,8 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
         reason = entry["reason"]
         if reason is None and out_group is not None and not groups[out_group].prunable:
             reason = "; ".join(groups[out_group].reasons)
-        layers[name] = LayerInfo(name, type(module).__name__, entry["geometry"], out_group, in_uses, reason)
+        layers[name] = LayerInfo(name, type(module).__name__, entry["geometry"], out_group, in_uses, reason,
+                                 entry.get("repeat", 1))
     slots = {name: (adapter.output_parameters(module), adapter.input_parameters(module))
              for name, module in model.named_modules() if (adapter := adapter_for(module)) is not None}
     graph = ChannelGraph(layers, groups, output_layers, module_types, slots=slots)

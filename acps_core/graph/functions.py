@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from acps_core.graph.functional import NORM_ARGUMENTS, functional_norm
+from acps_core.graph.repeats import fold_repeats
 from acps_core.graph.shapes import PERMUTES, RESHAPES, channel_shuffle, index_dims, permute, reshape
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor
@@ -81,6 +82,9 @@ def binary(builder: GroupBuilder, op: Op, refs: list[TensorRef], tagged: list[Te
     # The channel dims each operand brings, aligned to the output (broadcasting aligns from the right).
     aligned = [(ref, [t.moved(t.dim + ndim - len(ref.shape)) for t in builder.tags_of(ref)])
                for ref in refs]
+    if fold_repeats(builder, aligned):  # one producer's channels against another's, repeated (GhostNet)
+        aligned = [(ref, [t.moved(t.dim + ndim - len(ref.shape)) for t in builder.tags_of(ref)])
+                   for ref in refs]
     result: list[Tag] = []
     for index, (_, tags) in enumerate(aligned):
         for tag in tags:

@@ -247,11 +247,9 @@ def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[in
 
 @dataclass
 class LayerInfo:
-    """One Conv/ConvTranspose/Linear layer of the model and how the graph sees it.
-
-    ``in_uses`` lists, for every group feeding the layer's input channels, the group id and where its channels
-    sit there.
-    """
+    """One Conv/ConvTranspose/Linear layer of the model and how the graph sees it. ``in_uses``: for every group
+    feeding its input channels, the group id and where its channels sit there; its output channels are its
+    group's, ``out_repeat`` times over (GhostNet's conv shortcut)."""
 
     name: str
     kind: str
@@ -259,6 +257,7 @@ class LayerInfo:
     out_group: int | None = None
     in_uses: list[tuple[int, ChannelUse]] = field(default_factory=list)
     reason: str | None = None
+    out_repeat: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -384,8 +383,8 @@ class ChannelGraph:
         if geometry.depthwise:
             return cin, cin  # its outputs are its inputs, filtered (several groups after a concat)
         cout = geometry.out_channels
-        if layer.out_group is not None:
-            cout = kept.get(layer.out_group, cout)
+        if layer.out_group is not None and layer.out_group in kept:
+            cout = kept[layer.out_group] * layer.out_repeat
         return cin, cout
 
     def explain(self) -> dict[str, str]:

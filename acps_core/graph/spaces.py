@@ -10,7 +10,7 @@ constraints a group must keep (whole units, equal blocks, aligned blocks).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -69,6 +69,8 @@ class Space:
     unit: int = 1
     blocks: int = 1
     aligned: int = 1
+    #: Folded into another space it repeats (:meth:`Spaces.fold`): its producer no longer produces a group.
+    folded: bool = False
 
 
 class Spaces:
@@ -101,6 +103,33 @@ class Spaces:
         kept.aligned = math.lcm(kept.aligned, gone.aligned)
         if rb in self.queried:
             self.queried.add(ra)
+
+    def fold(self, space: int, into: int, offsets: Sequence[int], kind: str) -> None:
+        """Space ``space`` holds the channels of ``into`` once at each of ``offsets`` (a conv shortcut added to
+        GhostNet's ``cat([x1, cheap(x1)])``): its producer (a layer of ``kind``), followers and consumers become
+        uses of ``into`` at each offset, its tags one tag of ``into`` per offset, and it joins ``into``'s group
+        without producing it. Every use and tag of it must cover it whole, one position per channel."""
+        gone, root = self.spaces[space], self.find(into)
+        target, width = self.spaces[root], self.spaces[root].channels
+        for offset in offsets:
+            target.followers.append(ChannelUse(gone.producer, kind, offset))
+            target.followers += [replace(use, offset=use.offset + offset) for use in gone.followers]
+            target.consumers += [replace(use, offset=use.offset + offset) for use in gone.consumers]
+        target.reasons += [r for r in gone.reasons if r not in target.reasons]
+        gone.followers, gone.consumers, gone.reasons, gone.folded = [], [], [], True
+        self.parent[space] = root
+        if space in self.queried:
+            self.queried.add(root)
+        for value, tags in self.tags.items():
+            if any(tag.space == space for tag in tags):
+                self.tags[value] = [new for tag in tags for new in (
+                    [replace(tag, space=root, offset=tag.offset + o, stop=width) for o in offsets]
+                    if tag.space == space else [tag])]
+
+    def members(self, space: int) -> list[int]:
+        """The spaces in ``space``'s group."""
+        root = self.find(space)
+        return [i for i in range(len(self.spaces)) if self.find(i) == root]
 
     def block(self, space: int, reason: str) -> None:
         reasons = self.spaces[self.find(space)].reasons

@@ -123,6 +123,9 @@ def override_blocker(graph: ChannelGraph, name: str) -> str | None:
     if layer.out_group is None:
         return "not a producer of prunable channels"
     group = graph.group(layer.out_group)
+    if name not in group.producers and layer.out_repeat > 1:
+        return (f"its output channels are those of group {group.name}, {layer.out_repeat} times over (it is joined "
+                f"to them that way); set the override on {group.name}")
     if name not in group.producers:
         return f"its output channels follow its input (group {group.name}); set the override on {group.name}"
     return None
