@@ -15,7 +15,7 @@ def graph_macs(graph: ChannelGraph, kept: dict[int, int]) -> float:
     total = graph.other_macs
     for layer in graph.layers.values():
         if layer.geometry is not None:
-            total += layer.geometry.macs(*graph.channel_counts(layer, kept))
+            total += layer.geometry.macs(*graph.channel_counts(layer, kept)) * layer.calls
     return total
 
 

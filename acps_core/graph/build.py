@@ -58,6 +58,7 @@ class GroupBuilder(Spaces):
         self.head_parts: dict[nn.Module, int] = {}  # a child attention modules share -> the first one's heads
         self.layers: dict[str, dict[str, Any]] = {}  # per traced layer: geometry, out space, input uses, reason
         self.touched: dict[str, list[int]] = {}  # per leaf module: the spaces its calls so far used
+        self.first_calls: dict[str, tuple[list[Tag], list[Tag], Any]] = {}  # per module: its first call's tags
         # Values that are a model parameter, or one expanded or cast: value -> (parameter name, leading dims added)
         self.param_origin: dict[int, tuple[str, int]] = {}
         # Bare parameters: where each op used one, and the uses acps could map (the others block its groups).
@@ -377,7 +378,7 @@ def _assemble(model: nn.Module, builder: GroupBuilder, output_layers: list[str],
         if reason is None and out_group is not None and not groups[out_group].prunable:
             reason = "; ".join(groups[out_group].reasons)
         layers[name] = LayerInfo(name, type(module).__name__, entry["geometry"], out_group, in_uses, reason,
-                                 entry.get("repeat", 1))
+                                 entry.get("repeat", 1), entry.get("calls", 1))
     slots = {name: (adapter.output_parameters(module), adapter.input_parameters(module))
              for name, module in model.named_modules() if (adapter := adapter_for(module)) is not None}
     graph = ChannelGraph(layers, groups, output_layers, module_types, slots=slots)

@@ -249,7 +249,7 @@ def structure_violation(channels: int, unit: int, blocks: int, keep: Sequence[in
 class LayerInfo:
     """One Conv/ConvTranspose/Linear layer of the model and how the graph sees it. ``in_uses``: for every group
     feeding its input channels, the group id and where its channels sit there; its output channels are its
-    group's, ``out_repeat`` times over (GhostNet's conv shortcut)."""
+    group's, ``out_repeat`` times over (GhostNet's conv shortcut); the forward calls it ``calls`` times."""
 
     name: str
     kind: str
@@ -258,6 +258,7 @@ class LayerInfo:
     in_uses: list[tuple[int, ChannelUse]] = field(default_factory=list)
     reason: str | None = None
     out_repeat: int = 1
+    calls: int = 1
 
     @property
     def prunable(self) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from acps_core.graph.model import ChannelUse, LayerGeometry
+from acps_core.graph.recalls import called_again, remember_call
 from acps_core.graph.spaces import Tag
 from acps_core.graph.trace import Op, TensorRef, first_tensor, refs_in
 from acps_core.layers import projections
@@ -31,8 +32,10 @@ def module_op(builder: GroupBuilder, op: Op, adapter: LayerAdapter) -> None:
     x = first_tensor((op.args, op.kwargs))
     in_tags = builder.tags_of(x)
     touched = builder.touched.get(name)
+    if touched is not None and adapter.role != "attention" and called_again(builder, op, in_tags):
+        return  # it reads its channels where its first call did: one set of channels for both
     if touched is not None:
-        # A module called twice ties the channels of both calls together; acps does not map that.
+        # A module called again on other channels (or attention traced whole) ties what acps does not map.
         reason = f"called more than once in one forward pass (again at {op.location})"
         for space in touched + [t.space for t in in_tags]:
             builder.block(space, f"{name} is {reason}")
@@ -51,6 +54,8 @@ def module_op(builder: GroupBuilder, op: Op, adapter: LayerAdapter) -> None:
         follower_module(builder, op, module, adapter, in_tags, x)
     else:
         layer_module(builder, op, module, adapter, in_tags, x, touched)
+    if name not in builder.first_calls:
+        remember_call(builder, op, in_tags)
 
 
 def follower_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: LayerAdapter, in_tags: list[Tag],

@@ -29,7 +29,8 @@ def shared_weights(model: nn.Module, names: Mapping[nn.Module, str]) -> tuple[di
     for module, name in names.items():
         if adapter_for(module) is None:
             continue
-        others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), []) if o != name})
+        others = sorted({o for p in module.parameters(recurse=False) for o in owners.get(id(p), [])
+                         if o != name and model.get_submodule(o) is not module})  # (not its own other names)
         if others and _family_member(module) and all(_family_member(model.get_submodule(o)) for o in others):
             members = [model.get_submodule(n) for n in (name, *others)]
             if any(isinstance(m, nn.Embedding) for m in members) and all(m.weight is module.weight for m in members):

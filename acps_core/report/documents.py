@@ -147,7 +147,7 @@ def _geometry_counts(result: SearchResult, graph: ChannelGraph
         if geometry is None:
             continue  # never called on the calibration data: no traced shape, no cost
         cin, cout = graph.channel_counts(info, kept)
-        before, after = geometry.macs(), geometry.macs(cin, cout)
+        before, after = geometry.macs() * info.calls, geometry.macs(cin, cout) * info.calls
         per_layer[name] = (before, after)
         # A filter is applied once per output position, so MACs per position are exactly the weight count.
         positions = geometry.output_positions

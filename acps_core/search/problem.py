@@ -188,7 +188,7 @@ class CostModel:
                                   f"{layer.name} at {cin} input / {cout} output channels; a cost must be finite "
                                   "and non-negative")
             self._cache[key] = cost
-        return cost
+        return cost * layer.calls  # (the estimator's cost is one call's)
 
     def cost(self, kept: Mapping[int, int]) -> float:
         """Total cost when group ``g`` keeps ``kept[g]`` channels (groups not named keep all), with the

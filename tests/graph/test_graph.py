@@ -13,6 +13,7 @@ from acps_core.errors import GraphError
 from acps_core.graph.build import build_channel_graph
 from acps_core.graph.masking import masked_channels
 from acps_core.graph.model import ChannelUse
+from acps_core.graph.verify import verify_groups
 from acps_core.prune.slicing import prune_channels
 from testing.models import ConvChain, pooled_chain, randomize_norms
 
@@ -210,9 +211,13 @@ class CalledTwice(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_layer_called_twice_is_blocked_and_unused_layer_explained() -> None:
-    graph = build_channel_graph(CalledTwice().eval(), torch.randn(2, 3, 8, 8))
-    assert "more than once" in graph.layers["block"].reason
+def test_layer_called_twice_on_its_channels_is_pruned_and_unused_layer_explained() -> None:
+    model, x = CalledTwice().eval(), torch.randn(2, 3, 8, 8)
+    graph = build_channel_graph(model, x)
+    # Its second call reads its own outputs where the first read the stem's: one set of channels for both.
+    assert graph.layers["block"].reason is None and graph.layers["block"].calls == 2
+    assert graph.group(graph.layers["block"].out_group).producers == ["stem", "block"]
+    assert verify_groups(model, graph, x) == []
     assert "not called" in graph.layers["unused"].reason
     assert graph.layers["unused"].geometry is None
 
