@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acps_core.graph.build import build_channel_graph
 from acps_core.graph.masking import masked_channels
-from acps_core.graph.model import ChannelGraph
+from acps_core.graph.model import ChannelGraph, ChannelGroup
+from acps_core.graph.verify import verify_groups
 from acps_core.prune.slicing import prune_channels
 from testing.models import randomize_norms
 
@@ -1131,3 +1133,18 @@ def pruned_and_masked(model: nn.Module, x: torch.Tensor, graph: Any, keep: dict[
         expected = model(x)
     assert out.shape == original.shape
     return out, expected, pruned
+
+
+def checked_graph(model: nn.Module, x: torch.Tensor, unprunable: list[str] | None = None) -> ChannelGraph:
+    """The model's channel graph, every group of which the check by execution passed (and, given
+    ``unprunable``, whose only unprunable groups are those these layers produce)."""
+    graph = build_channel_graph(model, x)
+    assert verify_groups(model, graph, x) == [], "a group the graph calls prunable broke the check by execution"
+    if unprunable is not None:
+        assert sorted(p for g in graph.groups if not g.prunable for p in g.producers) == sorted(unprunable)
+    return graph
+
+
+def producer_group(graph: ChannelGraph, producer: str) -> ChannelGroup:
+    """The group ``producer`` produces."""
+    return next(g for g in graph.groups if producer in g.producers)

@@ -10,11 +10,9 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.graph.build import build_channel_graph
-from acps_core.graph.model import ChannelGraph, ChannelGroup
-from acps_core.graph.verify import verify_groups
 from testing.flops import counted_macs, graph_macs
-from testing.zoo import pruned_and_masked, random_keep
+from testing.models import randomize_norms
+from testing.zoo import checked_graph, producer_group, pruned_and_masked, random_keep
 
 WIDTH = 12
 
@@ -40,29 +38,17 @@ class Shared(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _model(cls: type[nn.Module] = Shared) -> tuple[nn.Module, torch.Tensor]:
+def _model() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    model = cls()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval(), torch.randn(2, 3, 6, 6)
-
-
-def _group(graph: ChannelGraph, producer: str) -> ChannelGroup:
-    return next(g for g in graph.groups if producer in g.producers)
+    return randomize_norms(Shared()).eval(), torch.randn(2, 3, 6, 6)
 
 
 def test_a_module_called_again_on_the_same_channels_is_pruned_for_every_call() -> None:
     model, x = _model()
-    graph = build_channel_graph(model, x)
-    assert verify_groups(model, graph, x) == []
-    assert [g.producers for g in graph.groups if not g.prunable] == [["head"]]
+    graph = checked_graph(model, x, unprunable=["head"])
     assert {name: layer.calls for name, layer in graph.layers.items() if layer.calls > 1} == {
         "encoding": 2, "fc1": 2, "fc2": 2}
-    stream, hidden = _group(graph, "stem"), _group(graph, "fc1")
+    stream, hidden = producer_group(graph, "stem"), producer_group(graph, "fc1")
     assert "fc2" in stream.producers and {u.layer for u in stream.followers} >= {"encoding", "norm"}
     assert hidden.channels == 2 * WIDTH
 
@@ -95,10 +81,9 @@ class OtherChannels(nn.Module):
 def test_a_module_called_again_on_other_channels_is_left_alone() -> None:
     torch.manual_seed(0)
     model, x = OtherChannels().eval(), torch.randn(2, 4)
-    graph = build_channel_graph(model, x)
-    assert verify_groups(model, graph, x) == []
+    graph = checked_graph(model, x)
     for producer in ("a", "b", "c", "shared"):
-        group = _group(graph, producer)
+        group = producer_group(graph, producer)
         assert not group.prunable and "called more than once" in " ".join(group.reasons)
 
 

@@ -11,12 +11,10 @@ import torch
 from torch import nn
 
 import acps_core as acps
-from acps_core.graph.build import build_channel_graph
-from acps_core.graph.model import ChannelGraph, ChannelGroup
-from acps_core.graph.verify import verify_groups
 from acps_core.search.overrides import override_blocker
 from testing.flops import counted_macs, graph_macs
-from testing.zoo import pruned_and_masked, random_keep
+from testing.models import randomize_norms
+from testing.zoo import checked_graph, producer_group, pruned_and_masked, random_keep
 
 
 class Ghost(nn.Module):
@@ -69,32 +67,18 @@ class GhostLike(nn.Module):
 
 def _model() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    model = GhostLike()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
-    return model.eval(), torch.randn(2, 3, 8, 8)
-
-
-def _group(graph: ChannelGraph, producer: str) -> ChannelGroup:
-    return next(g for g in graph.groups if producer in g.producers)
+    return randomize_norms(GhostLike()).eval(), torch.randn(2, 3, 8, 8)
 
 
 def test_a_layer_joined_to_repeated_channels_loses_both_copies() -> None:
     model, x = _model()
-    graph = build_channel_graph(model, x)
-    assert verify_groups(model, graph, x) == []
-    assert [g.producers for g in graph.groups if not g.prunable] == [["head"]]
+    graph = checked_graph(model, x, unprunable=["head"])
     # The stem's 8 channels meet block1's output half twice; the conv shortcut's 16 meet block2's 8 twice; the
     # gate's 16 meet block1's first ghost's 8 twice.
     for producer, repeated, width in [("block1.ghost2.primary.0", "stem.0", 4),
                                       ("block2.ghost2.primary.0", "block2.shortcut.0", 8),
                                       ("block1.ghost1.primary.0", "block1.gate.expand", 8)]:
-        group = _group(graph, producer)
+        group = producer_group(graph, producer)
         assert group.channels == width and repeated not in group.producers
         assert sorted(u.offset for u in group.followers if u.layer == repeated) == [0, width]
         assert graph.layers[repeated].out_repeat == 2
@@ -104,7 +88,7 @@ def test_a_layer_joined_to_repeated_channels_loses_both_copies() -> None:
     out, expected, pruned = pruned_and_masked(model, x, graph, keep)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     shortcut = pruned.block2.shortcut[0]
-    assert shortcut.out_channels == 2 * len(keep[_group(graph, "block2.ghost2.primary.0").id])
+    assert shortcut.out_channels == 2 * len(keep[producer_group(graph, "block2.ghost2.primary.0").id])
     kept = {g.id: len(keep[g.id]) for g in graph.prunable_groups}
     assert graph_macs(graph, {}) == pytest.approx(counted_macs(model, x), rel=1e-9)
     assert graph_macs(graph, kept) == pytest.approx(counted_macs(pruned, x), rel=1e-9)
@@ -125,11 +109,10 @@ class PartlyRead(GhostLike):
 def test_a_layer_read_otherwise_too_is_left_alone() -> None:
     torch.manual_seed(0)
     model, x = PartlyRead().eval(), torch.randn(2, 3, 8, 8)
-    graph = build_channel_graph(model, x)
-    assert verify_groups(model, graph, x) == []
-    shortcut = _group(graph, "block2.shortcut.0")
+    graph = checked_graph(model, x)
+    shortcut = producer_group(graph, "block2.shortcut.0")
     assert not shortcut.prunable and "combines these channels" in " ".join(shortcut.reasons)
-    assert _group(graph, "block1.ghost2.primary.0").prunable  # the identity shortcut's fold is unaffected
+    assert producer_group(graph, "block1.ghost2.primary.0").prunable  # the identity shortcut's fold is unaffected
 
 
 def test_searched_created_and_restored(tmp_path: Path) -> None:
