@@ -222,6 +222,40 @@ def test_a_bert_encoder_has_its_heads_mlp_and_hidden_width_pruned_exactly() -> N
     assert pruned.lm.bert.encoder.layer[0].attention.self.query.out_features == len(keep[heads.id])
 
 
+def test_albert_with_one_layer_shared_by_every_block_loses_heads_mlp_and_hidden_width(tmp_path: Path) -> None:
+    config = transformers.AlbertConfig(vocab_size=VOCAB, embedding_size=32, hidden_size=HIDDEN, num_hidden_layers=3,
+                                       num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,
+                                       num_labels=3)
+    torch.manual_seed(0)
+    model = Logits(transformers.AlbertForSequenceClassification(config)).eval()
+    x = ids(4)
+    graph = build_channel_graph(model, x)
+    assert verify_groups(model, graph, x) == []
+    assert [g.producers for g in graph.groups if not g.prunable] == [["lm.classifier"]]
+    layer = "lm.albert.encoder.albert_layer_groups.0.albert_layers.0"
+    assert {n: graph.layers[n].calls for n in (f"{layer}.attention.query", f"{layer}.ffn")} == {
+        f"{layer}.attention.query": 3, f"{layer}.ffn": 3}  # one module called by every block
+    heads = next(g for g in graph.groups if f"{layer}.attention.query" in g.producers)
+    assert heads.unit == HIDDEN // HEADS
+    keep = random_keep(graph, seed=4)
+    out, expected, _ = pruned_and_masked(model, x, graph, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+
+    (tmp_path / "search.cfg").write_text("compress_ratio: 1.5\nascend_optimized: false\n")
+    result = acps.auto_channel_prune_search(model, str(tmp_path / "search.cfg"), [x, torch.randint(0, 3, (4,))],
+                                            str(tmp_path / "prune.cfg"))
+    with pytest.warns(acps.PerLayerWidthsWarning, match="restore_prune_retrain_model"):  # its config is stale
+        pruned = acps.create_prune_retrain_model(model, x, tmp_path / "prune.cfg", tmp_path / "prune.record")
+    assert result.target_reached and pruned.lm.config.hidden_size == HIDDEN
+    torch.save(pruned.state_dict(), tmp_path / "tuned.pth")
+    torch.manual_seed(1)
+    fresh = Logits(transformers.AlbertForSequenceClassification(config)).eval()
+    restored = acps.restore_prune_retrain_model(fresh, x, tmp_path / "prune.record", tmp_path / "prune.cfg",
+                                                tmp_path / "tuned.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), pruned(x), rtol=0, atol=0)
+
+
 ENCODERS = {  # family -> (config class, model class, the MLP's first layer in block 0)
     "roberta": ("RobertaConfig", "RobertaForSequenceClassification", "roberta.encoder.layer.0.intermediate.dense"),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",

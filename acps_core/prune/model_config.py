@@ -104,8 +104,9 @@ def _sync(models: list[nn.Module]) -> str | None:
     for model in models:
         for name, values in model_widths(model).items():
             widths.setdefault(name, set()).update(values)
-    if "num_attention_heads" not in widths:
-        return None  # attention acps does not read the head counts of: the config is left as it is
+    if "num_attention_heads" not in widths:  # attention acps does not read the head counts of: the config is left
+        # as it is, and said to be stale when it no longer builds the pruned shapes (BERT's, ALBERT's)
+        return next((why for model in models if (why := rebuild_mismatch(model, config)) is not None), None)
     eps_field = next((name for name in EPS_FIELDS if isinstance(getattr(config, name, None), float)), None)
     epsilons = {eps for model in models for eps in norm_epsilons(model)}
     if eps_field is not None and epsilons:
