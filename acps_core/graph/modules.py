@@ -41,6 +41,7 @@ def module_op(builder: GroupBuilder, op: Op, adapter: LayerAdapter) -> None:
             builder.block(space, f"{name} is {reason}")
         if name in builder.layers:
             builder.layers[name]["reason"] = builder.layers[name]["reason"] or reason
+            builder.other_macs += _call_macs(builder, op, module, adapter)  # (its first call's entry holds one)
     touched = builder.touched.setdefault(name, [])
     touched.extend(t.space for t in in_tags)
     shared = builder.shared_weights.get(name)
@@ -56,6 +57,23 @@ def module_op(builder: GroupBuilder, op: Op, adapter: LayerAdapter) -> None:
         layer_module(builder, op, module, adapter, in_tags, x, touched)
     if name not in builder.first_calls:
         remember_call(builder, op, in_tags)
+
+
+def _call_macs(builder: GroupBuilder, op: Op, module: nn.Module, adapter: LayerAdapter) -> float:
+    """Multiply-accumulates of one call of a layer (the whole batch it was called on); for attention, its first
+    call's per sample times the traced batch."""
+    entry = builder.layers[op.name]
+    x = first_tensor((op.args, op.kwargs))
+    if isinstance(adapter, AttentionAdapter):  # (with its out projection and any fixed part)
+        inner = adapter.projection(module)
+        projection = builder.layers.get(f"{op.name}.{inner}") if inner is not None else None
+        per_sample = entry["geometry"].macs() + (projection["geometry"].macs() if projection else 0.0)
+        return float(per_sample * builder.batch + adapter.fixed_macs(module))
+    if x is None or not op.outputs:
+        return float(entry["geometry"].macs() * builder.batch)
+    out_shape = builder.recorder.shapes[op.outputs[0]]
+    geometry = adapter.geometry(op.name, module, x.shape, out_shape, x.dtype)
+    return geometry.macs() * (out_shape[0] if out_shape else 1)
 
 
 def follower_module(builder: GroupBuilder, op: Op, module: nn.Module, adapter: LayerAdapter, in_tags: list[Tag],

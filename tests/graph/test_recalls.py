@@ -85,6 +85,7 @@ def test_a_module_called_again_on_other_channels_is_left_alone() -> None:
     for producer in ("a", "b", "c", "shared"):
         group = producer_group(graph, producer)
         assert not group.prunable and "called more than once" in " ".join(group.reasons)
+    assert graph_macs(graph, {}) == pytest.approx(counted_macs(model, x), rel=1e-9)  # both calls still cost
 
 
 def test_searched_created_and_restored(tmp_path: Path) -> None:
@@ -101,3 +102,28 @@ def test_searched_created_and_restored(tmp_path: Path) -> None:
                                                 tmp_path / "tuned.pth")
     with torch.no_grad():
         torch.testing.assert_close(restored(x), pruned(x), rtol=0, atol=0)
+
+
+class AttentionTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import Attention
+
+        self.embed, self.attn, self.head = nn.Linear(8, 32), Attention(32, num_heads=4), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attn(x)
+        return self.head((x + self.attn(x)).mean(dim=1))
+
+
+def test_attention_called_twice_is_left_alone_and_both_calls_cost() -> None:
+    from testing.timm_models import counted_flops
+
+    torch.manual_seed(0)
+    model, x = AttentionTwice().eval(), torch.randn(2, 5, 8)
+    graph = checked_graph(model, x)
+    heads = producer_group(graph, "attn")
+    assert not heads.prunable and "called more than once" in " ".join(heads.reasons)
+    # Both calls' projections and attention products (the CPU attention kernel counted too).
+    assert graph_macs(graph, {}) == pytest.approx(counted_flops(model, x[:1]) / 2, rel=1e-9)
