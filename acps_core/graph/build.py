@@ -85,6 +85,13 @@ class GroupBuilder(Spaces):
                     self.block(space, f"parameter {name} is sliced with these channels but also used by "
                                       f"'{op.name}' at {op.location}, which would change")
                     break
+        # A child attention modules share (CoaT's) is sliced with their heads: not under one never called.
+        for part, heads in self.head_parts.items():
+            idle = [n for n, m in self.modules.items() if n not in self.layers and isinstance(adapter_for(m),
+                    AttentionAdapter) and any(child is part for child in m.children())]
+            if idle:
+                self.block(heads, f"{', '.join(idle)} holds the {type(part).__name__} these heads share, but the "
+                                  "forward pass never called it, so slicing that for these heads would break it")
 
     def function_op(self, op: Op) -> None:
         """A torch function: its channel rule from :data:`~acps_core.graph.functions.FUNCTION_RULES`, or, for a

@@ -106,7 +106,8 @@ def _sync(models: list[nn.Module]) -> str | None:
             widths.setdefault(name, set()).update(values)
     if "num_attention_heads" not in widths:  # attention acps does not read the head counts of: the config is left
         # as it is, and said to be stale when it no longer builds the pruned shapes (BERT's, ALBERT's)
-        return next((why for model in models if (why := rebuild_mismatch(model, config)) is not None), None)
+        why = next((why for model in models if (why := rebuild_mismatch(model, config)) is not None), None)
+        return None if why is None else f"its config is left as it was (it cannot state this attention's widths): {why}"
     eps_field = next((name for name in EPS_FIELDS if isinstance(getattr(config, name, None), float)), None)
     epsilons = {eps for model in models for eps in norm_epsilons(model)}
     if eps_field is not None and epsilons:

@@ -125,3 +125,20 @@ def test_convolutions_are_recognised_by_what_they_cover_and_sliced_once() -> Non
     assert crpe.conv_list[0].groups == crpe.conv_list[0].in_channels == HEAD_DIM
     with pytest.raises(ValueError, match="does not hold convolutions over 3 heads"):
         keep_head_convs(crpe, 3, HEAD_DIM, torch.tensor([0]))
+
+
+class OneBlockIdle(TwoBlocks):
+    """The second block shares the encoding but the forward never calls it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        return self.head((x + self.attn1(x, (SIDE, SIDE)))[:, 0])
+
+
+def test_heads_sharing_the_convolutions_with_a_module_never_called_are_left_alone() -> None:
+    torch.manual_seed(0)
+    model, x = OneBlockIdle(shared=True).eval(), torch.randn(2, 1 + SIDE * SIDE, 8)
+    graph = build_channel_graph(model, x)
+    heads = next(g for g in graph.groups if g.producers == ["attn1"])
+    assert not heads.prunable and "attn2 holds the ConvRelPosEnc these heads share" in heads.reasons[0]
+    assert verify_groups(model, graph, x) == []
